@@ -1,0 +1,209 @@
+#!/usr/bin/python3
+"""Trains a polysketchformer model on the byte corpus (train/corpus.py).
+
+AdamW with linear warm-up and cosine decay, gradient clipping, periodic held-out evaluation,
+atomic checkpoints with resume, and a progress line (loss, bits/byte, lr, tokens/s). The same code
+runs on CPU and on CUDA. A run is defined by one JSON file (train/configs/*.json):
+  {"model": <model config, docs/model-format.md>, "train": {<the keys of TrainConfig>}}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model import ModelConfig, PolySketchFormer  # noqa: E402
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024
+    batch_size: int = 8
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_windows: int = 32
+    ckpt_every: int = 100
+    seed: int = 1234
+
+    @staticmethod
+    def from_json(obj: Dict[str, Any]) -> "TrainConfig":
+        unknown = set(obj) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown train keys {sorted(unknown)}")
+        return TrainConfig(**obj)
+
+
+def load_run_config(path: Path):
+    obj = json.loads(path.read_text())
+    return ModelConfig.from_json(obj["model"]), TrainConfig.from_json(obj.get("train", {}))
+
+
+def load_bytes(path: Path) -> np.ndarray:
+    if not path.exists():
+        sys.exit(f"train: {path} is missing; build it with train/corpus.py")
+    return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    frac = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return tc.lr * (tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * cos)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+
+def sample_batch(data: np.ndarray, tc: TrainConfig, rng: np.random.Generator,
+                 device: torch.device):
+    starts = rng.integers(0, len(data) - tc.seq_len - 1, size=tc.batch_size)
+    window = np.stack([data[s:s + tc.seq_len + 1] for s in starts]).astype(np.int64)
+    t = torch.from_numpy(window).to(device)
+    return t[:, :-1], t[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: PolySketchFormer, data: np.ndarray, seq_len: int, windows: int,
+             device: torch.device) -> float:
+    """Held-out bits per byte over `windows` evenly spaced, non-overlapping windows."""
+    model.eval()
+    n_win = min(windows, (len(data) - 1) // (seq_len + 1))
+    step = (len(data) - 1) // n_win
+    total, count = 0.0, 0
+    for w in range(n_win):
+        chunk = torch.from_numpy(data[w * step:w * step + seq_len + 1].astype(np.int64))
+        chunk = chunk.to(device)[None]
+        logits = model(chunk[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                 chunk[:, 1:].flatten(), reduction="sum")
+        total += float(loss)
+        count += seq_len
+    model.train()
+    return total / count / LN2
+
+
+def save_checkpoint(path: Path, model, opt, step: int, rng: np.random.Generator,
+                    mc: ModelConfig, tc: TrainConfig, history) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "model_config": mc.to_json(), "train_config": asdict(tc), "history": history},
+               tmp)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a checkpoint
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, required=True, help="run config JSON")
+    ap.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log)")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "data"
+                    / "corpus", help="corpus directory with train.txt and heldout.txt")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    ap.add_argument("--steps", type=int, default=None, help="override train.steps")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    args = ap.parse_args()
+
+    mc, tc = load_run_config(args.config)
+    if args.steps is not None:
+        tc.steps = args.steps
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("train: --device cuda but no CUDA device is available")
+    device = torch.device("cuda" if use_cuda else "cpu")
+
+    train_data = load_bytes(args.data / "train.txt")
+    held_data = load_bytes(args.data / "heldout.txt")
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = args.out / "ckpt.pt"
+
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    model = PolySketchFormer(mc).to(device)
+    opt = make_optimizer(model, tc)
+    rng = np.random.default_rng(tc.seed)
+    step, history = 0, []
+    if ckpt_path.exists() and not args.fresh:
+        ck = torch.load(ckpt_path, map_location=device)
+        if ck["model_config"] != mc.to_json():
+            sys.exit(f"train: {ckpt_path} was made with another model config; use --fresh")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, history = ck["step"], ck["history"]
+        rng.bit_generator.state = ck["numpy_rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, device {device}, "
+          f"threads {torch.get_num_threads()}, {len(train_data)} train bytes", flush=True)
+    (args.out / "run_config.json").write_text(
+        json.dumps({"model": mc.to_json(), "train": asdict(tc)}, indent=2) + "\n")
+
+    model.train()
+    log = open(args.out / "log.jsonl", "a")
+    t_last, tok_since = time.time(), 0
+    t_start = time.time()
+    while step < tc.steps:
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = sample_batch(train_data, tc, rng, device)
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        opt.step()
+        step += 1
+        tok_since += x.numel()
+        record: Dict[str, Any] = {"step": step, "loss": float(loss), "lr": lr, "grad_norm": gnorm}
+        if step % 10 == 0 or step == tc.steps:
+            now = time.time()
+            record["tokens_per_s"] = tok_since / (now - t_last)
+            print(f"step {step:6d}/{tc.steps} loss {float(loss):.4f} "
+                  f"({float(loss) / LN2:.3f} bpb) lr {lr:.2e} |g| {gnorm:.2f} "
+                  f"{record['tokens_per_s']:.0f} tok/s elapsed {now - t_start:.0f}s", flush=True)
+            t_last, tok_since = now, 0
+        if step % tc.eval_every == 0 or step == tc.steps:
+            bpb = evaluate(model, held_data, tc.seq_len, tc.eval_windows, device)
+            record["heldout_bpb"] = bpb
+            history.append({"step": step, "heldout_bpb": bpb})
+            print(f"eval step {step}: held-out {bpb:.4f} bits/byte", flush=True)
+        log.write(json.dumps(record) + "\n")
+        if step % tc.ckpt_every == 0 or step == tc.steps:
+            save_checkpoint(ckpt_path, model, opt, step, rng, mc, tc, history)
+            log.flush()
+    print(f"done: {step} steps, wall {time.time() - t_start:.0f}s this run", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,12 @@ def main() -> None:
     if not args.data.exists():
         sys.exit(f"eval: {args.data} is missing; build it with train/corpus.py")
     data = np.frombuffer(args.data.read_bytes(), dtype=np.uint8)
-    contexts = [int(x) for x in args.contexts.split(",")]
+    try:
+        contexts = [int(x) for x in args.contexts.split(",")]
+    except ValueError:
+        sys.exit(f"eval: --contexts must be comma-separated integers, got {args.contexts!r}")
+    if any(L < 4 for L in contexts):
+        sys.exit("eval: every context length must be >= 4 (the last quarter must exist)")
 
     rows: List[Dict[str, str]] = []
     for mdir in args.models:

@@ -85,8 +85,9 @@ def main() -> None:
             logits = model.decode_step(torch.tensor([tok]), states, pos)[0]
             pos += 1
         out.write(decoder.decode(b"", final=True) + "\n")
+        out.flush()
         t2 = time.time()
-    print(f"[prompt {len(tokens)} tokens in {t1 - t0:.2f}s, {len(tokens) / (t1 - t0):.0f} tok/s; "
+    print(f"[prompt {len(tokens)} tokens in {t1 - t0:.2f}s, {len(tokens) / max(t1 - t0, 1e-9):.0f} tok/s; "
           f"generated {args.max_tokens} tokens in {t2 - t1:.2f}s, "
           f"{args.max_tokens / max(t2 - t1, 1e-9):.1f} tok/s]", file=sys.stderr)
 

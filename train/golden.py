@@ -42,7 +42,7 @@ TINY_KINDS: Dict[str, Any] = {
               {"kind": "softmax"},
               {"kind": "sparse_fixed", "chunk": 8, "summary": 3}],
 }
-TINY_PROMPT = "In the beginning God created the heaven and the earth."  # 55 bytes
+TINY_PROMPT = "In the beginning God created the heaven and the earth."  # 54 bytes
 SHIPPED_PROMPT = ("And God said, Let there be light: and there was light. And God saw the light, "
                   "that it was good: and God divided the light from the darkness. And God called "
                   "the light Day, and the darkness he called Night. And the evening and the "

@@ -94,6 +94,9 @@ def evaluate(model: PolySketchFormer, data: np.ndarray, seq_len: int, windows: i
     """Held-out bits per byte over `windows` evenly spaced, non-overlapping windows."""
     model.eval()
     n_win = min(windows, (len(data) - 1) // (seq_len + 1))
+    if n_win < 1:
+        raise ValueError(f"held-out split has {len(data)} bytes, fewer than seq_len + 1 = "
+                         f"{seq_len + 1}")
     step = (len(data) - 1) // n_win
     total, count = 0.0, 0
     for w in range(n_win):
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop (with a checkpoint) after this step without changing the schedule; "
+                         "a later run resumes as if never stopped")
     args = ap.parse_args()
 
     mc, tc = load_run_config(args.config)
@@ -143,6 +149,10 @@ def main() -> None:
 
     train_data = load_bytes(args.data / "train.txt")
     held_data = load_bytes(args.data / "heldout.txt")
+    for name, arr in (("train.txt", train_data), ("heldout.txt", held_data)):
+        if len(arr) < tc.seq_len + 2:
+            sys.exit(f"train: {args.data / name} has {len(arr)} bytes; seq_len {tc.seq_len} "
+                     "needs more")
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "ckpt.pt"
 
@@ -169,10 +179,21 @@ def main() -> None:
         json.dumps({"model": mc.to_json(), "train": asdict(tc)}, indent=2) + "\n")
 
     model.train()
-    log = open(args.out / "log.jsonl", "a")
+    log_path = args.out / "log.jsonl"
+    kept = []  # a resumed run keeps the records up to its checkpoint; a fresh run starts anew
+    if step and log_path.exists():
+        for line in log_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a kill
+    log_path.write_text("".join(kept))
+    log = open(log_path, "a")
+    stop = tc.steps if args.stop_after is None else min(tc.steps, args.stop_after)
     t_last, tok_since = time.time(), 0
     t_start = time.time()
-    while step < tc.steps:
+    while step < stop:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -199,9 +220,10 @@ def main() -> None:
             history.append({"step": step, "heldout_bpb": bpb})
             print(f"eval step {step}: held-out {bpb:.4f} bits/byte", flush=True)
         log.write(json.dumps(record) + "\n")
-        if step % tc.ckpt_every == 0 or step == tc.steps:
+        if step % tc.ckpt_every == 0 or step == stop:
             save_checkpoint(ckpt_path, model, opt, step, rng, mc, tc, history)
             log.flush()
+    log.close()
     print(f"done: {step} steps, wall {time.time() - t_start:.0f}s this run", flush=True)
 
 

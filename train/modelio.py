@@ -116,9 +116,14 @@ def read_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
             t = torch.from_numpy(np.frombuffer(raw, dtype=npdt).astype(npdt.newbyteorder("=")))
         out[name] = t.reshape(shape)
     ranges.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
-        if b1 < e0 and b1 < e1:
-            raise ValueError(f"{path}: tensors {n0} and {n1} overlap in the data section")
+    reach, reach_name = 0, ""  # furthest end so far among non-empty tensors, and whose it is
+    for begin, end, name in ranges:
+        if begin == end:
+            continue  # an empty tensor holds no bytes and overlaps nothing
+        if begin < reach:
+            raise ValueError(f"{path}: tensors {reach_name} and {name} overlap in the data "
+                             "section")
+        reach, reach_name = end, name
     return out, meta
 
 
@@ -161,6 +166,9 @@ def load_config(model_dir: Path) -> ModelConfig:
     tok = obj.get("tokenizer", {"type": "bytes"})
     if tok != {"type": "bytes"}:
         raise ValueError(f"{path}: tokenizer {tok} is not supported (only bytes)")
+    if "attention" in obj:
+        raise ValueError(f"{path}: a model directory lists every layer under 'layers'; the "
+                         "'attention' shorthand is for training configs only")
     for key in CONFIG_EXTRA_KEYS:
         obj.pop(key, None)
     try:

@@ -183,6 +183,14 @@ def test_bad_tensor_entry(tmp_path: Path, bad: Any) -> None:
     expect_error(path, "tensor w.bad")
 
 
+def test_overlap_hidden_behind_an_empty_tensor(tmp_path: Path) -> None:
+    """a: [0, 16), empty at 8, b: [8, 24): overlap with a, though not with its sorted neighbour."""
+    path = tmp_path / "overlap.safetensors"
+    write_raw(path, {"a": entry("F32", [4], [0, 16]), "e": entry("F32", [0], [8, 8]),
+                     "b": entry("F32", [4], [8, 24])}, b"\0" * 24)
+    expect_error(path, "overlap", "a", "b")
+
+
 # ------------------------------------------------------------------------------------------------
 # whole model directories
 # ------------------------------------------------------------------------------------------------
@@ -301,6 +309,8 @@ def edit_config(out: Path, edit: Callable[[Dict[str, Any]], None]) -> Path:
     pytest.param(lambda c: c.update(n_layers=3), ["n_layers=3"], id="layer-count"),
     pytest.param(lambda c: c.update(n_heads=3), ["d_model", "n_heads"], id="width"),
     pytest.param(lambda c: c.pop("d_model"), ["d_model"], id="missing-d-model"),
+    pytest.param(lambda c: c.update(attention=c.pop("layers")[0]), ["attention", "layers"],
+                 id="attention-shorthand"),
 ])
 def test_bad_config(saved, edit: Callable[[Dict[str, Any]], None], names) -> None:
     _, out = saved

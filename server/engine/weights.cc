@@ -1,0 +1,81 @@
+// LoadWeights: config first, then the safetensors header against the config (names, shapes,
+// dtypes), and only then the conversion of tensor data to float32.
+#include "server/engine/weights.h"
+
+#include <filesystem>
+#include <set>
+#include <utility>
+
+#include <absl/status/status.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
+#include <nlohmann/json.hpp>
+
+#include "base/status_macros.h"
+#include "server/engine/json_util.h"
+
+namespace ps::engine {
+namespace {
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+}  // namespace
+
+const HostTensor* ModelWeights::Find(absl::string_view name) const {
+  auto it = tensors.find(name);
+  return it == tensors.end() ? nullptr : &it->second;
+}
+
+absl::StatusOr<ModelWeights> LoadWeights(absl::string_view model_dir) {
+  ModelWeights weights;
+  PS_ASSIGN_OR_RETURN(weights.config, LoadModelConfig(model_dir));
+  const std::string path =
+      (std::filesystem::path(std::string(model_dir)) / "model.safetensors").string();
+  PS_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
+
+  const std::vector<TensorSpec> expected = weights.config.ExpectedTensors();
+  std::set<absl::string_view> expected_names;
+  for (const TensorSpec& spec : expected) expected_names.insert(spec.name);
+  for (const TensorView& view : file.tensors()) {
+    if (!expected_names.contains(view.name)) {
+      return absl::DataLossError(absl::StrCat(path, ": tensor ",
+                                              JsonForError(nlohmann::json(view.name), 200),
+                                              " is not part of the model its config describes"));
+    }
+  }
+  std::vector<const TensorView*> views;
+  views.reserve(expected.size());
+  for (const TensorSpec& spec : expected) {
+    const TensorView* view = file.Find(spec.name);
+    if (view == nullptr) {
+      return absl::DataLossError(absl::StrCat(path, ": tensor ", spec.name,
+                                              " is missing (the config wants shape ",
+                                              ShapeString(spec.shape), ")"));
+    }
+    if (view->shape != spec.shape) {
+      return absl::DataLossError(absl::StrCat(path, ": tensor ", spec.name, " has shape ",
+                                              ShapeString(view->shape), ", the config wants ",
+                                              ShapeString(spec.shape)));
+    }
+    if (!IsFloating(view->dtype)) {
+      return absl::DataLossError(absl::StrCat(path, ": tensor ", spec.name, " is ",
+                                              DTypeName(view->dtype),
+                                              ", weights must be F32, F16, BF16 or F64"));
+    }
+    views.push_back(view);
+  }
+
+  for (const TensorView* view : views) {
+    HostTensor tensor;
+    tensor.shape = view->shape;
+    tensor.stored_dtype = view->dtype;
+    tensor.data.resize(static_cast<size_t>(view->num_elements));
+    ConvertToFloat32(*view, tensor.data.data());
+    weights.tensors.emplace(view->name, std::move(tensor));
+  }
+  return weights;
+}
+
+}  // namespace ps::engine

@@ -1,0 +1,123 @@
+// The per-request decode state of a model (algorithm.md sections 2 and 4): which buffers every
+// layer keeps for one request, their shapes, and their byte offsets inside one fixed-size state
+// slot (StatePool). Only constant-size state lives in a slot; layers whose memory grows with the
+// sequence (KV caches) are reported separately so that the engine can size a KV pool for them.
+//
+// Shape letters (algorithm.md): H n_heads, h = d_model / H head width, r sketch_size,
+// P = r(r+1)/2 packed sketch rows, b block_size, w window.
+#ifndef POLYSKETCH_SERVER_ENGINE_STATE_LAYOUT_H_
+#define POLYSKETCH_SERVER_ENGINE_STATE_LAYOUT_H_
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
+
+#include "server/engine/model_config.h"
+
+namespace ps::engine {
+
+// Every component of a slot starts at a multiple of this many bytes (one cache line; also enough
+// for any SIMD load), and bytes_per_slot is a multiple of it.
+inline constexpr int64_t kStateAlignment = 64;
+
+// Number of unique rows of a symmetric r x r matrix: r(r+1)/2.
+constexpr int64_t PackedSymmetricRows(int64_t r) { return r * (r + 1) / 2; }
+
+// Index of the pair (a, c), 0 <= a <= c < r, in the symmetric-packed order: row-major upper
+// triangle, i.e. (0,0), (0,1), ..., (0,r-1), (1,1), (1,2), ..., (r-1,r-1). Row a starts at
+// a*r - a(a-1)/2. Callers with a > c swap them first (S[a,c] == S[c,a]). A bijection from the
+// upper triangle onto [0, PackedSymmetricRows(r)). Preconditions are not checked (hot path).
+constexpr int64_t PackedSymmetricIndex(int64_t a, int64_t c, int64_t r) {
+  return a * r - a * (a - 1) / 2 + (c - a);
+}
+
+// The buffers one layer may keep in a slot. Float components are fp32 (algorithm.md section 5:
+// sums overflow fp16), row-major in the shape given; counters are one int64_t.
+enum class StateComponent {
+  // polysketch: [H, P, h+1] f32. Element (head, PackedSymmetricIndex(a, c), j) holds S[a, c, j];
+  // j < h are the value sums, j == h the normaliser sum. Plain sketch: S over all tokens so far;
+  // local_exact: S_prev over all completed blocks.
+  kSketch,
+  kSketchCur,    // polysketch + local_exact: [H, P, h+1] f32, S_cur (the current block's sum)
+  kLocalKeys,    // polysketch + local_exact: [H, b, h] f32, post-LayerNorm keys k~ of the block
+  kLocalValues,  // polysketch + local_exact: [H, b, h] f32, values of the current block
+  kLocalCount,   // polysketch + local_exact: int64_t, entries in the local buffer, 0..b
+  kRingKeys,     // sliding_window: [H, w, h] f32, post-RoPE keys; token t at ring row t % w
+  kRingValues,   // sliding_window: [H, w, h] f32, values, same rows as the keys
+  kRingCount,    // sliding_window: int64_t, tokens written so far (rows filled: min(count, w))
+};
+inline constexpr int kNumStateComponents = 8;
+absl::string_view StateComponentName(StateComponent component);  // "sketch", "ring_keys", ...
+// True for the int64_t counters (kLocalCount, kRingCount), false for the f32 buffers.
+bool IsCounter(StateComponent component);
+
+// Where one component lives inside a slot. size_bytes == 0: the layer does not have it.
+struct StateRegion {
+  int64_t offset_bytes = 0;  // from the start of the slot; a multiple of kStateAlignment
+  int64_t size_bytes = 0;    // exact size, without the padding up to the next component
+
+  bool present() const { return size_bytes > 0; }
+  friend bool operator==(const StateRegion&, const StateRegion&) = default;
+};
+
+// One layer's state: shape parameters, its regions in the slot, and its KV-cache needs.
+struct LayerStateLayout {
+  AttentionKind kind = AttentionKind::kSoftmax;
+  int64_t num_heads = 0;                                   // H
+  int64_t head_dim = 0;                                    // h
+  int64_t sketch_size = 0;                                 // r (polysketch), else 0
+  int64_t packed_rows = 0;                                 // P = r(r+1)/2 (polysketch), else 0
+  int64_t local_size = 0;                                  // b (polysketch + local_exact), else 0
+  int64_t window = 0;                                      // w (sliding_window), else 0
+  std::array<StateRegion, kNumStateComponents> regions{};  // indexed by StateComponent
+
+  // softmax, polynomial, sparse_strided and sparse_fixed keep keys and values of (some of) the
+  // tokens so far: memory that grows with the sequence, so it is NOT in the slot (their regions
+  // are all absent). kv_bytes_per_token is what one kept token costs in this layer: keys and
+  // values, H x h x 2 f32. Which tokens a layer keeps is its kind's business (softmax and
+  // polynomial: all; sparse_strided: the last w and every s-th earlier one; sparse_fixed: the
+  // current chunk and k_sum per earlier chunk); the engine sizes a separate, bounded KV pool.
+  bool needs_kv_cache = false;
+  int64_t kv_bytes_per_token = 0;  // 0 unless needs_kv_cache
+
+  const StateRegion& region(StateComponent component) const {
+    return regions[static_cast<int>(component)];
+  }
+  friend bool operator==(const LayerStateLayout&, const LayerStateLayout&) = default;
+};
+
+// The layout of one request's slot for a model: layer 0's components first, each component
+// starting at a multiple of kStateAlignment. Immutable plain data: copy freely; thread-compatible.
+class StateLayout {
+ public:
+  // Computes the layout of `config`, which is validated first (its errors are returned as they
+  // are). InvalidArgument "layers[i]: per-request state ... overflows" when a size does not fit
+  // in int64_t (only absurd configs; every config integer is <= kMaxConfigInt).
+  [[nodiscard]] static absl::StatusOr<StateLayout> Create(const ModelConfig& config);
+
+  const std::vector<LayerStateLayout>& layers() const { return layers_; }
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  const LayerStateLayout& layer(int64_t index) const { return layers_[index]; }
+
+  // Bytes of constant-size state per request: every region of every layer plus the alignment
+  // padding. 0 for a model whose layers all use a KV cache.
+  int64_t bytes_per_slot() const { return bytes_per_slot_; }
+  // True when at least one layer needs a KV cache (see LayerStateLayout::needs_kv_cache).
+  bool needs_kv_cache() const { return kv_bytes_per_token_ > 0; }
+  // Sum of kv_bytes_per_token over the layers: what one token kept by every KV layer costs.
+  int64_t kv_bytes_per_token() const { return kv_bytes_per_token_; }
+
+ private:
+  StateLayout() = default;
+
+  std::vector<LayerStateLayout> layers_;
+  int64_t bytes_per_slot_ = 0;
+  int64_t kv_bytes_per_token_ = 0;
+};
+
+}  // namespace ps::engine
+
+#endif  // POLYSKETCH_SERVER_ENGINE_STATE_LAYOUT_H_

@@ -12,6 +12,7 @@ V vocabulary, F FFN hidden width. Tensors of attention are [B, H, n, h] (head-ma
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -220,9 +221,9 @@ def sinusoidal(positions: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Ten
     """pe[t, 2i] = sin(t * 10000^(-i/(d/2))), pe[t, 2i+1] = cos(same). positions: [n] -> [n, d]."""
     i = torch.arange(d // 2, dtype=torch.float64)
     freq = torch.pow(torch.tensor(10000.0, dtype=torch.float64), -i / (d // 2))
-    ang = positions.to(torch.float64)[:, None] * freq[None, :]
+    ang = positions.cpu().to(torch.float64)[:, None] * freq[None, :]  # float64 on any device
     pe = torch.stack([torch.sin(ang), torch.cos(ang)], dim=-1).reshape(len(positions), d)
-    return pe.to(dtype)
+    return pe.to(device=positions.device, dtype=dtype)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -233,9 +234,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1]
     i = torch.arange(h // 2, dtype=torch.float64)
     theta = torch.pow(torch.tensor(10000.0, dtype=torch.float64), -2.0 * i / h)
-    ang = positions.to(torch.float64)[:, None] * theta[None, :]  # [n, h/2]
-    cos = torch.cos(ang).to(x.dtype)
-    sin = torch.sin(ang).to(x.dtype)
+    ang = positions.cpu().to(torch.float64)[:, None] * theta[None, :]  # [n, h/2]
+    cos = torch.cos(ang).to(device=x.device, dtype=x.dtype)
+    sin = torch.sin(ang).to(device=x.device, dtype=x.dtype)
     even = x[..., 0::2]
     odd = x[..., 1::2]
     return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
@@ -383,7 +384,7 @@ class Attention(nn.Module):
     # -- dense (masked quadratic) ---------------------------------------------------------------
     def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = q.shape[2]
-        pos = torch.arange(n)
+        pos = torch.arange(n, device=q.device)
         kind = self.cfg.kind
         if kind == "polysketch":
             a, bk = self.psi(q), self.psi(k)
@@ -411,18 +412,20 @@ class Attention(nn.Module):
         return torch.softmax(scores, dim=-1) @ v
 
     # -- states ---------------------------------------------------------------------------------
-    def init_state(self, batch: int, dtype: torch.dtype):
+    def init_state(self, batch: int, dtype: torch.dtype, device: torch.device):
         H, h = self.n_heads, self.h
+        zeros = functools.partial(torch.zeros, dtype=dtype, device=device)
         if self.cfg.kind == "polysketch":
             rr = self.cfg.sketch_size ** 2
-            st = SketchState(s_prev=torch.zeros(batch, H, rr, h + 1, dtype=dtype))
+            st = SketchState(s_prev=zeros(batch, H, rr, h + 1))
             if self.cfg.local_exact:
                 st.s_cur = torch.zeros_like(st.s_prev)
-                st.k_loc = torch.zeros(batch, H, 0, h, dtype=dtype)
-                st.v_loc = torch.zeros(batch, H, 0, h, dtype=dtype)
+                st.k_loc = zeros(batch, H, 0, h)
+                st.v_loc = zeros(batch, H, 0, h)
             return st
-        empty = torch.zeros(batch, H, 0, h, dtype=dtype)
-        return KVState(pos=torch.zeros(0, dtype=torch.long), k=empty, v=empty.clone())
+        empty = zeros(batch, H, 0, h)
+        return KVState(pos=torch.zeros(0, dtype=torch.long, device=device), k=empty,
+                       v=empty.clone())
 
     # -- prefill from a state (block algorithm for polysketch) ---------------------------------
     def prefill(self, q, k, v, state, start: int, block_size: Optional[int] = None):
@@ -435,7 +438,7 @@ class Attention(nn.Module):
 
     def _kv_prefill(self, q, k, v, st: KVState, start: int):
         n = q.shape[2]
-        new_pos = torch.arange(start, start + n)
+        new_pos = torch.arange(start, start + n, device=q.device)
         if self.cfg.kind == "polynomial":
             q, k = self._poly_qk(q, k)
         keys = torch.cat([st.k, k], dim=2)
@@ -446,7 +449,7 @@ class Attention(nn.Module):
         else:
             o = self._softmax(q, keys, vals, new_pos, kpos)
         # Keep what a later query can still see; visibility never comes back once lost.
-        keep = allowed(self.cfg, torch.tensor(start + n - 1), kpos)
+        keep = allowed(self.cfg, torch.tensor(start + n - 1, device=kpos.device), kpos)
         st.pos, st.k, st.v = kpos[keep], keys[:, :, keep], vals[:, :, keep]
         return o
 
@@ -476,14 +479,15 @@ class Attention(nn.Module):
                 e = min(n, s + b)
             a, bk, c = a_all[:, :, s:e], b_all[:, :, s:e], c_all[:, :, s:e]
             m = e - s
-            tri = torch.tril(torch.ones(m, m, dtype=torch.bool))
+            tri = torch.tril(torch.ones(m, m, dtype=torch.bool, device=q.device))
             if cfg.local_exact:
                 ql, kl = ql_all[:, :, s:e], kl_all[:, :, s:e]
                 keys = torch.cat([st.k_loc, kl], dim=2)
                 vals = with_ones(torch.cat([st.v_loc, v[:, :, s:e]], dim=2))
                 w = pow4(ql @ keys.transpose(-1, -2))  # [B, H, m, old+m]
                 old = st.k_loc.shape[2]
-                mask = torch.cat([torch.ones(m, old, dtype=torch.bool), tri], dim=1)
+                mask = torch.cat([torch.ones(m, old, dtype=torch.bool, device=q.device), tri],
+                                 dim=1)
                 u = w.masked_fill(~mask, 0.0) @ vals
             else:
                 w = torch.square(a @ bk.transpose(-1, -2)).masked_fill(~tri, 0.0)
@@ -610,7 +614,7 @@ class PolySketchFormer(nn.Module):
     # -- the three forms ------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Dense masked form. tokens: [B, n] int64 -> logits [B, n, V]."""
-        positions = torch.arange(tokens.shape[1])
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self._embed(tokens, positions)
         for blk in self.blocks:
             q, k, v = self._qkv(blk, x, positions)
@@ -619,13 +623,14 @@ class PolySketchFormer(nn.Module):
 
     def init_state(self, batch: int = 1, dtype: Optional[torch.dtype] = None) -> List[Any]:
         dtype = dtype or self.embed.weight.dtype
-        return [blk.attn.init_state(batch, dtype) for blk in self.blocks]
+        device = self.embed.weight.device
+        return [blk.attn.init_state(batch, dtype, device) for blk in self.blocks]
 
     def prefill(self, tokens: torch.Tensor, states: List[Any], start: int = 0,
                 block_size: Optional[int] = None) -> torch.Tensor:
         """Chunk of tokens at positions start.., continuing `states` (updated in place).
         tokens: [B, n] -> logits [B, n, V]."""
-        positions = torch.arange(start, start + tokens.shape[1])
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self._embed(tokens, positions)
         for blk, st in zip(self.blocks, states):
             q, k, v = self._qkv(blk, x, positions)
@@ -634,7 +639,7 @@ class PolySketchFormer(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, states: List[Any], t: int) -> torch.Tensor:
         """One token per sequence at position t. tokens: [B] -> logits [B, V]."""
-        positions = torch.tensor([t])
+        positions = torch.tensor([t], device=tokens.device)
         x = self._embed(tokens[:, None], positions)
         for blk, st in zip(self.blocks, states):
             q, k, v = self._qkv(blk, x, positions)

@@ -15,6 +15,7 @@
 #include <absl/status/statusor.h>
 #include <absl/strings/string_view.h>
 
+#include "kernels/packed_index.h"
 #include "server/engine/model_config.h"
 
 namespace ps::engine {
@@ -23,16 +24,9 @@ namespace ps::engine {
 // for any SIMD load), and bytes_per_slot is a multiple of it.
 inline constexpr int64_t kStateAlignment = 64;
 
-// Number of unique rows of a symmetric r x r matrix: r(r+1)/2.
-constexpr int64_t PackedSymmetricRows(int64_t r) { return r * (r + 1) / 2; }
-
-// Index of the pair (a, c), 0 <= a <= c < r, in the symmetric-packed order: row-major upper
-// triangle, i.e. (0,0), (0,1), ..., (0,r-1), (1,1), (1,2), ..., (r-1,r-1). Row a starts at
-// a*r - a(a-1)/2. Callers with a > c swap them first (S[a,c] == S[c,a]). A bijection from the
-// upper triangle onto [0, PackedSymmetricRows(r)). Preconditions are not checked (hot path).
-constexpr int64_t PackedSymmetricIndex(int64_t a, int64_t c, int64_t r) {
-  return a * r - a * (a - 1) / 2 + (c - a);
-}
+// The packed order of symmetric sketch rows (kernels/packed_index.h), under the engine's names.
+using ::ps::kernels::PackedSymmetricIndex;
+using ::ps::kernels::PackedSymmetricRows;
 
 // The buffers one layer may keep in a slot. Float components are fp32 (algorithm.md section 5:
 // sums overflow fp16), row-major in the shape given; counters are one int64_t.

@@ -76,18 +76,6 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
 // Tokens per second, or 0 when nothing was timed.
 double Rate(int64_t n, double seconds) { return seconds > 0 ? n / seconds : 0.0; }
 
-const char* FinishReasonName(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kLength:
-      return "length";
-    case FinishReason::kStopToken:
-      return "stop_token";
-    case FinishReason::kStopString:
-      return "stop_string";
-  }
-  return "unknown";
-}
-
 // The prompt bytes from --prompt or --prompt_file (exactly one: exit 2 otherwise).
 absl::StatusOr<std::string> ReadPrompt(const std::string& prompt, const std::string& path) {
   if (path.empty()) return prompt;
@@ -198,7 +186,8 @@ absl::Status Generate() {
   }
   const double decode_seconds = SecondsSince(decode_start);
 
-  std::fprintf(stderr, "\nfinish reason: %s\n", FinishReasonName(finish_reason));
+  std::fprintf(stderr, "\nfinish reason: %s\n",
+               std::string(FinishReasonName(finish_reason)).c_str());
   std::fprintf(stderr, "prompt tokens: %zu (%.1f tokens/s)\n", prompt_ids.size(),
                Rate(static_cast<int64_t>(prompt_ids.size()), prompt_seconds));
   std::fprintf(stderr, "generated tokens: %lld (%.1f tokens/s)\n",

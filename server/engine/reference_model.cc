@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <limits>
 #include <string>
 
 #include <absl/status/status.h>
@@ -199,44 +198,12 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
   }
   state.kv_values.insert(state.kv_values.end(), v.begin(), v.end());
   state.kv_positions.push_back(t);
-  const size_t m = state.kv_positions.size();
-  const absl::Span<const float> keys(state.kv_keys);
-  const absl::Span<const float> values(state.kv_values);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(h));
-  std::vector<float> scores(m);
-  for (int64_t head = 0; head < H; ++head) {
-    const absl::Span<const float> qh = absl::Span<const float>(qn).subspan(head * h, h);
-    std::vector<double> acc(h, 0.0);
-    if (polynomial) {
-      double denominator = 1.0;  // part of the trained function (algorithm.md section 2)
-      for (size_t j = 0; j < m; ++j) {
-        if (!KeyVisible(lw.attn, t, state.kv_positions[j])) continue;
-        const size_t offset = (j * H + head) * h;
-        const double w = ref::Pow4(ref::Dot(qh, keys.subspan(offset, h)));
-        for (size_t i = 0; i < h; ++i) acc[i] += w * values[offset + i];
-        denominator += w;
-      }
-      for (size_t i = 0; i < h; ++i) o[head * h + i] = static_cast<float>(acc[i] / denominator);
-      continue;
-    }
-    for (size_t j = 0; j < m; ++j) {
-      scores[j] =
-          KeyVisible(lw.attn, t, state.kv_positions[j])
-              ? static_cast<float>(ref::Dot(qh, keys.subspan((j * H + head) * h, h)) * scale)
-              : -std::numeric_limits<float>::infinity();
-    }
-    ref::Softmax(absl::Span<float>(scores));
-    for (size_t j = 0; j < m; ++j) {
-      for (size_t i = 0; i < h; ++i)
-        acc[i] += static_cast<double>(scores[j]) * values[(j * H + head) * h + i];
-    }
-    for (size_t i = 0; i < h; ++i) o[head * h + i] = static_cast<float>(acc[i]);
-  }
-  // Keep only what a later query can still see; visibility never comes back once lost
-  // (train/model.py _kv_prefill: keep = allowed(last position, kpos)).
+  // Drop what query t cannot see: visibility never comes back once lost, so what is left is
+  // exactly what t and every later query may attend to (train/model.py _kv_prefill keeps
+  // allowed(last position, kpos)), and the loops below need no mask.
   size_t kept = 0;
   const size_t row = static_cast<size_t>(H) * h;
-  for (size_t j = 0; j < m; ++j) {
+  for (size_t j = 0; j < state.kv_positions.size(); ++j) {
     if (!KeyVisible(lw.attn, t, state.kv_positions[j])) continue;
     if (kept != j) {
       state.kv_positions[kept] = state.kv_positions[j];
@@ -248,6 +215,35 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
   state.kv_positions.resize(kept);
   state.kv_keys.resize(kept * row);
   state.kv_values.resize(kept * row);
+  const size_t m = kept;
+  const absl::Span<const float> keys(state.kv_keys);
+  const absl::Span<const float> values(state.kv_values);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(h));
+  std::vector<float> scores(m);
+  for (int64_t head = 0; head < H; ++head) {
+    const absl::Span<const float> qh = absl::Span<const float>(qn).subspan(head * h, h);
+    std::vector<double> acc(h, 0.0);
+    if (polynomial) {
+      double denominator = 1.0;  // part of the trained function (algorithm.md section 2)
+      for (size_t j = 0; j < m; ++j) {
+        const size_t offset = (j * H + head) * h;
+        const double w = ref::Pow4(ref::Dot(qh, keys.subspan(offset, h)));
+        for (size_t i = 0; i < h; ++i) acc[i] += w * values[offset + i];
+        denominator += w;
+      }
+      for (size_t i = 0; i < h; ++i) o[head * h + i] = static_cast<float>(acc[i] / denominator);
+      continue;
+    }
+    for (size_t j = 0; j < m; ++j) {
+      scores[j] = static_cast<float>(ref::Dot(qh, keys.subspan((j * H + head) * h, h)) * scale);
+    }
+    ref::Softmax(absl::Span<float>(scores));
+    for (size_t j = 0; j < m; ++j) {
+      for (size_t i = 0; i < h; ++i)
+        acc[i] += static_cast<double>(scores[j]) * values[(j * H + head) * h + i];
+    }
+    for (size_t i = 0; i < h; ++i) o[head * h + i] = static_cast<float>(acc[i]);
+  }
 }
 
 void ReferenceModel::Attend(const LayerWeights& lw, int64_t t, absl::Span<const float> q,

@@ -16,6 +16,18 @@
 
 namespace ps::engine {
 
+absl::string_view FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kStopToken:
+      return "stop_token";
+    case FinishReason::kStopString:
+      return "stop_string";
+  }
+  return "unknown";
+}
+
 absl::Status StopConditions::Validate(int64_t vocab_size) const {
   if (max_new_tokens < 1) {
     return absl::InvalidArgumentError(

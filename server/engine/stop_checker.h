@@ -28,6 +28,10 @@ enum class FinishReason {
   kStopString,  // the text completed one of stop_strings
 };
 
+// The lower-case name of `reason` ("length", "stop_token", "stop_string"), as tools and logs
+// print it.
+absl::string_view FinishReasonName(FinishReason reason);
+
 // The stop fields of one request.
 struct StopConditions {
   // Generation ends after one of these ids. [0, vocab_size), at most kMaxStopTokenIds.

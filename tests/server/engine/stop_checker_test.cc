@@ -45,6 +45,12 @@ StopConditions Strings(std::vector<std::string> stops, bool include = false) {
   return conditions;
 }
 
+TEST(StopCheckerTest, FinishReasonNames) {
+  EXPECT_EQ(FinishReasonName(FinishReason::kLength), "length");
+  EXPECT_EQ(FinishReasonName(FinishReason::kStopToken), "stop_token");
+  EXPECT_EQ(FinishReasonName(FinishReason::kStopString), "stop_string");
+}
+
 TEST(StopCheckerTest, Validation) {
   StopConditions ok = Strings({"\n\n", "END"});
   ok.stop_token_ids = {0, 255};

@@ -28,15 +28,8 @@ LN2 = math.log(2.0)
 @torch.no_grad()
 def window_losses(model, window: torch.Tensor, chunk: int) -> torch.Tensor:
     """Per-position negative log-likelihood (nats) of window[1:] given the bytes before."""
-    states = model.init_state(1)
-    nll = []
-    n = window.shape[0]
-    for s in range(0, n - 1, chunk):
-        e = min(n - 1, s + chunk)
-        logits = model.prefill(window[None, s:e], states, start=s)[0]
-        nll.append(torch.nn.functional.cross_entropy(logits.double(), window[s + 1:e + 1],
-                                                     reduction="none"))
-    return torch.cat(nll)
+    logits = model.prefill_chunked(window[None, :-1], model.init_state(1), chunk)[0]
+    return torch.nn.functional.cross_entropy(logits.double(), window[1:], reduction="none")
 
 
 def evaluate(model, data: np.ndarray, L: int, max_bytes: int, chunk: int) -> Tuple[float, float]:
@@ -77,6 +70,8 @@ def main() -> None:
         contexts = [int(x) for x in args.contexts.split(",")]
     except ValueError:
         sys.exit(f"eval: --contexts must be comma-separated integers, got {args.contexts!r}")
+    if args.chunk < 1:
+        sys.exit(f"eval: --chunk must be >= 1, got {args.chunk}")
     if any(L < 4 for L in contexts):
         sys.exit("eval: every context length must be >= 4 (the last quarter must exist)")
 

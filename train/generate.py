@@ -54,8 +54,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if (args.prompt is None) == (args.prompt_file is None):
         sys.exit("generate: give exactly one of --prompt and --prompt-file")
-    if args.max_tokens < 0 or not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
-        sys.exit("generate: need --max-tokens >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    if args.max_tokens < 0 or not 0.0 < args.top_p <= 1.0 or args.top_k < 0 or args.chunk < 1:
+        sys.exit("generate: need --max-tokens >= 0, 0 < --top-p <= 1, --top-k >= 0, --chunk >= 1")
     prompt = (args.prompt.encode("utf-8") if args.prompt is not None
               else args.prompt_file.read_bytes())
     if not prompt:
@@ -74,8 +74,7 @@ def main() -> None:
     with torch.no_grad():
         states = model.init_state(1)
         t0 = time.time()
-        for s in range(0, len(tokens), args.chunk):
-            logits = model.prefill(tokens[None, s:s + args.chunk], states, start=s)[0, -1]
+        logits = model.prefill_chunked(tokens[None], states, args.chunk)[0, -1]
         t1 = time.time()
         pos = len(tokens)
         for _ in range(args.max_tokens):

@@ -75,10 +75,7 @@ def compute(model: PolySketchFormer, prompt: List[int], positions: List[int], st
     m64 = model.double()
     states = m64.init_state(1)
     toks = torch.tensor(prompt, dtype=torch.long)
-    logits = []
-    for s in range(0, len(prompt), chunk):
-        logits.append(m64.prefill(toks[None, s:s + chunk], states, start=s)[0])
-    prefill_logits = torch.cat(logits)
+    prefill_logits = m64.prefill_chunked(toks[None], states, chunk)[0]
     greedy, step_logits, margins = [], [], []
     cur = prefill_logits[-1]
     for g in range(steps):

@@ -637,6 +637,15 @@ class PolySketchFormer(nn.Module):
             x = self._finish_attn(blk, x, blk.attn.prefill(q, k, v, st, start, block_size))
         return self._head(x)
 
+    def prefill_chunked(self, tokens: torch.Tensor, states: List[Any], chunk: int,
+                        start: int = 0) -> torch.Tensor:
+        """prefill() in pieces of `chunk` tokens, so activations stay bounded for any prompt
+        length; the logits equal one prefill() over all of `tokens`. [B, n] -> [B, n, V]."""
+        if chunk < 1:
+            raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+        return torch.cat([self.prefill(tokens[:, s:s + chunk], states, start + s)
+                          for s in range(0, tokens.shape[1], chunk)], dim=1)
+
     def decode_step(self, tokens: torch.Tensor, states: List[Any], t: int) -> torch.Tensor:
         """One token per sequence at position t. tokens: [B] -> logits [B, V]."""
         positions = torch.tensor([t], device=tokens.device)

@@ -102,6 +102,24 @@ def test_sketch_chunked_prefill_matches_single(sketch: str, local: bool, b: int)
     assert_close(tail, dense(model, tokens)[:, n:], "decode after chunked prefill vs dense")
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 64, 500])
+def test_prefill_chunked_matches_single(chunk: int) -> None:
+    """The scripts' entry point (eval, generate, golden): equal chunks from any start position,
+    here a local_exact model with b = 3 so chunks of 5 straddle block boundaries."""
+    model, _ = sketch_model("learned", True, 3)
+    tokens = make_tokens(2, 23)
+    single, _ = prefill(model, tokens)
+    with torch.no_grad():
+        head = model.prefill_chunked(tokens[:, :4], model.init_state(2), chunk)
+        states = model.init_state(2)
+        model.prefill(tokens[:, :4], states, 0)
+        tail = model.prefill_chunked(tokens[:, 4:], states, chunk, start=4)
+    assert_close(head, single[:, :4], f"prefill_chunked({chunk}) of the first 4 tokens")
+    assert_close(tail, single[:, 4:], f"prefill_chunked({chunk}) from position 4")
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        model.prefill_chunked(tokens, model.init_state(2), 0)
+
+
 @pytest.mark.parametrize("sketch", ["random", "learned"])
 def test_plain_sketch_prefill_any_block_size(sketch: str) -> None:
     """Without local_exact the block size only changes rounding (algorithm.md section 3)."""

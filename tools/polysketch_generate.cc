@@ -1,8 +1,8 @@
 // polysketch-generate: command-line text generation from a model directory, streaming the
 // generated text (never the prompt) to stdout and statistics to stderr. It wires the engine's
 // pieces (LoadWeights, sampler, stop checker, incremental detokenizer) exactly as a request does.
-// For now the forward is the scalar ReferenceModel, the only one that exists, so it is slow; the
-// fast CPU engine of issue 4 will replace it behind this same tool and these same flags.
+// The forward is the engine's Model on the CPU backend (threaded, vectorised kernels); the prompt
+// is prefilled in chunks with the block algorithm, then one decode step per generated token.
 // Exit status: 0 done, 1 runtime error (bad flag value, model, prompt), 2 usage error.
 #include <chrono>
 #include <cstdint>
@@ -26,7 +26,8 @@
 #include <absl/strings/string_view.h>
 
 #include "base/status_macros.h"
-#include "server/engine/reference_model.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "server/engine/model.h"
 #include "server/engine/sampler.h"
 #include "server/engine/stop_checker.h"
 #include "server/engine/tokenizer.h"
@@ -51,6 +52,12 @@ ABSL_FLAG(std::vector<std::string>, stop, {},
 ABSL_FLAG(std::vector<std::string>, stop_token_ids, {}, "Stop token ids, comma-separated.");
 ABSL_FLAG(bool, include_stop_string, false, "Keep the matched stop string in the output.");
 ABSL_FLAG(int32_t, logprobs, 0, "Print the top-N alternatives of every token to stderr. [0, 20]");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = one per hardware thread.");
+ABSL_FLAG(int64_t, max_context, 0,
+          "Most tokens (prompt + generated) a sequence may hold; sizes the KV caches of softmax "
+          "and sparse layers. 0 = the model's max_seq_len for those, unlimited for models whose "
+          "layers all keep a constant state (polysketch, sliding_window).");
+ABSL_FLAG(int64_t, prefill_chunk, 512, "Prompt tokens per prefill pass (bounded memory).");
 
 namespace {
 
@@ -59,9 +66,7 @@ using ps::engine::FinishReason;
 constexpr char kUsage[] =
     "Generates text from a polysketch model directory.\n"
     "  polysketch-generate --model DIR (--prompt TEXT | --prompt_file FILE) [flags]\n"
-    "Prints only the generated text to stdout (streamed), statistics to stderr.\n"
-    "The forward runs on the scalar ReferenceModel for now (slow); the fast CPU engine of\n"
-    "issue 4 will replace it behind this tool.";
+    "Prints only the generated text to stdout (streamed), statistics to stderr.";
 
 // An error that carries the exit status: 1 for runtime errors, 2 for usage errors.
 struct Failure {
@@ -112,9 +117,17 @@ absl::Status Generate() {
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
 
   PS_ASSIGN_OR_RETURN(ps::engine::ModelWeights weights, ps::engine::LoadWeights(model_dir));
-  PS_ASSIGN_OR_RETURN(ps::engine::ReferenceModel model,
-                      ps::engine::ReferenceModel::Create(std::move(weights)));
-  const int64_t vocab_size = model.config().vocab_size;
+  const int threads = absl::GetFlag(FLAGS_threads);
+  if (threads < 0) return absl::InvalidArgumentError("--threads: must be >= 0");
+  ps::kernels::cpu::CpuBackend backend(threads);
+  ps::engine::ModelOptions options;
+  options.num_slots = 1;
+  options.max_batch = 1;
+  options.max_context = absl::GetFlag(FLAGS_max_context);
+  options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::engine::Model> model,
+                      ps::engine::Model::Create(weights, backend, options));
+  const int64_t vocab_size = model->config().vocab_size;
   PS_ASSIGN_OR_RETURN(ps::engine::ByteTokenizer tokenizer,
                       ps::engine::ByteTokenizer::Create(vocab_size));
 
@@ -145,14 +158,17 @@ absl::Status Generate() {
   PS_ASSIGN_OR_RETURN(ps::engine::StopChecker stop_checker,
                       ps::engine::StopChecker::Create(std::move(stops), vocab_size));
 
-  // Prompt: one recurrent Step per token (the reference model has no batched prefill).
-  ps::engine::ReferenceModel::Sequence seq = model.NewSequence();
-  std::vector<float> logits;
-  const auto prompt_start = std::chrono::steady_clock::now();
-  for (int32_t id : prompt_ids) {
-    PS_ASSIGN_OR_RETURN(logits, model.Step(seq, id));
+  if (static_cast<int64_t>(prompt_ids.size()) > model->max_context()) {
+    return absl::OutOfRangeError(absl::StrCat("the prompt has ", prompt_ids.size(),
+                                              " tokens, more than the context limit ",
+                                              model->max_context(), " (see --max_context)"));
   }
+  PS_ASSIGN_OR_RETURN(const ps::engine::SlotId slot, model->AcquireSlot());
+  std::vector<float> logits(static_cast<size_t>(vocab_size));
+  const auto prompt_start = std::chrono::steady_clock::now();
+  PS_RETURN_IF_ERROR(model->Prefill(slot, 0, prompt_ids, absl::MakeSpan(logits)));
   const double prompt_seconds = SecondsSince(prompt_start);
+  int64_t position = static_cast<int64_t>(prompt_ids.size());
 
   ps::engine::IncrementalDetokenizer detokenizer;
   FinishReason finish_reason = FinishReason::kLength;
@@ -182,7 +198,14 @@ absl::Status Generate() {
       finish_reason = *step.finish_reason;
       break;
     }
-    PS_ASSIGN_OR_RETURN(logits, model.Step(seq, token));
+    if (position >= model->max_context()) {  // no room for this token's successor
+      WriteOut(stop_checker.Release() + detokenizer.Flush());
+      std::fprintf(stderr, "\n[context limit %lld reached]", static_cast<long long>(position));
+      break;
+    }
+    const ps::engine::DecodeItem item{slot, position, token};
+    PS_RETURN_IF_ERROR(model->Decode({&item, 1}, absl::MakeSpan(logits)));
+    ++position;
   }
   const double decode_seconds = SecondsSince(decode_start);
 

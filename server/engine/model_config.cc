@@ -386,6 +386,32 @@ absl::StatusOr<ModelConfig> ParseConfigObject(const json& obj) {
 
 }  // namespace
 
+kernels::KeyMask AttentionKeyMask(const AttentionConfig& attn) {
+  using Kind = kernels::KeyMask::Kind;
+  kernels::KeyMask mask;
+  switch (attn.kind) {
+    case AttentionKind::kSlidingWindow:
+      mask.kind = Kind::kWindow;
+      mask.window = attn.window;
+      break;
+    case AttentionKind::kSparseStrided:
+      mask.kind = Kind::kStrided;
+      mask.window = attn.window;
+      mask.stride = attn.stride;
+      break;
+    case AttentionKind::kSparseFixed:
+      mask.kind = Kind::kFixed;
+      mask.chunk = attn.chunk;
+      mask.summary = attn.summary;
+      break;
+    case AttentionKind::kSoftmax:
+    case AttentionKind::kPolynomial:
+    case AttentionKind::kPolysketch:
+      break;
+  }
+  return mask;
+}
+
 absl::string_view AttentionKindName(AttentionKind kind) {
   for (const auto& [name, k] : kAttentionKinds) {
     if (k == kind) return name;

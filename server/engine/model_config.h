@@ -16,6 +16,8 @@
 #include <absl/status/statusor.h>
 #include <absl/strings/string_view.h>
 
+#include "kernels/attention_mask.h"
+
 namespace ps::engine {
 
 // Version of the model directory format this reader implements.
@@ -60,6 +62,11 @@ struct AttentionConfig {
 
   friend bool operator==(const AttentionConfig&, const AttentionConfig&) = default;
 };
+
+// The key mask of a layer (kernels/attention_mask.h): which earlier positions a query sees under
+// `attn` (causal for softmax, polynomial and polysketch; window / stride / chunk rules for the
+// sliding-window and sparse kinds). train/model.py's allowed().
+kernels::KeyMask AttentionKeyMask(const AttentionConfig& attn);
 
 // The name and shape of one weight tensor a model must carry.
 struct TensorSpec {

@@ -15,20 +15,6 @@
 namespace ps::engine {
 namespace ref = ::ps::kernels::reference;
 
-bool KeyVisible(const AttentionConfig& attn, int64_t i, int64_t j) {
-  if (j > i) return false;
-  switch (attn.kind) {
-    case AttentionKind::kSlidingWindow:
-      return i - j < attn.window;
-    case AttentionKind::kSparseStrided:
-      return i - j < attn.window || j % attn.stride == 0;
-    case AttentionKind::kSparseFixed:
-      return i / attn.chunk == j / attn.chunk || j % attn.chunk >= attn.chunk - attn.summary;
-    default:
-      return true;
-  }
-}
-
 namespace {
 
 // The span of tensor `name`, or InvalidArgument when the weights lack it.
@@ -201,10 +187,11 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
   // Drop what query t cannot see: visibility never comes back once lost, so what is left is
   // exactly what t and every later query may attend to (train/model.py _kv_prefill keeps
   // allowed(last position, kpos)), and the loops below need no mask.
+  const kernels::KeyMask mask = AttentionKeyMask(lw.attn);
   size_t kept = 0;
   const size_t row = static_cast<size_t>(H) * h;
   for (size_t j = 0; j < state.kv_positions.size(); ++j) {
-    if (!KeyVisible(lw.attn, t, state.kv_positions[j])) continue;
+    if (!mask.Visible(t, state.kv_positions[j])) continue;
     if (kept != j) {
       state.kv_positions[kept] = state.kv_positions[j];
       std::copy_n(state.kv_keys.begin() + j * row, row, state.kv_keys.begin() + kept * row);

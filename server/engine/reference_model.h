@@ -115,10 +115,6 @@ class ReferenceModel {
   std::vector<LayerWeights> layers_;                   // [L]
 };
 
-// allowed(i, j) of train/model.py: whether query position i sees key position j in a layer of
-// kind `attn` (causal, plus the window / stride / chunk rules of the sparse kinds).
-bool KeyVisible(const AttentionConfig& attn, int64_t i, int64_t j);
-
 }  // namespace ps::engine
 
 #endif  // POLYSKETCH_SERVER_ENGINE_REFERENCE_MODEL_H_

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 
 #include <absl/status/status.h>
@@ -72,20 +73,39 @@ absl::string_view StateComponentName(StateComponent component) {
       return "ring_values";
     case StateComponent::kRingCount:
       return "ring_count";
+    case StateComponent::kKvKeys:
+      return "kv_keys";
+    case StateComponent::kKvValues:
+      return "kv_values";
+    case StateComponent::kKvPositions:
+      return "kv_positions";
+    case StateComponent::kKvCount:
+      return "kv_count";
   }
   return "unknown";
 }
 
-bool IsCounter(StateComponent component) {
-  return component == StateComponent::kLocalCount || component == StateComponent::kRingCount;
+bool IsInt64(StateComponent component) {
+  return component == StateComponent::kLocalCount || component == StateComponent::kRingCount ||
+         component == StateComponent::kKvPositions || component == StateComponent::kKvCount;
 }
 
-absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config) {
+absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64_t max_context) {
   PS_RETURN_IF_ERROR(config.Validate());
+  if (max_context < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_context: must be >= 0 (0: no limit), got ", max_context));
+  }
+  // KeyMask::MaxKept adds up to window + 1 + stride - 1 (each <= kMaxConfigInt) to max_context.
+  if (max_context > std::numeric_limits<int64_t>::max() - 2 * kMaxConfigInt - 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_context: ", max_context, " overflows the KV-cache sizes"));
+  }
   const int64_t H = config.n_heads;
   const int64_t h = config.head_dim();
 
   StateLayout layout;
+  layout.max_context_ = max_context;
   layout.layers_.reserve(config.layers.size());
   SlotBuilder slot;
   for (size_t i = 0; i < config.layers.size(); ++i) {
@@ -137,6 +157,16 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config) {
         } else {
           return absl::InvalidArgumentError(
               absl::StrCat("layers[", i, "]: KV-cache bytes per token overflow int64_t"));
+        }
+        if (max_context > 0) {
+          const int64_t cap = AttentionKeyMask(attn).MaxKept(max_context);
+          layer.kv_capacity = cap;
+          const std::optional<int64_t> rows_bytes = CheckedProduct({cap, H, h, kFloatBytes});
+          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kKvKeys, rows_bytes));
+          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kKvValues, rows_bytes));
+          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kKvPositions,
+                                      CheckedProduct({cap, kCounterBytes})));
+          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kKvCount, kCounterBytes));
         }
         break;
     }

@@ -128,7 +128,7 @@ absl::Span<const std::byte> StatePool::SlotBytes(SlotId id) const {
 }
 
 absl::Span<float> StatePool::Floats(SlotId id, int64_t layer, StateComponent component) {
-  assert(!IsCounter(component));
+  assert(!IsInt64(component));
   std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =
@@ -138,7 +138,7 @@ absl::Span<float> StatePool::Floats(SlotId id, int64_t layer, StateComponent com
 
 absl::Span<const float> StatePool::Floats(SlotId id, int64_t layer,
                                           StateComponent component) const {
-  assert(!IsCounter(component));
+  assert(!IsInt64(component));
   const std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =
@@ -147,8 +147,27 @@ absl::Span<const float> StatePool::Floats(SlotId id, int64_t layer,
 }
 
 int64_t* StatePool::Counter(SlotId id, int64_t layer, StateComponent component) {
-  assert(IsCounter(component));
+  assert(IsInt64(component) && component != StateComponent::kKvPositions);
   return reinterpret_cast<int64_t*>(RegionData(id, layer, component));
+}
+
+absl::Span<int64_t> StatePool::Int64s(SlotId id, int64_t layer, StateComponent component) {
+  assert(IsInt64(component));
+  std::byte* data = RegionData(id, layer, component);
+  if (data == nullptr) return {};
+  const size_t size =
+      static_cast<size_t>(layout_.layer(layer).region(component).size_bytes) / sizeof(int64_t);
+  return {reinterpret_cast<int64_t*>(data), size};
+}
+
+absl::Span<const int64_t> StatePool::Int64s(SlotId id, int64_t layer,
+                                            StateComponent component) const {
+  assert(IsInt64(component));
+  const std::byte* data = RegionData(id, layer, component);
+  if (data == nullptr) return {};
+  const size_t size =
+      static_cast<size_t>(layout_.layer(layer).region(component).size_bytes) / sizeof(int64_t);
+  return {reinterpret_cast<const int64_t*>(data), size};
 }
 
 }  // namespace ps::engine

@@ -72,12 +72,17 @@ class StatePool {
   // bytes_per_slot() is 0.
   absl::Span<std::byte> SlotBytes(SlotId id);
   absl::Span<const std::byte> SlotBytes(SlotId id) const;
-  // A float component of a layer (not a counter), shaped as StateComponent documents; empty
+  // A float component of a layer (not IsInt64), shaped as StateComponent documents; empty
   // when the layer does not have it.
   absl::Span<float> Floats(SlotId id, int64_t layer, StateComponent component);
   absl::Span<const float> Floats(SlotId id, int64_t layer, StateComponent component) const;
-  // A counter component (kLocalCount, kRingCount); nullptr when the layer does not have it.
+  // A single counter (kLocalCount, kRingCount, kKvCount); nullptr when the layer does not have
+  // it.
   int64_t* Counter(SlotId id, int64_t layer, StateComponent component);
+  // Any int64_t component as an array (kKvPositions: [cap]; a counter: one element); empty when
+  // the layer does not have it.
+  absl::Span<int64_t> Int64s(SlotId id, int64_t layer, StateComponent component);
+  absl::Span<const int64_t> Int64s(SlotId id, int64_t layer, StateComponent component) const;
 
   const StateLayout& layout() const { return layout_; }
   int64_t num_slots() const { return num_slots_; }

@@ -137,4 +137,9 @@ absl::StatusOr<StopStep> StopChecker::Append(int32_t token_id, absl::string_view
   return step;
 }
 
+std::string StopChecker::Release() {
+  finished_ = true;
+  return std::exchange(held_, std::string());
+}
+
 }  // namespace ps::engine

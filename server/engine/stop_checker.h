@@ -78,6 +78,10 @@ class StopChecker {
   // Cost: O(held + text) per stop string, held < kMaxStopStringBytes.
   [[nodiscard]] absl::StatusOr<StopStep> Append(int32_t token_id, absl::string_view text);
 
+  // Ends the stream for a reason outside the stop rules (context limit, cancellation): returns
+  // the held-back bytes, which no stop string can complete any more, and marks it finished.
+  std::string Release();
+
   // Bytes currently held back (a suffix of the output that is a proper prefix of a stop
   // string). The engine sends them only when Append releases them.
   int64_t held_back_bytes() const { return static_cast<int64_t>(held_.size()); }

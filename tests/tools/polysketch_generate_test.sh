@@ -89,7 +89,20 @@ run --model "${root}/tests/golden/polysketch-learned-local" --prompt_file "${tmp
 [[ "$(cat "${tmp}/out")" == $'\t\t\t' ]] || fail "stop string: stdout $(xxd -p "${tmp}/out")"
 grep -q "finish reason: stop_string" "${tmp}/err" || fail "stop string: $(cat "${tmp}/err")"
 
-# 8. The shipped model runs and reports throughput.
+# 8. Context limits of a KV-cache model: a prompt over the limit is refused (exit 1, message
+# names the limit); generation that reaches it stops there with the text so far.
+softmax="${root}/tests/golden/softmax"
+run --model "${softmax}" --prompt "0123456789" --max_context 8
+[[ ${rc} -eq 1 ]] || fail "prompt over max_context: exit ${rc}, want 1"
+grep -q "context limit 8" "${tmp}/err" || fail "prompt over max_context: $(cat "${tmp}/err")"
+run --model "${softmax}" --prompt "0123" --max_context 8 --max_new_tokens 50 --temperature 0
+[[ ${rc} -eq 0 ]] || fail "generation to max_context: exit ${rc}: $(cat "${tmp}/err")"
+grep -q "generated tokens: 5 " "${tmp}/err" ||
+  fail "generation to max_context: want 5 tokens (4 + 5 > 8 needs no 6th): $(cat "${tmp}/err")"
+run --model "${model}" --prompt "x" --threads -1
+[[ ${rc} -eq 1 ]] || fail "threads -1: exit ${rc}, want 1"
+
+# 9. The shipped model runs and reports throughput.
 run --model "${model}" --prompt "And God said" --max_new_tokens 20
 [[ ${rc} -eq 0 ]] || fail "tiny-polysketch: exit ${rc}: $(cat "${tmp}/err")"
 grep -q "tokens/s" "${tmp}/err" || fail "tiny-polysketch: no tokens/s in stderr"

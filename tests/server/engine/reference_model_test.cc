@@ -18,6 +18,7 @@
 #include "server/engine/safetensors.h"
 #include "server/engine/weights.h"
 #include "tests/testing/files.h"
+#include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::engine {
@@ -30,18 +31,6 @@ using ::ps::test::StatusIs;
 // we keep activations and states in fp32 (algorithm.md section 5), so ~1e-6 relative rounding
 // per op grows through L layers and up to ~400 steps of state; the engine contract is 1e-4.
 constexpr double kRelTol = 1e-4;
-
-// Every fixture folder under tests/golden, sorted.
-std::vector<std::string> FixtureNames() {
-  std::vector<std::string> names;
-  for (const auto& entry : std::filesystem::directory_iterator(test::SourcePath("tests/golden"))) {
-    if (entry.is_directory() && std::filesystem::exists(entry.path() / "golden.safetensors")) {
-      names.push_back(entry.path().filename().string());
-    }
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
 
 absl::StatusOr<ReferenceModel> LoadModel(const std::string& model_dir) {
   PS_ASSIGN_OR_RETURN(ModelWeights weights, LoadWeights(model_dir));
@@ -77,21 +66,15 @@ void ExpectLogitsNear(const std::vector<float>& got, const std::vector<float>& w
 class ReferenceGoldenTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ReferenceGoldenTest, MatchesPrefillLogitsAndGreedyDecode) {
-  const std::string dir = test::SourcePath("tests/golden/" + GetParam());
-  PS_ASSERT_OK_AND_ASSIGN(SafetensorsFile golden,
-                          SafetensorsFile::Open(dir + "/golden.safetensors"));
-  const auto model_dir_it = golden.metadata().find("model_dir");
-  ASSERT_NE(model_dir_it, golden.metadata().end());
-  PS_ASSERT_OK_AND_ASSIGN(ReferenceModel model, LoadModel(dir + "/" + model_dir_it->second));
+  PS_ASSERT_OK_AND_ASSIGN(const test::GoldenFixture golden, test::LoadGoldenFixture(GetParam()));
+  PS_ASSERT_OK_AND_ASSIGN(ReferenceModel model, LoadModel(golden.model_dir));
   const size_t V = static_cast<size_t>(model.config().vocab_size);
-  PS_ASSERT_OK_AND_ASSIGN(std::vector<int32_t> tokens, golden.ReadInt32("tokens"));
-  PS_ASSERT_OK_AND_ASSIGN(std::vector<int32_t> positions, golden.ReadInt32("positions"));
-  PS_ASSERT_OK_AND_ASSIGN(std::vector<float> prefill, golden.ReadFloat32("prefill_logits"));
-  PS_ASSERT_OK_AND_ASSIGN(std::vector<int32_t> greedy, golden.ReadInt32("greedy_tokens"));
-  PS_ASSERT_OK_AND_ASSIGN(std::vector<float> decode, golden.ReadFloat32("decode_logits"));
-  ASSERT_EQ(prefill.size(), positions.size() * V);
-  ASSERT_EQ(decode.size(), greedy.size() * V);
-  ASSERT_FALSE(tokens.empty());
+  ASSERT_EQ(static_cast<int64_t>(V), golden.vocab_size);
+  const std::vector<int32_t>& tokens = golden.tokens;
+  const std::vector<int32_t>& positions = golden.positions;
+  const std::vector<float>& prefill = golden.prefill;
+  const std::vector<int32_t>& greedy = golden.greedy;
+  const std::vector<float>& decode = golden.decode;
 
   ErrorStats stats;
   ReferenceModel::Sequence seq = model.NewSequence();
@@ -116,15 +99,15 @@ TEST_P(ReferenceGoldenTest, MatchesPrefillLogitsAndGreedyDecode) {
             << " prefill and " << greedy.size() << " decode positions\n";
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceGoldenTest, ::testing::ValuesIn(FixtureNames()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceGoldenTest,
+                         ::testing::ValuesIn(test::GoldenFixtureNames()),
                          [](const ::testing::TestParamInfo<std::string>& param_info) {
-                           std::string name = param_info.param;
-                           std::replace(name.begin(), name.end(), '-', '_');
-                           return name;
+                           return test::GoldenTestName(param_info.param);
                          });
 
 TEST(ReferenceModelTest, FindsEveryFixture) {
-  EXPECT_GE(FixtureNames().size(), 12u);  // 10 tiny models + 2 shipped (tests/golden/README.md)
+  EXPECT_GE(test::GoldenFixtureNames().size(),
+            12u);  // 10 tiny models + 2 shipped (tests/golden/README.md)
 }
 
 TEST(ReferenceModelTest, RefusesTokensOutsideTheVocabulary) {

@@ -3,6 +3,7 @@
 #include "server/engine/state_layout.h"
 
 #include <cstdint>
+#include <limits>
 #include <set>
 #include <utility>
 #include <vector>
@@ -150,11 +151,120 @@ TEST(StateLayoutTest, GrowingKindsNeedAKvCacheAndNoSlotBytes) {
   EXPECT_EQ(layout.bytes_per_slot(), 0);
   EXPECT_TRUE(layout.needs_kv_cache());
   EXPECT_EQ(layout.kv_bytes_per_token(), 4 * 128);
+  EXPECT_EQ(layout.max_context(), 0);
   for (const LayerStateLayout& layer : layout.layers()) {
     EXPECT_TRUE(layer.needs_kv_cache);
     EXPECT_EQ(layer.kv_bytes_per_token, 128);
+    EXPECT_EQ(layer.kv_capacity, 0);
     for (const StateRegion& region : layer.regions) EXPECT_FALSE(region.present());
   }
+}
+
+TEST(StateLayoutTest, MaxContextPutsASoftmaxCacheInTheSlot) {
+  // D 16, H 2, h 8, max_context 100: cap 100 rows of 2 x 8 floats (64 bytes): keys and values
+  // 6400 bytes each, positions 800 (ends at 13600, padded to 13632), count 8 (padded to 64).
+  PS_ASSERT_OK_AND_ASSIGN(
+      StateLayout layout,
+      StateLayout::Create(Config(16, 2, {Kind(AttentionKind::kSoftmax)}), /*max_context=*/100));
+  EXPECT_EQ(layout.max_context(), 100);
+  const LayerStateLayout& layer = layout.layer(0);
+  EXPECT_EQ(layer.kv_capacity, 100);
+  EXPECT_TRUE(layer.needs_kv_cache);  // describes the kind, whatever max_context
+  EXPECT_EQ(layer.kv_bytes_per_token, 128);
+  EXPECT_EQ(layer.region(StateComponent::kKvKeys), (StateRegion{0, 6400}));
+  EXPECT_EQ(layer.region(StateComponent::kKvValues), (StateRegion{6400, 6400}));
+  EXPECT_EQ(layer.region(StateComponent::kKvPositions), (StateRegion{12800, 800}));
+  EXPECT_EQ(layer.region(StateComponent::kKvCount), (StateRegion{13632, 8}));
+  EXPECT_EQ(layout.bytes_per_slot(), 13696);
+  EXPECT_TRUE(layout.needs_kv_cache());
+  EXPECT_EQ(layout.kv_bytes_per_token(), 128);
+}
+
+TEST(StateLayoutTest, MaxContextSizesSparseCachesByTheirMask) {
+  AttentionConfig strided = Kind(AttentionKind::kSparseStrided);
+  strided.window = 4;
+  strided.stride = 2;
+  AttentionConfig fixed = Kind(AttentionKind::kSparseFixed);
+  fixed.chunk = 4;
+  fixed.summary = 1;
+  // max_context 100, rows of 64 bytes. strided: the last w 4, the new key, every 2nd of 100:
+  // 4 + 1 + 50 = 55 rows. fixed: the chunk 4, the new key, 1 summary per 25 chunks: 30 rows.
+  PS_ASSERT_OK_AND_ASSIGN(StateLayout layout,
+                          StateLayout::Create(Config(16, 2, {strided, fixed, SlidingWindow(3)}),
+                                              /*max_context=*/100));
+  const LayerStateLayout& s = layout.layer(0);
+  EXPECT_EQ(s.kv_capacity, 55);
+  EXPECT_EQ(s.region(StateComponent::kKvKeys), (StateRegion{0, 3520}));
+  EXPECT_EQ(s.region(StateComponent::kKvValues), (StateRegion{3520, 3520}));
+  EXPECT_EQ(s.region(StateComponent::kKvPositions), (StateRegion{7040, 440}));
+  EXPECT_EQ(s.region(StateComponent::kKvCount), (StateRegion{7488, 8}));
+  const LayerStateLayout& f = layout.layer(1);
+  EXPECT_EQ(f.kv_capacity, 30);
+  EXPECT_EQ(f.region(StateComponent::kKvKeys), (StateRegion{7552, 1920}));
+  EXPECT_EQ(f.region(StateComponent::kKvValues), (StateRegion{9472, 1920}));
+  EXPECT_EQ(f.region(StateComponent::kKvPositions), (StateRegion{11392, 240}));
+  EXPECT_EQ(f.region(StateComponent::kKvCount), (StateRegion{11648, 8}));
+  // The sliding window keeps its ring and gets no KV regions.
+  const LayerStateLayout& w = layout.layer(2);
+  EXPECT_EQ(w.kv_capacity, 0);
+  EXPECT_FALSE(w.region(StateComponent::kKvKeys).present());
+  EXPECT_EQ(w.region(StateComponent::kRingKeys), (StateRegion{11712, 192}));
+  EXPECT_EQ(layout.bytes_per_slot(), 11712 + 448);
+
+  // A short limit caps every kind at max_context (strided would be 4 + 1 + 2 = 7).
+  PS_ASSERT_OK_AND_ASSIGN(StateLayout short_context,
+                          StateLayout::Create(Config(16, 2, {strided, fixed}), 3));
+  EXPECT_EQ(short_context.layer(0).kv_capacity, 3);
+  EXPECT_EQ(short_context.layer(1).kv_capacity, 3);
+  EXPECT_EQ(short_context.layer(0).region(StateComponent::kKvKeys), (StateRegion{0, 192}));
+}
+
+TEST(StateLayoutTest, MaxContextRegionsAreAlignedAndDisjoint) {
+  // Odd sizes: D 6, H 3, h 2 (rows of 24 bytes), max_context 37.
+  AttentionConfig strided = Kind(AttentionKind::kSparseStrided);
+  strided.window = 5;
+  strided.stride = 3;
+  AttentionConfig fixed = Kind(AttentionKind::kSparseFixed);
+  fixed.chunk = 7;
+  fixed.summary = 3;
+  PS_ASSERT_OK_AND_ASSIGN(
+      StateLayout layout,
+      StateLayout::Create(Config(6, 3,
+                                 {Kind(AttentionKind::kPolynomial), Polysketch(5, true, 3), strided,
+                                  SlidingWindow(7), fixed, Kind(AttentionKind::kSoftmax)}),
+                          37));
+  int64_t expected_offset = 0;
+  for (const LayerStateLayout& layer : layout.layers()) {
+    for (const StateRegion& region : layer.regions) {
+      if (!region.present()) continue;
+      EXPECT_EQ(region.offset_bytes % kStateAlignment, 0);
+      EXPECT_EQ(region.offset_bytes, expected_offset);  // in order, so disjoint
+      expected_offset = AlignUp(region.offset_bytes + region.size_bytes);
+    }
+  }
+  EXPECT_EQ(layout.bytes_per_slot(), expected_offset);
+  const int64_t caps[] = {37, 0, 5 + 1 + 13, 0, 7 + 1 + 3 * 5, 37};
+  for (int64_t i = 0; i < layout.num_layers(); ++i) {
+    const LayerStateLayout& layer = layout.layer(i);
+    EXPECT_EQ(layer.kv_capacity, caps[i]) << i;
+    EXPECT_EQ(layer.region(StateComponent::kKvKeys).size_bytes, caps[i] * 3 * 2 * kF) << i;
+    EXPECT_EQ(layer.region(StateComponent::kKvValues).size_bytes, caps[i] * 3 * 2 * kF) << i;
+    EXPECT_EQ(layer.region(StateComponent::kKvPositions).size_bytes, caps[i] * 8) << i;
+    EXPECT_EQ(layer.region(StateComponent::kKvCount).size_bytes, caps[i] > 0 ? 8 : 0) << i;
+  }
+}
+
+TEST(StateLayoutTest, BadMaxContextIsRefused) {
+  const ModelConfig config = Config(16, 2, {Kind(AttentionKind::kSoftmax)});
+  EXPECT_THAT(StateLayout::Create(config, -1),
+              StatusIs(absl::StatusCode::kInvalidArgument, "max_context: must be >= 0"));
+  EXPECT_THAT(StateLayout::Create(config, std::numeric_limits<int64_t>::max()),
+              StatusIs(absl::StatusCode::kInvalidArgument, "max_context"));
+  // 2^40 rows of 2^30 floats overflow int64_t bytes.
+  EXPECT_THAT(StateLayout::Create(Config(int64_t{1} << 30, 2, {Kind(AttentionKind::kSoftmax)}),
+                                  int64_t{1} << 40),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       "layers[0]: per-request state (kv_keys) overflows"));
 }
 
 TEST(StateLayoutTest, MixedModelAlignsEveryComponent) {
@@ -225,9 +335,18 @@ TEST(StateLayoutTest, OverflowingSizeIsRefused) {
 TEST(StateComponentTest, NamesAndCounters) {
   EXPECT_EQ(StateComponentName(StateComponent::kSketch), "sketch");
   EXPECT_EQ(StateComponentName(StateComponent::kRingCount), "ring_count");
-  EXPECT_TRUE(IsCounter(StateComponent::kLocalCount));
-  EXPECT_TRUE(IsCounter(StateComponent::kRingCount));
-  EXPECT_FALSE(IsCounter(StateComponent::kLocalKeys));
+  EXPECT_EQ(StateComponentName(StateComponent::kKvKeys), "kv_keys");
+  EXPECT_EQ(StateComponentName(StateComponent::kKvValues), "kv_values");
+  EXPECT_EQ(StateComponentName(StateComponent::kKvPositions), "kv_positions");
+  EXPECT_EQ(StateComponentName(StateComponent::kKvCount), "kv_count");
+  EXPECT_EQ(kNumStateComponents, 12);
+  EXPECT_TRUE(IsInt64(StateComponent::kLocalCount));
+  EXPECT_TRUE(IsInt64(StateComponent::kRingCount));
+  EXPECT_TRUE(IsInt64(StateComponent::kKvPositions));
+  EXPECT_TRUE(IsInt64(StateComponent::kKvCount));
+  EXPECT_FALSE(IsInt64(StateComponent::kLocalKeys));
+  EXPECT_FALSE(IsInt64(StateComponent::kKvKeys));
+  EXPECT_FALSE(IsInt64(StateComponent::kKvValues));
 }
 
 }  // namespace

@@ -45,8 +45,8 @@ ModelConfig SmallConfig() {
   return config;
 }
 
-StateLayout SmallLayout() {
-  absl::StatusOr<StateLayout> layout = StateLayout::Create(SmallConfig());
+StateLayout SmallLayout(int64_t max_context = 0) {
+  absl::StatusOr<StateLayout> layout = StateLayout::Create(SmallConfig(), max_context);
   EXPECT_THAT(layout, IsOk());
   return *std::move(layout);
 }
@@ -199,7 +199,11 @@ TEST(StatePoolTest, TypedAccessorsPointIntoTheSlot) {
     for (int c = 0; c < kNumStateComponents; ++c) {
       const auto component = static_cast<StateComponent>(c);
       const StateRegion& region = layout.layer(layer).region(component);
-      if (IsCounter(component)) {
+      if (component == StateComponent::kKvPositions) {
+        EXPECT_TRUE(pool.Int64s(id, layer, component).empty());  // no max_context
+        continue;
+      }
+      if (IsInt64(component)) {
         int64_t* counter = pool.Counter(id, layer, component);
         if (!region.present()) {
           EXPECT_EQ(counter, nullptr);
@@ -229,6 +233,58 @@ TEST(StatePoolTest, TypedAccessorsPointIntoTheSlot) {
   const StatePool& const_pool = pool;
   EXPECT_EQ(const_pool.Floats(id, 0, StateComponent::kSketchCur)[3], 1.5f);
   EXPECT_EQ(*pool.Counter(id, 1, StateComponent::kRingCount), 42);
+}
+
+TEST(StatePoolTest, KvRegionsWithAContextLimit) {
+  // max_context 10: layer 2 (softmax) keeps 10 rows of 2 x 8 floats: keys and values 640 bytes
+  // each, positions 80 (padded to 128), count 8 (padded to 64).
+  constexpr int64_t kKvSlotBytes = kSlotBytes + 640 + 640 + 128 + 64;
+  const StateLayout layout = SmallLayout(10);
+  ASSERT_EQ(layout.bytes_per_slot(), kKvSlotBytes);
+  PS_ASSERT_OK_AND_ASSIGN(StatePool pool, StatePool::Create(layout, 2));
+  PS_ASSERT_OK_AND_ASSIGN(SlotId other, pool.Acquire());
+  PS_ASSERT_OK_AND_ASSIGN(SlotId id, pool.Acquire());
+  const std::byte* base = pool.SlotBytes(id).data();
+  const LayerStateLayout& kv = pool.layout().layer(2);
+  absl::Span<float> keys = pool.Floats(id, 2, StateComponent::kKvKeys);
+  absl::Span<float> values = pool.Floats(id, 2, StateComponent::kKvValues);
+  absl::Span<int64_t> positions = pool.Int64s(id, 2, StateComponent::kKvPositions);
+  absl::Span<int64_t> count = pool.Int64s(id, 2, StateComponent::kKvCount);
+  EXPECT_EQ(keys.size(), 10u * 2 * 8);
+  EXPECT_EQ(values.size(), 10u * 2 * 8);
+  ASSERT_EQ(positions.size(), 10u);
+  ASSERT_EQ(count.size(), 1u);
+  EXPECT_EQ(reinterpret_cast<const std::byte*>(keys.data()),
+            base + kv.region(StateComponent::kKvKeys).offset_bytes);
+  EXPECT_EQ(reinterpret_cast<const std::byte*>(positions.data()),
+            base + kv.region(StateComponent::kKvPositions).offset_bytes);
+  EXPECT_EQ(count.data(), pool.Counter(id, 2, StateComponent::kKvCount));
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(positions.data()) % kStateAlignment, 0u);
+  for (int64_t p : positions) EXPECT_EQ(p, 0);
+  // Other layers have no KV regions.
+  EXPECT_TRUE(pool.Int64s(id, 0, StateComponent::kKvPositions).empty());
+  EXPECT_EQ(pool.Counter(id, 1, StateComponent::kKvCount), nullptr);
+  // Int64s also reaches the single counters.
+  ASSERT_EQ(pool.Int64s(id, 1, StateComponent::kRingCount).size(), 1u);
+  EXPECT_EQ(pool.Int64s(id, 1, StateComponent::kRingCount).data(),
+            pool.Counter(id, 1, StateComponent::kRingCount));
+
+  for (float& x : keys) x = 2.5f;
+  for (size_t i = 0; i < positions.size(); ++i) positions[i] = static_cast<int64_t>(i) * 3;
+  count[0] = 7;
+  for (std::byte b : pool.SlotBytes(other)) ASSERT_EQ(b, std::byte{0});
+  const StatePool& const_pool = pool;
+  EXPECT_EQ(const_pool.Int64s(id, 2, StateComponent::kKvPositions)[9], 27);
+  EXPECT_EQ(*pool.Counter(id, 2, StateComponent::kKvCount), 7);
+  EXPECT_EQ(pool.Floats(id, 2, StateComponent::kKvKeys)[159], 2.5f);
+  // Released and acquired again, the cache is empty.
+  ASSERT_THAT(pool.Release(id), IsOk());
+  PS_ASSERT_OK_AND_ASSIGN(SlotId again, pool.Acquire());
+  ASSERT_EQ(again, id);
+  for (int64_t p : pool.Int64s(again, 2, StateComponent::kKvPositions)) EXPECT_EQ(p, 0);
+  EXPECT_EQ(*pool.Counter(again, 2, StateComponent::kKvCount), 0);
+  for (float x : pool.Floats(again, 2, StateComponent::kKvKeys)) ASSERT_EQ(x, 0.0f);
+  for (float x : pool.Floats(again, 2, StateComponent::kKvValues)) ASSERT_EQ(x, 0.0f);
 }
 
 }  // namespace

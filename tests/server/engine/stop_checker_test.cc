@@ -136,6 +136,15 @@ TEST(StopCheckerTest, PartialMatchIsHeldThenReleased) {
   EXPECT_EQ(Feed(checker, "c").finish_reason, FinishReason::kStopString);
 }
 
+TEST(StopCheckerTest, ReleaseEndsTheStreamAndGivesBackHeldBytes) {
+  StopChecker checker = Make(Strings({"abc"}));
+  EXPECT_EQ(Feed(checker, "xab").released, "x");
+  EXPECT_EQ(checker.Release(), "ab");  // the stream ended early: "ab" can no longer stop it
+  EXPECT_TRUE(checker.finished());
+  EXPECT_EQ(checker.held_back_bytes(), 0);
+  EXPECT_THAT(checker.Append('c', "c"), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
 TEST(StopCheckerTest, EarliestOfSeveralStopStringsWins) {
   StopChecker checker = Make(Strings({"world", "lo w"}, /*include=*/true));
   const StopStep step = Feed(checker, "hello world");

@@ -1,0 +1,268 @@
+// polysketch-bench: end-to-end engine figures on this machine (docs/performance.md).
+//   * prefill time of one sequence for each prompt length in --contexts;
+//   * decode step time at each batch size in --batches for sequences at each of those contexts
+//     (the prefilled state is copied into every slot of the batch), with tokens/s and the bytes
+//     a step moves (weights once, plus every sequence's attention state or KV rows) per second;
+//   * attention memory per request at each context;
+//   * the copy bandwidth of the same machine (memcpy of --copy_mib MiB), to compare against.
+// A model is a directory, or "gpt2-small-polysketch": GPT-2-small's shape (12 layers, 12 heads,
+// width 768, byte vocabulary) with learned sketches, r 32, local_exact blocks of 256 and random
+// weights. Prints a table to stdout and, with --csv, one row per measurement.
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <absl/flags/flag.h>
+#include <absl/flags/parse.h>
+#include <absl/flags/usage.h>
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_join.h>
+#include <absl/strings/str_split.h>
+
+#include "base/status_macros.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "server/engine/model.h"
+#include "server/engine/weights.h"
+
+ABSL_FLAG(std::string, model, "models/tiny-polysketch",
+          "Model directory, or gpt2-small-polysketch (random weights).");
+ABSL_FLAG(std::string, contexts, "1024,4096,16384,65536", "Context lengths (tokens), comma list.");
+ABSL_FLAG(std::string, batches, "1,8,32", "Decode batch sizes, comma list.");
+ABSL_FLAG(int, steps, 8, "Timed decode steps per (context, batch); the median is reported.");
+ABSL_FLAG(int, threads, 0, "Kernel threads; 0 = one per hardware thread.");
+ABSL_FLAG(int64_t, prefill_chunk, 512, "Tokens per prefill pass.");
+ABSL_FLAG(double, budget_gib, 12.0,
+          "Most GiB of state slots to allocate; batches that need more are skipped.");
+ABSL_FLAG(int64_t, copy_mib, 1024, "Size of the memcpy that measures copy bandwidth.");
+ABSL_FLAG(std::string, csv, "", "Also write the measurements to this CSV file.");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using ps::engine::DecodeItem;
+using ps::engine::Model;
+using ps::engine::ModelOptions;
+using ps::engine::ModelWeights;
+using ps::engine::SlotId;
+
+double Seconds(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& text, const char* flag) {
+  std::vector<int64_t> values;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    int64_t value = 0;
+    if (!absl::SimpleAtoi(item, &value) || value < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": '", item, "' is not >= 1"));
+    }
+    values.push_back(value);
+  }
+  if (values.empty()) return absl::InvalidArgumentError(absl::StrCat("--", flag, " is empty"));
+  return values;
+}
+
+// GPT-2-small's shape with polysketch attention and random weights (normal(0, 0.02) matrices,
+// LayerNorms at identity), as issue 4's benchmarks ask.
+absl::StatusOr<ModelWeights> Gpt2SmallPolysketch() {
+  std::string layers;
+  for (int l = 0; l < 12; ++l) {
+    absl::StrAppend(&layers, l ? "," : "",
+                    R"({"kind": "polysketch", "sketch": "learned", "sketch_size": 32, )"
+                    R"("block_size": 256, "local_exact": true})");
+  }
+  const std::string json = absl::StrCat(
+      R"({"architecture": "polysketchformer", "vocab_size": 256, "d_model": 768, )",
+      R"("n_layers": 12, "n_heads": 12, "max_seq_len": 1024, "layers": [)", layers, "]}");
+  ModelWeights weights;
+  PS_ASSIGN_OR_RETURN(weights.config, ps::engine::ParseModelConfig(json, "gpt2-small-polysketch"));
+  std::mt19937 rng(1234);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  for (const ps::engine::TensorSpec& spec : weights.config.ExpectedTensors()) {
+    ps::engine::HostTensor tensor;
+    tensor.shape = spec.shape;
+    int64_t size = 1;
+    for (int64_t d : spec.shape) size *= d;
+    const bool norm =
+        spec.name.find("norm") != std::string::npos || spec.name.find("ln") != std::string::npos;
+    const bool is_bias = spec.name.ends_with(".bias") || spec.name == "logit_bias";
+    tensor.data.resize(static_cast<size_t>(size));
+    for (float& x : tensor.data) x = norm ? (is_bias ? 0.0f : 1.0f) : normal(rng);
+    if (spec.name == "logit_bias") std::fill(tensor.data.begin(), tensor.data.end(), 0.0f);
+    weights.tensors.emplace(spec.name, std::move(tensor));
+  }
+  return weights;
+}
+
+// Bytes one decode step moves for one sequence at `position` tokens: its attention state read
+// (and written where the step updates it: S or S_cur) or its KV rows read.
+int64_t StateBytesPerStep(const Model& model, int64_t position) {
+  int64_t bytes = 0;
+  const ps::engine::StateLayout& layout = model.layout();
+  for (int64_t l = 0; l < layout.num_layers(); ++l) {
+    const ps::engine::LayerStateLayout& ll = layout.layer(l);
+    using C = ps::engine::StateComponent;
+    if (ll.kind == ps::engine::AttentionKind::kPolysketch) {
+      const int64_t s = ll.region(C::kSketch).size_bytes;
+      const int64_t cur = ll.region(C::kSketchCur).size_bytes;
+      // plain: read + write S; local_exact: read S_prev, read + write S_cur, read the buffer.
+      bytes += cur == 0 ? 2 * s
+                        : s + 2 * cur + ll.region(C::kLocalKeys).size_bytes +
+                              ll.region(C::kLocalValues).size_bytes;
+    }
+  }
+  // KV layers: the rows kept at this position (AttentionBytesAt counts them once: a read).
+  int64_t constant = 0;
+  for (const auto& ll : layout.layers()) {
+    if (!ll.needs_kv_cache) {
+      for (const auto& region : ll.regions) constant += region.size_bytes;
+    }
+  }
+  return bytes + (model.AttentionBytesAt(position) - constant);
+}
+
+int64_t WeightBytes(const ModelWeights& weights) {
+  int64_t bytes = 0;
+  for (const auto& [name, tensor] : weights.tensors) {
+    bytes += static_cast<int64_t>(tensor.data.size() * sizeof(float));
+  }
+  return bytes;
+}
+
+// memcpy bandwidth: bytes read plus bytes written per second, best of 5.
+double CopyBandwidth(int64_t mib) {
+  const size_t bytes = static_cast<size_t>(mib) << 20;
+  std::vector<char> a(bytes, 1), b(bytes, 2);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = Clock::now();
+    std::memcpy(b.data(), a.data(), bytes);
+    best = std::min(best, Seconds(start));
+    a[i] = b[bytes - 1 - i];  // keep the copies observable
+  }
+  return 2.0 * static_cast<double>(bytes) / best;
+}
+
+absl::Status Run() {
+  const std::string model_name = absl::GetFlag(FLAGS_model);
+  PS_ASSIGN_OR_RETURN(const std::vector<int64_t> contexts,
+                      ParseList(absl::GetFlag(FLAGS_contexts), "contexts"));
+  PS_ASSIGN_OR_RETURN(const std::vector<int64_t> batches,
+                      ParseList(absl::GetFlag(FLAGS_batches), "batches"));
+  const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
+  ModelWeights weights;
+  if (model_name == "gpt2-small-polysketch") {
+    PS_ASSIGN_OR_RETURN(weights, Gpt2SmallPolysketch());
+  } else {
+    PS_ASSIGN_OR_RETURN(weights, ps::engine::LoadWeights(model_name));
+  }
+  ps::kernels::cpu::CpuBackend backend(absl::GetFlag(FLAGS_threads));
+  const double copy_bw = CopyBandwidth(absl::GetFlag(FLAGS_copy_mib));
+  const int64_t weight_bytes = WeightBytes(weights);
+  std::printf("model %s: %lld weight bytes, %d threads; memcpy bandwidth %.2f GB/s (read+write)\n",
+              model_name.c_str(), static_cast<long long>(weight_bytes), backend.num_threads(),
+              copy_bw / 1e9);
+  std::printf("%9s %5s %12s %12s %12s %14s %10s %8s\n", "context", "batch", "prefill_s", "step_ms",
+              "tokens/s", "attn_bytes/req", "GB/s", "%copy");
+  std::ofstream csv;
+  if (!absl::GetFlag(FLAGS_csv).empty()) {
+    csv.open(absl::GetFlag(FLAGS_csv));
+    if (!csv) return absl::NotFoundError(absl::StrCat("cannot write ", absl::GetFlag(FLAGS_csv)));
+    csv << "model,context,batch,prefill_s,step_ms,tokens_per_s,attention_bytes_per_request,"
+           "bytes_per_step,gb_per_s,copy_gb_per_s\n";
+  }
+  const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+  std::mt19937 rng(7);
+  for (const int64_t context : contexts) {
+    ModelOptions options;
+    options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+    options.max_batch = max_batch;
+    options.num_slots = 1;
+    // KV models need room for the context plus the timed steps; constant-state ones ignore it.
+    options.max_context = context + steps + 2;
+    PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> probe, Model::Create(weights, backend, options));
+    const int64_t slot_bytes = std::max<int64_t>(1, probe->layout().bytes_per_slot());
+    probe.reset();
+    const auto budget = static_cast<int64_t>(absl::GetFlag(FLAGS_budget_gib) * (1 << 30));
+    options.num_slots = std::clamp<int64_t>(budget / slot_bytes, 1, max_batch + 1);
+    PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(weights, backend, options));
+    const int64_t V = model->config().vocab_size;
+
+    std::vector<int32_t> prompt(static_cast<size_t>(context));
+    for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % static_cast<uint32_t>(V));
+    PS_ASSIGN_OR_RETURN(const SlotId source, model->AcquireSlot());
+    std::vector<float> last(static_cast<size_t>(V));
+    const auto prefill_start = Clock::now();
+    PS_RETURN_IF_ERROR(model->Prefill(source, 0, prompt, absl::MakeSpan(last)));
+    const double prefill_s = Seconds(prefill_start);
+    const int64_t attn_bytes = model->AttentionBytesAt(context);
+
+    for (const int64_t batch : batches) {
+      if (batch + 1 > model->pool().num_slots()) {
+        std::printf("%9lld %5lld %12.3f  skipped: %lld slots of %lld bytes exceed --budget_gib\n",
+                    static_cast<long long>(context), static_cast<long long>(batch), prefill_s,
+                    static_cast<long long>(batch + 1), static_cast<long long>(slot_bytes));
+        continue;
+      }
+      std::vector<SlotId> slots;
+      for (int64_t b = 0; b < batch; ++b) {
+        PS_ASSIGN_OR_RETURN(SlotId slot, model->AcquireSlot());
+        PS_RETURN_IF_ERROR(model->CopySlot(source, slot));
+        slots.push_back(slot);
+      }
+      std::vector<float> logits(static_cast<size_t>(batch * V));
+      std::vector<double> times;
+      for (int s = 0; s < steps + 2; ++s) {  // two warm-up steps
+        std::vector<DecodeItem> items;
+        for (const SlotId slot : slots) {
+          items.push_back({slot, model->SlotPosition(slot),
+                           static_cast<int32_t>(rng() % static_cast<uint32_t>(V))});
+        }
+        const auto start = Clock::now();
+        PS_RETURN_IF_ERROR(model->Decode(items, absl::MakeSpan(logits)));
+        if (s >= 2) times.push_back(Seconds(start));
+      }
+      std::sort(times.begin(), times.end());
+      const double step = times[times.size() / 2];
+      const int64_t bytes = weight_bytes + batch * StateBytesPerStep(*model, context);
+      const double gbps = static_cast<double>(bytes) / step / 1e9;
+      std::printf("%9lld %5lld %12.3f %12.3f %12.1f %14lld %10.2f %7.1f%%\n",
+                  static_cast<long long>(context), static_cast<long long>(batch), prefill_s,
+                  step * 1e3, static_cast<double>(batch) / step, static_cast<long long>(attn_bytes),
+                  gbps, 100.0 * gbps * 1e9 / copy_bw);
+      std::fflush(stdout);
+      if (csv.is_open()) {
+        csv << model_name << ',' << context << ',' << batch << ',' << prefill_s << ',' << step * 1e3
+            << ',' << static_cast<double>(batch) / step << ',' << attn_bytes << ',' << bytes << ','
+            << gbps << ',' << copy_bw / 1e9 << '\n';
+      }
+      for (const SlotId slot : slots) PS_RETURN_IF_ERROR(model->ReleaseSlot(slot));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Prefill and batched-decode figures of the CPU engine: polysketch-bench --model DIR "
+      "[--contexts 1024,4096] [--batches 1,8,32] [--csv out.csv]");
+  absl::ParseCommandLine(argc, argv);
+  const absl::Status status = Run();
+  if (!status.ok()) {
+    std::fprintf(stderr, "polysketch-bench: %s\n", std::string(status.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,718 @@
+// KV-cache attention kernels (algorithm.md section 2; semantics in kernels/backend.h).
+// Decode: per (sequence, head, key range) one pass over the kept rows in tiles of kDecodeTile
+// keys: scores by vectorised dot products over h, one rescale of the running sum per tile (online
+// softmax), then the weighted value rows added with the accumulator held in registers. A cache
+// too long for B*H items to keep the pool busy is split into ranges of >= kMinSplitKeys keys whose
+// partial (max, sum, acc) are merged in double (flash-decoding). Bytes: the kept keys and values
+// once, 2 * rows * H * h * 4 per sequence; decode is bound by that stream.
+// Prefill: per (head, tile of kQueryTile queries) the keys are walked in tiles of kKeyTile (cached
+// rows, then the chunk's own tokens up to the tile's last query). Each key tile is transposed once
+// so that Q K^T is broadcast FMAs over 64 key lanes, and P V runs two queries per pass over the
+// value rows (GEMM-style register blocking); scores are masked per pair, and a tile the mask hides
+// from every query of the query tile (window, stride, chunk) is skipped whole. The cache is
+// updated only after every output is computed. Never more than a 32 x 64 score block in memory.
+// Numerics: fp32 products and sums; exp by a degree-7 polynomial after range reduction (relative
+// error ~1e-7, vectorises); polynomial weights (x*x)*(x*x), normaliser 1 + sum w with the 1 exact.
+#include "kernels/cpu/kv_attention.h"
+
+#include <algorithm>
+#include <bit>
+#include <cassert>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace ps::kernels::cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;          // floats per vector (one zmm register)
+constexpr int64_t kDecodeTile = 64;     // keys per online-softmax rescale in decode
+constexpr int64_t kMinSplitKeys = 128;  // fewest keys one decode split handles
+constexpr int64_t kQueryTile = 32;      // prefill queries per work item
+constexpr int64_t kKeyTile = 64;        // prefill keys per score block
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using Kind = KeyMask::Kind;
+
+// 16 floats: one AVX-512 register with -march=native, four SSE registers without. Only used for
+// locals (never as a parameter or return type, whose ABI would depend on the target flags).
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+inline float Dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.0f;
+  if (n >= kLanes) {
+    Vec16 acc = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      Vec16 x, y;
+      std::memcpy(&x, a + i, sizeof(x));
+      std::memcpy(&y, b + i, sizeof(y));
+      acc += x * y;
+    }
+    const Vec8 half = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+    const Vec4 quarter = __builtin_shufflevector(half, half, 0, 1, 2, 3) +
+                         __builtin_shufflevector(half, half, 4, 5, 6, 7);
+    sum = (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+  }
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// acc[0, h) += sum_j p[j] * rows[j][0, h), j < nk: the accumulators stay in registers while the
+// rows stream through, 64 columns (four independent FMA chains) at a time.
+inline void AccumulateRows(const float* p, const float* const* rows, int64_t nk, int64_t h,
+                           float* acc, int64_t first_column = 0) {
+  int64_t c = first_column;
+  for (; c + 4 * kLanes <= h; c += 4 * kLanes) {
+    Vec16 a0, a1, a2, a3;
+    std::memcpy(&a0, acc + c, sizeof(a0));
+    std::memcpy(&a1, acc + c + kLanes, sizeof(a1));
+    std::memcpy(&a2, acc + c + 2 * kLanes, sizeof(a2));
+    std::memcpy(&a3, acc + c + 3 * kLanes, sizeof(a3));
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* row = rows[j] + c;
+      Vec16 x0, x1, x2, x3;
+      std::memcpy(&x0, row, sizeof(x0));
+      std::memcpy(&x1, row + kLanes, sizeof(x1));
+      std::memcpy(&x2, row + 2 * kLanes, sizeof(x2));
+      std::memcpy(&x3, row + 3 * kLanes, sizeof(x3));
+      a0 += p[j] * x0;
+      a1 += p[j] * x1;
+      a2 += p[j] * x2;
+      a3 += p[j] * x3;
+    }
+    std::memcpy(acc + c, &a0, sizeof(a0));
+    std::memcpy(acc + c + kLanes, &a1, sizeof(a1));
+    std::memcpy(acc + c + 2 * kLanes, &a2, sizeof(a2));
+    std::memcpy(acc + c + 3 * kLanes, &a3, sizeof(a3));
+  }
+  for (; c + kLanes <= h; c += kLanes) {
+    Vec16 a0, a1 = {};
+    std::memcpy(&a0, acc + c, sizeof(a0));
+    int64_t j = 0;
+    for (; j + 2 <= nk; j += 2) {
+      Vec16 x0, x1;
+      std::memcpy(&x0, rows[j] + c, sizeof(x0));
+      std::memcpy(&x1, rows[j + 1] + c, sizeof(x1));
+      a0 += p[j] * x0;
+      a1 += p[j + 1] * x1;
+    }
+    if (j < nk) {
+      Vec16 x0;
+      std::memcpy(&x0, rows[j] + c, sizeof(x0));
+      a0 += p[j] * x0;
+    }
+    a0 += a1;
+    std::memcpy(acc + c, &a0, sizeof(a0));
+  }
+  for (; c < h; ++c) {
+    float a = acc[c];
+    for (int64_t j = 0; j < nk; ++j) a += p[j] * rows[j][c];
+    acc[c] = a;
+  }
+}
+
+// max of x[0, 64) (a score tile, padded with -inf), in vector steps (a serial max is a chain).
+inline float MaxOfTile(const float* x) {
+  Vec16 v[4];
+  std::memcpy(v, x, sizeof(v));
+  const Vec16 m01 = v[0] > v[1] ? v[0] : v[1];
+  const Vec16 m23 = v[2] > v[3] ? v[2] : v[3];
+  const Vec16 m = m01 > m23 ? m01 : m23;
+  float result = m[0];
+  for (int l = 1; l < kLanes; ++l) result = std::max(result, m[l]);
+  return result;
+}
+
+// AccumulateRows for two queries at once (p0 -> acc0, p1 -> acc1): every row load feeds two
+// FMAs, and eight independent chains hide the FMA latency.
+inline void AccumulateRowsPair(const float* p0, const float* p1, const float* const* rows,
+                               int64_t nk, int64_t h, float* acc0, float* acc1) {
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= h; c += 4 * kLanes) {
+    Vec16 a[4], b[4];
+    std::memcpy(&a, acc0 + c, sizeof(a));
+    std::memcpy(&b, acc1 + c, sizeof(b));
+    Vec16 a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    Vec16 b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* row = rows[j] + c;
+      Vec16 x0, x1, x2, x3;
+      std::memcpy(&x0, row, sizeof(x0));
+      std::memcpy(&x1, row + kLanes, sizeof(x1));
+      std::memcpy(&x2, row + 2 * kLanes, sizeof(x2));
+      std::memcpy(&x3, row + 3 * kLanes, sizeof(x3));
+      a0 += p0[j] * x0;
+      a1 += p0[j] * x1;
+      a2 += p0[j] * x2;
+      a3 += p0[j] * x3;
+      b0 += p1[j] * x0;
+      b1 += p1[j] * x1;
+      b2 += p1[j] * x2;
+      b3 += p1[j] * x3;
+    }
+    a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+    b[0] = b0, b[1] = b1, b[2] = b2, b[3] = b3;
+    std::memcpy(acc0 + c, &a, sizeof(a));
+    std::memcpy(acc1 + c, &b, sizeof(b));
+  }
+  if (c < h) {
+    AccumulateRows(p0, rows, nk, h, acc0, c);
+    AccumulateRows(p1, rows, nk, h, acc1, c);
+  }
+}
+
+// Scores of two queries q0, q1 [h] against a transposed key tile keys_t [h, 64]: out0, out1 [64].
+// Every K^T load feeds two FMAs; eight independent chains.
+inline void ScorePair(const float* q0, const float* q1, const float* keys_t, int64_t h, float* out0,
+                      float* out1) {
+  Vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+  for (int64_t d = 0; d < h; ++d) {
+    const float* kt = keys_t + d * 4 * kLanes;
+    Vec16 x0, x1, x2, x3;
+    std::memcpy(&x0, kt, sizeof(x0));
+    std::memcpy(&x1, kt + kLanes, sizeof(x1));
+    std::memcpy(&x2, kt + 2 * kLanes, sizeof(x2));
+    std::memcpy(&x3, kt + 3 * kLanes, sizeof(x3));
+    a0 += q0[d] * x0;
+    a1 += q0[d] * x1;
+    a2 += q0[d] * x2;
+    a3 += q0[d] * x3;
+    b0 += q1[d] * x0;
+    b1 += q1[d] * x1;
+    b2 += q1[d] * x2;
+    b3 += q1[d] * x3;
+  }
+  const Vec16 a[4] = {a0, a1, a2, a3};
+  const Vec16 b[4] = {b0, b1, b2, b3};
+  std::memcpy(out0, a, sizeof(a));
+  std::memcpy(out1, b, sizeof(b));
+}
+
+// Sum of x[0, n) with independent partial sums (the serial chain would cost 4 cycles a term).
+inline float Sum(const float* x, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[j + l];
+  }
+  float sum = 0.0f;
+  for (; j < n; ++j) sum += x[j];
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
+inline void Scale(float c, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= c;
+}
+
+// x[j] = e^(x[j] - m) for j < n rounded up to a multiple of 16 (the caller pads x with -inf, so
+// the padding becomes 0). Every x[j] - m <= 0 or -inf; results below e^-87 are flushed to 0.
+// Range reduction x = k ln2 + r, |r| <= ln2/2 (k by the 1.5 * 2^23 rounding trick), Taylor to r^7
+// (truncation < 1e-8 relative), 2^k built in the exponent bits. Vectorised, no libm call.
+inline void ExpShifted(float* x, int64_t n, float m) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec16 zero = {};
+  const Vec16 floor_value = zero - 87.0f;
+  const Int16 round_bits = Int16{} + std::bit_cast<int32_t>(kRound);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    Vec16 v;
+    std::memcpy(&v, x + j, sizeof(v));
+    v -= m;
+    const Vec16 clamped = v < floor_value ? floor_value : v;
+    const Vec16 t = clamped * 1.44269504088896341f + kRound;
+    const Vec16 k = t - kRound;
+    const Vec16 r = clamped - k * 0.693359375f + k * 2.12194440e-4f;  // Cephes' split of ln 2
+    Vec16 p = zero + 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    // Bit casts by memcpy: std::bit_cast would return a vector by value (a target-dependent ABI).
+    Int16 t_bits;
+    std::memcpy(&t_bits, &t, sizeof(t_bits));
+    const Int16 scale_bits = ((t_bits - round_bits) + 127) << 23;
+    Vec16 scale;
+    std::memcpy(&scale, &scale_bits, sizeof(scale));
+    Vec16 result = p * scale;
+    result = v < floor_value ? zero : result;
+    std::memcpy(x + j, &result, sizeof(result));
+  }
+}
+
+// --- mask helpers: Visible(i, j) == j <= i && (Always(j) || Near(i, j)) ----------------------
+
+// Keys every later query sees.
+inline bool Always(const KeyMask& mask, int64_t j) {
+  switch (mask.kind) {
+    case Kind::kCausal:
+      return true;
+    case Kind::kWindow:
+      return false;
+    case Kind::kStrided:
+      return j % mask.stride == 0;
+    case Kind::kFixed:
+      return j % mask.chunk >= mask.chunk - mask.summary;
+  }
+  return true;
+}
+
+// The group Near compares: the chunk for kFixed, the position otherwise.
+inline int64_t Group(const KeyMask& mask, int64_t j) {
+  return mask.kind == Kind::kFixed ? j / mask.chunk : j;
+}
+
+inline bool Near(const KeyMask& mask, int64_t query_group, int64_t key_group) {
+  switch (mask.kind) {
+    case Kind::kCausal:
+      return true;
+    case Kind::kWindow:
+    case Kind::kStrided:
+      return query_group - key_group < mask.window;
+    case Kind::kFixed:
+      return query_group == key_group;
+  }
+  return true;
+}
+
+// --- decode ----------------------------------------------------------------------------------
+
+// List cache: drops the rows query position t cannot see, keeping the rest in order. Causal
+// masks never drop; the others compare integers per row and move only what follows a gap.
+void DropInvisible(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
+  if (shape.mask.kind == Kind::kCausal) return;
+  const int64_t row = shape.heads * shape.head_dim;
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
+  const int64_t count = *slot.count;
+  int64_t kept = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    if (!shape.mask.Visible(t, slot.positions[r])) continue;
+    if (kept != r) {
+      slot.positions[kept] = slot.positions[r];
+      std::memcpy(slot.keys + kept * row, slot.keys + r * row, row_bytes);
+      std::memcpy(slot.values + kept * row, slot.values + r * row, row_bytes);
+    }
+    ++kept;
+  }
+  *slot.count = kept;
+}
+
+// Appends (k_row, v_row) at position t to one sequence's cache and drops what t cannot see.
+void AppendDecode(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot,
+                  const float* k_row, const float* v_row) {
+  const int64_t row = shape.heads * shape.head_dim;
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
+  if (shape.ring) {
+    assert(*slot.count == t);
+    const int64_t r = t % shape.capacity;
+    std::memcpy(slot.keys + r * row, k_row, row_bytes);
+    std::memcpy(slot.values + r * row, v_row, row_bytes);
+    ++*slot.count;
+    return;
+  }
+  int64_t count = *slot.count;
+  assert(count < shape.capacity);
+  assert(count == 0 || slot.positions[count - 1] < t);
+  std::memcpy(slot.keys + count * row, k_row, row_bytes);
+  std::memcpy(slot.values + count * row, v_row, row_bytes);
+  slot.positions[count++] = t;
+  *slot.count = count;
+  DropInvisible(shape, t, slot);
+}
+
+// Partial result of one key range for one (sequence, head): softmax: running max m, sum l and
+// acc = sum e^(s - m) v; polynomial: l = sum w, acc = sum w v (m unused).
+struct Partial {
+  float m = kNegInf;
+  float l = 0.0f;
+};
+
+// Attends query q [h] over cache rows [r0, r1) (keys/values of this head, `stride` floats apart).
+Partial AttendRange(const KvAttentionShape& shape, const float* q, const float* keys,
+                    const float* values, int64_t stride, int64_t r0, int64_t r1, float* acc) {
+  const int64_t h = shape.head_dim;
+  std::fill(acc, acc + h, 0.0f);
+  Partial part;
+  const bool polynomial = shape.weighting == KvWeighting::kPolynomial;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(h));
+  float scores[kDecodeTile];
+  const float* value_rows[kDecodeTile];
+  for (int64_t t0 = r0; t0 < r1; t0 += kDecodeTile) {
+    const int64_t nt = std::min(kDecodeTile, r1 - t0);
+    for (int64_t j = 0; j < nt; ++j) value_rows[j] = values + (t0 + j) * stride;
+    if (polynomial) {
+      for (int64_t j = 0; j < nt; ++j) {
+        const float x = Dot(q, keys + (t0 + j) * stride, h);
+        scores[j] = (x * x) * (x * x);
+      }
+      part.l += Sum(scores, nt);
+      AccumulateRows(scores, value_rows, nt, h, acc);
+      continue;
+    }
+    for (int64_t j = 0; j < nt; ++j) scores[j] = Dot(q, keys + (t0 + j) * stride, h) * scale;
+    std::fill(scores + nt, scores + kDecodeTile, kNegInf);
+    static_assert(kDecodeTile == 4 * kLanes);
+    const float tile_max = MaxOfTile(scores);
+    if (tile_max > part.m) {
+      const float c = std::exp(part.m - tile_max);  // 0 for the first tile (m = -inf)
+      part.l *= c;
+      Scale(c, acc, h);
+      part.m = tile_max;
+    }
+    ExpShifted(scores, nt, part.m);
+    part.l += Sum(scores, nt);
+    AccumulateRows(scores, value_rows, nt, h, acc);
+  }
+  return part;
+}
+
+void Finish(const KvAttentionShape& shape, const Partial& part, const float* acc, float* out) {
+  const int64_t h = shape.head_dim;
+  const float inv =
+      shape.weighting == KvWeighting::kPolynomial ? 1.0f / (1.0f + part.l) : 1.0f / part.l;
+  for (int64_t i = 0; i < h; ++i) out[i] = acc[i] * inv;
+}
+
+struct DecodeItem {
+  int64_t seq = 0;
+  int64_t head = 0;
+  int64_t r0 = 0;
+  int64_t r1 = 0;
+  int64_t partial = -1;  // index of its partial record, -1: writes out directly
+};
+
+// --- prefill ---------------------------------------------------------------------------------
+
+struct PrefillContext {
+  const KvAttentionShape* shape = nullptr;
+  int64_t start = 0;
+  int64_t n = 0;
+  const KvSlotState* slot = nullptr;
+  int64_t old_rows = 0;   // cached keys before the chunk
+  int64_t old_first = 0;  // ring: position of the oldest cached key
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  float* out = nullptr;
+};
+
+// Per-thread scratch of one prefill work item.
+struct PrefillScratch {
+  std::vector<float> acc;     // [kQueryTile, h]
+  std::vector<float> scores;  // [kQueryTile, kKeyTile]
+  std::vector<float> keys_t;  // [h, kKeyTile]: the key tile transposed, zero past nk
+  float m[kQueryTile];
+  float l[kQueryTile];
+  const float* key_ptr[kKeyTile];
+  const float* value_ptr[kKeyTile];
+  int64_t key_pos[kKeyTile];
+  int64_t key_group[kKeyTile];
+  bool key_always[kKeyTile];
+};
+
+// Folds one tile of nk keys (already in scratch.key_*) into the queries [i0, i0 + nq).
+void PrefillKeyTile(const PrefillContext& ctx, int64_t head, int64_t i0, int64_t nq, int64_t nk,
+                    PrefillScratch& s) {
+  const KvAttentionShape& shape = *ctx.shape;
+  const KeyMask& mask = shape.mask;
+  const int64_t H = shape.heads;
+  const int64_t h = shape.head_dim;
+  bool any_always = false;
+  for (int64_t j = 0; j < nk; ++j) {
+    s.key_always[j] = Always(mask, s.key_pos[j]);
+    s.key_group[j] = Group(mask, s.key_pos[j]);
+    any_always |= s.key_always[j];
+  }
+  // Visibility is monotone: keys the first query of the tile cannot see (apart from the ones
+  // every query sees) are hidden from the whole tile.
+  const int64_t last_key = s.key_pos[nk - 1];
+  if (!any_always && last_key <= i0 && !Near(mask, Group(mask, i0), s.key_group[nk - 1])) return;
+
+  // K^T of the tile, so that a query's scores are h broadcast FMAs over kKeyTile lanes (an
+  // outer-product GEMM micro-kernel) instead of kKeyTile dot products with their reductions.
+  float* keys_t = s.keys_t.data();
+  for (int64_t j = 0; j < nk; ++j) {
+    for (int64_t d = 0; d < h; ++d) keys_t[d * kKeyTile + j] = s.key_ptr[j][d];
+  }
+  for (int64_t j = nk; j < kKeyTile; ++j) {
+    for (int64_t d = 0; d < h; ++d) keys_t[d * kKeyTile + j] = 0.0f;
+  }
+
+  const bool polynomial = shape.weighting == KvWeighting::kPolynomial;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(h));
+  static_assert(kKeyTile == 4 * kLanes && kQueryTile % 2 == 0);
+  // Scores for the whole query tile, two queries at a time (an odd last one is paired with
+  // itself; its twin row is scratch).
+  for (int64_t a = 0; a < nq; a += 2) {
+    const float* q0 = ctx.q + ((i0 + a - ctx.start) * H + head) * h;
+    const float* q1 = a + 1 < nq ? q0 + H * h : q0;
+    ScorePair(q0, q1, keys_t, h, s.scores.data() + a * kKeyTile,
+              s.scores.data() + (a + 1) * kKeyTile);
+  }
+  // Weights: mask, then (x*x)*(x*x), or the online softmax (rescaling acc before the values).
+  for (int64_t a = 0; a < nq; ++a) {
+    const int64_t i = i0 + a;
+    const int64_t query_group = Group(mask, i);
+    float* row = s.scores.data() + a * kKeyTile;
+    for (int64_t j = 0; j < nk; ++j) {
+      const bool visible =
+          s.key_pos[j] <= i && (s.key_always[j] || Near(mask, query_group, s.key_group[j]));
+      const float x = row[j];
+      row[j] = !visible     ? (polynomial ? 0.0f : kNegInf)
+               : polynomial ? (x * x) * (x * x)
+                            : x * scale;
+    }
+    if (polynomial) {
+      s.l[a] += Sum(row, nk);
+      continue;
+    }
+    std::fill(row + nk, row + kKeyTile, kNegInf);
+    const float row_max = MaxOfTile(row);
+    if (row_max == kNegInf) {  // nothing visible to this query in the tile
+      std::fill(row, row + nk, 0.0f);
+      continue;
+    }
+    if (row_max > s.m[a]) {
+      const float c = std::exp(s.m[a] - row_max);  // 0 while m is -inf
+      s.l[a] *= c;
+      Scale(c, s.acc.data() + a * h, h);
+      s.m[a] = row_max;
+    }
+    ExpShifted(row, nk, s.m[a]);
+    s.l[a] += Sum(row, nk);
+  }
+  // acc += P V, two queries at a time.
+  int64_t a = 0;
+  for (; a + 2 <= nq; a += 2) {
+    AccumulateRowsPair(s.scores.data() + a * kKeyTile, s.scores.data() + (a + 1) * kKeyTile,
+                       s.value_ptr, nk, h, s.acc.data() + a * h, s.acc.data() + (a + 1) * h);
+  }
+  if (a < nq) {
+    AccumulateRows(s.scores.data() + a * kKeyTile, s.value_ptr, nk, h, s.acc.data() + a * h);
+  }
+}
+
+// Outputs of queries [i0, i0 + nq) for one head.
+void PrefillQueryTile(const PrefillContext& ctx, int64_t head, int64_t i0, int64_t nq,
+                      PrefillScratch& s) {
+  const KvAttentionShape& shape = *ctx.shape;
+  const KvSlotState& slot = *ctx.slot;
+  const int64_t H = shape.heads;
+  const int64_t h = shape.head_dim;
+  const int64_t stride = H * h;
+  std::fill(s.acc.begin(), s.acc.begin() + nq * h, 0.0f);
+  std::fill(s.m, s.m + kQueryTile, kNegInf);
+  std::fill(s.l, s.l + kQueryTile, 0.0f);
+
+  // Cached keys, in position order.
+  for (int64_t t0 = 0; t0 < ctx.old_rows; t0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, ctx.old_rows - t0);
+    for (int64_t j = 0; j < nk; ++j) {
+      int64_t row = t0 + j;
+      if (shape.ring) {
+        s.key_pos[j] = ctx.old_first + row;
+        row = s.key_pos[j] % shape.capacity;
+      } else {
+        s.key_pos[j] = slot.positions[row];
+      }
+      s.key_ptr[j] = slot.keys + row * stride + head * h;
+      s.value_ptr[j] = slot.values + row * stride + head * h;
+    }
+    PrefillKeyTile(ctx, head, i0, nq, nk, s);
+  }
+  // The chunk's own keys up to the tile's last query.
+  const int64_t last_query = i0 + nq - 1;
+  for (int64_t j0 = ctx.start; j0 <= last_query; j0 += kKeyTile) {
+    const int64_t nk = std::min(kKeyTile, last_query - j0 + 1);
+    for (int64_t j = 0; j < nk; ++j) {
+      const int64_t index = j0 + j - ctx.start;
+      s.key_pos[j] = j0 + j;
+      s.key_ptr[j] = ctx.k + index * stride + head * h;
+      s.value_ptr[j] = ctx.v + index * stride + head * h;
+    }
+    PrefillKeyTile(ctx, head, i0, nq, nk, s);
+  }
+
+  for (int64_t a = 0; a < nq; ++a) {
+    Partial part;
+    part.l = s.l[a];
+    Finish(shape, part, s.acc.data() + a * h, ctx.out + ((i0 + a - ctx.start) * H + head) * h);
+  }
+}
+
+// The cache update of a prefill, after every output is computed.
+void UpdateAfterPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
+                        const KvSlotState& slot, const float* k, const float* v) {
+  const int64_t row = shape.heads * shape.head_dim;
+  const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
+  const int64_t last = start + n - 1;
+  if (shape.ring) {
+    const int64_t w = shape.capacity;
+    for (int64_t p = std::max(start, last - w + 1); p <= last; ++p) {
+      std::memcpy(slot.keys + (p % w) * row, k + (p - start) * row, row_bytes);
+      std::memcpy(slot.values + (p % w) * row, v + (p - start) * row, row_bytes);
+    }
+    *slot.count += n;
+    return;
+  }
+  DropInvisible(shape, last, slot);
+  int64_t count = *slot.count;
+  for (int64_t p = start; p <= last; ++p) {
+    if (!shape.mask.Visible(last, p)) continue;
+    assert(count < shape.capacity);
+    std::memcpy(slot.keys + count * row, k + (p - start) * row, row_bytes);
+    std::memcpy(slot.values + count * row, v + (p - start) * row, row_bytes);
+    slot.positions[count++] = p;
+  }
+  *slot.count = count;
+}
+
+}  // namespace
+
+void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const int64_t> positions,
+              absl::Span<const KvSlotState> slots, const float* q, const float* k, const float* v,
+              float* out) {
+  assert(positions.size() == slots.size());
+  const int64_t B = static_cast<int64_t>(positions.size());
+  if (B == 0) return;
+  const int64_t H = shape.heads;
+  const int64_t h = shape.head_dim;
+  const int64_t stride = H * h;
+
+  pool.ParallelFor(B, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      AppendDecode(shape, positions[b], slots[b], k + b * stride, v + b * stride);
+    }
+  });
+
+  // Work items: each (sequence, head) split into key ranges when B * H alone would leave
+  // threads idle and the cache is long enough to be worth it.
+  const int64_t threads = pool.num_threads();
+  const int64_t wanted = threads == 1 ? 1 : (4 * threads + B * H - 1) / (B * H);
+  thread_local std::vector<DecodeItem> items;
+  thread_local std::vector<float> partials;  // per split record: [m, l, acc h]
+  items.clear();
+  int64_t num_partials = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t rows = shape.ring ? std::min(*slots[b].count, shape.capacity) : *slots[b].count;
+    const int64_t splits =
+        std::max<int64_t>(1, std::min(wanted, (rows + kMinSplitKeys - 1) / kMinSplitKeys));
+    const int64_t per_split = (rows + splits - 1) / splits;
+    for (int64_t head = 0; head < H; ++head) {
+      for (int64_t s = 0; s < splits; ++s) {
+        DecodeItem item;
+        item.seq = b;
+        item.head = head;
+        item.r0 = s * per_split;
+        item.r1 = std::min(rows, (s + 1) * per_split);
+        item.partial = splits == 1 ? -1 : num_partials++;
+        items.push_back(item);
+      }
+    }
+  }
+  const int64_t record = h + 2;
+  if (num_partials > 0) partials.resize(static_cast<size_t>(num_partials * record));
+  const DecodeItem* item_data = items.data();
+  float* partial_data = partials.data();
+
+  pool.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    thread_local std::vector<float> acc;
+    acc.resize(static_cast<size_t>(h));
+    for (int64_t i = i0; i < i1; ++i) {
+      const DecodeItem& item = item_data[i];
+      const KvSlotState& slot = slots[item.seq];
+      const int64_t offset = item.seq * stride + item.head * h;
+      const Partial part =
+          AttendRange(shape, q + offset, slot.keys + item.head * h, slot.values + item.head * h,
+                      stride, item.r0, item.r1, acc.data());
+      if (item.partial < 0) {
+        Finish(shape, part, acc.data(), out + offset);
+        continue;
+      }
+      float* rec = partial_data + item.partial * record;
+      rec[0] = part.m;
+      rec[1] = part.l;
+      std::copy(acc.begin(), acc.end(), rec + 2);
+    }
+  });
+  if (num_partials == 0) return;
+
+  // Merge the splits of each (sequence, head) in double: items of one pair are consecutive.
+  const bool polynomial = shape.weighting == KvWeighting::kPolynomial;
+  std::vector<double> sum(static_cast<size_t>(h));
+  for (size_t i = 0; i < items.size();) {
+    size_t end = i + 1;
+    while (end < items.size() && items[end].seq == items[i].seq &&
+           items[end].head == items[i].head) {
+      ++end;
+    }
+    if (items[i].partial < 0) {
+      i = end;
+      continue;
+    }
+    float max = kNegInf;
+    for (size_t s = i; s < end; ++s) max = std::max(max, partials[items[s].partial * record]);
+    std::fill(sum.begin(), sum.end(), 0.0);
+    double denominator = polynomial ? 1.0 : 0.0;
+    for (size_t s = i; s < end; ++s) {
+      const float* rec = partials.data() + items[s].partial * record;
+      const double c = polynomial || rec[1] == 0.0f ? 1.0 : std::exp(double{rec[0]} - max);
+      denominator += c * rec[1];
+      for (int64_t d = 0; d < h; ++d) sum[d] += c * rec[2 + d];
+    }
+    float* o = out + items[i].seq * stride + items[i].head * h;
+    for (int64_t d = 0; d < h; ++d) o[d] = static_cast<float>(sum[d] / denominator);
+    i = end;
+  }
+}
+
+void KvPrefill(ThreadPool& pool, const KvAttentionShape& shape, int64_t start, int64_t n,
+               const KvSlotState& slot, const float* q, const float* k, const float* v,
+               float* out) {
+  if (n <= 0) return;
+  PrefillContext ctx;
+  ctx.shape = &shape;
+  ctx.start = start;
+  ctx.n = n;
+  ctx.slot = &slot;
+  if (shape.ring) {
+    assert(*slot.count == start);
+    ctx.old_rows = std::min(*slot.count, shape.capacity);
+    ctx.old_first = *slot.count - ctx.old_rows;
+  } else {
+    ctx.old_rows = *slot.count;
+  }
+  ctx.q = q;
+  ctx.k = k;
+  ctx.v = v;
+  ctx.out = out;
+
+  const int64_t H = shape.heads;
+  const int64_t h = shape.head_dim;
+  const int64_t num_tiles = (n + kQueryTile - 1) / kQueryTile;
+  // The last query tiles see the most keys: hand them out first so the tail balances.
+  pool.ParallelFor(H * num_tiles, 1, [&](int64_t i0, int64_t i1) {
+    thread_local PrefillScratch scratch;
+    scratch.acc.resize(static_cast<size_t>(kQueryTile * h));
+    scratch.scores.resize(static_cast<size_t>(kQueryTile * kKeyTile));
+    scratch.keys_t.resize(static_cast<size_t>(h * kKeyTile));
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t tile = num_tiles - 1 - item / H;
+      const int64_t head = item % H;
+      const int64_t first = start + tile * kQueryTile;
+      PrefillQueryTile(ctx, head, first, std::min(kQueryTile, start + n - first), scratch);
+    }
+  });
+  UpdateAfterPrefill(shape, start, n, slot, k, v);
+}
+
+}  // namespace ps::kernels::cpu

@@ -1,0 +1,58 @@
+#include "tests/testing/golden.h"
+
+#include <algorithm>
+#include <filesystem>
+
+#include <absl/status/status.h>
+#include <absl/strings/str_cat.h>
+
+#include "base/status_macros.h"
+#include "server/engine/safetensors.h"
+#include "tests/testing/files.h"
+
+namespace ps::test {
+
+std::vector<std::string> GoldenFixtureNames() {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(SourcePath("tests/golden"))) {
+    if (entry.is_directory() && std::filesystem::exists(entry.path() / "golden.safetensors")) {
+      names.push_back(entry.path().filename().string());
+    }
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+absl::StatusOr<GoldenFixture> LoadGoldenFixture(const std::string& name) {
+  const std::string dir = SourcePath("tests/golden/" + name);
+  PS_ASSIGN_OR_RETURN(engine::SafetensorsFile golden,
+                      engine::SafetensorsFile::Open(dir + "/golden.safetensors"));
+  GoldenFixture f;
+  f.name = name;
+  const auto model_dir = golden.metadata().find("model_dir");
+  if (model_dir == golden.metadata().end()) {
+    return absl::DataLossError(absl::StrCat(dir, ": golden.safetensors lacks model_dir"));
+  }
+  f.model_dir = dir + "/" + model_dir->second;
+  PS_ASSIGN_OR_RETURN(f.tokens, golden.ReadInt32("tokens"));
+  PS_ASSIGN_OR_RETURN(f.positions, golden.ReadInt32("positions"));
+  PS_ASSIGN_OR_RETURN(f.prefill, golden.ReadFloat32("prefill_logits"));
+  PS_ASSIGN_OR_RETURN(f.greedy, golden.ReadInt32("greedy_tokens"));
+  PS_ASSIGN_OR_RETURN(f.decode, golden.ReadFloat32("decode_logits"));
+  if (f.positions.empty() || f.prefill.size() % f.positions.size() != 0 || f.tokens.empty()) {
+    return absl::DataLossError(absl::StrCat(dir, ": inconsistent golden tensors"));
+  }
+  f.vocab_size = static_cast<int64_t>(f.prefill.size() / f.positions.size());
+  if (f.decode.size() != f.greedy.size() * static_cast<size_t>(f.vocab_size)) {
+    return absl::DataLossError(absl::StrCat(dir, ": decode_logits is not [G, V]"));
+  }
+  return f;
+}
+
+std::string GoldenTestName(const std::string& name) {
+  std::string out = name;
+  std::replace(out.begin(), out.end(), '-', '_');
+  return out;
+}
+
+}  // namespace ps::test

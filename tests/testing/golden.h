@@ -1,0 +1,36 @@
+// The PyTorch golden fixtures of tests/golden/ (format: tests/golden/README.md), loaded for the
+// engine's parity tests.
+#ifndef POLYSKETCH_TESTS_TESTING_GOLDEN_H_
+#define POLYSKETCH_TESTS_TESTING_GOLDEN_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <absl/status/statusor.h>
+
+namespace ps::test {
+
+struct GoldenFixture {
+  std::string name;
+  std::string model_dir;           // absolute
+  std::vector<int32_t> tokens;     // the prompt [n]
+  std::vector<int32_t> positions;  // [P] positions whose prefill logits are recorded
+  std::vector<float> prefill;      // [P, V]
+  std::vector<int32_t> greedy;     // [G]
+  std::vector<float> decode;       // [G, V]
+  int64_t vocab_size = 0;          // V
+};
+
+// Every fixture folder under tests/golden, sorted.
+std::vector<std::string> GoldenFixtureNames();
+
+// Loads tests/golden/<name>. The model itself is not loaded (see model_dir).
+absl::StatusOr<GoldenFixture> LoadGoldenFixture(const std::string& name);
+
+// A fixture name as a GoogleTest parameter name ('-' -> '_').
+std::string GoldenTestName(const std::string& name);
+
+}  // namespace ps::test
+
+#endif  // POLYSKETCH_TESTS_TESTING_GOLDEN_H_

@@ -12,7 +12,8 @@ tokens="${3:-200}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "${tmp}"' EXIT
 # A 1000-byte prompt: held-out text (Mark is not trained on, train/corpus.py).
-bible -f "Mark1:1-Mark3:35" | head -c 1000 > "${tmp}/prompt.txt"
+bible -f "Mark1:1-Mark3:35" > "${tmp}/text.txt"
+head -c 1000 "${tmp}/text.txt" > "${tmp}/prompt.txt"
 if [[ $(wc -c < "${tmp}/prompt.txt") -lt 1000 ]]; then
   echo "the bible program (Debian bible-kjv, scripts/setup-deps) gave no text" >&2
   exit 1

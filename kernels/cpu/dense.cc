@@ -44,7 +44,7 @@ constexpr int kNR = 2 * kVL;      // panel width
 constexpr int64_t kKC = 256;      // k block: panel slab kKC * kNR * 4 bytes in L1
 constexpr int64_t kMB = 8 * kMR;  // rows per row block at prefill
 // Below this many multiply-adds per chunk, waking workers costs more than it saves.
-constexpr int64_t kMinChunkMacs = int64_t{1} << 18;
+constexpr int64_t kMinChunkMacs = int64_t{1} << 14;
 
 using Vec = float __attribute__((vector_size(kVL * sizeof(float))));
 using IVec = int32_t __attribute__((vector_size(kVL * sizeof(int32_t))));

@@ -2,6 +2,11 @@
 // ParallelFor splits [0, n) into contiguous ranges, runs them on the workers and the calling
 // thread, and returns when all are done. Calls must not overlap (one engine thread drives the
 // backend) and must not nest: a body that calls ParallelFor on the same pool runs it inline.
+//
+// A decode step is ~100 small ops of tens of microseconds each, so waking threads through the
+// kernel for every op would cost more than the op. Workers therefore spin (with pause) for a
+// short while after each op, waiting for the next one, and only then sleep on a condition
+// variable; the caller wakes sleepers only when there are any.
 #ifndef POLYSKETCH_KERNELS_CPU_THREAD_POOL_H_
 #define POLYSKETCH_KERNELS_CPU_THREAD_POOL_H_
 
@@ -31,22 +36,30 @@ class ThreadPool {
   void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body);
 
  private:
-  void WorkerLoop(int index);
+  // Claims and runs chunks of job `generation` until none is left.
+  void RunChunks(uint32_t generation);
+  void WorkerLoop();
 
   int num_threads_ = 1;
   std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable work_cv_;
-  std::condition_variable done_cv_;
-  const std::function<void(int64_t, int64_t)>* body_ = nullptr;  // guarded by mu_
+
+  // The current job. Written by the caller before it publishes the job through `claim_`, read by
+  // a worker only after it claimed a chunk of that job (so the job is still running).
+  const std::function<void(int64_t, int64_t)>* body_ = nullptr;
   int64_t n_ = 0;
   int64_t chunk_ = 0;
   int64_t num_chunks_ = 0;
-  int64_t next_chunk_ = 0;            // guarded by mu_
-  int64_t pending_ = 0;               // chunks not finished; guarded by mu_
-  uint64_t generation_ = 0;           // bumped per ParallelFor; guarded by mu_
-  bool stop_ = false;                 // guarded by mu_
-  std::atomic<bool> running_{false};  // a ParallelFor is in progress (nesting runs inline)
+  // (generation << 32) | next unclaimed chunk. A claim is a compare-and-swap that keeps the
+  // generation, so a late worker can never claim a chunk of a newer job by mistake.
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0};  // chunks finished in the current job
+  std::atomic<bool> running_{false};
+
+  // Sleeping workers.
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::atomic<int> sleeping_{0};
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace ps::kernels::cpu

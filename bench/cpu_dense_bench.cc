@@ -12,34 +12,24 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench/bench_util.h"
+
 #include "kernels/cpu/dense.h"
 
 namespace ps::kernels::cpu {
 namespace {
 
-int g_threads = 0;  // 0: hardware_concurrency
-
-ThreadPool& Pool() {
-  static ThreadPool* pool = new ThreadPool(g_threads);
-  return *pool;
-}
-
-std::vector<float> Random(int64_t size, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> v(static_cast<size_t>(size));
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+using ::ps::bench::Pool;
+using ::ps::bench::RandomNormal;
 
 // Args: m, n, k.
 void BM_Linear(benchmark::State& state) {
   const int64_t m = state.range(0);
   const int64_t n = state.range(1);
   const int64_t k = state.range(2);
-  const std::vector<float> w = Random(n * k, 1);
+  const std::vector<float> w = RandomNormal(n * k, 1);
   const auto packed = CpuLinearWeight::Create(w, n, k);
-  const std::vector<float> x = Random(m * k, 2);
+  const std::vector<float> x = RandomNormal(m * k, 2);
   std::vector<float> y(m * n);
   for (auto _ : state) {
     Linear(Pool(), x.data(), m, *packed, y.data(), /*accumulate=*/false);
@@ -80,9 +70,9 @@ BENCHMARK(BM_Linear)->Apply(LinearShapes)->ArgNames({"m", "n", "k"})->UseRealTim
 void BM_LayerNorm(benchmark::State& state) {
   const int64_t m = state.range(0);
   const int64_t n = state.range(1);
-  const std::vector<float> x = Random(m * n, 3);
-  const std::vector<float> gamma = Random(n, 4);
-  const std::vector<float> beta = Random(n, 5);
+  const std::vector<float> x = RandomNormal(m * n, 3);
+  const std::vector<float> gamma = RandomNormal(n, 4);
+  const std::vector<float> beta = RandomNormal(n, 5);
   std::vector<float> y(m * n);
   for (auto _ : state) {
     LayerNorm(Pool(), x.data(), m, n, gamma.data(), beta.data(), 1e-5f, y.data());
@@ -96,7 +86,7 @@ BENCHMARK(BM_LayerNorm)->Args({512, 192})->Args({512, 768})->ArgNames({"m", "n"}
 void BM_GeluGate(benchmark::State& state) {
   const int64_t m = state.range(0);
   const int64_t f = state.range(1);
-  const std::vector<float> up = Random(m * 2 * f, 6);
+  const std::vector<float> up = RandomNormal(m * 2 * f, 6);
   std::vector<float> out(m * f);
   for (auto _ : state) {
     GeluGate(Pool(), up.data(), m, f, out.data());
@@ -111,22 +101,4 @@ BENCHMARK(BM_GeluGate)->Args({512, 512})->Args({512, 2048})->ArgNames({"m", "f"}
 }  // namespace
 }  // namespace ps::kernels::cpu
 
-int main(int argc, char** argv) {
-  if (const char* env = std::getenv("PS_BENCH_THREADS"))
-    ps::kernels::cpu::g_threads = std::atoi(env);
-  // Our own flag, removed before Google Benchmark parses the rest.
-  int out = 1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-      ps::kernels::cpu::g_threads = std::atoi(argv[i] + 10);
-    } else {
-      argv[out++] = argv[i];
-    }
-  }
-  argc = out;
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return ps::bench::RunBenchmarks(argc, argv); }

@@ -20,6 +20,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "bench/bench_util.h"
+
 #include "kernels/backend.h"
 #include "kernels/cpu/sketch_attention.h"
 #include "kernels/cpu/thread_pool.h"
@@ -28,20 +30,8 @@
 namespace ps::kernels::cpu {
 namespace {
 
-int g_threads = 0;  // 0: hardware_concurrency
-
-ThreadPool& Pool() {
-  static ThreadPool* pool = new ThreadPool(g_threads);
-  return *pool;
-}
-
-std::vector<float> Random(int64_t size, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> v(static_cast<size_t>(size));
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+using ::ps::bench::Pool;
+using ::ps::bench::RandomNormal;
 
 SketchAttentionShape Shape(bool local) {
   SketchAttentionShape shape;
@@ -65,8 +55,8 @@ struct LayerStates {
     sketch.assign(B * per_seq, 0.0f);
     if (shape.local_exact) {
       sketch_cur.assign(B * per_seq, 0.0f);
-      keys = Random(B * buffer, 11);
-      values = Random(B * buffer, 12);
+      keys = RandomNormal(B * buffer, 11);
+      values = RandomNormal(B * buffer, 12);
     }
     for (int64_t i = 0; i < B; ++i) {
       SketchSlotState slot;
@@ -110,9 +100,9 @@ void BM_SketchDecode(benchmark::State& state) {
   std::vector<LayerStates> layers;
   const int64_t copies = Copies(state_bytes, ws_mib);
   for (int64_t l = 0; l < copies; ++l) layers.emplace_back(shape, B);
-  const std::vector<float> psi_q = Random(B * H * r, 1), psi_k = Random(B * H * r, 2);
-  const std::vector<float> v = Random(B * H * h, 3);
-  const std::vector<float> q_local = Random(B * H * h, 4), k_local = Random(B * H * h, 5);
+  const std::vector<float> psi_q = RandomNormal(B * H * r, 1), psi_k = RandomNormal(B * H * r, 2);
+  const std::vector<float> v = RandomNormal(B * H * h, 3);
+  const std::vector<float> q_local = RandomNormal(B * H * h, 4), k_local = RandomNormal(B * H * h, 5);
   std::vector<float> out(B * H * h);
   const std::vector<int64_t> positions(B, kDecodePosition);
   const float* ql = shape.local_exact ? q_local.data() : nullptr;
@@ -206,9 +196,9 @@ void BM_SketchPrefill(benchmark::State& state) {
   const int64_t n = state.range(1);
   const int64_t H = shape.heads, h = shape.head_dim, r = shape.sketch_size;
   LayerStates layer(shape, 1);
-  const std::vector<float> psi_q = Random(n * H * r, 1), psi_k = Random(n * H * r, 2);
-  const std::vector<float> v = Random(n * H * h, 3);
-  const std::vector<float> q_local = Random(n * H * h, 4), k_local = Random(n * H * h, 5);
+  const std::vector<float> psi_q = RandomNormal(n * H * r, 1), psi_k = RandomNormal(n * H * r, 2);
+  const std::vector<float> v = RandomNormal(n * H * h, 3);
+  const std::vector<float> q_local = RandomNormal(n * H * h, 4), k_local = RandomNormal(n * H * h, 5);
   std::vector<float> out(n * H * h);
   for (auto _ : state) {
     SketchPrefill(Pool(), shape, 0, n, layer.slots[0], psi_q.data(), psi_k.data(), v.data(),
@@ -238,22 +228,4 @@ BENCHMARK(BM_SketchPrefill)
 }  // namespace
 }  // namespace ps::kernels::cpu
 
-int main(int argc, char** argv) {
-  if (const char* env = std::getenv("PS_BENCH_THREADS"))
-    ps::kernels::cpu::g_threads = std::atoi(env);
-  // Our own flag, removed before Google Benchmark parses the rest.
-  int out = 1;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-      ps::kernels::cpu::g_threads = std::atoi(argv[i] + 10);
-    } else {
-      argv[out++] = argv[i];
-    }
-  }
-  argc = out;
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return ps::bench::RunBenchmarks(argc, argv); }

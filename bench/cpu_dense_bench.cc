@@ -13,7 +13,6 @@
 #include <benchmark/benchmark.h>
 
 #include "bench/bench_util.h"
-
 #include "kernels/cpu/dense.h"
 
 namespace ps::kernels::cpu {

@@ -21,7 +21,6 @@
 #include <benchmark/benchmark.h>
 
 #include "bench/bench_util.h"
-
 #include "kernels/backend.h"
 #include "kernels/cpu/sketch_attention.h"
 #include "kernels/cpu/thread_pool.h"
@@ -102,7 +101,8 @@ void BM_SketchDecode(benchmark::State& state) {
   for (int64_t l = 0; l < copies; ++l) layers.emplace_back(shape, B);
   const std::vector<float> psi_q = RandomNormal(B * H * r, 1), psi_k = RandomNormal(B * H * r, 2);
   const std::vector<float> v = RandomNormal(B * H * h, 3);
-  const std::vector<float> q_local = RandomNormal(B * H * h, 4), k_local = RandomNormal(B * H * h, 5);
+  const std::vector<float> q_local = RandomNormal(B * H * h, 4),
+                           k_local = RandomNormal(B * H * h, 5);
   std::vector<float> out(B * H * h);
   const std::vector<int64_t> positions(B, kDecodePosition);
   const float* ql = shape.local_exact ? q_local.data() : nullptr;
@@ -198,7 +198,8 @@ void BM_SketchPrefill(benchmark::State& state) {
   LayerStates layer(shape, 1);
   const std::vector<float> psi_q = RandomNormal(n * H * r, 1), psi_k = RandomNormal(n * H * r, 2);
   const std::vector<float> v = RandomNormal(n * H * h, 3);
-  const std::vector<float> q_local = RandomNormal(n * H * h, 4), k_local = RandomNormal(n * H * h, 5);
+  const std::vector<float> q_local = RandomNormal(n * H * h, 4),
+                           k_local = RandomNormal(n * H * h, 5);
   std::vector<float> out(n * H * h);
   for (auto _ : state) {
     SketchPrefill(Pool(), shape, 0, n, layer.slots[0], psi_q.data(), psi_k.data(), v.data(),

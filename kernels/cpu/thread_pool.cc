@@ -20,6 +20,9 @@ inline void CpuRelax() {
 #endif
 }
 
+// The chunk index of a closed generation: larger than any job's chunk count.
+constexpr uint64_t kClosed = 0xffffffffu;
+
 inline uint32_t GenerationOf(uint64_t claim) { return static_cast<uint32_t>(claim >> 32); }
 inline int64_t IndexOf(uint64_t claim) { return static_cast<int64_t>(claim & 0xffffffffu); }
 
@@ -43,7 +46,8 @@ ThreadPool::~ThreadPool() {
 
 void ThreadPool::RunChunks(uint32_t generation) {
   uint64_t claim = claim_.load(std::memory_order_acquire);
-  while (GenerationOf(claim) == generation && IndexOf(claim) < num_chunks_) {
+  while (GenerationOf(claim) == generation &&
+         IndexOf(claim) < num_chunks_.load(std::memory_order_relaxed)) {
     if (!claim_.compare_exchange_weak(claim, claim + 1, std::memory_order_acq_rel,
                                       std::memory_order_acquire)) {
       continue;  // `claim` was reloaded
@@ -67,22 +71,28 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     return;
   }
   running_.store(true, std::memory_order_relaxed);
+  // Close the previous job first: a worker still holding its generation can no longer claim
+  // anything (its compare-and-swap fails) while the fields below change. The closing generation
+  // has no chunks (index kClosed), so a worker that sees it runs nothing and waits for the next.
+  const uint32_t closed = GenerationOf(claim_.load(std::memory_order_relaxed)) + 1;
+  claim_.store((uint64_t{closed} << 32) | kClosed, std::memory_order_seq_cst);
   // A few chunks per thread balance uneven ranges.
   const int64_t max_chunks = (n + grain - 1) / grain;
   const int64_t num_chunks = std::min<int64_t>(max_chunks, int64_t{num_threads_} * 4);
   chunk_ = (n + num_chunks - 1) / num_chunks;
-  num_chunks_ = (n + chunk_ - 1) / chunk_;
+  num_chunks_.store((n + chunk_ - 1) / chunk_, std::memory_order_relaxed);
   n_ = n;
   body_ = &body;
   done_.store(0, std::memory_order_relaxed);
-  const uint32_t generation = GenerationOf(claim_.load(std::memory_order_relaxed)) + 1;
+  const uint32_t generation = closed + 1;
   claim_.store(uint64_t{generation} << 32, std::memory_order_seq_cst);  // publishes the job
   if (sleeping_.load(std::memory_order_seq_cst) > 0) {
     std::lock_guard<std::mutex> lock(mu_);
     wake_.notify_all();
   }
   RunChunks(generation);
-  while (done_.load(std::memory_order_acquire) < num_chunks_) CpuRelax();
+  const int64_t total = num_chunks_.load(std::memory_order_relaxed);
+  while (done_.load(std::memory_order_acquire) < total) CpuRelax();
   body_ = nullptr;
   running_.store(false, std::memory_order_relaxed);
 }

@@ -43,12 +43,13 @@ class ThreadPool {
   int num_threads_ = 1;
   std::vector<std::thread> workers_;
 
-  // The current job. Written by the caller before it publishes the job through `claim_`, read by
-  // a worker only after it claimed a chunk of that job (so the job is still running).
+  // The current job. Written by the caller between closing the previous job and publishing this
+  // one through `claim_`; body_, n_ and chunk_ are read by a worker only after it claimed a chunk
+  // of this job (so the job is still running and the fields are stable).
   const std::function<void(int64_t, int64_t)>* body_ = nullptr;
   int64_t n_ = 0;
   int64_t chunk_ = 0;
-  int64_t num_chunks_ = 0;
+  std::atomic<int64_t> num_chunks_{0};  // read by workers before they claim
   // (generation << 32) | next unclaimed chunk. A claim is a compare-and-swap that keeps the
   // generation, so a late worker can never claim a chunk of a newer job by mistake.
   std::atomic<uint64_t> claim_{0};

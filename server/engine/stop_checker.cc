@@ -24,6 +24,12 @@ absl::string_view FinishReasonName(FinishReason reason) {
       return "stop_token";
     case FinishReason::kStopString:
       return "stop_string";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kDeadline:
+      return "deadline";
+    case FinishReason::kError:
+      return "error";
   }
   return "unknown";
 }

@@ -26,6 +26,10 @@ enum class FinishReason {
   kLength,      // max_new_tokens reached
   kStopToken,   // a token of stop_token_ids was generated
   kStopString,  // the text completed one of stop_strings
+  // Endings decided by the engine, not by the output (the scheduler's):
+  kCancelled,  // the client cancelled or went away
+  kDeadline,   // the request's deadline or time limit passed
+  kError,      // an internal error ended it (the final result carries the status)
 };
 
 // The lower-case name of `reason` ("length", "stop_token", "stop_string"), as tools and logs

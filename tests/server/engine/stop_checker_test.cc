@@ -48,6 +48,9 @@ StopConditions Strings(std::vector<std::string> stops, bool include = false) {
 TEST(StopCheckerTest, FinishReasonNames) {
   EXPECT_EQ(FinishReasonName(FinishReason::kLength), "length");
   EXPECT_EQ(FinishReasonName(FinishReason::kStopToken), "stop_token");
+  EXPECT_EQ(FinishReasonName(FinishReason::kCancelled), "cancelled");
+  EXPECT_EQ(FinishReasonName(FinishReason::kDeadline), "deadline");
+  EXPECT_EQ(FinishReasonName(FinishReason::kError), "error");
   EXPECT_EQ(FinishReasonName(FinishReason::kStopString), "stop_string");
 }
 

@@ -1,0 +1,375 @@
+#include "server/engine/scheduler.h"
+
+#include <algorithm>
+#include <utility>
+
+#include <absl/strings/str_cat.h>
+
+#include "base/status_macros.h"
+#include "server/engine/tokenizer.h"
+
+namespace ps::engine {
+
+// A request holding a slot. Engine thread only.
+struct Scheduler::Active {
+  EngineRequest request;
+  SlotId slot;
+  Sampler sampler;
+  StopChecker stop_checker;
+  IncrementalDetokenizer detokenizer;
+  int64_t prefilled = 0;    // prompt tokens in the state so far
+  int32_t next_token = -1;  // sampled, not yet fed to the model (decode phase)
+  int64_t generated = 0;
+  bool finished = false;
+  absl::Time submitted, admitted, prefill_done, first_token;
+
+  Active(EngineRequest r, SlotId s, Sampler sam, StopChecker stop)
+      : request(std::move(r)), slot(s), sampler(std::move(sam)), stop_checker(std::move(stop)) {}
+  bool decoding() const { return next_token >= 0; }
+  int64_t prompt_size() const { return static_cast<int64_t>(request.prompt.size()); }
+};
+
+Scheduler::Scheduler(std::unique_ptr<Model> model, SchedulerOptions options)
+    : model_(std::move(model)), options_(std::move(options)) {
+  logits_.resize(static_cast<size_t>(model_->options().max_batch * model_->config().vocab_size));
+  engine_ = std::thread([this] { EngineLoop(); });
+}
+
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<Model> model,
+                                                             SchedulerOptions options) {
+  if (model == nullptr) return absl::InvalidArgumentError("scheduler: no model");
+  if (options.max_waiting < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_waiting: must be >= 0, got ", options.max_waiting));
+  }
+  if (options.max_waiting_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_waiting_tokens: must be >= 1, got ", options.max_waiting_tokens));
+  }
+  if (options.prefill_tokens_per_step < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("prefill_tokens_per_step: must be >= 1, got ",
+                                                   options.prefill_tokens_per_step));
+  }
+  return std::unique_ptr<Scheduler>(new Scheduler(std::move(model), std::move(options)));
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  work_.notify_all();
+  engine_.join();
+}
+
+absl::Status Scheduler::Submit(EngineRequest request) {
+  const ModelConfig& cfg = model_->config();
+  if (request.id.empty()) return absl::InvalidArgumentError("request id: must not be empty");
+  if (request.observer == nullptr) return absl::InvalidArgumentError("request: no observer");
+  if (request.prompt.empty()) return absl::InvalidArgumentError("prompt: must not be empty");
+  for (size_t i = 0; i < request.prompt.size(); ++i) {
+    if (request.prompt[i] < 0 || request.prompt[i] >= cfg.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ids[", i,
+                                                     "]: ", request.prompt[i], " is not in [0, ",
+                                                     cfg.vocab_size, ")"));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(request.prompt.size());
+  if (n > model_->max_context()) {
+    return absl::OutOfRangeError(
+        absl::StrCat("prompt: ", n, " tokens exceed the context limit ", model_->max_context()));
+  }
+  PS_RETURN_IF_ERROR(request.sampling.Validate(cfg.vocab_size));
+  PS_RETURN_IF_ERROR(request.stops.Validate(cfg.vocab_size));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (draining_ || stopping_) {
+      return absl::UnavailableError("the server is draining: no new requests");
+    }
+    if (ids_.contains(request.id)) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("request id \"", request.id, "\" is already in use"));
+    }
+    if (static_cast<int64_t>(queue_.size()) >= options_.max_waiting ||
+        queued_tokens_ + n > options_.max_waiting_tokens) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the queue is full (", queue_.size(), " requests, ", queued_tokens_,
+                       " prompt tokens waiting; limits ", options_.max_waiting, " and ",
+                       options_.max_waiting_tokens, ")"));
+    }
+    ids_.insert(request.id);
+    queued_tokens_ += n;
+    queue_.push_back({std::move(request), absl::Now()});
+  }
+  work_.notify_one();
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::Cancel(absl::string_view id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!ids_.contains(id)) {
+      return absl::NotFoundError(absl::StrCat("no unfinished request has id \"", id, "\""));
+    }
+    cancelled_.insert(std::string(id));
+  }
+  work_.notify_one();
+  return absl::OkStatus();
+}
+
+void Scheduler::StartDrain() {
+  std::lock_guard<std::mutex> lock(mu_);
+  draining_ = true;
+}
+
+bool Scheduler::Idle() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ids_.empty();
+}
+
+SchedulerStats Scheduler::Stats() const {
+  SchedulerStats stats;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats.waiting = static_cast<int64_t>(queue_.size());
+    stats.waiting_tokens = queued_tokens_;
+    stats.draining = draining_;
+  }
+  stats.running = running_.load();
+  stats.slots_total = model_->pool().num_slots();
+  stats.slots_used = stats.running;
+  stats.steps = steps_.load();
+  return stats;
+}
+
+void Scheduler::EngineLoop() {
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      // Sleep while there is nothing to do; wake at least every 10 ms to honour deadlines of
+      // queued requests.
+      if (!stopping_ && queue_.empty() && active_.empty() && cancelled_.empty()) {
+        work_.wait_for(lock, std::chrono::milliseconds(10));
+      }
+      if (stopping_) break;
+    }
+    Step();
+  }
+  // Shutdown: everything still queued or running ends as cancelled.
+  std::deque<Queued> queue;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue.swap(queue_);
+  }
+  for (Queued& q : queue) FinishQueued(q.request, q.submitted, FinishReason::kCancelled);
+  for (auto& active : active_) {
+    if (!active->finished) Finish(*active, FinishReason::kCancelled);
+  }
+  active_.clear();
+}
+
+void Scheduler::FinishQueued(EngineRequest& request, absl::Time submitted, FinishReason reason) {
+  FinalResult result;
+  result.reason = reason;
+  result.prompt_tokens = static_cast<int64_t>(request.prompt.size());
+  result.seed = request.sampling.seed;
+  result.timings.queue = result.timings.total = absl::Now() - submitted;
+  {
+    // The id is free again once the observer hears of the end.
+    std::lock_guard<std::mutex> lock(mu_);
+    ids_.erase(request.id);
+    cancelled_.erase(request.id);
+  }
+  request.observer->OnFinish(std::move(result));
+}
+
+void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) {
+  if (active.finished) return;
+  active.finished = true;
+  const absl::Time now = absl::Now();
+  FinalResult result;
+  result.reason = reason;
+  result.error = std::move(error);
+  result.prompt_tokens = active.prompt_size();
+  result.generated_tokens = active.generated;
+  result.seed = active.request.sampling.seed;
+  result.timings.queue = active.admitted - active.submitted;
+  result.timings.prefill =
+      (active.prefill_done == absl::InfinitePast() ? now : active.prefill_done) - active.admitted;
+  result.timings.first_token = active.first_token == absl::InfinitePast()
+                                   ? absl::ZeroDuration()
+                                   : active.first_token - active.submitted;
+  result.timings.total = now - active.submitted;
+  // The slot goes back in the same step (architecture.md step 5).
+  const absl::Status released = model_->ReleaseSlot(active.slot);
+  if (!released.ok() && result.error.ok()) result.error = released;
+  running_.fetch_sub(1);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ids_.erase(active.request.id);
+    cancelled_.erase(active.request.id);
+  }
+  active.request.observer->OnFinish(std::move(result));
+}
+
+bool Scheduler::Step() {
+  const absl::Time start = absl::Now();
+  // 1. Cancellations and deadlines, queued and running.
+  absl::flat_hash_set<std::string> cancelled;
+  std::vector<Queued> ended;
+  std::vector<FinishReason> ended_reasons;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled.swap(cancelled_);
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      const bool cancel = cancelled.contains(it->request.id);
+      if (cancel || it->request.deadline <= start) {
+        queued_tokens_ -= static_cast<int64_t>(it->request.prompt.size());
+        ended_reasons.push_back(cancel ? FinishReason::kCancelled : FinishReason::kDeadline);
+        ended.push_back(std::move(*it));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (size_t i = 0; i < ended.size(); ++i) {
+    FinishQueued(ended[i].request, ended[i].submitted, ended_reasons[i]);
+  }
+  for (auto& active : active_) {
+    if (cancelled.contains(active->request.id)) {
+      Finish(*active, FinishReason::kCancelled);
+    } else if (active->request.deadline <= start) {
+      Finish(*active, FinishReason::kDeadline);
+    }
+  }
+  // 2. Admission.
+  Admit(start);
+  // 3 and 4. Decode, then prefill.
+  StepStats stats;
+  RunDecode(stats);
+  RunPrefill(stats);
+  std::erase_if(active_, [](const std::unique_ptr<Active>& a) { return a->finished; });
+  const bool worked = !ended.empty() || stats.decode_batch > 0 || stats.prefill_tokens > 0;
+  if (worked) {
+    steps_.fetch_add(1);
+    stats.step_time = absl::Now() - start;
+    if (options_.on_step) options_.on_step(stats);
+  }
+  return worked;
+}
+
+void Scheduler::Admit(absl::Time now) {
+  while (model_->pool().num_free() > 0) {
+    Queued q;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (queue_.empty()) return;
+      q = std::move(queue_.front());
+      queue_.pop_front();
+      queued_tokens_ -= static_cast<int64_t>(q.request.prompt.size());
+    }
+    // Submit validated both, so these only fail on an internal error.
+    absl::StatusOr<Sampler> sampler =
+        Sampler::Create(q.request.sampling, model_->config().vocab_size, q.request.prompt);
+    absl::StatusOr<StopChecker> stops =
+        StopChecker::Create(q.request.stops, model_->config().vocab_size);
+    absl::StatusOr<SlotId> slot = model_->AcquireSlot();
+    if (!sampler.ok() || !stops.ok() || !slot.ok()) {
+      FinishQueued(q.request, q.submitted, FinishReason::kError);
+      if (slot.ok()) (void)model_->ReleaseSlot(*slot);
+      continue;
+    }
+    auto active = std::make_unique<Active>(std::move(q.request), *slot, *std::move(sampler),
+                                           *std::move(stops));
+    active->submitted = q.submitted;
+    active->admitted = now;
+    active->prefill_done = absl::InfinitePast();
+    active->first_token = absl::InfinitePast();
+    active_.push_back(std::move(active));
+    running_.fetch_add(1);
+  }
+}
+
+void Scheduler::RunDecode(StepStats& stats) {
+  std::vector<DecodeItem> items;
+  std::vector<Active*> batch;
+  for (auto& active : active_) {
+    if (active->finished || !active->decoding()) continue;
+    if (static_cast<int64_t>(items.size()) == model_->options().max_batch) break;
+    items.push_back({active->slot, model_->SlotPosition(active->slot), active->next_token});
+    batch.push_back(active.get());
+  }
+  if (items.empty()) return;
+  const absl::Time start = absl::Now();
+  const int64_t V = model_->config().vocab_size;
+  const absl::Span<float> logits = absl::MakeSpan(logits_).subspan(0, items.size() * V);
+  const absl::Status status = model_->Decode(items, logits);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (!status.ok()) {
+      Finish(*batch[i], FinishReason::kError, status);
+      continue;
+    }
+    HandleLogits(*batch[i], logits.subspan(i * V, V));
+  }
+  stats.decode_batch = static_cast<int64_t>(items.size());
+  stats.decode_time = absl::Now() - start;
+}
+
+void Scheduler::RunPrefill(StepStats& stats) {
+  int64_t budget = options_.prefill_tokens_per_step;
+  const absl::Time start = absl::Now();
+  const int64_t V = model_->config().vocab_size;
+  for (auto& active : active_) {
+    if (budget == 0) break;
+    if (active->finished || active->decoding()) continue;
+    const int64_t n = std::min(budget, active->prompt_size() - active->prefilled);
+    const bool last = active->prefilled + n == active->prompt_size();
+    const absl::Span<const int32_t> tokens =
+        absl::MakeConstSpan(active->request.prompt)
+            .subspan(static_cast<size_t>(active->prefilled), static_cast<size_t>(n));
+    const absl::Span<float> logits = absl::MakeSpan(logits_).subspan(0, last ? V : 0);
+    const absl::Status status = model_->Prefill(active->slot, active->prefilled, tokens, logits);
+    budget -= n;
+    stats.prefill_tokens += n;
+    if (!status.ok()) {
+      Finish(*active, FinishReason::kError, status);
+      continue;
+    }
+    active->prefilled += n;
+    if (last) {
+      active->prefill_done = absl::Now();
+      HandleLogits(*active, logits);
+    }
+  }
+  if (stats.prefill_tokens > 0) stats.prefill_time = absl::Now() - start;
+}
+
+void Scheduler::HandleLogits(Active& active, absl::Span<const float> logits) {
+  absl::StatusOr<SampleResult> sample = active.sampler.Sample(logits);
+  if (!sample.ok()) return Finish(active, FinishReason::kError, sample.status());
+  const int32_t token = sample->token_id;
+  if (absl::Status s = active.sampler.Accept(token); !s.ok()) {
+    return Finish(active, FinishReason::kError, s);
+  }
+  ++active.generated;
+  absl::StatusOr<std::string> text = active.detokenizer.Push(token);
+  if (!text.ok()) return Finish(active, FinishReason::kError, text.status());
+  // The next token would not fit the context: this one is the last.
+  const bool at_limit = model_->SlotPosition(active.slot) >= model_->max_context();
+  const bool last_possible = active.generated == active.request.stops.max_new_tokens || at_limit;
+  if (last_possible) *text += active.detokenizer.Flush();
+  absl::StatusOr<StopStep> step = active.stop_checker.Append(token, *text);
+  if (!step.ok()) return Finish(active, FinishReason::kError, step.status());
+  StreamDelta delta;
+  delta.tokens.push_back({token, sample->logprob, std::move(sample->top_logprobs)});
+  delta.text = std::move(step->released);
+  if (!step->finish_reason.has_value() && at_limit) delta.text += active.stop_checker.Release();
+  if (active.first_token == absl::InfinitePast()) active.first_token = absl::Now();
+  active.request.observer->OnDelta(std::move(delta));
+  if (step->finish_reason.has_value()) return Finish(active, *step->finish_reason);
+  if (at_limit) return Finish(active, FinishReason::kLength);
+  active.next_token = token;
+}
+
+}  // namespace ps::engine

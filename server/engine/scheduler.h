@@ -1,0 +1,198 @@
+// Scheduler: continuous batching on one engine thread (architecture.md, "One request, end to
+// end" and "Threads"). Requests come in from any thread through Submit and Cancel; the engine
+// thread alone owns the Model, its state slots and every running sequence. Each engine step:
+//   1. ends requests that were cancelled or passed their deadline (queued or running), freeing
+//      their slots in the same step;
+//   2. admits queued requests, oldest first, while state slots are free;
+//   3. runs one decode step for every running sequence that is past its prompt, as one batch;
+//   4. prefills at most `prefill_tokens_per_step` prompt tokens (oldest request first), so a long
+//      prompt is spread over many steps and never stalls the running streams.
+// Outputs leave through each request's RequestObserver, called on the engine thread.
+//
+// Thread-safety: Submit, Cancel, StartDrain, Stats and the destructor may be called from any
+// thread. Observers are called on the engine thread only and must not block (hand the event to
+// another thread) and must not call back into the scheduler.
+#ifndef POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
+#define POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <absl/container/flat_hash_set.h>
+#include <absl/status/status.h>
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
+#include <absl/time/time.h>
+
+#include "server/engine/model.h"
+#include "server/engine/sampler.h"
+#include "server/engine/stop_checker.h"
+
+namespace ps::engine {
+
+struct SchedulerOptions {
+  // Queue bounds: past either, Submit answers ResourceExhausted at once.
+  int64_t max_waiting = 256;                      // requests admitted to the queue, not yet running
+  int64_t max_waiting_tokens = int64_t{1} << 22;  // prompt tokens of those requests
+  // Prompt tokens prefilled per engine step (chunked prefill interleaved with decode steps).
+  int64_t prefill_tokens_per_step = 512;
+  // Called on the engine thread after every step that did work (metrics).
+  std::function<void(const struct StepStats&)> on_step;
+};
+
+// One engine step, for metrics.
+struct StepStats {
+  int64_t decode_batch = 0;    // sequences advanced by the decode step (0: none ran)
+  int64_t prefill_tokens = 0;  // prompt tokens prefilled in this step
+  absl::Duration decode_time;  // of the decode call (forward + sampling)
+  absl::Duration prefill_time;
+  absl::Duration step_time;  // the whole step
+};
+
+// One generated token.
+struct TokenOutput {
+  int32_t token_id = 0;
+  float logprob = 0.0f;                    // when SamplingParams::logprobs
+  std::vector<TokenLogprob> top_logprobs;  // when top_logprobs > 0
+};
+
+// What one engine step produced for a request: tokens and the text they released (text can lag
+// tokens: an open UTF-8 character or a possible stop string is held back).
+struct StreamDelta {
+  std::vector<TokenOutput> tokens;
+  std::string text;
+};
+
+struct RequestTimings {
+  absl::Duration queue;        // submit -> admitted to a slot
+  absl::Duration prefill;      // admitted -> prompt fully prefilled
+  absl::Duration first_token;  // submit -> first token sent
+  absl::Duration total;        // submit -> finish
+};
+
+struct FinalResult {
+  FinishReason reason = FinishReason::kLength;
+  absl::Status error;  // kError only
+  int64_t prompt_tokens = 0;
+  int64_t generated_tokens = 0;
+  uint64_t seed = 0;
+  RequestTimings timings;
+};
+
+// Receives one request's events, on the engine thread: OnDelta zero or more times, then OnFinish
+// exactly once (also when the request never ran: cancelled in the queue, deadline, shutdown).
+class RequestObserver {
+ public:
+  virtual ~RequestObserver() = default;
+  virtual void OnDelta(StreamDelta delta) = 0;
+  virtual void OnFinish(FinalResult result) = 0;
+};
+
+struct EngineRequest {
+  std::string id;               // non-empty, unique among requests not yet finished
+  std::vector<int32_t> prompt;  // token ids, non-empty
+  SamplingParams sampling;
+  StopConditions stops;
+  absl::Time deadline = absl::InfiniteFuture();  // gRPC deadline or time limit, whichever first
+  std::shared_ptr<RequestObserver> observer;     // required
+};
+
+// Counters and gauges, readable from any thread.
+struct SchedulerStats {
+  int64_t running = 0;  // requests holding a slot
+  int64_t waiting = 0;  // queued requests
+  int64_t waiting_tokens = 0;
+  int64_t slots_total = 0;
+  int64_t slots_used = 0;
+  int64_t steps = 0;  // engine steps that did work
+  bool draining = false;
+};
+
+class Scheduler {
+ public:
+  // Takes the model and starts the engine thread. InvalidArgument for options out of range.
+  [[nodiscard]] static absl::StatusOr<std::unique_ptr<Scheduler>> Create(
+      std::unique_ptr<Model> model, SchedulerOptions options);
+  // Ends every request still queued or running with kCancelled, then joins the engine thread.
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Validates and queues a request; its events then go to request.observer. Errors (nothing is
+  // queued, the observer is never called): InvalidArgument naming the field (empty id or
+  // prompt, token ids outside the vocabulary, sampling or stop values, no observer);
+  // OutOfRange when the prompt does not fit the context limit (generation that reaches the limit
+  // ends there with kLength); AlreadyExists for an id in use;
+  // ResourceExhausted when the queue is full (by count or by prompt tokens); Unavailable while
+  // draining or shutting down.
+  [[nodiscard]] absl::Status Submit(EngineRequest request);
+
+  // Ends request `id` (queued or running) with kCancelled within one engine step. NotFound when
+  // no unfinished request has that id.
+  [[nodiscard]] absl::Status Cancel(absl::string_view id);
+
+  // Refuses new requests from now on (Unavailable); queued and running ones continue.
+  void StartDrain();
+  // True when nothing is queued or running.
+  bool Idle() const;
+
+  SchedulerStats Stats() const;
+  const ModelConfig& config() const { return model_->config(); }
+  const Model& model() const { return *model_; }
+
+ private:
+  struct Active;
+
+  Scheduler(std::unique_ptr<Model> model, SchedulerOptions options);
+  void EngineLoop();
+  // One step; returns false when there was nothing to do.
+  bool Step();
+  void Admit(absl::Time now);
+  void RunDecode(StepStats& stats);
+  void RunPrefill(StepStats& stats);
+  // Samples from `logits`, emits the token and text, and finishes the request when a stop
+  // rule, the token limit or the context limit says so.
+  void HandleLogits(Active& active, absl::Span<const float> logits);
+  void Finish(Active& active, FinishReason reason, absl::Status error = absl::OkStatus());
+  void FinishQueued(EngineRequest& request, absl::Time submitted, FinishReason reason);
+
+  std::unique_ptr<Model> model_;
+  const SchedulerOptions options_;
+
+  // Shared with other threads, guarded by mu_.
+  mutable std::mutex mu_;
+  std::condition_variable work_;
+  struct Queued {
+    EngineRequest request;
+    absl::Time submitted;
+  };
+  std::deque<Queued> queue_;
+  absl::flat_hash_set<std::string> ids_;        // unfinished requests
+  absl::flat_hash_set<std::string> cancelled_;  // ids to cancel at the next step
+  int64_t queued_tokens_ = 0;
+  bool draining_ = false;
+  bool stopping_ = false;
+
+  // Gauges for Stats(), written by the engine thread. running_ (== slots in use) changes when a
+  // slot is taken or returned, before the observer hears of it.
+  std::atomic<int64_t> running_{0};
+  std::atomic<int64_t> steps_{0};
+
+  // Engine thread only.
+  std::vector<std::unique_ptr<Active>> active_;
+  std::vector<float> logits_;
+
+  std::thread engine_;  // last: started when everything else is ready
+};
+
+}  // namespace ps::engine
+
+#endif  // POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_

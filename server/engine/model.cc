@@ -35,14 +35,17 @@ struct Model::LayerParams {
 };
 
 struct Model::Scratch {
-  DeviceBuffer x, xn, qkv, q, k, v, o;  // [R, D] ([R, 3D] for qkv)
-  DeviceBuffer qn, kn;                  // [N, h]: normalised q, k (polynomial, sketches, local)
-  DeviceBuffer psi_q, psi_k;            // [N, r_max]
-  DeviceBuffer mlp_hidden;              // [N, 8 r_max]: learned sketch hidden layer
-  DeviceBuffer mlp_norm;                // [N, max(h, r_max)]: learned sketch level input
-  DeviceBuffer mlp_mid, f2;             // [N, r_max]
-  DeviceBuffer up, gated;               // [R, 2F], [R, F]
-  DeviceBuffer logits;                  // [R, V]
+  DeviceBuffer x, xn, qkv, v, o;  // [R, D] ([R, 3D] for qkv)
+  // q and k of a pass with `rows` rows, stacked: q [rows, D] then k [rows, D], so that the sketch
+  // feature map runs once over both (half the ops, twice the rows per GEMM).
+  DeviceBuffer qk;           // [2R, D]
+  DeviceBuffer qn, kn;       // [N, h]: normalised q, k (polynomial, sketches, local)
+  DeviceBuffer psi;          // [2N, r_max]: psi(q) rows, then psi(k) rows
+  DeviceBuffer mlp_hidden;   // [2N, 8 r_max]: learned sketch hidden layer
+  DeviceBuffer mlp_norm;     // [2N, max(h, r_max)]: learned sketch level input
+  DeviceBuffer mlp_mid, f2;  // [2N, r_max]
+  DeviceBuffer up, gated;    // [R, 2F], [R, F]
+  DeviceBuffer logits;       // [R, V]
 };
 
 namespace {
@@ -216,15 +219,16 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
   const int64_t N = R * H, D = cfg.d_model, F = cfg.d_ff, V = cfg.vocab_size;
   model->max_rows_ = R;
   auto s = std::make_unique<Scratch>();
-  for (DeviceBuffer* b : {&s->x, &s->xn, &s->q, &s->k, &s->v, &s->o, &s->qn, &s->kn}) {
+  for (DeviceBuffer* b : {&s->x, &s->xn, &s->v, &s->o, &s->qn, &s->kn}) {
     PS_ASSIGN_OR_RETURN(*b, AllocateFloats(backend, R * D));
   }
+  PS_ASSIGN_OR_RETURN(s->qk, AllocateFloats(backend, 2 * R * D));
   PS_ASSIGN_OR_RETURN(s->qkv, AllocateFloats(backend, R * 3 * D));
-  for (DeviceBuffer* b : {&s->psi_q, &s->psi_k, &s->mlp_mid, &s->f2}) {
-    PS_ASSIGN_OR_RETURN(*b, AllocateFloats(backend, N * r_max));
+  for (DeviceBuffer* b : {&s->psi, &s->mlp_mid, &s->f2}) {
+    PS_ASSIGN_OR_RETURN(*b, AllocateFloats(backend, 2 * N * r_max));
   }
-  PS_ASSIGN_OR_RETURN(s->mlp_hidden, AllocateFloats(backend, N * 8 * r_max));
-  PS_ASSIGN_OR_RETURN(s->mlp_norm, AllocateFloats(backend, N * std::max(h, r_max)));
+  PS_ASSIGN_OR_RETURN(s->mlp_hidden, AllocateFloats(backend, 2 * N * 8 * r_max));
+  PS_ASSIGN_OR_RETURN(s->mlp_norm, AllocateFloats(backend, 2 * N * std::max(h, r_max)));
   PS_ASSIGN_OR_RETURN(s->up, AllocateFloats(backend, R * 2 * F));
   PS_ASSIGN_OR_RETURN(s->gated, AllocateFloats(backend, R * F));
   PS_ASSIGN_OR_RETURN(s->logits, AllocateFloats(backend, R * V));
@@ -368,8 +372,8 @@ void Model::Forward(absl::Span<const int32_t> tokens, absl::Span<const int64_t> 
     const LayerParams& lp = layers_[l];
     backend_.LayerNorm(s.x.f32(), R, D, lp.ln1_weight.f32(), lp.ln1_bias.f32(), eps, s.xn.f32());
     backend_.Linear(s.xn.f32(), R, *lp.qkv, s.qkv.f32(), /*accumulate=*/false);
-    backend_.SplitQkvRope(s.qkv.f32(), H, config_.head_dim(), positions, s.q.f32(), s.k.f32(),
-                          s.v.f32());
+    backend_.SplitQkvRope(s.qkv.f32(), H, config_.head_dim(), positions, s.qk.f32(),
+                          s.qk.f32() + R * D, s.v.f32());
     Attention(static_cast<int64_t>(l), R, positions, slots, prefill);
     backend_.Linear(s.o.f32(), R, *lp.out, s.x.f32(), /*accumulate=*/true);
     backend_.LayerNorm(s.x.f32(), R, D, lp.ln2_weight.f32(), lp.ln2_bias.f32(), eps, s.xn.f32());
@@ -419,16 +423,18 @@ void Model::Attention(int64_t layer, int64_t rows, absl::Span<const int64_t> pos
   const LayerParams& lp = layers_[static_cast<size_t>(layer)];
   const int64_t H = config_.n_heads, h = config_.head_dim(), N = rows * H;
   const float eps = static_cast<float>(config_.norm_eps);
+  const float* q = s.qk.f32();  // [N, h]
+  const float* k = q + N * h;   // [N, h]: the k rows follow the q rows (Forward)
   if (lp.attn.kind == AttentionKind::kPolysketch) {
-    SketchFeatures(lp, s.q.f32(), N, s.psi_q.f32());
-    SketchFeatures(lp, s.k.f32(), N, s.psi_k.f32());
+    // q and k rows in one pass: psi(q) lands in the first N rows of psi, psi(k) in the next N.
+    SketchFeatures(lp, q, 2 * N, s.psi.f32());
+    const float* psi_q = s.psi.f32();
+    const float* psi_k = psi_q + N * lp.attn.sketch_size;
     const float* q_local = nullptr;
     const float* k_local = nullptr;
     if (lp.attn.local_exact) {
-      backend_.LayerNorm(s.q.f32(), N, h, lp.local_q_weight.f32(), lp.local_q_bias.f32(), eps,
-                         s.qn.f32());
-      backend_.LayerNorm(s.k.f32(), N, h, lp.local_k_weight.f32(), lp.local_k_bias.f32(), eps,
-                         s.kn.f32());
+      backend_.LayerNorm(q, N, h, lp.local_q_weight.f32(), lp.local_q_bias.f32(), eps, s.qn.f32());
+      backend_.LayerNorm(k, N, h, lp.local_k_weight.f32(), lp.local_k_bias.f32(), eps, s.kn.f32());
       q_local = s.qn.f32();
       k_local = s.kn.f32();
     }
@@ -442,16 +448,14 @@ void Model::Attention(int64_t layer, int64_t rows, absl::Span<const int64_t> pos
       });
     }
     if (prefill) {
-      backend_.SketchPrefill(lp.sketch_shape, positions[0], rows, sketch_slots_[0], s.psi_q.f32(),
-                             s.psi_k.f32(), s.v.f32(), q_local, k_local, s.o.f32());
+      backend_.SketchPrefill(lp.sketch_shape, positions[0], rows, sketch_slots_[0], psi_q, psi_k,
+                             s.v.f32(), q_local, k_local, s.o.f32());
     } else {
-      backend_.SketchDecode(lp.sketch_shape, positions, sketch_slots_, s.psi_q.f32(), s.psi_k.f32(),
-                            s.v.f32(), q_local, k_local, s.o.f32());
+      backend_.SketchDecode(lp.sketch_shape, positions, sketch_slots_, psi_q, psi_k, s.v.f32(),
+                            q_local, k_local, s.o.f32());
     }
     return;
   }
-  const float* q = s.q.f32();
-  const float* k = s.k.f32();
   if (lp.attn.kind == AttentionKind::kPolynomial) {
     // One qk_norm LayerNorm shared by q, k and every head (algorithm.md section 2).
     backend_.LayerNorm(q, N, h, lp.qk_norm_weight.f32(), lp.qk_norm_bias.f32(), eps, s.qn.f32());

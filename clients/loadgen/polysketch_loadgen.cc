@@ -1,0 +1,450 @@
+// polysketch-loadgen: drives GenerateStream at a fixed concurrency or at a Poisson request rate
+// over one channel with the gRPC callback API, and reports requests/s, generated tokens/s, time to
+// first token, inter-token latency and end-to-end latency percentiles, and errors by gRPC code.
+// --cancel_fraction cancels that share of streams midway (soak tests of the cancellation path).
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <absl/flags/flag.h>
+#include <absl/flags/parse.h>
+#include <absl/flags/usage.h>
+#include <absl/flags/usage_config.h>
+#include <absl/strings/match.h>
+#include <absl/strings/numbers.h>
+#include <absl/strings/str_cat.h>
+#include <absl/strings/str_format.h>
+#include <absl/time/time.h>
+#include <grpcpp/grpcpp.h>
+
+#include "polysketch/v1/generation.grpc.pb.h"
+
+ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
+ABSL_FLAG(int32_t, concurrency, 0,
+          "Fixed concurrency: keep this many streams open (default 1 when --rate is not set).");
+ABSL_FLAG(double, rate, 0.0,
+          "Open loop: start requests at this Poisson rate (requests/s), however many are open.");
+ABSL_FLAG(int32_t, num_requests, 0,
+          "Requests to send; 0 = no count limit (then --duration must be set). Default: 100 when "
+          "neither this nor --duration is given.");
+ABSL_FLAG(absl::Duration, duration, absl::ZeroDuration(),
+          "Stop starting requests after this long (e.g. 60s); 0 = no time limit.");
+ABSL_FLAG(int32_t, prompt_bytes, 256,
+          "Prompt length in bytes (random lowercase words, different per request).");
+ABSL_FLAG(std::string, prompt_file, "",
+          "Take prompts from this file instead (cut or repeated to --prompt_bytes when > 0).");
+ABSL_FLAG(int32_t, max_new_tokens, 128, "max_new_tokens of every request.");
+ABSL_FLAG(std::string, temperature, "",
+          "Sampling temperature of every request; empty leaves it unset (server default).");
+ABSL_FLAG(double, cancel_fraction, 0.0,
+          "Cancel this fraction of streams midway (after about half of max_new_tokens).");
+ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(), "gRPC deadline per request; 0 = none.");
+ABSL_FLAG(uint64_t, seed, 1, "Seed of the load generator (prompts, arrivals, cancel choice).");
+ABSL_FLAG(bool, json, false, "Also print the report as one JSON object on stdout.");
+
+namespace {
+
+namespace pb = ::polysketch::v1;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+const char* CodeName(grpc::StatusCode code) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN_CODE";
+}
+
+// What one finished request contributes to the report.
+struct Outcome {
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  bool cancelled_by_us = false;
+  bool got_first_token = false;
+  double ttft_seconds = 0;
+  double e2e_seconds = 0;
+  uint64_t tokens = 0;
+  uint64_t prompt_tokens = 0;
+  std::vector<double> itl_seconds;  // one entry per token of each message after the first
+  double tpot_seconds = -1;         // (last token - first token) / (tokens - 1); -1: < 2 tokens
+};
+
+// Aggregates outcomes; tracks requests in flight. Thread-safe.
+class Collector {
+ public:
+  void Started() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++in_flight_;
+  }
+  void Finished(Outcome outcome) {
+    std::lock_guard<std::mutex> lock(mu_);
+    --in_flight_;
+    outcomes_.push_back(std::move(outcome));
+    cv_.notify_all();
+  }
+  // Blocks until fewer than `limit` requests are in flight (or `until` passes).
+  void WaitBelow(int limit, Clock::time_point until) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_until(lock, until, [&] { return in_flight_ < limit; });
+  }
+  void WaitAll() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return in_flight_ == 0; });
+  }
+  std::vector<Outcome> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return std::move(outcomes_);
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int in_flight_ = 0;
+  std::vector<Outcome> outcomes_;
+};
+
+// One GenerateStream call; deletes itself when done.
+class StreamCall : public grpc::ClientReadReactor<pb::GenerateStreamResponse> {
+ public:
+  StreamCall(pb::GenerationService::Stub* stub, pb::GenerateRequest request, bool cancel,
+             uint32_t cancel_after_tokens, absl::Duration timeout, Collector* collector)
+      : request_(std::move(request)),
+        cancel_(cancel),
+        cancel_after_tokens_(cancel_after_tokens),
+        collector_(collector) {
+    if (timeout > absl::ZeroDuration()) {
+      context_.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    }
+    collector_->Started();
+    start_ = Clock::now();
+    stub->async()->GenerateStream(&context_, &request_, this);
+    StartRead(&response_);
+    StartCall();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // the stream ended; OnDone follows
+    const Clock::time_point now = Clock::now();
+    const int n = response_.tokens_size();
+    if (n > 0) {
+      if (!outcome_.got_first_token) {
+        outcome_.got_first_token = true;
+        outcome_.ttft_seconds = Seconds(now - start_);
+        first_token_ = now;
+      } else {
+        // Tokens that arrive together share the gap since the previous message. Tokens that came
+        // with the first one have no gap to measure: they count in TPOT, not here.
+        const double gap = Seconds(now - last_token_) / n;
+        for (int i = 0; i < n; ++i) outcome_.itl_seconds.push_back(gap);
+      }
+      last_token_ = now;
+      outcome_.tokens += static_cast<uint64_t>(n);
+      streamed_tokens_ += static_cast<uint64_t>(n);
+    }
+    if (response_.has_final()) {
+      outcome_.prompt_tokens = response_.final().prompt_tokens();
+      outcome_.tokens = std::max<uint64_t>(outcome_.tokens, response_.final().generated_tokens());
+    }
+    if (cancel_ && !outcome_.cancelled_by_us && outcome_.tokens >= cancel_after_tokens_) {
+      outcome_.cancelled_by_us = true;
+      context_.TryCancel();
+    }
+    StartRead(&response_);
+  }
+
+  void OnDone(const grpc::Status& status) override {
+    outcome_.code = status.error_code();
+    if (streamed_tokens_ >= 2) {
+      outcome_.tpot_seconds =
+          Seconds(last_token_ - first_token_) / static_cast<double>(streamed_tokens_ - 1);
+    }
+    outcome_.e2e_seconds = Seconds(Clock::now() - start_);
+    Collector* collector = collector_;
+    Outcome outcome = std::move(outcome_);
+    delete this;
+    collector->Finished(std::move(outcome));
+  }
+
+ private:
+  grpc::ClientContext context_;
+  pb::GenerateRequest request_;
+  pb::GenerateStreamResponse response_;
+  const bool cancel_;
+  const uint32_t cancel_after_tokens_;
+  Collector* const collector_;
+  Clock::time_point start_;
+  Clock::time_point first_token_;
+  Clock::time_point last_token_;
+  uint64_t streamed_tokens_ = 0;  // tokens received in messages (final counts may differ)
+  Outcome outcome_;
+};
+
+// Prompts of `bytes` bytes: random words, or windows of --prompt_file.
+class PromptSource {
+ public:
+  PromptSource(std::string file_text, int bytes) : text_(std::move(file_text)), bytes_(bytes) {}
+
+  std::string Next(std::mt19937_64& rng) const {
+    if (!text_.empty()) {
+      if (bytes_ <= 0) return text_;
+      std::string out;
+      out.reserve(static_cast<size_t>(bytes_));
+      size_t pos = rng() % text_.size();
+      while (out.size() < static_cast<size_t>(bytes_)) {
+        const size_t take = std::min(text_.size() - pos, static_cast<size_t>(bytes_) - out.size());
+        out.append(text_, pos, take);
+        pos = 0;
+      }
+      return out;
+    }
+    std::string out;
+    out.reserve(static_cast<size_t>(bytes_));
+    std::uniform_int_distribution<int> letter('a', 'z');
+    std::uniform_int_distribution<int> word_len(2, 9);
+    while (out.size() < static_cast<size_t>(bytes_)) {
+      if (!out.empty()) out.push_back(' ');
+      for (int i = word_len(rng); i > 0; --i) out.push_back(static_cast<char>(letter(rng)));
+    }
+    out.resize(static_cast<size_t>(std::max(bytes_, 0)));
+    return out;
+  }
+
+ private:
+  std::string text_;
+  int bytes_;
+};
+
+// Nearest-rank percentile of sorted values; 0 when empty.
+double Percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0.0;
+  size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(sorted.size())));
+  rank = std::clamp<size_t>(rank, 1, sorted.size());
+  return sorted[rank - 1];
+}
+
+struct Distribution {
+  double mean = 0, p50 = 0, p90 = 0, p99 = 0, max = 0;
+  size_t count = 0;
+};
+
+Distribution Summarize(std::vector<double> values) {
+  Distribution d;
+  std::sort(values.begin(), values.end());
+  d.count = values.size();
+  if (values.empty()) return d;
+  double sum = 0;
+  for (double v : values) sum += v;
+  d.mean = sum / static_cast<double>(values.size());
+  d.p50 = Percentile(values, 50);
+  d.p90 = Percentile(values, 90);
+  d.p99 = Percentile(values, 99);
+  d.max = values.back();
+  return d;
+}
+
+std::string DistributionJson(const Distribution& d) {
+  return absl::StrFormat(
+      "{\"count\": %d, \"mean\": %.6f, \"p50\": %.6f, \"p90\": %.6f, \"p99\": %.6f, "
+      "\"max\": %.6f}",
+      d.count, d.mean, d.p50, d.p90, d.p99, d.max);
+}
+
+std::string DistributionText(const char* name, const Distribution& d) {
+  return absl::StrFormat("%-22s mean %9.3f  p50 %9.3f  p90 %9.3f  p99 %9.3f  max %9.3f ms (n=%d)\n",
+                         name, d.mean * 1e3, d.p50 * 1e3, d.p90 * 1e3, d.p99 * 1e3, d.max * 1e3,
+                         d.count);
+}
+
+int Usage(const std::string& message) {
+  std::cerr << "polysketch-loadgen: " << message << " (see --help)\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "polysketch-loadgen --target host:port [--concurrency N | --rate R] [--num_requests N] "
+      "[--duration D] [--prompt_bytes B] [--max_new_tokens T] [--json]\n"
+      "Streams GenerateStream requests and reports throughput, latency percentiles (TTFT, "
+      "inter-token, end-to-end) and errors by gRPC code. Exit 0 when every request succeeded "
+      "(or was cancelled by --cancel_fraction), 1 when any failed, 2 on usage errors.");
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view path) {
+    return absl::StrContains(path, "polysketch_loadgen");
+  };
+  usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage_config);
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() > 1) return Usage(absl::StrCat("unexpected argument ", positional[1]));
+
+  const double rate = absl::GetFlag(FLAGS_rate);
+  int concurrency = absl::GetFlag(FLAGS_concurrency);
+  int num_requests = absl::GetFlag(FLAGS_num_requests);
+  const absl::Duration duration = absl::GetFlag(FLAGS_duration);
+  const double cancel_fraction = absl::GetFlag(FLAGS_cancel_fraction);
+  const int max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  if (rate < 0) return Usage("--rate must be >= 0");
+  if (rate > 0 && concurrency > 0) return Usage("give --concurrency or --rate, not both");
+  if (rate == 0 && concurrency == 0) concurrency = 1;
+  if (concurrency < 0) return Usage("--concurrency must be >= 1");
+  if (num_requests < 0) return Usage("--num_requests must be >= 0");
+  if (duration < absl::ZeroDuration()) return Usage("--duration must be >= 0");
+  if (num_requests == 0 && duration == absl::ZeroDuration()) num_requests = 100;
+  if (cancel_fraction < 0 || cancel_fraction > 1) return Usage("--cancel_fraction: [0, 1]");
+  if (max_new_tokens < 0) return Usage("--max_new_tokens must be >= 0");
+  if (absl::GetFlag(FLAGS_prompt_bytes) < 0) return Usage("--prompt_bytes must be >= 0");
+
+  std::string file_text;
+  if (!absl::GetFlag(FLAGS_prompt_file).empty()) {
+    std::ifstream in(absl::GetFlag(FLAGS_prompt_file), std::ios::binary);
+    if (!in) return Usage("cannot read --prompt_file " + absl::GetFlag(FLAGS_prompt_file));
+    std::ostringstream text;
+    text << in.rdbuf();
+    file_text = text.str();
+    if (file_text.empty()) return Usage("--prompt_file is empty");
+  }
+  const PromptSource prompts(std::move(file_text), absl::GetFlag(FLAGS_prompt_bytes));
+  float temperature = 0;
+  const std::string temperature_text = absl::GetFlag(FLAGS_temperature);
+  if (!temperature_text.empty() && !absl::SimpleAtof(temperature_text, &temperature)) {
+    return Usage("--temperature: cannot parse " + temperature_text);
+  }
+
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
+  auto stub = pb::GenerationService::NewStub(channel);
+  if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
+    std::cerr << "polysketch-loadgen: cannot connect to " << absl::GetFlag(FLAGS_target) << "\n";
+    return 1;
+  }
+
+  std::mt19937_64 rng(absl::GetFlag(FLAGS_seed));
+  std::bernoulli_distribution pick_cancel(cancel_fraction);
+  std::exponential_distribution<double> gap(rate > 0 ? rate : 1.0);
+  Collector collector;
+  const Clock::time_point begin = Clock::now();
+  const Clock::time_point end_by =
+      duration > absl::ZeroDuration()
+          ? begin + std::chrono::duration_cast<Clock::duration>(absl::ToChronoSeconds(duration))
+          : Clock::time_point::max();
+  Clock::time_point next_arrival = begin;
+  int sent = 0;
+  uint64_t id_counter = 0;
+  while ((num_requests == 0 || sent < num_requests) && Clock::now() < end_by) {
+    if (rate > 0) {
+      next_arrival +=
+          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap(rng)));
+      if (next_arrival >= end_by) break;
+      std::this_thread::sleep_until(next_arrival);
+    } else {
+      collector.WaitBelow(concurrency, end_by);
+      if (Clock::now() >= end_by) break;
+    }
+    pb::GenerateRequest request;
+    request.set_request_id(absl::StrCat("loadgen-", absl::GetFlag(FLAGS_seed), "-", id_counter++));
+    request.set_text(prompts.Next(rng));
+    request.set_max_new_tokens(static_cast<uint32_t>(max_new_tokens));
+    if (!temperature_text.empty()) request.mutable_sampling()->set_temperature(temperature);
+    const bool cancel = pick_cancel(rng);
+    const uint32_t cancel_after = static_cast<uint32_t>(std::max(1, max_new_tokens / 2));
+    new StreamCall(stub.get(), std::move(request), cancel, cancel_after,
+                   absl::GetFlag(FLAGS_timeout), &collector);
+    ++sent;
+  }
+  collector.WaitAll();
+  const double wall = Seconds(Clock::now() - begin);
+
+  // --- Report ---
+  std::vector<Outcome> outcomes = collector.Take();
+  std::map<std::string, int> errors;
+  std::vector<double> ttft, itl, tpot, e2e;
+  int ok = 0, cancelled = 0;
+  uint64_t tokens = 0, prompt_tokens = 0;
+  for (Outcome& o : outcomes) {
+    tokens += o.tokens;
+    prompt_tokens += o.prompt_tokens;
+    if (o.got_first_token) ttft.push_back(o.ttft_seconds);
+    itl.insert(itl.end(), o.itl_seconds.begin(), o.itl_seconds.end());
+    if (o.code == grpc::StatusCode::OK && o.tpot_seconds >= 0) tpot.push_back(o.tpot_seconds);
+    if (o.code == grpc::StatusCode::OK) {
+      ++ok;
+      e2e.push_back(o.e2e_seconds);
+    } else if (o.cancelled_by_us && o.code == grpc::StatusCode::CANCELLED) {
+      ++cancelled;
+    } else {
+      ++errors[CodeName(o.code)];
+    }
+  }
+  int num_errors = 0;
+  for (const auto& [code, count] : errors) num_errors += count;
+  const Distribution ttft_d = Summarize(std::move(ttft));
+  const Distribution itl_d = Summarize(std::move(itl));
+  const Distribution tpot_d = Summarize(std::move(tpot));
+  const Distribution e2e_d = Summarize(std::move(e2e));
+  const double rps = wall > 0 ? ok / wall : 0;
+  const double tps = wall > 0 ? static_cast<double>(tokens) / wall : 0;
+
+  std::string mode = rate > 0 ? absl::StrFormat("rate %.3g/s (Poisson)", rate)
+                              : absl::StrFormat("concurrency %d", concurrency);
+  std::string text = absl::StrFormat(
+      "polysketch-loadgen: %s, %d requests, prompt %d bytes, max_new_tokens %d\n"
+      "requests: sent %d, ok %d, cancelled (by --cancel_fraction) %d, errors %d\n"
+      "wall %.3f s, %.2f requests/s, %.1f generated tokens/s, %d generated tokens, %d prompt "
+      "tokens\n",
+      mode, sent, absl::GetFlag(FLAGS_prompt_bytes), max_new_tokens, sent, ok, cancelled,
+      num_errors, wall, rps, tps, tokens, prompt_tokens);
+  text += DistributionText("time to first token", ttft_d);
+  text += DistributionText("inter-token latency", itl_d);
+  text += DistributionText("time per output token", tpot_d);
+  text += DistributionText("end-to-end latency", e2e_d);
+  for (const auto& [code, count] : errors) text += absl::StrFormat("error %s: %d\n", code, count);
+  std::cerr << text;
+  if (absl::GetFlag(FLAGS_json)) {
+    std::string errors_json;
+    for (const auto& [code, count] : errors) {
+      absl::StrAppend(&errors_json, errors_json.empty() ? "" : ", ", "\"", code, "\": ", count);
+    }
+    std::cout << absl::StrFormat(
+        "{\"mode\": \"%s\", \"concurrency\": %d, \"rate\": %.6f, \"prompt_bytes\": %d, "
+        "\"max_new_tokens\": %d, \"sent\": %d, \"ok\": %d, \"cancelled\": %d, \"errors\": %d, "
+        "\"errors_by_code\": {%s}, \"wall_seconds\": %.6f, \"requests_per_second\": %.6f, "
+        "\"generated_tokens\": %d, \"prompt_tokens\": %d, \"generated_tokens_per_second\": %.6f, "
+        "\"ttft_seconds\": %s, \"itl_seconds\": %s, \"tpot_seconds\": %s, \"e2e_seconds\": %s}\n",
+        rate > 0 ? "rate" : "concurrency", concurrency, rate, absl::GetFlag(FLAGS_prompt_bytes),
+        max_new_tokens, sent, ok, cancelled, num_errors, errors_json, wall, rps, tokens,
+        prompt_tokens, tps, DistributionJson(ttft_d), DistributionJson(itl_d),
+        DistributionJson(tpot_d), DistributionJson(e2e_d));
+  }
+  return num_errors > 0 ? 1 : 0;
+}

@@ -1,0 +1,344 @@
+"""PolysketchClient: a typed wrapper over the generated polysketch.v1 gRPC stubs.
+
+Results are plain dataclasses so callers never touch protobuf messages. RPC failures raise
+PolysketchError carrying the gRPC status code name ("INVALID_ARGUMENT", ...) and message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, List, Optional, Sequence, Union
+
+import grpc
+
+try:
+    from ._proto import generation_pb2 as pb
+    from ._proto import generation_pb2_grpc as pb_grpc
+except ImportError as error:  # pragma: no cover - only without generated stubs
+    raise ImportError(
+        "polysketch_client: generated stubs missing; build the CMake target "
+        "polysketch_client_py or run clients/python/gen_stubs.sh"
+    ) from error
+
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+SERVICE_NAME = "polysketch.v1.GenerationService"
+_HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+class PolysketchError(Exception):
+    """A failed RPC: `code` is the gRPC status code name, `details` the server's message."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    queue_seconds: float
+    prefill_seconds: float
+    first_token_seconds: float
+    total_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalInfo:
+    finish_reason: str  # "LENGTH", "STOP_STRING", "STOP_TOKEN", "CANCELLED", "DEADLINE", "ERROR"
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int
+    timings: Timings
+    error_message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedToken:
+    token_id: int
+    logprob: float
+    top_logprobs: List[tuple]  # [(token_id, logprob)], most likely first
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    request_id: str
+    text: str
+    tokens: List[GeneratedToken]
+    final: FinalInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamChunk:
+    request_id: str
+    text: str  # new text since the previous chunk (may be empty)
+    tokens: List[GeneratedToken]
+    final: Optional[FinalInfo]  # set on the last chunk only
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_context: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+    state_slots: int
+    max_waiting: int
+    max_waiting_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    architecture: str
+    attention_kinds: List[str]
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+    state_bytes_per_request: int
+    device: str
+    tokenizer: str
+    limits: Limits
+
+
+def _final(message: "pb.FinalInfo") -> FinalInfo:
+    t = message.timings
+    return FinalInfo(
+        finish_reason=pb.FinishReason.Name(message.finish_reason).replace("FINISH_REASON_", ""),
+        prompt_tokens=message.prompt_tokens,
+        generated_tokens=message.generated_tokens,
+        seed=message.seed,
+        timings=Timings(
+            t.queue_seconds, t.prefill_seconds, t.first_token_seconds, t.total_seconds
+        ),
+        error_message=message.error_message,
+    )
+
+
+def _tokens(messages: Sequence["pb.GeneratedToken"]) -> List[GeneratedToken]:
+    return [
+        GeneratedToken(
+            token_id=m.token_id,
+            logprob=m.logprob,
+            top_logprobs=[(alt.token_id, alt.logprob) for alt in m.top_logprobs],
+        )
+        for m in messages
+    ]
+
+
+def _encode_health_request(service: str) -> bytes:
+    # grpc.health.v1.HealthCheckRequest is `string service = 1`; Debian ships no health stubs.
+    data = service.encode("utf-8")
+    length = bytearray()
+    n = len(data)
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return (b"\x0a" + bytes(length) + data) if data else b""
+
+
+def _decode_health_response(data: bytes) -> str:
+    # grpc.health.v1.HealthCheckResponse is `ServingStatus status = 1`: tag 0x08 then a varint.
+    status = 0
+    i = 0
+    while i < len(data):
+        tag = data[i]
+        i += 1
+        value = shift = 0
+        while i < len(data):
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if tag == 0x08:
+            status = value
+        elif tag & 0x07 == 2:  # length-delimited field we do not know: skip it
+            i += value
+        elif tag & 0x07 != 0:
+            raise PolysketchError("INTERNAL", "malformed health response")
+    return _HEALTH_STATUS.get(status, f"INVALID({status})")
+
+
+class PolysketchClient:
+    """A connection to one polysketch server. Thread-safe (gRPC channels are).
+
+    `timeout` (seconds) is the gRPC deadline of every call unless a call gives its own.
+    """
+
+    def __init__(self, target: str = "localhost:50051", timeout: Optional[float] = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._health = self._channel.unary_unary(
+            HEALTH_CHECK_METHOD,
+            request_serializer=_encode_health_request,
+            response_deserializer=_decode_health_response,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "PolysketchClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _deadline(self, timeout: Optional[float]) -> Optional[float]:
+        return self.timeout if timeout is None else timeout
+
+    @staticmethod
+    def _request(
+        prompt: Union[str, Sequence[int]],
+        *,
+        max_new_tokens: int = 0,
+        min_new_tokens: int = 0,
+        temperature: Optional[float] = None,
+        top_k: int = 0,
+        top_p: Optional[float] = None,
+        min_p: float = 0.0,
+        repetition_penalty: Optional[float] = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        seed: Optional[int] = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        include_stop_string: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        time_limit_ms: int = 0,
+        request_id: str = "",
+    ) -> "pb.GenerateRequest":
+        request = pb.GenerateRequest(
+            request_id=request_id,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            time_limit_ms=time_limit_ms,
+        )
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt)
+        s = request.sampling
+        if temperature is not None:
+            s.temperature = temperature
+        s.top_k = top_k
+        if top_p is not None:
+            s.top_p = top_p
+        s.min_p = min_p
+        if repetition_penalty is not None:
+            s.repetition_penalty = repetition_penalty
+        s.presence_penalty = presence_penalty
+        s.frequency_penalty = frequency_penalty
+        if seed is not None:
+            s.seed = seed
+        request.stop.stop_strings.extend(stop)
+        request.stop.stop_token_ids.extend(stop_token_ids)
+        request.stop.ignore_eos = ignore_eos
+        request.stop.include_stop_string = include_stop_string
+        return request
+
+    def generate(
+        self, prompt: Union[str, Sequence[int]], *, timeout: Optional[float] = None, **params
+    ) -> GenerateResult:
+        """Generates for a text (or token-id) prompt; params are GenerateRequest's fields."""
+        request = self._request(prompt, **params)
+        try:
+            response = self._stub.Generate(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None
+        return GenerateResult(
+            request_id=response.request_id,
+            text=response.text,
+            tokens=_tokens(response.tokens),
+            final=_final(response.final),
+        )
+
+    def generate_stream(
+        self, prompt: Union[str, Sequence[int]], *, timeout: Optional[float] = None, **params
+    ) -> Iterator[StreamChunk]:
+        """Yields chunks as the server produces them; the last has `final` set.
+
+        Closing the iterator early (break, or garbage collection) cancels the request.
+        """
+        request = self._request(prompt, **params)
+        call = self._stub.GenerateStream(request, timeout=self._deadline(timeout))
+        try:
+            for message in call:
+                yield StreamChunk(
+                    request_id=message.request_id,
+                    text=message.text,
+                    tokens=_tokens(message.tokens),
+                    final=_final(message.final) if message.HasField("final") else None,
+                )
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
+    def tokenize(self, text: str, *, timeout: Optional[float] = None) -> List[int]:
+        try:
+            response = self._stub.Tokenize(
+                pb.TokenizeRequest(text=text), timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None
+        return list(response.token_ids)
+
+    def model_info(self, *, timeout: Optional[float] = None) -> ModelInfo:
+        try:
+            m = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout))
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None
+        lim = m.limits
+        return ModelInfo(
+            name=m.name,
+            architecture=m.architecture,
+            attention_kinds=list(m.attention_kinds),
+            vocab_size=m.vocab_size,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            d_ff=m.d_ff,
+            max_seq_len=m.max_seq_len,
+            state_bytes_per_request=m.state_bytes_per_request,
+            device=m.device,
+            tokenizer=m.tokenizer,
+            limits=Limits(
+                lim.max_context,
+                lim.max_prompt_tokens,
+                lim.max_new_tokens,
+                lim.state_slots,
+                lim.max_waiting,
+                lim.max_waiting_tokens,
+            ),
+        )
+
+    def health(self, service: str = "", *, timeout: Optional[float] = None) -> str:
+        """grpc.health.v1 Check: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN".
+
+        service "" is liveness; SERVICE_NAME is readiness (NOT_SERVING while loading/draining).
+        """
+        try:
+            return self._health(service, timeout=self._deadline(timeout))
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None
+
+    def cancel(self, request_id: str, *, timeout: Optional[float] = None) -> None:
+        """Cancels a running or queued request; NOT_FOUND when the id is unknown."""
+        try:
+            self._stub.Cancel(
+                pb.CancelRequest(request_id=request_id), timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None

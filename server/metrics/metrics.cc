@@ -1,0 +1,396 @@
+// ServerMetrics on prometheus-cpp: one Registry, exposed by one Exposer (civetweb) on its own port.
+// Buckets follow vLLM's (vllm/engine/metrics.py, v1/metrics/loggers.py) with finer lower buckets
+// added, because the CPU engine on tiny models answers in milliseconds where vLLM's lowest buckets
+// would lump everything together. prometheus-cpp reports errors by exceptions; none leaves here.
+#include "server/metrics/metrics.h"
+
+#include <cstdio>
+#include <exception>
+#include <memory>
+#include <string>
+#include <unistd.h>
+#include <utility>
+#include <vector>
+
+#include <absl/status/status.h>
+#include <absl/strings/str_cat.h>
+#include <prometheus/collectable.h>
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/registry.h>
+
+namespace ps::metrics {
+
+absl::string_view FailureReasonName(FailureReason reason) {
+  switch (reason) {
+    case FailureReason::kValidation:
+      return "validation";
+    case FailureReason::kRejected:
+      return "rejected";
+    case FailureReason::kCancelled:
+      return "cancelled";
+    case FailureReason::kDeadline:
+      return "deadline";
+    case FailureReason::kInternal:
+      return "internal";
+  }
+  return "internal";
+}
+
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+using prometheus::Counter;
+using prometheus::Family;
+using prometheus::Gauge;
+using prometheus::Histogram;
+
+// vLLM's TTFT buckets (0.001 .. 2560 s), with 0.1 ms .. 0.5 ms below them.
+const Histogram::BucketBoundaries& TtftBuckets() {
+  static const auto* buckets = new Histogram::BucketBoundaries{
+      0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08,  0.1,   0.25,  0.5,
+      0.75,   1.0,     2.5,    5.0,   7.5,   10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0};
+  return *buckets;
+}
+
+// vLLM's inter-token latency buckets (0.01 .. 80 s), with 0.1 ms .. 5 ms below them: a CPU decode
+// step of a tiny model takes about a millisecond.
+const Histogram::BucketBoundaries& InterTokenBuckets() {
+  static const auto* buckets = new Histogram::BucketBoundaries{
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1,  0.15, 0.2,
+      0.3,    0.4,     0.5,    0.75,  1.0,    2.5,   5.0,  7.5,   10.0, 20.0,  40.0, 80.0};
+  return *buckets;
+}
+
+// vLLM's request latency buckets (0.3 .. 7680 s; e2e, queue, prefill, decode), with 0.1 ms ..
+// 0.1 s below them.
+const Histogram::BucketBoundaries& RequestLatencyBuckets() {
+  static const auto* buckets = new Histogram::BucketBoundaries{
+      0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01,  0.025, 0.05,  0.1,    0.3,
+      0.5,    0.8,    1.0,   1.5,    2.0,   2.5,   5.0,   10.0,  15.0,   20.0,
+      30.0,   40.0,   50.0,  60.0,   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
+  return *buckets;
+}
+
+// One engine step: 100 us .. 10 s, 1-2.5-5 per decade.
+const Histogram::BucketBoundaries& StepBuckets() {
+  static const auto* buckets =
+      new Histogram::BucketBoundaries{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                      0.05,   0.1,     0.25,   0.5,   1.0,    2.5,   5.0,  10.0};
+  return *buckets;
+}
+
+// Sequences per decode step: 1 .. 512, powers of 2.
+const Histogram::BucketBoundaries& BatchBuckets() {
+  static const auto* buckets =
+      new Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
+  return *buckets;
+}
+
+double Seconds(absl::Duration d) {
+  const double s = absl::ToDoubleSeconds(d);
+  return s > 0.0 ? s : 0.0;  // clocks can step; a negative latency would corrupt _sum
+}
+
+// Resident set size of this process from /proc/self/statm (pages), 0 when unreadable.
+double ResidentBytes() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0.0;
+  unsigned long long size_pages = 0;
+  unsigned long long resident_pages = 0;
+  const int read = std::fscanf(f, "%llu %llu", &size_pages, &resident_pages);
+  std::fclose(f);
+  if (read != 2) return 0.0;
+  const long page_bytes = sysconf(_SC_PAGESIZE);
+  return static_cast<double>(resident_pages) * static_cast<double>(page_bytes > 0 ? page_bytes : 0);
+}
+
+// What the exposer scrapes: refreshes the scrape-time gauges, then collects the registry.
+class ScrapeCollector : public prometheus::Collectable {
+ public:
+  ScrapeCollector(std::shared_ptr<prometheus::Registry> registry, Gauge* resident_bytes)
+      : registry_(std::move(registry)), resident_bytes_(resident_bytes) {}
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    resident_bytes_->Set(ResidentBytes());
+    return registry_->Collect();
+  }
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  Gauge* resident_bytes_;  // owned by registry_
+};
+
+class PrometheusMetrics final : public ServerMetrics {
+ public:
+  PrometheusMetrics() : registry_(std::make_shared<prometheus::Registry>()) {
+    prometheus::Registry& r = *registry_;
+    running_ = &BuildGauge()
+                    .Name("polysketch_num_requests_running")
+                    .Help("Number of requests holding a state slot (prefilling or decoding).")
+                    .Register(r)
+                    .Add({});
+    waiting_ = &BuildGauge()
+                    .Name("polysketch_num_requests_waiting")
+                    .Help("Number of requests queued, waiting for a state slot.")
+                    .Register(r)
+                    .Add({});
+    ttft_ = &BuildHistogram()
+                 .Name("polysketch_time_to_first_token_seconds")
+                 .Help("Time from request arrival to its first generated token, in seconds.")
+                 .Register(r)
+                 .Add({}, TtftBuckets());
+    itl_ = &BuildHistogram()
+                .Name("polysketch_inter_token_latency_seconds")
+                .Help(
+                    "Time between consecutive generated tokens of a request, in seconds "
+                    "(one sample per token after the first).")
+                .Register(r)
+                .Add({}, InterTokenBuckets());
+    e2e_ = &BuildHistogram()
+                .Name("polysketch_e2e_request_latency_seconds")
+                .Help("Time from request arrival to its end (any finish reason), in seconds.")
+                .Register(r)
+                .Add({}, RequestLatencyBuckets());
+    queue_ = &BuildHistogram()
+                  .Name("polysketch_request_queue_time_seconds")
+                  .Help(
+                      "Time a request waited in the queue before getting a state slot, in "
+                      "seconds (requests that got one).")
+                  .Register(r)
+                  .Add({}, RequestLatencyBuckets());
+    prefill_ = &BuildHistogram()
+                    .Name("polysketch_request_prefill_time_seconds")
+                    .Help(
+                        "Time from getting a state slot to the prompt fully prefilled, in "
+                        "seconds (requests that generated a token).")
+                    .Register(r)
+                    .Add({}, RequestLatencyBuckets());
+    decode_ = &BuildHistogram()
+                   .Name("polysketch_request_decode_time_seconds")
+                   .Help("Time from a request's first generated token to its end, in seconds.")
+                   .Register(r)
+                   .Add({}, RequestLatencyBuckets());
+    step_ = &BuildHistogram()
+                 .Name("polysketch_engine_step_duration_seconds")
+                 .Help(
+                     "Duration of one engine step (decode batch plus prefill chunk), in "
+                     "seconds.")
+                 .Register(r)
+                 .Add({}, StepBuckets());
+    batch_ = &BuildHistogram()
+                  .Name("polysketch_decode_batch_size")
+                  .Help("Number of sequences advanced by one decode step (steps that decoded).")
+                  .Register(r)
+                  .Add({}, BatchBuckets());
+    prompt_tokens_ = &BuildCounter()
+                          .Name("polysketch_prompt_tokens_total")
+                          .Help("Number of prompt tokens of requests that got a state slot.")
+                          .Register(r)
+                          .Add({});
+    generation_tokens_ = &BuildCounter()
+                              .Name("polysketch_generation_tokens_total")
+                              .Help("Number of tokens generated.")
+                              .Register(r)
+                              .Add({});
+    auto& success = BuildCounter()
+                        .Name("polysketch_request_success_total")
+                        .Help("Number of requests that finished normally, by finish reason.")
+                        .Register(r);
+    for (engine::FinishReason reason :
+         {engine::FinishReason::kLength, engine::FinishReason::kStopString,
+          engine::FinishReason::kStopToken}) {
+      success_[static_cast<int>(reason)] =
+          &success.Add({{"finished_reason", std::string(engine::FinishReasonName(reason))}});
+    }
+    auto& failure = BuildCounter()
+                        .Name("polysketch_request_failure_total")
+                        .Help("Number of requests that failed or were refused, by reason.")
+                        .Register(r);
+    for (FailureReason reason :
+         {FailureReason::kValidation, FailureReason::kRejected, FailureReason::kCancelled,
+          FailureReason::kDeadline, FailureReason::kInternal}) {
+      failure_[static_cast<int>(reason)] =
+          &failure.Add({{"reason", std::string(FailureReasonName(reason))}});
+    }
+    slots_total_ = &BuildGauge()
+                        .Name("polysketch_state_slots_capacity")
+                        .Help("Number of per-request state slots (the most requests running).")
+                        .Register(r)
+                        .Add({});
+    slots_used_ = &BuildGauge()
+                       .Name("polysketch_state_slots_used")
+                       .Help("Number of state slots held by running requests.")
+                       .Register(r)
+                       .Add({});
+    attention_memory_ = &BuildGauge()
+                             .Name("polysketch_attention_memory_bytes")
+                             .Help(
+                                 "Bytes of attention memory (sketch state and KV cache) held "
+                                 "by running requests, by attention kind of the layers.")
+                             .Register(r);
+    Gauge& resident = BuildGauge()
+                          .Name("polysketch_process_resident_memory_bytes")
+                          .Help(
+                              "Resident set size of the server process, in bytes (read from "
+                              "/proc/self/statm at scrape time).")
+                          .Register(r)
+                          .Add({});
+    collector_ = std::make_shared<ScrapeCollector>(registry_, &resident);
+  }
+
+  // Binds the exposer; prometheus-cpp throws (civetweb's CivetException) when it cannot.
+  absl::Status Start(const std::string& listen_address) {
+    try {
+      exposer_ = std::make_unique<prometheus::Exposer>(listen_address);
+      exposer_->RegisterCollectable(collector_);
+      const std::vector<int> ports = exposer_->GetListeningPorts();
+      if (ports.empty()) {
+        return absl::UnavailableError(
+            absl::StrCat("metrics: no listening port on ", listen_address));
+      }
+      port_ = ports.front();
+    } catch (const std::exception& e) {
+      exposer_.reset();
+      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", listen_address,
+                                                 " (in use, malformed or not local): ", e.what()));
+    } catch (...) {
+      exposer_.reset();
+      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", listen_address));
+    }
+    return absl::OkStatus();
+  }
+
+  int port() const override { return port_; }
+
+  void RequestFinished(const engine::FinalResult& result) override {
+    const engine::RequestTimings& t = result.timings;
+    // A request that never got a slot finishes with zero prefill time and no tokens.
+    const bool admitted = result.generated_tokens > 0 || t.prefill > absl::ZeroDuration();
+    e2e_->Observe(Seconds(t.total));
+    if (admitted) {
+      queue_->Observe(Seconds(t.queue));
+      prompt_tokens_->Increment(
+          static_cast<double>(result.prompt_tokens > 0 ? result.prompt_tokens : 0));
+    }
+    if (result.generated_tokens > 0) {
+      generation_tokens_->Increment(static_cast<double>(result.generated_tokens));
+      prefill_->Observe(Seconds(t.prefill));
+      ttft_->Observe(Seconds(t.first_token));
+      decode_->Observe(Seconds(t.total - t.first_token));
+    }
+    switch (result.reason) {
+      case engine::FinishReason::kLength:
+      case engine::FinishReason::kStopString:
+      case engine::FinishReason::kStopToken:
+        success_[static_cast<int>(result.reason)]->Increment();
+        break;
+      case engine::FinishReason::kCancelled:
+        Failure(FailureReason::kCancelled);
+        break;
+      case engine::FinishReason::kDeadline:
+        Failure(FailureReason::kDeadline);
+        break;
+      case engine::FinishReason::kError:
+        Failure(FailureReason::kInternal);
+        break;
+    }
+  }
+
+  void InterTokenLatency(absl::Duration latency, int64_t tokens) override {
+    if (tokens <= 0) return;
+    // Tokens that arrive together share the gap evenly: one sample per token, as vLLM's
+    // per-output-token histogram, and _sum stays the wall time between tokens.
+    const double total = Seconds(latency);
+    const double each = total / static_cast<double>(tokens);
+    const Histogram::BucketBoundaries& bounds = InterTokenBuckets();
+    size_t bucket = 0;  // the first bound >= each (Prometheus buckets are `le`); size(): +Inf
+    while (bucket < bounds.size() && each > bounds[bucket]) ++bucket;
+    try {
+      std::vector<double> increments(bounds.size() + 1, 0.0);
+      increments[bucket] = static_cast<double>(tokens);
+      itl_->ObserveMultiple(increments, total);
+    } catch (...) {
+      // Only the allocation can throw; dropping a sample beats an exception on the engine thread.
+    }
+  }
+
+  void RequestRefused(FailureReason reason) override { Failure(reason); }
+
+  void EngineStep(const engine::StepStats& step) override {
+    step_->Observe(Seconds(step.step_time));
+    if (step.decode_batch > 0) batch_->Observe(static_cast<double>(step.decode_batch));
+  }
+
+  void SetScheduler(const engine::SchedulerStats& stats) override {
+    running_->Set(static_cast<double>(stats.running));
+    waiting_->Set(static_cast<double>(stats.waiting));
+    slots_total_->Set(static_cast<double>(stats.slots_total));
+    slots_used_->Set(static_cast<double>(stats.slots_used));
+  }
+
+  void SetAttentionMemory(absl::string_view kind, int64_t bytes) override {
+    try {
+      // Family::Add returns the existing gauge for labels it has seen.
+      attention_memory_->Add({{"kind", std::string(kind)}}).Set(static_cast<double>(bytes));
+    } catch (...) {
+      // Only allocation can fail here (the label name is fixed and valid); a missed gauge
+      // update is better than an exception through the engine thread.
+    }
+  }
+
+ private:
+  void Failure(FailureReason reason) {
+    const int i = static_cast<int>(reason);
+    if (i >= 0 && i < kNumFailureReasons) failure_[i]->Increment();
+  }
+
+  static constexpr int kNumFinishReasons = 6;
+  static constexpr int kNumFailureReasons = 5;
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  // Owned by registry_.
+  Gauge* running_ = nullptr;
+  Gauge* waiting_ = nullptr;
+  Histogram* ttft_ = nullptr;
+  Histogram* itl_ = nullptr;
+  Histogram* e2e_ = nullptr;
+  Histogram* queue_ = nullptr;
+  Histogram* prefill_ = nullptr;
+  Histogram* decode_ = nullptr;
+  Histogram* step_ = nullptr;
+  Histogram* batch_ = nullptr;
+  Counter* prompt_tokens_ = nullptr;
+  Counter* generation_tokens_ = nullptr;
+  Counter* success_[kNumFinishReasons] = {};   // by engine::FinishReason; length/stop only
+  Counter* failure_[kNumFailureReasons] = {};  // by FailureReason
+  Gauge* slots_total_ = nullptr;
+  Gauge* slots_used_ = nullptr;
+  Family<Gauge>* attention_memory_ = nullptr;
+  std::shared_ptr<ScrapeCollector> collector_;
+  int port_ = 0;
+  // Last: stopped (its threads joined) before the metrics it serves go away.
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(
+    const std::string& listen_address) {
+  std::unique_ptr<PrometheusMetrics> metrics;
+  try {
+    metrics = std::make_unique<PrometheusMetrics>();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("metrics: cannot build the registry: ", e.what()));
+  }
+  if (absl::Status started = metrics->Start(listen_address); !started.ok()) return started;
+  return std::unique_ptr<ServerMetrics>(std::move(metrics));
+}
+
+}  // namespace ps::metrics

@@ -1,0 +1,93 @@
+// The gRPC generation service (proto/polysketch/v1/generation.proto) on the callback (reactor)
+// API: no thread per request. Each Generate / GenerateStream call validates its request
+// (request_convert.h), submits it to the engine's Scheduler, and receives the engine's events
+// through a RequestObserver that never blocks: it queues the message under a mutex and starts a
+// write when none is in flight. A client that cancels or disconnects makes the call cancel its
+// engine request, so the slot frees within one engine step.
+//
+// Thread-safety: every method may be called from any thread (gRPC's and the engine's).
+#ifndef POLYSKETCH_SERVER_SERVICE_GENERATION_SERVICE_H_
+#define POLYSKETCH_SERVER_SERVICE_GENERATION_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include <absl/status/status.h>
+#include <grpcpp/grpcpp.h>
+
+#include "polysketch/v1/generation.grpc.pb.h"
+#include "server/engine/scheduler.h"
+#include "server/metrics/metrics.h"
+#include "server/service/request_convert.h"
+
+namespace ps::service {
+
+// The readiness service name of grpc.health.v1 (liveness is "").
+inline constexpr char kReadinessServiceName[] = "polysketch.v1.GenerationService";
+
+// Most messages one stream keeps queued while a write is in flight. Past it, new deltas are
+// merged into the last queued message (nothing is dropped; a slow client gets larger messages
+// and the engine never waits for it).
+inline constexpr size_t kMaxPendingStreamMessages = 32;
+
+struct ServiceOptions {
+  std::string model_name;      // ModelInfo.name
+  std::string device = "cpu";  // ModelInfo.device
+  int64_t max_prompt_tokens = int64_t{1} << 20;
+  int64_t max_new_tokens_limit = 4096;
+  int64_t max_waiting = 256;             // reported in ModelInfo.limits
+  int64_t max_waiting_tokens = 1 << 22;  // reported in ModelInfo.limits
+};
+
+// The gRPC status for a scheduler Submit error (InvalidArgument and OutOfRange ->
+// INVALID_ARGUMENT, ResourceExhausted, Unavailable, AlreadyExists, NotFound as they are, anything
+// else INTERNAL).
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+class GenerationService final : public polysketch::v1::GenerationService::CallbackService {
+ public:
+  // `metrics` may be null (no metrics). Neither pointer is owned; both must outlive the gRPC
+  // server this service is registered with (destroy the scheduler only after Server::Shutdown).
+  GenerationService(ServiceOptions options, metrics::ServerMetrics* metrics);
+
+  // Makes the service serve `scheduler` (not owned). Until it is called every RPC answers
+  // UNAVAILABLE ("the model is loading"). Call once.
+  void SetScheduler(engine::Scheduler* scheduler);
+
+  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
+                                     const polysketch::v1::GenerateRequest* request,
+                                     polysketch::v1::GenerateResponse* response) override;
+  grpc::ServerWriteReactor<polysketch::v1::GenerateStreamResponse>* GenerateStream(
+      grpc::CallbackServerContext* context,
+      const polysketch::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const polysketch::v1::TokenizeRequest* request,
+                                     polysketch::v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const polysketch::v1::GetModelInfoRequest* request,
+                                         polysketch::v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
+                                   const polysketch::v1::CancelRequest* request,
+                                   polysketch::v1::CancelResponse* response) override;
+
+  // For the calls: validates `request` and prepares the engine request (id, deadline from the
+  // gRPC deadline and time_limit_ms). On error the refusal is counted in the metrics.
+  absl::StatusOr<ConvertedRequest> Prepare(grpc::CallbackServerContext* context,
+                                           const polysketch::v1::GenerateRequest& request);
+  engine::Scheduler* scheduler() const { return scheduler_.load(std::memory_order_acquire); }
+  metrics::ServerMetrics* metrics() const { return metrics_; }
+  // Counts a Submit refusal in the metrics (by its code).
+  void CountRefusal(const absl::Status& status);
+
+ private:
+  const ServiceOptions options_;
+  metrics::ServerMetrics* const metrics_;
+  std::atomic<engine::Scheduler*> scheduler_{nullptr};
+  std::atomic<uint64_t> next_id_{0};
+  const uint64_t id_salt_;
+};
+
+}  // namespace ps::service
+
+#endif  // POLYSKETCH_SERVER_SERVICE_GENERATION_SERVICE_H_

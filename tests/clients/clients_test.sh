@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# The clients against a real polysketch-server over loopback: polysketch-cli (generate streaming
+# and --unary agree at temperature 0; info, health, tokenize, cancel; exit 2 on a bad flag, 1 with
+# INVALID_ARGUMENT on a bad field), polysketch-loadgen (16 requests at concurrency 4, all ok, with
+# latency percentiles) and the Python client package built into <build dir>/python.
+# Usage: clients_test.sh <polysketch-server> <polysketch-cli> <polysketch-loadgen> <repo root>
+#        <build dir>
+set -euo pipefail
+server="$1"
+cli="$2"
+loadgen="$3"
+root="$4"
+build="$5"
+python=/usr/bin/python3
+tmp="$(mktemp -d)"
+pid=""
+cleanup() {
+  if [[ -n "${pid}" ]]; then kill -9 "${pid}" 2> /dev/null || true; fi
+  rm -rf "${tmp}"
+}
+trap cleanup EXIT
+fail() {
+  echo "FAIL: $*" >&2
+  if [[ -f "${tmp}/server.log" ]]; then
+    echo "--- server log (tail) ---" >&2
+    tail -20 "${tmp}/server.log" >&2
+  fi
+  exit 1
+}
+
+# --- Start the server on free ports; its ready line gives them. -------------------------------
+model="${root}/tests/golden/polysketch-learned-local"
+"${server}" --model "${model}" --host 127.0.0.1 --port 0 --metrics_host 127.0.0.1 \
+  --metrics_port 0 --slots 4 2> "${tmp}/server.log" &
+pid=$!
+for _ in $(seq 1 300); do
+  grep -q "^polysketch-server: serving" "${tmp}/server.log" && break
+  kill -0 "${pid}" 2> /dev/null || fail "server exited at start"
+  sleep 0.1
+done
+line="$(grep "^polysketch-server: serving" "${tmp}/server.log")" || fail "no ready line"
+port="$(sed -E 's/.* on [^ ]+:([0-9]+), metrics on .*/\1/' <<< "${line}")"
+[[ "${port}" =~ ^[0-9]+$ ]] || fail "cannot read the port from: ${line}"
+target="127.0.0.1:${port}"
+echo "server ready: ${line}"
+
+# --- polysketch-cli ------------------------------------------------------------------------------
+gen_flags=(--target "${target}" --prompt "The quick brown fox" --max_new_tokens 24
+  --temperature 0 --seed 7 --timeout 60s)
+"${cli}" generate "${gen_flags[@]}" > "${tmp}/stream.txt" 2> "${tmp}/stream.err" \
+  || fail "cli generate (stream) failed: $(cat "${tmp}/stream.err")"
+"${cli}" generate --unary "${gen_flags[@]}" > "${tmp}/unary.txt" 2> "${tmp}/unary.err" \
+  || fail "cli generate --unary failed: $(cat "${tmp}/unary.err")"
+[[ -s "${tmp}/stream.txt" ]] || fail "cli generate printed no text"
+cmp -s "${tmp}/stream.txt" "${tmp}/unary.txt" \
+  || fail "stream and unary text differ: '$(cat "${tmp}/stream.txt")' '$(cat "${tmp}/unary.txt")'"
+for f in stream unary; do
+  for want in finish_reason=LENGTH generated_tokens=24 seed=7 first_token=; do
+    grep -q "${want}" "${tmp}/${f}.err" || fail "${f}: no ${want} in: $(cat "${tmp}/${f}.err")"
+  done
+done
+echo "ok: cli generate stream == unary: '$(cat "${tmp}/stream.txt")'"
+
+info="$("${cli}" info --target "${target}")" || fail "cli info failed"
+grep -q "^name: *polysketch-learned-local$" <<< "${info}" || fail "cli info name: ${info}"
+grep -q "^architecture: *polysketchformer$" <<< "${info}" || fail "cli info architecture: ${info}"
+grep -q "^vocab_size: *256$" <<< "${info}" || fail "cli info vocab_size: ${info}"
+grep -q "^attention_kinds: *polysketch,polysketch$" <<< "${info}" || fail "cli info kinds: ${info}"
+grep -q "^limits.state_slots: *4$" <<< "${info}" || fail "cli info state_slots: ${info}"
+echo "ok: cli info"
+
+health="$("${cli}" health --target "${target}")" || fail "cli health failed: ${health}"
+[[ "$(grep -c ": SERVING$" <<< "${health}")" -eq 2 ]] || fail "cli health: ${health}"
+echo "ok: cli health"
+
+tokens="$("${cli}" tokenize --target "${target}" --prompt "hello" 2> /dev/null)" \
+  || fail "cli tokenize failed"
+[[ "${tokens}" == "104 101 108 108 111" ]] || fail "cli tokenize: '${tokens}'"
+echo "ok: cli tokenize"
+
+set +e
+"${cli}" generate --target "${target}" --no_such_flag 1 > /dev/null 2> "${tmp}/err"
+rc=$?
+[[ ${rc} -eq 2 ]] || fail "cli with a bad flag exited ${rc}, want 2"
+"${cli}" frobnicate --target "${target}" > /dev/null 2> "${tmp}/err"
+rc=$?
+[[ ${rc} -eq 2 ]] || fail "cli with a bad subcommand exited ${rc}, want 2"
+"${cli}" generate --target "${target}" --prompt "x" --temperature=-1 > /dev/null 2> "${tmp}/err"
+rc=$?
+[[ ${rc} -eq 1 ]] || fail "cli with --temperature=-1 exited ${rc}, want 1"
+grep -q "INVALID_ARGUMENT" "${tmp}/err" || fail "no INVALID_ARGUMENT: $(cat "${tmp}/err")"
+grep -q "temperature" "${tmp}/err" || fail "the error does not name the field: $(cat "${tmp}/err")"
+"${cli}" generate --unary --target "${target}" --prompt "x" --top_p 1.5 > /dev/null 2> "${tmp}/err"
+rc=$?
+[[ ${rc} -eq 1 ]] && grep -q "INVALID_ARGUMENT" "${tmp}/err" \
+  || fail "cli --unary --top_p 1.5: rc ${rc}: $(cat "${tmp}/err")"
+"${cli}" cancel --target "${target}" --request_id no-such-request > /dev/null 2> "${tmp}/err"
+rc=$?
+[[ ${rc} -eq 1 ]] && grep -q "NOT_FOUND" "${tmp}/err" \
+  || fail "cli cancel of an unknown id: rc ${rc}: $(cat "${tmp}/err")"
+set -e
+echo "ok: cli exit codes (2 usage, 1 INVALID_ARGUMENT / NOT_FOUND)"
+
+# Cancel a running stream by id. The stream may finish before Cancel reaches it (then Cancel is
+# NOT_FOUND); when Cancel succeeds the stream must end cancelled: a final message with
+# FINISH_REASON_CANCELLED (as the proto describes) or the gRPC status CANCELLED.
+max_new="$(sed -n 's/^limits.max_new_tokens: *//p' <<< "${info}")"
+"${cli}" generate --target "${target}" --prompt "Once upon a time" --max_new_tokens "${max_new}" \
+  --request_id cli-cancel-me --timeout 60s > /dev/null 2> "${tmp}/long.err" &
+long_pid=$!
+cancelled=0
+for _ in $(seq 1 50); do
+  if "${cli}" cancel --target "${target}" --request_id cli-cancel-me > /dev/null 2>&1; then
+    cancelled=1
+    break
+  fi
+  kill -0 "${long_pid}" 2> /dev/null || break
+  sleep 0.1
+done
+wait "${long_pid}" || true
+if [[ ${cancelled} -eq 1 ]]; then
+  grep -q -e "finish_reason=CANCELLED" -e "GenerateStream failed: CANCELLED" "${tmp}/long.err" \
+    || fail "cancelled stream did not end CANCELLED: $(cat "${tmp}/long.err")"
+  echo "ok: cli cancel mid-stream"
+else
+  echo "note: the stream ended before cancel reached it: $(tail -2 "${tmp}/long.err" | tr '\n' ' ')"
+fi
+
+# --- polysketch-loadgen --------------------------------------------------------------------------
+"${loadgen}" --target "${target}" --concurrency 4 --num_requests 16 --prompt_bytes 64 \
+  --max_new_tokens 16 --timeout 120s --json > "${tmp}/load.json" 2> "${tmp}/load.txt" \
+  || fail "loadgen failed: $(cat "${tmp}/load.txt")"
+cat "${tmp}/load.txt"
+"${python}" - "${tmp}/load.json" << 'PY' || fail "loadgen report: $(cat "${tmp}/load.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["sent"] == 16 and r["ok"] == 16 and r["errors"] == 0, r
+assert r["generated_tokens"] == 16 * 16, r
+assert r["requests_per_second"] > 0 and r["generated_tokens_per_second"] > 0, r
+for key in ("ttft_seconds", "tpot_seconds", "e2e_seconds"):
+    d = r[key]
+    # TPOT may be 0 when a request's tokens all arrive in one message.
+    low = 0 if key == "tpot_seconds" else 1e-9
+    assert d["count"] == 16 and low <= d["p50"] <= d["p90"] <= d["p99"], (key, d)
+# Tokens that arrive in one message with the first have no gap of their own.
+itl = r["itl_seconds"]
+assert itl["count"] <= 16 * 15 and itl["p50"] <= itl["p90"] <= itl["p99"], itl
+PY
+grep -q "time to first token .*p50.*p90.*p99" "${tmp}/load.txt" || fail "no TTFT percentiles"
+grep -q "inter-token latency .*p50.*p90.*p99" "${tmp}/load.txt" || fail "no ITL percentiles"
+echo "ok: loadgen 16 requests at concurrency 4"
+
+# --- Python client -------------------------------------------------------------------------------
+[[ -f "${build}/python/polysketch_client/_proto/generation_pb2_grpc.py" ]] \
+  || fail "no Python stubs in ${build}/python (build the polysketch_client_py target)"
+PYTHONPATH="${build}/python" "${python}" - "${target}" << 'PY' || fail "Python client"
+import sys
+from polysketch_client import PolysketchClient, PolysketchError
+
+target = sys.argv[1]
+with PolysketchClient(target, timeout=60) as client:
+    params = dict(max_new_tokens=20, temperature=0.0, seed=11)
+    unary = client.generate("Hello there", **params)
+    chunks = list(client.generate_stream("Hello there", **params))
+    streamed = "".join(c.text for c in chunks)
+    assert unary.text == streamed and unary.text, (unary.text, streamed)
+    assert chunks[-1].final is not None and all(c.final is None for c in chunks[:-1])
+    for final in (unary.final, chunks[-1].final):
+        assert final.finish_reason == "LENGTH", final
+        assert final.generated_tokens == 20 and final.seed == 11, final
+        assert final.prompt_tokens == len("Hello there"), final
+    assert [t.token_id for t in unary.tokens] == [t.token_id for c in chunks for t in c.tokens]
+    assert len(unary.tokens) == 20
+
+    info = client.model_info()
+    assert info.name == "polysketch-learned-local", info
+    assert info.architecture == "polysketchformer", info
+    assert info.attention_kinds == ["polysketch", "polysketch"], info
+    assert (info.vocab_size, info.d_model, info.n_layers, info.n_heads) == (256, 32, 2, 2), info
+    assert info.tokenizer == "bytes" and info.state_bytes_per_request > 0, info
+    assert info.limits.state_slots == 4 and info.limits.max_context > 0, info
+
+    assert client.health("") == "SERVING"
+    assert client.health("polysketch.v1.GenerationService") == "SERVING"
+    assert client.tokenize("hi") == [104, 105]
+
+    try:
+        client.generate("x", temperature=-1.0)
+        raise AssertionError("temperature=-1 accepted")
+    except PolysketchError as error:
+        assert error.code == "INVALID_ARGUMENT" and "temperature" in error.details, error
+    try:
+        client.cancel("no-such-request")
+        raise AssertionError("cancel of an unknown id succeeded")
+    except PolysketchError as error:
+        assert error.code == "NOT_FOUND", error
+print("ok: Python client generate == generate_stream, model_info, health, tokenize, errors")
+PY
+pycli=(env PYTHONPATH="${build}/python" "${python}" -m polysketch_client --target "${target}")
+out="$("${pycli[@]}" generate --prompt "The quick brown fox" --max_new_tokens 24 \
+  --temperature 0 --seed 7 2> /dev/null)" || fail "python -m polysketch_client generate failed"
+[[ "${out}" == "$(cat "${tmp}/stream.txt")" ]] || fail "Python CLI text differs from the C++ CLI's"
+"${pycli[@]}" health > /dev/null || fail "python -m polysketch_client health failed"
+echo "ok: python -m polysketch_client"
+
+# --- Stop the server. ----------------------------------------------------------------------------
+kill -TERM "${pid}"
+for _ in $(seq 1 100); do
+  kill -0 "${pid}" 2> /dev/null || break
+  sleep 0.1
+done
+kill -9 "${pid}" 2> /dev/null || true
+wait "${pid}" 2> /dev/null || true
+pid=""
+echo "PASS: clients_test"

@@ -1,0 +1,438 @@
+// The generation service over loopback, in process: a grpc::Server on 127.0.0.1:0 over a real
+// Scheduler on a golden fixture model. Results equal the golden greedy continuation; streams,
+// concurrency, cancellation (RPC and vanished client), deadlines, queue limits, validation over
+// the wire, Tokenize / GetModelInfo and the health service's readiness.
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <absl/strings/str_cat.h>
+#include <absl/time/clock.h>
+#include <gmock/gmock.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <gtest/gtest.h>
+
+#include "kernels/cpu/cpu_backend.h"
+#include "server/engine/weights.h"
+#include "server/service/generation_service.h"
+#include "tests/testing/files.h"
+#include "tests/testing/golden.h"
+#include "tests/testing/status_matchers.h"
+
+namespace ps::service {
+namespace {
+
+namespace v1 = ::polysketch::v1;
+using ::testing::ElementsAreArray;
+using ::testing::HasSubstr;
+
+constexpr char kFixture[] = "polysketch-learned-local";
+// max_new_tokens of requests that must still be running when cancelled or past their deadline
+// (the fixture model generates thousands of tokens per second).
+constexpr int kLong = 1 << 20;
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Start(/*slots=*/4, /*max_waiting=*/256); }
+  void TearDown() override { Stop(); }
+
+  void Start(int64_t slots, int64_t max_waiting) {
+    PS_ASSERT_OK_AND_ASSIGN(golden_, test::LoadGoldenFixture(kFixture));
+    PS_ASSERT_OK_AND_ASSIGN(engine::ModelWeights weights, engine::LoadWeights(golden_.model_dir));
+    backend_ = std::make_unique<kernels::cpu::CpuBackend>(2);
+    engine::ModelOptions model_options;
+    model_options.num_slots = slots;
+    model_options.max_batch = slots;
+    PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<engine::Model> model,
+                            engine::Model::Create(weights, *backend_, model_options));
+    engine::SchedulerOptions options;
+    options.max_waiting = max_waiting;
+    PS_ASSERT_OK_AND_ASSIGN(scheduler_, engine::Scheduler::Create(std::move(model), options));
+    ServiceOptions service_options;
+    service_options.model_name = kFixture;
+    service_options.max_prompt_tokens = 4096;
+    service_options.max_new_tokens_limit = kLong;
+    service_ = std::make_unique<GenerationService>(service_options, nullptr);
+    service_->SetScheduler(scheduler_.get());
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(service_.get());
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_GT(port, 0);
+    server_->GetHealthCheckService()->SetServingStatus("", true);
+    server_->GetHealthCheckService()->SetServingStatus(kReadinessServiceName, true);
+    channel_ =
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
+    stub_ = v1::GenerationService::NewStub(channel_);
+  }
+
+  void Stop() {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    server_.reset();
+    scheduler_.reset();
+    service_.reset();
+  }
+
+  v1::GenerateRequest GreedyRequest(int max_new_tokens = 0) const {
+    v1::GenerateRequest request;
+    request.mutable_token_ids()->mutable_ids()->Assign(golden_.tokens.begin(),
+                                                       golden_.tokens.end());
+    request.mutable_sampling()->set_temperature(0);
+    request.set_max_new_tokens(max_new_tokens > 0 ? max_new_tokens
+                                                  : static_cast<int>(golden_.greedy.size()));
+    return request;
+  }
+
+  // Waits (up to 10 s) until no slot is in use.
+  bool WaitSlotsFree() {
+    for (int i = 0; i < 500; ++i) {
+      if (scheduler_->Stats().slots_used == 0) return true;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  }
+
+  // grpc.health.v1.Health/Check through a generic stub (Debian ships no C++ health stub):
+  // HealthCheckRequest {string service = 1}, HealthCheckResponse {enum status = 1}: 1 SERVING,
+  // 2 NOT_SERVING.
+  int HealthStatus(const std::string& service_name) {
+    std::string request_bytes;
+    request_bytes.push_back(0x0A);
+    request_bytes.push_back(static_cast<char>(service_name.size()));
+    request_bytes += service_name;
+    grpc::Slice slice(request_bytes);
+    grpc::ByteBuffer request(&slice, 1), response;
+    grpc::GenericStub stub(channel_);
+    grpc::ClientContext context;
+    std::promise<grpc::Status> done;
+    stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                   &response, [&done](grpc::Status s) { done.set_value(s); });
+    const grpc::Status status = done.get_future().get();
+    if (!status.ok()) return -static_cast<int>(status.error_code());
+    std::vector<grpc::Slice> slices;
+    EXPECT_TRUE(response.Dump(&slices).ok());
+    std::string bytes;
+    for (const grpc::Slice& s : slices)
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    if (bytes.empty()) return 0;  // UNKNOWN (default value, not on the wire)
+    EXPECT_EQ(bytes[0], 0x08);
+    return bytes.size() >= 2 ? bytes[1] : 0;
+  }
+
+  // Reads a stream; returns its status, collects tokens and text, counts finals.
+  struct StreamResult {
+    grpc::Status status;
+    std::vector<int32_t> tokens;
+    std::string text;
+    int messages = 0;
+    int finals = 0;
+    bool final_last = false;
+    v1::FinalInfo final;
+  };
+  StreamResult ReadStream(grpc::ClientContext* context, const v1::GenerateRequest& request,
+                          const std::function<void(int)>& after_message = nullptr) {
+    StreamResult result;
+    auto reader = stub_->GenerateStream(context, request);
+    v1::GenerateStreamResponse message;
+    while (reader->Read(&message)) {
+      ++result.messages;
+      for (const v1::GeneratedToken& t : message.tokens()) result.tokens.push_back(t.token_id());
+      result.text += message.text();
+      result.final_last = message.has_final();
+      if (message.has_final()) {
+        ++result.finals;
+        result.final = message.final();
+      }
+      if (after_message) after_message(result.messages);
+    }
+    result.status = reader->Finish();
+    return result;
+  }
+
+  test::GoldenFixture golden_;
+  std::unique_ptr<kernels::cpu::CpuBackend> backend_;
+  std::unique_ptr<engine::Scheduler> scheduler_;
+  std::unique_ptr<GenerationService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::GenerationService::Stub> stub_;
+};
+
+TEST_F(ServerTest, UnaryGreedyEqualsGolden) {
+  grpc::ClientContext context;
+  v1::GenerateResponse response;
+  const grpc::Status status = stub_->Generate(&context, GreedyRequest(), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<int32_t> tokens;
+  for (const v1::GeneratedToken& t : response.tokens()) tokens.push_back(t.token_id());
+  EXPECT_THAT(tokens, ElementsAreArray(golden_.greedy));
+  EXPECT_EQ(response.final().finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(response.final().prompt_tokens(), golden_.tokens.size());
+  EXPECT_EQ(response.final().generated_tokens(), golden_.greedy.size());
+  EXPECT_FALSE(response.request_id().empty());
+}
+
+TEST_F(ServerTest, StreamEqualsUnaryWithFinalOnLastMessageOnly) {
+  grpc::ClientContext unary_context;
+  v1::GenerateResponse unary;
+  ASSERT_TRUE(stub_->Generate(&unary_context, GreedyRequest(), &unary).ok());
+  grpc::ClientContext context;
+  const StreamResult stream = ReadStream(&context, GreedyRequest());
+  ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+  EXPECT_THAT(stream.tokens, ElementsAreArray(golden_.greedy));
+  EXPECT_EQ(stream.text, unary.text());
+  EXPECT_EQ(stream.finals, 1);
+  EXPECT_TRUE(stream.final_last);
+  EXPECT_EQ(stream.final.finish_reason(), v1::FINISH_REASON_LENGTH);
+}
+
+TEST_F(ServerTest, SixteenConcurrentStreamsEachEqualTheirUnaryResult) {
+  constexpr int kStreams = 16;
+  auto request_for = [&](int i) {
+    v1::GenerateRequest request = GreedyRequest(24);
+    request.mutable_sampling()->set_temperature(0.9f);
+    request.mutable_sampling()->set_seed(1000 + i);
+    return request;
+  };
+  std::vector<std::vector<int32_t>> expected(kStreams);
+  for (int i = 0; i < kStreams; ++i) {
+    grpc::ClientContext context;
+    v1::GenerateResponse response;
+    ASSERT_TRUE(stub_->Generate(&context, request_for(i), &response).ok());
+    for (const v1::GeneratedToken& t : response.tokens()) expected[i].push_back(t.token_id());
+  }
+  std::vector<StreamResult> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext context;
+      results[i] = ReadStream(&context, request_for(i));
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    EXPECT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_THAT(results[i].tokens, ElementsAreArray(expected[i])) << "stream " << i;
+  }
+}
+
+TEST_F(ServerTest, CancelRpcEndsStreamAndFreesSlot) {
+  v1::GenerateRequest request = GreedyRequest(kLong);
+  request.set_request_id("cancel-me");
+  grpc::ClientContext context;
+  std::atomic<bool> cancelled{false};
+  const StreamResult stream = ReadStream(&context, request, [&](int messages) {
+    if (messages == 2 && !cancelled.exchange(true)) {
+      grpc::ClientContext cancel_context;
+      v1::CancelRequest cancel;
+      cancel.set_request_id("cancel-me");
+      v1::CancelResponse cancel_response;
+      EXPECT_TRUE(stub_->Cancel(&cancel_context, cancel, &cancel_response).ok());
+    }
+  });
+  EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_LT(stream.tokens.size(), static_cast<size_t>(kLong));
+  EXPECT_EQ(stream.final.finish_reason(), v1::FINISH_REASON_CANCELLED);
+  EXPECT_TRUE(WaitSlotsFree());
+  // Cancel of an unknown id: NOT_FOUND.
+  grpc::ClientContext cancel_context;
+  v1::CancelRequest cancel;
+  cancel.set_request_id("cancel-me");
+  v1::CancelResponse cancel_response;
+  EXPECT_EQ(stub_->Cancel(&cancel_context, cancel, &cancel_response).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServerTest, VanishedClientFreesSlot) {
+  grpc::ClientContext context;
+  const StreamResult stream = ReadStream(&context, GreedyRequest(kLong), [&](int messages) {
+    if (messages == 2) context.TryCancel();
+  });
+  EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_EQ(scheduler_->Stats().running, 0);
+}
+
+TEST_F(ServerTest, GrpcDeadlineEndsRequestAndFreesSlot) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  v1::GenerateResponse response;
+  const grpc::Status status = stub_->Generate(&context, GreedyRequest(kLong), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(WaitSlotsFree());
+}
+
+TEST_F(ServerTest, TimeLimitEndsStreamWithDeadlineExceeded) {
+  v1::GenerateRequest request = GreedyRequest(kLong);
+  request.set_time_limit_ms(200);
+  grpc::ClientContext context;
+  const StreamResult stream = ReadStream(&context, request);
+  EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(stream.final.finish_reason(), v1::FINISH_REASON_DEADLINE);
+  EXPECT_TRUE(WaitSlotsFree());
+}
+
+TEST_F(ServerTest, FullQueueIsResourceExhausted) {
+  Stop();
+  Start(/*slots=*/1, /*max_waiting=*/1);
+  // One running, one queued: the third is refused at once.
+  grpc::ClientContext c1, c2;
+  auto s1 = stub_->GenerateStream(&c1, GreedyRequest(kLong));
+  v1::GenerateStreamResponse message;
+  ASSERT_TRUE(s1->Read(&message));  // running
+  auto s2 = stub_->GenerateStream(&c2, GreedyRequest(kLong));
+  for (int i = 0; i < 250 && scheduler_->Stats().waiting == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_EQ(scheduler_->Stats().waiting, 1);
+  grpc::ClientContext c3;
+  v1::GenerateResponse response;
+  const grpc::Status status = stub_->Generate(&c3, GreedyRequest(4), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  c1.TryCancel();
+  c2.TryCancel();
+  while (s1->Read(&message)) {
+  }
+  while (s2->Read(&message)) {
+  }
+  s1->Finish().IgnoreError();
+  s2->Finish().IgnoreError();
+  EXPECT_TRUE(WaitSlotsFree());
+}
+
+TEST_F(ServerTest, InvalidFieldsAreInvalidArgumentOverTheWire) {
+  struct Case {
+    std::string field;
+    std::function<void(v1::GenerateRequest&)> mutate;
+  };
+  const std::vector<Case> cases = {
+      {"prompt", [](v1::GenerateRequest& r) { r.clear_prompt(); }},
+      {"prompt", [](v1::GenerateRequest& r) { r.mutable_token_ids()->clear_ids(); }},
+      {"prompt.token_ids[1]",
+       [](v1::GenerateRequest& r) { r.mutable_token_ids()->set_ids(1, 256); }},
+      {"prompt", [](v1::GenerateRequest& r) { r.set_text(std::string(5000, 'a')); }},
+      {"sampling.temperature",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_temperature(-1); }},
+      {"sampling.top_k", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_k(-1); }},
+      {"sampling.top_p", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_p(0); }},
+      {"sampling.min_p", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_min_p(2); }},
+      {"sampling.repetition_penalty",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_repetition_penalty(0); }},
+      {"sampling.presence_penalty",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_presence_penalty(3); }},
+      {"sampling.frequency_penalty",
+       [](v1::GenerateRequest& r) { r.mutable_sampling()->set_frequency_penalty(-3); }},
+      {"max_new_tokens", [](v1::GenerateRequest& r) { r.set_max_new_tokens(kLong + 1); }},
+      {"min_new_tokens", [](v1::GenerateRequest& r) { r.set_min_new_tokens(99); }},
+      {"top_logprobs",
+       [](v1::GenerateRequest& r) { r.set_logprobs(true), r.set_top_logprobs(21); }},
+      {"top_logprobs", [](v1::GenerateRequest& r) { r.set_top_logprobs(2); }},
+      {"request_id", [](v1::GenerateRequest& r) { r.set_request_id(std::string(129, 'x')); }},
+      {"request_id", [](v1::GenerateRequest& r) { r.set_request_id("a\nb"); }},
+      {"stop.stop_strings[0]",
+       [](v1::GenerateRequest& r) { r.mutable_stop()->add_stop_strings(""); }},
+      {"stop.stop_token_ids[0]",
+       [](v1::GenerateRequest& r) { r.mutable_stop()->add_stop_token_ids(-1); }},
+  };
+  for (const Case& c : cases) {
+    v1::GenerateRequest request = GreedyRequest(8);
+    c.mutate(request);
+    grpc::ClientContext context;
+    v1::GenerateResponse response;
+    const grpc::Status status = stub_->Generate(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_THAT(status.error_message(), HasSubstr(c.field + ":"));
+    grpc::ClientContext stream_context;
+    const StreamResult stream = ReadStream(&stream_context, request);
+    EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_EQ(stream.messages, 0);
+  }
+  EXPECT_EQ(scheduler_->Stats().steps, 0);  // nothing reached the engine
+}
+
+TEST_F(ServerTest, DuplicateRequestIdIsAlreadyExists) {
+  v1::GenerateRequest request = GreedyRequest(kLong);
+  request.set_request_id("same");
+  grpc::ClientContext c1;
+  auto s1 = stub_->GenerateStream(&c1, request);
+  v1::GenerateStreamResponse message;
+  ASSERT_TRUE(s1->Read(&message));
+  grpc::ClientContext c2;
+  v1::GenerateResponse response;
+  EXPECT_EQ(stub_->Generate(&c2, request, &response).error_code(),
+            grpc::StatusCode::ALREADY_EXISTS);
+  c1.TryCancel();
+  while (s1->Read(&message)) {
+  }
+  s1->Finish().IgnoreError();
+}
+
+TEST_F(ServerTest, TokenizeAndModelInfo) {
+  grpc::ClientContext context;
+  v1::TokenizeRequest request;
+  request.set_text("h\xC3\xA9");
+  v1::TokenizeResponse response;
+  ASSERT_TRUE(stub_->Tokenize(&context, request, &response).ok());
+  EXPECT_THAT(response.token_ids(), ElementsAreArray({104, 0xC3, 0xA9}));
+
+  grpc::ClientContext info_context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub_->GetModelInfo(&info_context, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.name(), kFixture);
+  EXPECT_EQ(info.architecture(), "polysketchformer");
+  EXPECT_EQ(info.vocab_size(), static_cast<uint32_t>(golden_.vocab_size));
+  EXPECT_EQ(info.attention_kinds_size(), static_cast<int>(scheduler_->config().n_layers));
+  EXPECT_EQ(info.state_bytes_per_request(),
+            static_cast<uint64_t>(scheduler_->model().layout().bytes_per_slot()));
+  EXPECT_GT(info.state_bytes_per_request(), 0u);
+  EXPECT_EQ(info.limits().state_slots(), 4u);
+  EXPECT_EQ(info.limits().max_new_tokens(), static_cast<uint32_t>(kLong));
+  EXPECT_EQ(info.tokenizer(), "bytes");
+}
+
+TEST_F(ServerTest, HealthAndReadinessTransitions) {
+  EXPECT_EQ(HealthStatus(""), 1);
+  EXPECT_EQ(HealthStatus(kReadinessServiceName), 1);
+  // Drain as the server binary does: readiness NOT_SERVING, new requests UNAVAILABLE.
+  server_->GetHealthCheckService()->SetServingStatus(kReadinessServiceName, false);
+  scheduler_->StartDrain();
+  EXPECT_EQ(HealthStatus(kReadinessServiceName), 2);
+  EXPECT_EQ(HealthStatus(""), 1);
+  grpc::ClientContext context;
+  v1::GenerateResponse response;
+  EXPECT_EQ(stub_->Generate(&context, GreedyRequest(4), &response).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST(ServerLoadingTest, UnavailableUntilSchedulerIsSet) {
+  GenerationService service(ServiceOptions{}, nullptr);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  auto stub = v1::GenerationService::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  v1::GenerateRequest request;
+  request.set_text("hi");
+  v1::GenerateResponse response;
+  EXPECT_EQ(stub->Generate(&context, request, &response).error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  server->Shutdown();
+}
+
+}  // namespace
+}  // namespace ps::service

@@ -371,6 +371,11 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                                       const v1::TokenizeRequest* request,
                                                       v1::TokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (const int64_t bad = FirstInvalidUtf8Byte(request->text()); bad >= 0) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("text: not valid UTF-8 at byte ", bad)));
+    return reactor;
+  }
   // The byte tokenizer: one id per byte, whatever the model (ByteTokenizer::Encode).
   for (const char c : request->text()) response->add_token_ids(static_cast<unsigned char>(c));
   reactor->Finish(grpc::Status::OK);

@@ -76,17 +76,17 @@ def status(name):
     return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
 assert status("") == 1, "liveness"
 assert status("polysketch.v1.GenerationService") == 1, "readiness"
-r = stub.Generate(pb.GenerateRequest(text="Hello", max_new_tokens=8,
+r = stub.Generate(pb.GenerateRequest(text=b"Hello", max_new_tokens=8,
                                      sampling=pb.SamplingParams(temperature=0)), timeout=30)
 assert r.final.generated_tokens == 8 and len(r.tokens) == 8, r
 # A long stream; SIGTERM once it runs.
-stream = stub.GenerateStream(pb.GenerateRequest(text="Hi", max_new_tokens=1000000), timeout=60)
+stream = stub.GenerateStream(pb.GenerateRequest(text=b"Hi", max_new_tokens=1000000), timeout=60)
 next(stream)
 os.kill(pid, signal.SIGTERM)
 time.sleep(0.3)
 assert status("polysketch.v1.GenerationService") == 2, "readiness after SIGTERM"
 try:
-    stub.Generate(pb.GenerateRequest(text="x", max_new_tokens=2), timeout=5)
+    stub.Generate(pb.GenerateRequest(text=b"x", max_new_tokens=2), timeout=5)
     raise AssertionError("Generate while draining succeeded")
 except grpc.RpcError as e:
     assert e.code() == grpc.StatusCode.UNAVAILABLE, e

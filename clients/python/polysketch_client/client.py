@@ -218,7 +218,7 @@ class PolysketchClient:
         request_id: str = "",
     ) -> "pb.GenerateRequest":
         request = pb.GenerateRequest(
-            request_id=request_id,
+            request_id=request_id.encode("utf-8"),
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             logprobs=logprobs,
@@ -226,7 +226,7 @@ class PolysketchClient:
             time_limit_ms=time_limit_ms,
         )
         if isinstance(prompt, str):
-            request.text = prompt
+            request.text = prompt.encode("utf-8")
         else:
             request.token_ids.ids.extend(prompt)
         s = request.sampling
@@ -242,7 +242,7 @@ class PolysketchClient:
         s.frequency_penalty = frequency_penalty
         if seed is not None:
             s.seed = seed
-        request.stop.stop_strings.extend(stop)
+        request.stop.stop_strings.extend(x.encode("utf-8") for x in stop)
         request.stop.stop_token_ids.extend(stop_token_ids)
         request.stop.ignore_eos = ignore_eos
         request.stop.include_stop_string = include_stop_string
@@ -289,7 +289,7 @@ class PolysketchClient:
     def tokenize(self, text: str, *, timeout: Optional[float] = None) -> List[int]:
         try:
             response = self._stub.Tokenize(
-                pb.TokenizeRequest(text=text), timeout=self._deadline(timeout)
+                pb.TokenizeRequest(text=text.encode("utf-8")), timeout=self._deadline(timeout)
             )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None
@@ -338,7 +338,7 @@ class PolysketchClient:
         """Cancels a running or queued request; NOT_FOUND when the id is unknown."""
         try:
             self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id), timeout=self._deadline(timeout)
+                pb.CancelRequest(request_id=request_id.encode("utf-8")), timeout=self._deadline(timeout)
             )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None

@@ -98,7 +98,7 @@ with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
     for i in range(count):
         request = generation_pb2.GenerateRequest(
-            text=f"In the beginning {i}", max_new_tokens=8,
+            text=f"In the beginning {i}".encode(), max_new_tokens=8,
             sampling=generation_pb2.SamplingParams(temperature=0.0))
         response = stub.Generate(request, timeout=30)
         if response.final.generated_tokens < 1:

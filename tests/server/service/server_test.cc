@@ -322,6 +322,10 @@ TEST_F(ServerTest, InvalidFieldsAreInvalidArgumentOverTheWire) {
       {"prompt.token_ids[1]",
        [](v1::GenerateRequest& r) { r.mutable_token_ids()->set_ids(1, 256); }},
       {"prompt", [](v1::GenerateRequest& r) { r.set_text(std::string(5000, 'a')); }},
+      {"prompt.text", [](v1::GenerateRequest& r) { r.set_text("ok \xff\xfe"); }},
+      {"stop.stop_strings[0]",
+       [](v1::GenerateRequest& r) { r.mutable_stop()->add_stop_strings("\xc3"); }},
+      {"request_id", [](v1::GenerateRequest& r) { r.set_request_id("bad\x01id"); }},
       {"sampling.temperature",
        [](v1::GenerateRequest& r) { r.mutable_sampling()->set_temperature(-1); }},
       {"sampling.top_k", [](v1::GenerateRequest& r) { r.mutable_sampling()->set_top_k(-1); }},
@@ -385,6 +389,11 @@ TEST_F(ServerTest, TokenizeAndModelInfo) {
   v1::TokenizeResponse response;
   ASSERT_TRUE(stub_->Tokenize(&context, request, &response).ok());
   EXPECT_THAT(response.token_ids(), ElementsAreArray({104, 0xC3, 0xA9}));
+  grpc::ClientContext bad_context;
+  request.set_text("h\xC3");  // a lead byte without its continuation
+  const grpc::Status bad = stub_->Tokenize(&bad_context, request, &response);
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(bad.error_message(), ::testing::HasSubstr("text: not valid UTF-8 at byte 1"));
 
   grpc::ClientContext info_context;
   v1::ModelInfo info;

@@ -236,11 +236,14 @@ bool Scheduler::Step() {
   for (size_t i = 0; i < ended.size(); ++i) {
     FinishQueued(ended[i].request, ended[i].submitted, ended_reasons[i]);
   }
+  int64_t ended_running = 0;
   for (auto& active : active_) {
     if (cancelled.contains(active->request.id)) {
       Finish(*active, FinishReason::kCancelled);
+      ++ended_running;
     } else if (active->request.deadline <= start) {
       Finish(*active, FinishReason::kDeadline);
+      ++ended_running;
     }
   }
   // 2. Admission.
@@ -250,7 +253,9 @@ bool Scheduler::Step() {
   RunDecode(stats);
   RunPrefill(stats);
   std::erase_if(active_, [](const std::unique_ptr<Active>& a) { return a->finished; });
-  const bool worked = !ended.empty() || stats.decode_batch > 0 || stats.prefill_tokens > 0;
+  // Ending a request is work too: the step callback refreshes the gauges (slots used) with it.
+  const bool worked =
+      !ended.empty() || ended_running > 0 || stats.decode_batch > 0 || stats.prefill_tokens > 0;
   if (worked) {
     steps_.fetch_add(1);
     stats.step_time = absl::Now() - start;

@@ -61,6 +61,21 @@ for f in stream unary; do
 done
 echo "ok: cli generate stream == unary: '$(cat "${tmp}/stream.txt")'"
 
+# The server equals the offline engine (polysketch-generate) for the same prompt and seed, when
+# sampling too (temperature 1, top-k 50, seed 11).
+offline="${build}/polysketch-generate"
+[[ -x "${offline}" ]] || fail "no ${offline} (scripts/build builds it)"
+"${offline}" --model "${model}" --prompt "The quick brown fox" --max_new_tokens 40 \
+  --temperature 1 --top_k 50 --seed 11 > "${tmp}/offline.txt" 2> "${tmp}/offline.err" \
+  || fail "polysketch-generate failed: $(cat "${tmp}/offline.err")"
+"${cli}" generate --target "${target}" --prompt "The quick brown fox" --max_new_tokens 40 \
+  --temperature 1 --top_k 50 --seed 11 --timeout 60s > "${tmp}/served.txt" 2> "${tmp}/served.err" \
+  || fail "cli generate (seeded) failed: $(cat "${tmp}/served.err")"
+[[ -s "${tmp}/served.txt" ]] || fail "seeded generate printed no text"
+cmp -s "${tmp}/offline.txt" "${tmp}/served.txt" \
+  || fail "server != offline engine for seed 11: $(xxd -p "${tmp}/served.txt") vs $(xxd -p "${tmp}/offline.txt")"
+echo "ok: served text == offline engine text for the same seed"
+
 info="$("${cli}" info --target "${target}")" || fail "cli info failed"
 grep -q "^name: *polysketch-learned-local$" <<< "${info}" || fail "cli info name: ${info}"
 grep -q "^architecture: *polysketchformer$" <<< "${info}" || fail "cli info architecture: ${info}"

@@ -45,6 +45,7 @@ for _ in $(seq 1 200); do
 done
 line="$(grep "^polysketch-server: serving" "${log}")" || fail "no ready line"
 port="$(sed -E 's/.* on [^ ]+:([0-9]+), metrics on .*/\1/' <<< "${line}")"
+metrics_port="$(sed -E 's/.*, metrics on [^ ]+:([0-9]+).*/\1/' <<< "${line}")"
 echo "ready: ${line} (port ${port})"
 
 if /usr/bin/python3 -c "import grpc" 2> /dev/null; then
@@ -68,7 +69,7 @@ sys.path.insert(0, sys.argv[1])
 import grpc
 import health_pb2, health_pb2_grpc
 from polysketch.v1 import generation_pb2 as pb, generation_pb2_grpc as pbg
-port, pid = sys.argv[2], int(sys.argv[3])
+port, pid, metrics_port = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 ch = grpc.insecure_channel(f"127.0.0.1:{port}")
 health = health_pb2_grpc.HealthStub(ch)
 stub = pbg.GenerationServiceStub(ch)
@@ -79,6 +80,25 @@ assert status("polysketch.v1.GenerationService") == 1, "readiness"
 r = stub.Generate(pb.GenerateRequest(text=b"Hello", max_new_tokens=8,
                                      sampling=pb.SamplingParams(temperature=0)), timeout=30)
 assert r.final.generated_tokens == 8 and len(r.tokens) == 8, r
+# A client that vanishes mid-stream frees its slot, and the metrics show it.
+import re, urllib.request
+def metric(name):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    m = re.search(r"^" + re.escape(name) + r" ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else None
+gone = stub.GenerateStream(pb.GenerateRequest(text=b"Bye", max_new_tokens=1000000), timeout=60)
+next(gone)
+assert metric("polysketch_state_slots_used") == 1, metric("polysketch_state_slots_used")
+gone.cancel()
+for _ in range(100):
+    if metric("polysketch_state_slots_used") == 0 and \
+            metric('polysketch_request_failure_total{reason="cancelled"}') == 1:
+        break
+    time.sleep(0.05)
+else:
+    raise AssertionError("slot not freed after the client went away: used %s, cancelled %s" % (
+        metric("polysketch_state_slots_used"),
+        metric('polysketch_request_failure_total{reason="cancelled"}')))
 # A long stream; SIGTERM once it runs.
 stream = stub.GenerateStream(pb.GenerateRequest(text=b"Hi", max_new_tokens=1000000), timeout=60)
 next(stream)
@@ -100,7 +120,7 @@ except grpc.RpcError as e:
 assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), code
 print("python checks passed")
 PY
-  /usr/bin/python3 "${tmp}/check.py" "${tmp}/py" "${port}" "${pid}" || fail "python checks"
+  /usr/bin/python3 "${tmp}/check.py" "${tmp}/py" "${port}" "${pid}" "${metrics_port}" || fail "python checks"
 else
   kill -TERM "${pid}"
   fail "python3-grpcio is not installed (scripts/setup-deps installs it)"

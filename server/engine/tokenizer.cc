@@ -24,7 +24,7 @@ void AppendReplacement(std::string& out) {
 
 }  // namespace
 
-bool IsValidUtf8(absl::string_view text) {
+int64_t FirstInvalidUtf8Byte(absl::string_view text) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
   const size_t n = text.size();
   size_t i = 0;
@@ -49,17 +49,19 @@ bool IsValidUtf8(absl::string_view text) {
       if (b == 0xF0) lo = 0x90;  // overlong below U+10000
       if (b == 0xF4) hi = 0x8F;  // past U+10FFFF
     } else {
-      return false;  // 80..C1 (continuation or overlong lead) and F5..FF
+      return static_cast<int64_t>(i);  // 80..C1 (continuation or overlong lead) and F5..FF
     }
-    if (n - i < length) return false;
-    if (s[i + 1] < lo || s[i + 1] > hi) return false;
+    if (n - i < length) return static_cast<int64_t>(i);
+    if (s[i + 1] < lo || s[i + 1] > hi) return static_cast<int64_t>(i);
     for (size_t k = 2; k < length; ++k) {
-      if (s[i + k] < 0x80 || s[i + k] > 0xBF) return false;
+      if (s[i + k] < 0x80 || s[i + k] > 0xBF) return static_cast<int64_t>(i);
     }
     i += length;
   }
-  return true;
+  return -1;
 }
+
+bool IsValidUtf8(absl::string_view text) { return FirstInvalidUtf8Byte(text) < 0; }
 
 absl::StatusOr<ByteTokenizer> ByteTokenizer::Create(int64_t vocab_size) {
   if (vocab_size != kByteVocabSize) {

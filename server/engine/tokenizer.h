@@ -33,6 +33,8 @@ inline constexpr absl::string_view kReplacementCharacter = "\xEF\xBF\xBD";
 // True when `text` is well-formed UTF-8 (no overlong forms, surrogates or code points past
 // U+10FFFF). The empty string is valid; NUL bytes are valid characters.
 bool IsValidUtf8(absl::string_view text);
+// The byte offset where the first ill-formed sequence of `text` starts, or -1 when it is valid.
+int64_t FirstInvalidUtf8Byte(absl::string_view text);
 
 // Token id <-> byte. Immutable after construction: thread-safe.
 class ByteTokenizer {

@@ -194,41 +194,6 @@ absl::StatusOr<engine::StopConditions> ConvertStops(const v1::GenerateRequest& p
 
 }  // namespace
 
-int64_t FirstInvalidUtf8Byte(absl::string_view text) {
-  // Well-formed UTF-8 (Unicode table 3-7): the second byte's range depends on the first.
-  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  const size_t n = text.size();
-  size_t i = 0;
-  while (i < n) {
-    const unsigned char c = s[i];
-    int len = 0;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (c < 0x80) {
-      ++i;
-      continue;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      if (c == 0xE0) lo = 0xA0;
-      if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      if (c == 0xF0) lo = 0x90;
-      if (c == 0xF4) hi = 0x8F;
-    } else {
-      return static_cast<int64_t>(i);
-    }
-    if (i + len > n) return static_cast<int64_t>(i);
-    if (s[i + 1] < lo || s[i + 1] > hi) return static_cast<int64_t>(i);
-    for (int k = 2; k < len; ++k) {
-      if (s[i + k] < 0x80 || s[i + k] > 0xBF) return static_cast<int64_t>(i);
-    }
-    i += len;
-  }
-  return -1;
-}
-
 absl::StatusOr<ConvertedRequest> ConvertGenerateRequest(
     const v1::GenerateRequest& proto, const RequestLimits& limits,
     const std::function<uint64_t()>& random_seed) {

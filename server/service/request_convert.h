@@ -16,6 +16,7 @@
 #include "polysketch/v1/generation.pb.h"
 #include "server/engine/model_config.h"
 #include "server/engine/scheduler.h"
+#include "server/engine/tokenizer.h"
 
 namespace ps::service {
 
@@ -50,8 +51,8 @@ struct ConvertedRequest {
     const polysketch::v1::GenerateRequest& proto, const RequestLimits& limits,
     const std::function<uint64_t()>& random_seed = nullptr);
 
-// The byte offset of the first ill-formed UTF-8 sequence in `text`, or -1 when it is valid.
-int64_t FirstInvalidUtf8Byte(absl::string_view text);
+// Text fields are checked with the tokenizer's UTF-8 validator.
+using engine::FirstInvalidUtf8Byte;
 
 // The finish reason in the API's enum.
 polysketch::v1::FinishReason ToProto(engine::FinishReason reason);

@@ -1,0 +1,783 @@
+#!/usr/bin/python3
+"""Checks deploy/ against the server itself (issue 7, "Done when").
+
+Usage: deploy_test.py <polysketch-server binary> <repo root> [<k8s dir>]
+
+1. `promtool check config` (deploy/prometheus/prometheus.yml, prometheus-kubernetes.yml),
+   `promtool check rules` (rules.yml) and `promtool test rules` (rules_test.yml) pass.
+2. `kubectl kustomize` renders <k8s dir>/overlays/cpu and .../gpu (default <repo root>/deploy/k8s).
+3. A real polysketch-server on free ports (run with the cpu overlay's flags, model, hosts and ports
+   replaced) answers a Generate request and both health service names with SERVING; its /metrics
+   is scraped. The rendered objects are checked against it: container, Service and probe ports
+   against the server's ports (defaults from --help), every --flag of the Deployment is one
+   --help lists, probe service names, terminationGracePeriodSeconds >= preStop sleep +
+   --drain_timeout, selectors match the pod labels, the ServiceMonitor's port is on a Service, the
+   HPA / KEDA targets and queries, non-root and read-only root filesystem, GPU request and
+   tolerations in the gpu overlay only.
+4. Every metric named by rules.yml, the HPA / prometheus-adapter / KEDA queries and the Grafana
+   dashboard (deploy/grafana/polysketch-dashboard.json, which must parse) is in the live scrape.
+
+Runs with Debian's /usr/bin/python3 (python3-grpcio, python3-protobuf, python3-yaml). Every
+problem found is listed; the exit status is 1 when there is any.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import yaml
+
+READINESS_SERVICE = "polysketch.v1.GenerationService"
+LIVENESS_SERVICE = ""
+OVERLAYS = ("cpu", "gpu")
+GPU_RESOURCE = "nvidia.com/gpu"
+# Series Prometheus makes itself for every target.
+SYNTHETIC_METRICS = {"up", "scrape_duration_seconds", "scrape_samples_scraped",
+                     "scrape_samples_post_metric_relabeling", "scrape_series_added"}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+problems = []
+
+
+def problem(message):
+    problems.append(message)
+    print(f"  problem: {message}", flush=True)
+
+
+def check(condition, message):
+    if not condition:
+        problem(message)
+    return condition
+
+
+def run(cmd, **kwargs):
+    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+
+
+# --- PromQL ---------------------------------------------------------------------------------
+PROMQL_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
+                   "group_right", "offset", "bool", "inf", "nan", "start", "end"}
+
+
+def promql_metric_names(expr):
+    """The metric names an expression selects (not functions, keywords, labels or numbers)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    s = re.sub(r"\{[^{}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # range and subquery selectors
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", s)
+    s = re.sub(r"\$\{[^}]*\}|\$\w+", " 1 ", s)  # Grafana variables
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        name = m.group(0)
+        before = s[:m.start()]
+        if before and (before[-1].isdigit() or before[-1] == "."):
+            continue  # 1e3, 5m, 0.5e-3
+        if s[m.end():].lstrip().startswith("("):
+            continue  # function or aggregation
+        if name.lower() in PROMQL_KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def grafana_query_metric_names(query):
+    """Metric names of a Grafana Prometheus variable query (label_values(...)) or expression."""
+    m = re.fullmatch(r"\s*label_values\((.*)\)\s*", query, re.S)
+    if m:
+        inner = m.group(1)
+        # label_values(label) names no metric; label_values(expr, label) selects with expr.
+        depth, split = 0, None
+        for i, c in enumerate(inner):
+            depth += c in "({["
+            depth -= c in ")}]"
+            if c == "," and depth == 0:
+                split = i
+        return promql_metric_names(inner[:split]) if split is not None else set()
+    m = re.fullmatch(r"\s*query_result\((.*)\)\s*", query, re.S)
+    return promql_metric_names(m.group(1) if m else query)
+
+
+def self_test_promql():
+    cases = {
+        'histogram_quantile(0.99, sum by (namespace, le) '
+        '(rate(a_bucket{job=~"$job"}[$__rate_interval])))':
+            {"a_bucket"},
+        "max by (x) (b) > 0 and on (x) sum by (x) (rate(c_total[2m])) == 0": {"b", "c_total"},
+        "d / ignoring (reason) group_left e offset 5m > 1e3": {"d", "e"},
+        'up{job=~".*p.*"} == bool 0': {"up"},
+        "sum(rate(f[5m])) by (le)": {"f"},
+        "rec:name:p99_5m > 0.5": {"rec:name:p99_5m"},
+    }
+    for expr, want in cases.items():
+        got = promql_metric_names(expr)
+        assert got == want, f"promql_metric_names({expr!r}) = {got}, want {want}"
+    assert grafana_query_metric_names('label_values(g{job="$job"}, instance)') == {"g"}
+    assert grafana_query_metric_names("label_values(job)") == set()
+
+
+# --- absl flags and durations ---------------------------------------------------------------
+def help_flags(server):
+    """{flag: default} from `polysketch-server --help`, and the set --helpfull lists."""
+    out = run([server, "--help"])
+    text = out.stdout + out.stderr
+    flags = {}
+    for m in re.finditer(r"--(\w+) \(.*?\);\s+default: (.*?);", text, re.S):
+        flags[m.group(1)] = m.group(2).strip().strip('"')
+    full = run([server, "--helpfull"])
+    all_flags = set(re.findall(r"--(\w+) \(", full.stdout + full.stderr))
+    return flags, all_flags
+
+
+def duration_seconds(text):
+    """absl duration ("30s", "1m30s", "500ms", "inf") in seconds; None if it is not one."""
+    text = text.strip().strip('"')
+    if text in ("0", "0s"):
+        return 0.0
+    units = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)", text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        return None
+    return sum(float(a) * units[b] for a, b in parts)
+
+
+def parse_flag_tokens(tokens):
+    """[(name, value or None)] of the --flags (or -flags) in a command line."""
+    flags = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        m = re.fullmatch(r"--?([A-Za-z_][\w-]*)(?:=(.*))?", tok, re.S)
+        if m:
+            name, value = m.group(1), m.group(2)
+            if value is None and i + 1 < len(tokens) and not tokens[i + 1].startswith("-"):
+                value = tokens[i + 1]
+                i += 1
+            flags.append((name, value))
+        i += 1
+    return flags
+
+
+# --- the server -----------------------------------------------------------------------------
+class Server:
+    READY = re.compile(r"^polysketch-server: serving .* on .*:(\d+), metrics on .*:(\d+)$", re.M)
+
+    def __init__(self, server, args, tmp):
+        self.log_path = os.path.join(tmp, "server.log")
+        self.log = open(self.log_path, "w")
+        self.cmd = [server] + args
+        print("starting: " + " ".join(self.cmd), flush=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.port = self.metrics_port = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"polysketch-server exited ({self.proc.returncode}) before it "
+                                   f"was ready:\n{self.tail()}")
+            m = self.READY.search(open(self.log_path).read())
+            if m:
+                self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"polysketch-server printed no ready line within 60 s:\n{self.tail()}")
+
+    def tail(self):
+        return "".join(open(self.log_path).readlines()[-30:])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+HEALTH_PROTO = """syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health { rpc Check(HealthCheckRequest) returns (HealthCheckResponse); }
+"""
+
+
+def generate_stubs(root, tmp):
+    py = os.path.join(tmp, "py")
+    os.makedirs(os.path.join(tmp, "health", "grpc", "health", "v1"))
+    with open(os.path.join(tmp, "health", "grpc", "health", "v1", "health.proto"), "w") as f:
+        f.write(HEALTH_PROTO)
+    os.makedirs(py)
+    for include, proto in ((os.path.join(root, "proto"), "polysketch/v1/generation.proto"),
+                           (os.path.join(tmp, "health"), "grpc/health/v1/health.proto")):
+        out = run(["/usr/bin/protoc", "-I", include, f"--python_out={py}",
+                   f"--grpc_python_out={py}",
+                   "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", proto])
+        if out.returncode != 0:
+            raise RuntimeError(f"protoc {proto} failed: {out.stderr}")
+    # The generated grpc/health/v1 package must not shadow the installed grpc module.
+    os.rename(os.path.join(py, "grpc"), os.path.join(py, "healthpb"))
+    for name in ("health_pb2.py", "health_pb2_grpc.py"):
+        path = os.path.join(py, "healthpb", "health", "v1", name)
+        src = open(path).read().replace("from grpc.health.v1 import",
+                                        "from healthpb.health.v1 import")
+        open(path, "w").write(src)
+    sys.path.insert(0, py)
+
+
+def talk_to_server(port):
+    """One Generate; the health status of both service names ({name: status name})."""
+    import grpc
+    from healthpb.health.v1 import health_pb2, health_pb2_grpc
+    from polysketch.v1 import generation_pb2, generation_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        response = stub.Generate(generation_pb2.GenerateRequest(
+            text=b"In the beginning", max_new_tokens=8,
+            sampling=generation_pb2.SamplingParams(temperature=0.0)), timeout=30)
+        check(response.final.generated_tokens >= 1, f"Generate produced no tokens: {response}")
+        health = health_pb2_grpc.HealthStub(channel)
+        statuses = {}
+        for service in (LIVENESS_SERVICE, READINESS_SERVICE):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            statuses[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+        return statuses
+
+
+def scrape(metrics_port):
+    """(sample names, histogram base names) of the live /metrics."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples, histograms = set(), set()
+    for line in text.splitlines():
+        m = re.match(r"# TYPE (\S+) histogram", line)
+        if m:
+            histograms.add(m.group(1))
+        elif line and not line.startswith("#"):
+            samples.add(re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", line).group(0))
+    return samples, histograms
+
+
+# --- Prometheus config and rules --------------------------------------------------------------
+def check_prometheus(root, tmp):
+    prom = os.path.join(root, "deploy", "prometheus")
+    for cmd in (["check", "config", os.path.join(prom, "prometheus.yml")],
+                ["check", "rules", os.path.join(prom, "rules.yml")],
+                ["test", "rules", os.path.join(prom, "rules_test.yml")]):
+        out = run(["promtool"] + cmd)
+        check(out.returncode == 0, f"promtool {' '.join(cmd)} failed:\n{out.stdout}{out.stderr}")
+        print(f"promtool {' '.join(cmd)}: rc {out.returncode}", flush=True)
+
+    # prometheus-kubernetes.yml: Debian's promtool has no Kubernetes service discovery; then
+    # check everything else with the kubernetes_sd_configs swapped for static_configs.
+    path = os.path.join(prom, "prometheus-kubernetes.yml")
+    out = run(["promtool", "check", "config", path])
+    if out.returncode != 0 and "field kubernetes_sd_configs not found" in out.stdout + out.stderr:
+        config = yaml.safe_load(open(path))
+        for job in config["scrape_configs"]:
+            if job.pop("kubernetes_sd_configs", None) is not None:
+                job["static_configs"] = [{"targets": ["localhost:9464"]}]
+        shutil.copy(os.path.join(prom, "rules.yml"), tmp)
+        swapped = os.path.join(tmp, "prometheus-kubernetes.yml")
+        yaml.safe_dump(config, open(swapped, "w"))
+        out = run(["promtool", "check", "config", swapped])
+        print("promtool check config prometheus-kubernetes.yml (kubernetes_sd_configs swapped "
+              f"for static_configs: this promtool has no Kubernetes SD): rc {out.returncode}")
+    else:
+        print(f"promtool check config prometheus-kubernetes.yml: rc {out.returncode}")
+    check(out.returncode == 0, f"promtool check config {path} failed:\n{out.stdout}{out.stderr}")
+    config = yaml.safe_load(open(path))
+    pods = [j for j in config["scrape_configs"]
+            if any(sd.get("role") == "pod" for sd in j.get("kubernetes_sd_configs", []))]
+    if check(pods, f"{path}: no scrape job with kubernetes_sd_configs role pod"):
+        keeps = {(tuple(r.get("source_labels", [])), r.get("regex"))
+                 for r in pods[0].get("relabel_configs", []) if r.get("action") == "keep"}
+        check((("__meta_kubernetes_pod_label_app_kubernetes_io_name",), "polysketch") in keeps,
+              f"{path}: the pod job does not keep app.kubernetes.io/name=polysketch")
+        check((("__meta_kubernetes_pod_container_port_name",), "metrics") in keeps,
+              f"{path}: the pod job does not keep the container port named metrics")
+
+    rules = yaml.safe_load(open(os.path.join(prom, "rules.yml")))
+    exprs, recorded = [], set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            exprs.append((f"rules.yml {rule.get('record') or rule.get('alert')}", rule["expr"]))
+            if "record" in rule:
+                recorded.add(rule["record"])
+            else:
+                check(rule.get("labels", {}).get("severity") in ("critical", "warning", "info"),
+                      f"rules.yml alert {rule['alert']} has no severity label")
+                annotations = rule.get("annotations", {})
+                check("summary" in annotations and "description" in annotations,
+                      f"rules.yml alert {rule['alert']} lacks a summary or description")
+    return exprs, recorded
+
+
+def dashboard_queries(root):
+    path = os.path.join(root, "deploy", "grafana", "polysketch-dashboard.json")
+    try:
+        dashboard = json.load(open(path))
+    except (OSError, ValueError) as e:
+        problem(f"{path} does not parse: {e}")
+        return []
+    queries = []
+
+    def panels(items):
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    for panel in panels(dashboard.get("panels", [])):
+        for target in panel.get("targets", []):
+            if "expr" in target:
+                queries.append((f"dashboard panel {panel.get('title')!r} {target.get('refId')}",
+                                target["expr"]))
+    for var in dashboard.get("templating", {}).get("list", []):
+        if var.get("type") == "query":
+            query = var.get("query")
+            query = query.get("query", "") if isinstance(query, dict) else query or ""
+            queries.append((f"dashboard variable {var.get('name')}", "GRAFANA:" + query))
+    check(len(queries) >= 10, f"the dashboard has only {len(queries)} queries")
+    ds = json.dumps(dashboard.get("templating", {})) + json.dumps(dashboard.get("panels", []))
+    check("${DS_PROMETHEUS}" in ds, "the dashboard does not use the ${DS_PROMETHEUS} datasource")
+    return queries
+
+
+# --- Kubernetes objects -----------------------------------------------------------------------
+def render(k8s, overlay):
+    path = os.path.join(k8s, "overlays", overlay)
+    if not os.path.isdir(path):
+        problem(f"{path} does not exist (deploy/k8s is missing the {overlay} overlay)")
+        return None
+    out = run(["kubectl", "kustomize", path])
+    if not check(out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"):
+        return None
+    objects = [o for o in yaml.safe_load_all(out.stdout) if o]
+    print(f"kubectl kustomize {path}: {len(objects)} objects: "
+          + ", ".join(sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)), flush=True)
+    return objects
+
+
+def matches(selector, labels):
+    """Whether a label selector (matchLabels / matchExpressions, or a plain map) selects labels."""
+    if not selector:
+        return False
+    if "matchLabels" not in selector and "matchExpressions" not in selector:
+        selector = {"matchLabels": selector}
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        op, key, values = e["operator"], e["key"], e.get("values", [])
+        if ((op == "In" and labels.get(key) not in values)
+                or (op == "NotIn" and labels.get(key) in values)
+                or (op == "Exists" and key not in labels)
+                or (op == "DoesNotExist" and key in labels)):
+            return False
+    return True
+
+
+def server_container(deployment):
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    for c in containers:
+        text = " ".join([c.get("name", ""), c.get("image", "")] + c.get("command", [])
+                        + c.get("args", []))
+        if "polysketch" in text:
+            return c
+    return containers[0]
+
+
+def container_flags(objects, pod, container):
+    """[(flag, value)] of the container's command line, $(VAR) resolved from env / ConfigMaps,
+    plus the flags of a --flagfile mounted from a ConfigMap."""
+    configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in objects
+                  if o["kind"] == "ConfigMap"}
+    env = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            prefix = source.get("prefix", "")
+            for k, v in configmaps.get(source["configMapRef"]["name"], {}).items():
+                env[prefix + k] = v
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "configMapKeyRef" in var.get("valueFrom", {}):
+            ref = var["valueFrom"]["configMapKeyRef"]
+            value = configmaps.get(ref["name"], {}).get(ref["key"])
+            if check(value is not None, f"env {var['name']}: no key {ref['key']} in ConfigMap "
+                     f"{ref['name']}"):
+                env[var["name"]] = value
+    tokens = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), t)
+              for t in container.get("command", []) + container.get("args", [])]
+    flags = parse_flag_tokens(tokens)
+    for name, value in list(flags):
+        if name != "flagfile" or not value:
+            continue
+        content = None
+        for mount in container.get("volumeMounts", []):
+            mount_path = mount["mountPath"].rstrip("/")
+            if os.path.dirname(value) != mount_path and value != mount_path:
+                continue
+            volume = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
+            if "configMap" not in volume:
+                continue
+            key = mount.get("subPath") or os.path.basename(value)
+            for item in volume["configMap"].get("items", []):
+                if item["path"] == key:
+                    key = item["key"]
+            content = configmaps.get(volume["configMap"]["name"], {}).get(key)
+        if check(content is not None, f"--flagfile={value} is not a key of a mounted ConfigMap"):
+            lines = [l.strip() for l in content.splitlines()]
+            flags += parse_flag_tokens([l for l in lines if l and not l.startswith("#")])
+    return flags
+
+
+def prestop_seconds(container):
+    pre = container.get("lifecycle", {}).get("preStop")
+    if not pre:
+        return 0.0
+    if "sleep" in pre:
+        return float(pre["sleep"]["seconds"])
+    command = " ".join(pre.get("exec", {}).get("command", []))
+    m = re.search(r"\bsleep\s+(\d+(?:\.\d+)?)", command)
+    check(m, f"preStop {pre} has no `sleep N`: cannot tell how long it takes")
+    return float(m.group(1)) if m else 0.0
+
+
+def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
+    """Checks one rendered overlay; returns (its server flags, its PromQL queries)."""
+    where = f"overlay {overlay}"
+    by_kind = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    deployments = by_kind.get("Deployment", [])
+    if not check(len(deployments) == 1, f"{where}: {len(deployments)} Deployments, want 1"):
+        return [], []
+    deployment = deployments[0]
+    name = deployment["metadata"]["name"]
+    pod = deployment["spec"]["template"]["spec"]
+    pod_labels = deployment["spec"]["template"]["metadata"].get("labels", {})
+    container = server_container(deployment)
+    check(pod_labels.get("app.kubernetes.io/name") == "polysketch",
+          f"{where}: pod template lacks label app.kubernetes.io/name=polysketch "
+          "(prometheus-kubernetes.yml scrapes by it)")
+    check(matches(deployment["spec"].get("selector"), pod_labels),
+          f"{where}: Deployment selector does not match its pod template labels")
+
+    # Flags: every one is a server flag; effective ports and drain timeout.
+    flags = container_flags(objects, pod, container)
+    for flag, value in flags:
+        check(flag in valid_flags, f"{where}: --{flag} is not a flag of polysketch-server --help")
+        check(value is None or "$(" not in value,
+              f"{where}: --{flag}={value} references an unresolved variable")
+    given = dict(flags)
+    check("model" in given, f"{where}: the server's args have no --model (required)")
+    port = int(given.get("port", help_defaults["port"]))
+    metrics_port = int(given.get("metrics_port", help_defaults["metrics_port"]))
+    drain = duration_seconds(given.get("drain_timeout", help_defaults["drain_timeout"]))
+    check(drain is not None, f"{where}: --drain_timeout={given.get('drain_timeout')} is not a "
+          "duration")
+    for flag in ("host", "metrics_host"):
+        check(given.get(flag, help_defaults[flag]) not in ("127.0.0.1", "localhost"),
+              f"{where}: --{flag} listens on loopback only: probes and Services cannot reach it")
+
+    # Ports.
+    container_ports = {p["containerPort"]: p.get("name") for p in container.get("ports", [])}
+    port_names = {v: k for k, v in container_ports.items() if v}
+    check(port in container_ports, f"{where}: no container port {port} (gRPC, --port)")
+    check(metrics_port in container_ports,
+          f"{where}: no container port {metrics_port} (metrics, --metrics_port)")
+    check(container_ports.get(metrics_port) == "metrics",
+          f"{where}: container port {metrics_port} is not named \"metrics\" "
+          "(prometheus-kubernetes.yml scrapes the port named metrics)")
+
+    def target(svc_port):
+        t = svc_port.get("targetPort", svc_port["port"])
+        return port_names.get(t) if isinstance(t, str) else t
+
+    services = by_kind.get("Service", [])
+    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
+    normal = [s for s in services if s["spec"].get("clusterIP") != "None"]
+    check(headless, f"{where}: no headless Service (clusterIP: None) for client-side balancing")
+    check(normal, f"{where}: no (non-headless) Service")
+    for svc in services:
+        sname = f"{where}: Service {svc['metadata']['name']}"
+        check(matches(svc["spec"].get("selector"), pod_labels),
+              f"{sname}: selector {svc['spec'].get('selector')} does not match pod labels "
+              f"{pod_labels}")
+        targets = []
+        for p in svc["spec"].get("ports", []):
+            t = target(p)
+            check(t in container_ports, f"{sname}: port {p.get('name')} targets "
+                  f"{p.get('targetPort')}, not a container port")
+            targets.append(t)
+        check(port in targets, f"{sname}: no port for gRPC ({port})")
+        if svc in normal:
+            check(metrics_port in targets, f"{sname}: no port for metrics ({metrics_port})")
+
+    # Probes: native gRPC on the health service names the server answers.
+    probes = {kind: container.get(kind) for kind in
+              ("startupProbe", "readinessProbe", "livenessProbe")}
+    want = {"readinessProbe": READINESS_SERVICE, "livenessProbe": LIVENESS_SERVICE,
+            "startupProbe": None}
+    for kind, probe in probes.items():
+        if kind == "startupProbe" and probe is None:
+            continue
+        if not check(probe and "grpc" in probe, f"{where}: {kind} is not a native grpc probe"):
+            continue
+        service = probe["grpc"].get("service", "")
+        check(probe["grpc"].get("port") == port,
+              f"{where}: {kind} port {probe['grpc'].get('port')} is not the gRPC port {port}")
+        allowed = {want[kind]} if want[kind] is not None else {LIVENESS_SERVICE,
+                                                               READINESS_SERVICE}
+        check(service in allowed, f"{where}: {kind} service {service!r}, want one of {allowed}")
+        check(statuses.get(service) == "SERVING",
+              f"{where}: {kind} service {service!r}: the server answers {statuses.get(service)}")
+
+    # Graceful shutdown.
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    pre = prestop_seconds(container)
+    if drain is not None:
+        check(grace >= pre + drain, f"{where}: terminationGracePeriodSeconds {grace} < preStop "
+              f"{pre:g} s + --drain_timeout {drain:g} s")
+    print(f"{where}: ports {port}/{metrics_port}, grace {grace} s >= preStop {pre:g} s + drain "
+          f"{drain} s", flush=True)
+
+    # Security and resources.
+    pod_sc, c_sc = pod.get("securityContext", {}), container.get("securityContext", {})
+    non_root = c_sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    user = c_sc.get("runAsUser", pod_sc.get("runAsUser"))
+    check(non_root is True or (user is not None and user != 0), f"{where}: not run as non-root")
+    check(user != 0, f"{where}: runAsUser 0")
+    check(c_sc.get("readOnlyRootFilesystem") is True,
+          f"{where}: container root filesystem is not read-only")
+    resources = container.get("resources", {})
+    for part in ("requests", "limits"):
+        check("memory" in resources.get(part, {}), f"{where}: no memory {part}")
+    gpus = resources.get("limits", {}).get(GPU_RESOURCE)
+    tolerations = [t.get("key") for t in pod.get("tolerations", [])]
+    if overlay == "gpu":
+        check(gpus is not None and int(gpus) >= 1, f"{where}: no {GPU_RESOURCE} limit")
+        check(GPU_RESOURCE in tolerations, f"{where}: no toleration for {GPU_RESOURCE}")
+    else:
+        check(gpus is None, f"{where}: requests {GPU_RESOURCE}")
+
+    # PodDisruptionBudget, ServiceMonitor, autoscalers.
+    pdbs = by_kind.get("PodDisruptionBudget", [])
+    check(pdbs, f"{where}: no PodDisruptionBudget")
+    for pdb in pdbs:
+        check(matches(pdb["spec"].get("selector"), pod_labels),
+              f"{where}: PodDisruptionBudget {pdb['metadata']['name']} selector does not match "
+              "the pod labels")
+    monitors = by_kind.get("ServiceMonitor", [])
+    check(monitors, f"{where}: no ServiceMonitor")
+    for sm in monitors:
+        selected = [s for s in services if matches(sm["spec"].get("selector"),
+                                                   s["metadata"].get("labels", {}))]
+        smname = f"{where}: ServiceMonitor {sm['metadata']['name']}"
+        if not check(selected, f"{smname}: selector matches no Service's labels"):
+            continue
+        for endpoint in sm["spec"].get("endpoints", []):
+            names = {p.get("name") for s in selected for p in s["spec"].get("ports", [])}
+            check(endpoint.get("port") in names,
+                  f"{smname}: endpoint port {endpoint.get('port')!r} is not a port name of the "
+                  f"Services it selects ({sorted(n for n in names if n)})")
+            ports = {target(p) for s in selected for p in s["spec"].get("ports", [])
+                     if p.get("name") == endpoint.get("port")}
+            check(ports == {metrics_port}, f"{smname}: endpoint port {endpoint.get('port')!r} "
+                  f"does not reach the metrics port {metrics_port}")
+
+    queries = []
+    hpas = by_kind.get("HorizontalPodAutoscaler", [])
+    check(hpas, f"{where}: no HorizontalPodAutoscaler")
+    adapter_names = adapter_metric_names(objects, queries, where)
+    for hpa in hpas:
+        ref = hpa["spec"]["scaleTargetRef"]
+        hname = f"{where}: HPA {hpa['metadata']['name']}"
+        check(ref.get("kind") == "Deployment" and ref.get("name") == name,
+              f"{hname}: scaleTargetRef {ref} is not Deployment {name}")
+        for metric in hpa["spec"].get("metrics", []):
+            source = metric.get(metric["type"].lower() if "type" in metric else "", {})
+            mname = source.get("metric", {}).get("name")
+            if mname:
+                queries.append((f"{hname} metric", mname, adapter_names))
+    for so in by_kind.get("ScaledObject", []):
+        soname = f"{where}: ScaledObject {so['metadata']['name']}"
+        ref = so["spec"]["scaleTargetRef"]
+        check(ref.get("name") == name and ref.get("kind", "Deployment") == "Deployment",
+              f"{soname}: scaleTargetRef {ref} is not Deployment {name}")
+        for trigger in so["spec"].get("triggers", []):
+            if trigger.get("type") == "prometheus":
+                queries.append((f"{soname} trigger", trigger["metadata"]["query"], set()))
+    return flags, queries
+
+
+def adapter_metric_names(objects, queries, where):
+    """Names a prometheus-adapter rules config among the objects exposes; its series and metrics
+    queries go to `queries`."""
+    names = set()
+    for o in objects:
+        if o["kind"] != "ConfigMap":
+            continue
+        for key, text in (o.get("data") or {}).items():
+            if "seriesQuery" not in text:
+                continue
+            config = yaml.safe_load(text) or {}
+            for section in ("rules", "externalRules"):
+                for rule in config.get(section) or []:
+                    label = f"{where}: adapter ConfigMap {o['metadata']['name']} {key}"
+                    series = promql_metric_names(rule["seriesQuery"])
+                    queries.append((label + " seriesQuery", rule["seriesQuery"], set()))
+                    if "metricsQuery" in rule:
+                        # <<.Series>> is the series the seriesQuery found; <<.LabelMatchers>>,
+                        # <<.GroupBy>> are labels.
+                        mq = rule["metricsQuery"].replace("<<.Series>>", " ".join(sorted(series)))
+                        mq = re.sub(r"<<\.\w+>>", " ", mq)
+                        queries.append((label + " metricsQuery", mq, set()))
+                    rename = rule.get("name", {})
+                    for s in series:
+                        if "matches" in rename:
+                            as_ = re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", rename.get("as", "$0"))
+                            names.add(re.sub(rename["matches"], as_, s))
+                        else:
+                            names.add(s)
+    return names
+
+
+def main():
+    if len(sys.argv) not in (3, 4):
+        sys.exit(f"usage: {sys.argv[0]} <polysketch-server binary> <repo root> [<k8s dir>]")
+    server, root = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
+    k8s = (os.path.abspath(sys.argv[3]) if len(sys.argv) == 4
+           else os.path.join(root, "deploy", "k8s"))
+    for tool in (server, shutil.which("promtool"), shutil.which("kubectl"), "/usr/bin/protoc",
+                 "/usr/bin/grpc_python_plugin"):
+        if not tool or not os.access(tool, os.X_OK):
+            sys.exit(f"FAIL: {tool or 'promtool/kubectl'} is missing (scripts/setup-deps "
+                     "installs it)")
+    self_test_promql()
+    tmp = tempfile.mkdtemp(prefix="deploy_test.")
+    live = None
+    try:
+        print("--- Prometheus config and rules", flush=True)
+        exprs, recorded = check_prometheus(root, tmp)
+        queries = [(n, q, set()) for n, q in exprs]
+        queries += [(n, q, set()) for n, q in dashboard_queries(root)]
+
+        print("--- kubectl kustomize", flush=True)
+        rendered = {overlay: render(k8s, overlay) for overlay in OVERLAYS}
+
+        print("--- polysketch-server", flush=True)
+        help_defaults, all_flags = help_flags(server)
+        for flag in ("port", "metrics_port", "host", "metrics_host", "drain_timeout", "model"):
+            if flag not in help_defaults:
+                sys.exit(f"FAIL: polysketch-server --help lists no --{flag}")
+        check(help_defaults["port"] == "50051" and help_defaults["metrics_port"] == "9464",
+              f"server defaults are --port {help_defaults['port']} --metrics_port "
+              f"{help_defaults['metrics_port']}, the manifests assume 50051 / 9464")
+        valid_flags = set(help_defaults) | ({"flagfile"} & all_flags)
+        # The live server runs with the cpu overlay's flags (so their values are proven to parse),
+        # on this machine's model, loopback and free ports.
+        args = []
+        if rendered["cpu"]:
+            deployment = next((o for o in rendered["cpu"] if o["kind"] == "Deployment"), None)
+            if deployment:
+                flags = container_flags(rendered["cpu"], deployment["spec"]["template"]["spec"],
+                                        server_container(deployment))
+                args = [f"--{n}={v}" if v is not None else f"--{n}" for n, v in flags
+                        if n in valid_flags - {"model", "host", "port", "metrics_host",
+                                               "metrics_port", "flagfile"}]
+        local = ["--model", os.path.join(root, "tests", "golden", "polysketch-random"),
+                 "--host", "127.0.0.1", "--port", "0",
+                 "--metrics_host", "127.0.0.1", "--metrics_port", "0"]
+        generate_stubs(root, tmp)
+        try:
+            live = Server(server, args + local, tmp)
+        except RuntimeError as e:
+            if not args:
+                raise
+            # Report it, then check the rest against a server with default flags.
+            problem(f"the cpu overlay's flags {args}: {e}")
+            live = Server(server, local, tmp)
+        print(f"gRPC on 127.0.0.1:{live.port}, metrics on 127.0.0.1:{live.metrics_port}")
+        statuses = talk_to_server(live.port)
+        print(f"health: {statuses}", flush=True)
+        for service, status in statuses.items():
+            check(status == "SERVING", f"health service {service!r} answers {status}")
+        samples, histograms = scrape(live.metrics_port)
+        print(f"/metrics: {len(samples)} sample names, {len(histograms)} histograms", flush=True)
+
+        for overlay, objects in rendered.items():
+            if objects:
+                print(f"--- overlay {overlay}", flush=True)
+                queries += check_overlay(overlay, objects, help_defaults, valid_flags,
+                                         statuses)[1]
+
+        # A ScaledObject kept out of the kustomization (KEDA as an alternative to the HPA) is still
+        # checked: its scale target and its queries.
+        for path in sorted(glob.glob(os.path.join(k8s, "**", "*.y*ml"), recursive=True)):
+            for o in yaml.safe_load_all(open(path)):
+                if not o or o.get("kind") != "ScaledObject" or any(
+                        o["metadata"]["name"] == r["metadata"]["name"] and r["kind"] == o["kind"]
+                        for r in rendered["cpu"] or []):
+                    continue
+                print(f"--- {path} (not in the rendered overlays)", flush=True)
+                ref = o["spec"]["scaleTargetRef"]
+                check(ref.get("name") in {d["metadata"]["name"] for d in rendered["cpu"] or []
+                                          if d["kind"] == "Deployment"},
+                      f"{path}: scaleTargetRef {ref} is not the cpu overlay's Deployment")
+                for trigger in o["spec"].get("triggers", []):
+                    if trigger.get("type") == "prometheus":
+                        queries.append((f"{path} trigger", trigger["metadata"]["query"], set()))
+
+        print("--- metric names in queries", flush=True)
+
+        def known(name, extra):
+            if name in samples or name in SYNTHETIC_METRICS or name in recorded or name in extra:
+                return True
+            return any(name.endswith(s) and name[:-len(s)] in histograms
+                       for s in HISTOGRAM_SUFFIXES)
+
+        used = set()
+        for label, query, extra in queries:
+            if query.startswith("GRAFANA:"):
+                names = grafana_query_metric_names(query[len("GRAFANA:"):])
+            else:
+                names = promql_metric_names(query)
+                check(names, f"{label}: {query!r} names no metric")
+            for name in sorted(names):
+                used.add(name)
+                check(known(name, extra), f"{label}: metric {name} is not in the live scrape "
+                      "(nor a recording rule of rules.yml)")
+        print(f"{len(queries)} queries name {len(used)} metrics: {sorted(used)}")
+        unused = sorted(n for n in samples if n.startswith("polysketch_") and n not in used
+                        and not any(n.endswith(s) for s in HISTOGRAM_SUFFIXES))
+        if unused:
+            print(f"(metrics no query uses: {unused})")
+    except RuntimeError as e:
+        problem(str(e))
+    finally:
+        if live:
+            live.stop()
+            if problems:
+                print("--- last lines of the server log\n" + live.tail())
+        shutil.rmtree(tmp, ignore_errors=True)
+    if problems:
+        print(f"FAIL: {len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
+        sys.exit(1)
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()

@@ -104,31 +104,31 @@ absl::StatusOr<ModelWeights> Gpt2SmallPolysketch() {
   return weights;
 }
 
-// Bytes one decode step moves for one sequence at `position` tokens: its attention state read
-// (and written where the step updates it: S or S_cur) or its KV rows read.
+// Bytes one decode step moves for one sequence at `position` tokens: its sketch state read (and
+// written where the step updates it: S or S_cur), its sliding-window ring or its kept KV rows read.
 int64_t StateBytesPerStep(const Model& model, int64_t position) {
+  using ps::engine::AttentionKind;
+  using C = ps::engine::StateComponent;
+  const ps::engine::ModelConfig& cfg = model.config();
+  const int64_t row_bytes = 2 * cfg.d_model * static_cast<int64_t>(sizeof(float));  // k and v
   int64_t bytes = 0;
-  const ps::engine::StateLayout& layout = model.layout();
-  for (int64_t l = 0; l < layout.num_layers(); ++l) {
-    const ps::engine::LayerStateLayout& ll = layout.layer(l);
-    using C = ps::engine::StateComponent;
-    if (ll.kind == ps::engine::AttentionKind::kPolysketch) {
+  for (int64_t l = 0; l < model.layout().num_layers(); ++l) {
+    const ps::engine::LayerStateLayout& ll = model.layout().layer(l);
+    if (ll.kind == AttentionKind::kPolysketch) {
       const int64_t s = ll.region(C::kSketch).size_bytes;
       const int64_t cur = ll.region(C::kSketchCur).size_bytes;
       // plain: read + write S; local_exact: read S_prev, read + write S_cur, read the buffer.
       bytes += cur == 0 ? 2 * s
                         : s + 2 * cur + ll.region(C::kLocalKeys).size_bytes +
                               ll.region(C::kLocalValues).size_bytes;
+    } else if (!ll.needs_kv_cache) {
+      bytes += ll.bytes();  // the sliding-window ring
+    } else {
+      const auto mask = ps::engine::AttentionKeyMask(cfg.layers[static_cast<size_t>(l)]);
+      bytes += mask.KeptAfter(position + 1) * row_bytes;
     }
   }
-  // KV layers: the rows kept at this position (AttentionBytesAt counts them once: a read).
-  int64_t constant = 0;
-  for (const auto& ll : layout.layers()) {
-    if (!ll.needs_kv_cache) {
-      for (const auto& region : ll.regions) constant += region.size_bytes;
-    }
-  }
-  return bytes + (model.AttentionBytesAt(position) - constant);
+  return bytes;
 }
 
 int64_t WeightBytes(const ModelWeights& weights) {

@@ -39,6 +39,26 @@ struct KeyMask {
     return true;
   }
 
+  // How many of the keys of positions [0, n) position n - 1 still sees: what a cache keeps after
+  // n tokens (0 for n == 0).
+  constexpr int64_t KeptAfter(int64_t n) const {
+    if (n <= 0) return 0;
+    switch (kind) {
+      case Kind::kWindow:
+        return n < window ? n : window;
+      case Kind::kStrided: {
+        const int64_t recent = n < window ? n : window;
+        const int64_t older = n - recent;  // positions [0, older), kept when j % stride == 0
+        return recent + (older + stride - 1) / stride;
+      }
+      case Kind::kFixed:
+        return (n - 1) % chunk + 1 + ((n - 1) / chunk) * summary;
+      case Kind::kCausal:
+        break;
+    }
+    return n;
+  }
+
   // The most keys a cache under this mask ever holds for one sequence whose positions stay below
   // `max_positions`, counting the new key of a decode step before the keys it hides are dropped.
   constexpr int64_t MaxKept(int64_t max_positions) const {

@@ -116,9 +116,7 @@ absl::Status CheckFlags() {
 std::map<std::string, int64_t> BytesPerSlotByKind(const engine::StateLayout& layout) {
   std::map<std::string, int64_t> bytes;
   for (const engine::LayerStateLayout& layer : layout.layers()) {
-    int64_t sum = 0;
-    for (const engine::StateRegion& region : layer.regions) sum += region.size_bytes;
-    bytes[std::string(engine::AttentionKindName(layer.kind))] += sum;
+    bytes[std::string(engine::AttentionKindName(layer.kind))] += layer.bytes();
   }
   return bytes;
 }

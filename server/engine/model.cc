@@ -6,7 +6,6 @@
 #include <string>
 #include <utility>
 
-#include <absl/container/flat_hash_set.h>
 #include <absl/status/status.h>
 #include <absl/strings/str_cat.h>
 
@@ -99,7 +98,8 @@ Model::Model(ModelConfig config, kernels::Backend& backend, StatePool pool, Mode
       pool_(std::move(pool)),
       options_(options),
       max_context_(max_context),
-      slot_position_(static_cast<size_t>(pool_.num_slots()), -1) {}
+      slot_position_(static_cast<size_t>(pool_.num_slots()), -1),
+      slot_stamp_(static_cast<size_t>(pool_.num_slots()), 0) {}
 
 Model::~Model() = default;
 
@@ -335,17 +335,19 @@ absl::Status Model::Decode(absl::Span<const DecodeItem> items, absl::Span<float>
     return absl::InvalidArgumentError(
         absl::StrCat("decode: logits has ", logits.size(), " floats, need ", B, " x ", V));
   }
-  absl::flat_hash_set<int32_t> seen;
+  ++decode_stamp_;  // marks this call's slots in slot_stamp_
   std::vector<int32_t> tokens(static_cast<size_t>(B));
   std::vector<int64_t> positions(static_cast<size_t>(B));
   std::vector<SlotId> slots(static_cast<size_t>(B));
   for (int64_t i = 0; i < B; ++i) {
     const DecodeItem& item = items[i];
     PS_RETURN_IF_ERROR(CheckSlot(item.slot, item.position));
-    if (!seen.insert(item.slot.index).second) {
+    uint64_t& stamp = slot_stamp_[static_cast<size_t>(item.slot.index)];  // index checked above
+    if (stamp == decode_stamp_) {
       return absl::InvalidArgumentError(
           absl::StrCat("decode: slot ", item.slot.index, " appears twice in one batch"));
     }
+    stamp = decode_stamp_;
     if (item.position >= max_context_) {
       return absl::OutOfRangeError(absl::StrCat("decode: position ", item.position,
                                                 " reaches the context limit ", max_context_));
@@ -503,32 +505,12 @@ int64_t Model::AttentionBytesAt(int64_t position) const {
   for (int64_t l = 0; l < layout().num_layers(); ++l) {
     const LayerStateLayout& ll = layout().layer(l);
     if (!ll.needs_kv_cache) {
-      for (const StateRegion& region : ll.regions) bytes += region.size_bytes;
+      bytes += ll.bytes();
       continue;
     }
-    // Rows a list cache keeps after `position` tokens: those the last one still sees.
-    const kernels::KeyMask mask = AttentionKeyMask(config_.layers[static_cast<size_t>(l)]);
-    int64_t kept = 0;
-    if (position > 0) {
-      const int64_t last = position - 1;
-      switch (mask.kind) {
-        case kernels::KeyMask::Kind::kCausal:
-          kept = position;
-          break;
-        case kernels::KeyMask::Kind::kWindow:
-          kept = std::min(position, mask.window);
-          break;
-        case kernels::KeyMask::Kind::kStrided: {
-          const int64_t recent = std::min(position, mask.window);
-          const int64_t older = position - recent;  // positions [0, older)
-          kept = recent + (older + mask.stride - 1) / mask.stride;
-          break;
-        }
-        case kernels::KeyMask::Kind::kFixed:
-          kept = last % mask.chunk + 1 + (last / mask.chunk) * mask.summary;
-          break;
-      }
-    }
+    // A list cache: the kept rows (keys and values, and their positions) plus the row count.
+    const int64_t kept =
+        AttentionKeyMask(config_.layers[static_cast<size_t>(l)]).KeptAfter(position);
     bytes += kept * (2 * H * h * static_cast<int64_t>(sizeof(float)) + 8) + 8;
   }
   return bytes;

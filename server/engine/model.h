@@ -134,6 +134,10 @@ class Model {
   int64_t max_context_ = 0;
   int64_t max_rows_ = 0;  // max(prefill_chunk, max_batch): rows the scratch buffers hold
   std::vector<int64_t> slot_position_;  // per slot: tokens held, -1 when free
+  // Repeated-slot check of Decode without allocating: slot_stamp_[i] == decode_stamp_ when slot
+  // i is already in the current call's batch.
+  std::vector<uint64_t> slot_stamp_;
+  uint64_t decode_stamp_ = 0;
   std::vector<LayerParams> layers_;
   std::vector<kernels::SketchSlotState> sketch_slots_;  // per-call views, reused
   std::vector<kernels::KvSlotState> kv_slots_;

@@ -96,6 +96,12 @@ struct LayerStateLayout {
   const StateRegion& region(StateComponent component) const {
     return regions[static_cast<int>(component)];
   }
+  // Bytes of all of this layer's regions in a slot (without alignment padding).
+  int64_t bytes() const {
+    int64_t sum = 0;
+    for (const StateRegion& r : regions) sum += r.size_bytes;
+    return sum;
+  }
   friend bool operator==(const LayerStateLayout&, const LayerStateLayout&) = default;
 };
 

@@ -45,6 +45,10 @@ TEST(KeyMaskTest, VisibilityOfEachKind) {
   EXPECT_FALSE(fixed.Visible(6, 7));  // the future
 }
 
+TEST(KeyMaskTest, KeptAfterNothingIsZero) {
+  for (const KeyMask& mask : Masks()) EXPECT_EQ(mask.KeptAfter(0), 0);
+}
+
 TEST(KeyMaskTest, VisibilityNeverComesBack) {
   for (const KeyMask& mask : Masks()) {
     for (int64_t j = 0; j < 40; ++j) {
@@ -59,7 +63,7 @@ TEST(KeyMaskTest, VisibilityNeverComesBack) {
   }
 }
 
-TEST(KeyMaskTest, MaxKeptBoundsADecodeOrderCache) {
+TEST(KeyMaskTest, KeptAfterAndMaxKeptMatchADecodeOrderCache) {
   for (const KeyMask& mask : Masks()) {
     for (int64_t max_positions : {1, 2, 9, 33, 100}) {
       // Decode order: append position t, then count (before dropping what t cannot see: the
@@ -71,6 +75,8 @@ TEST(KeyMaskTest, MaxKeptBoundsADecodeOrderCache) {
         most = std::max<int64_t>(most, static_cast<int64_t>(kept.size()));
         std::erase_if(kept, [&](int64_t j) { return !mask.Visible(t, j); });
       }
+      EXPECT_EQ(static_cast<int64_t>(kept.size()), mask.KeptAfter(max_positions))
+          << "kind " << static_cast<int>(mask.kind) << " after " << max_positions;
       EXPECT_LE(most, mask.MaxKept(max_positions))
           << "kind " << static_cast<int>(mask.kind) << " max_positions " << max_positions;
       EXPECT_LE(mask.MaxKept(max_positions), max_positions);

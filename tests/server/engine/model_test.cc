@@ -313,5 +313,32 @@ TEST_F(ModelTest, ConstantStateModelsHaveNoContextLimitAndConstantMemory) {
   EXPECT_GT(softmax->AttentionBytesAt(200), softmax->AttentionBytesAt(100));
 }
 
+// AttentionBytesAt counts exactly the rows the KV kernels keep in the slot.
+TEST_F(ModelTest, AttentionBytesAtCountsTheRowsTheCachesKeep) {
+  for (const char* fixture : {"softmax", "sparse-strided", "sparse-fixed", "mixed"}) {
+    PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> model, Load(fixture, TestOptions(512)));
+    const int64_t row = 2 * model->config().d_model * static_cast<int64_t>(sizeof(float)) + 8;
+    PS_ASSERT_OK_AND_ASSIGN(SlotId slot, model->AcquireSlot());
+    std::vector<int32_t> tokens;
+    for (int64_t n : {1, 9, 23, 40}) {
+      while (static_cast<int64_t>(tokens.size()) < n) tokens.push_back(n % 256);
+      const int64_t start = model->SlotPosition(slot);
+      ASSERT_THAT(model->Prefill(slot, start, absl::MakeConstSpan(tokens).subspan(start), {}),
+                  IsOk());
+      int64_t want = 0;
+      for (int64_t l = 0; l < model->layout().num_layers(); ++l) {
+        const LayerStateLayout& layer = model->layout().layer(l);
+        if (!layer.needs_kv_cache) {
+          want += layer.bytes();
+          continue;
+        }
+        const int64_t count = model->pool().Int64s(slot, l, StateComponent::kKvCount)[0];
+        want += count * row + 8;
+      }
+      EXPECT_EQ(model->AttentionBytesAt(n), want) << fixture << " after " << n << " tokens";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ps::engine

@@ -1,14 +1,15 @@
 // polysketch-generate: command-line text generation from a model directory, streaming the
-// generated text (never the prompt) to stdout and statistics to stderr. It wires the engine's
-// pieces (LoadWeights, sampler, stop checker, incremental detokenizer) exactly as a request does.
-// The forward is the engine's Model on the CPU backend (threaded, vectorised kernels); the prompt
-// is prefilled in chunks with the block algorithm, then one decode step per generated token.
+// generated text (never the prompt) to stdout and statistics to stderr. The request runs through
+// the server's own Scheduler (sampling, incremental detokenization, stop rules, context limit) on
+// the engine's Model with the CPU backend, so offline and served outputs are the same.
 // Exit status: 0 done, 1 runtime error (bad flag value, model, prompt), 2 usage error.
-#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -24,11 +25,13 @@
 #include <absl/strings/numbers.h>
 #include <absl/strings/str_cat.h>
 #include <absl/strings/string_view.h>
+#include <absl/time/time.h>
 
 #include "base/status_macros.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "server/engine/model.h"
 #include "server/engine/sampler.h"
+#include "server/engine/scheduler.h"
 #include "server/engine/stop_checker.h"
 #include "server/engine/tokenizer.h"
 #include "server/engine/weights.h"
@@ -74,10 +77,6 @@ struct Failure {
   std::string message;
 };
 
-double SecondsSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
 // Tokens per second, or 0 when nothing was timed.
 double Rate(int64_t n, double seconds) { return seconds > 0 ? n / seconds : 0.0; }
 
@@ -110,6 +109,46 @@ void WriteOut(absl::string_view text) {
   std::fflush(stdout);
 }
 
+// Prints a request's output as the engine produces it (on the engine thread) and hands the final
+// result to the main thread.
+class PrintingObserver : public ps::engine::RequestObserver {
+ public:
+  explicit PrintingObserver(bool logprobs) : logprobs_(logprobs) {}
+
+  void OnDelta(ps::engine::StreamDelta delta) override {
+    if (logprobs_) {
+      for (const ps::engine::TokenOutput& t : delta.tokens) {
+        std::fprintf(stderr, "[%lld] token %d logprob %.4f |", static_cast<long long>(++count_),
+                     t.token_id, t.logprob);
+        for (const ps::engine::TokenLogprob& alt : t.top_logprobs) {
+          std::fprintf(stderr, " %d:%.4f", alt.token_id, alt.logprob);
+        }
+        std::fprintf(stderr, "\n");
+      }
+    }
+    WriteOut(delta.text);
+  }
+
+  void OnFinish(ps::engine::FinalResult result) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    result_ = std::move(result);
+    done_.notify_all();
+  }
+
+  ps::engine::FinalResult Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return result_.has_value(); });
+    return *result_;
+  }
+
+ private:
+  const bool logprobs_;
+  int64_t count_ = 0;  // engine thread only
+  std::mutex mu_;
+  std::condition_variable done_;
+  std::optional<ps::engine::FinalResult> result_;
+};
+
 absl::Status Generate() {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   PS_ASSIGN_OR_RETURN(std::string prompt,
@@ -127,11 +166,15 @@ absl::Status Generate() {
   options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::engine::Model> model,
                       ps::engine::Model::Create(weights, backend, options));
-  const int64_t vocab_size = model->config().vocab_size;
   PS_ASSIGN_OR_RETURN(ps::engine::ByteTokenizer tokenizer,
-                      ps::engine::ByteTokenizer::Create(vocab_size));
+                      ps::engine::ByteTokenizer::Create(model->config().vocab_size));
 
-  ps::engine::SamplingParams params;
+  // One request through the same scheduler the server uses: sampling, incremental
+  // detokenization, stop rules and the context limit behave exactly as they do when served.
+  ps::engine::EngineRequest request;
+  request.id = "polysketch-generate";
+  request.prompt = tokenizer.Encode(prompt);
+  ps::engine::SamplingParams& params = request.sampling;
   params.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
   params.top_k = absl::GetFlag(FLAGS_top_k);
   params.top_p = static_cast<float>(absl::GetFlag(FLAGS_top_p));
@@ -142,79 +185,36 @@ absl::Status Generate() {
   params.seed = absl::GetFlag(FLAGS_seed);
   params.top_logprobs = absl::GetFlag(FLAGS_logprobs);
   params.logprobs = params.top_logprobs > 0;
-
-  ps::engine::StopConditions stops;
+  ps::engine::StopConditions& stops = request.stops;
   PS_ASSIGN_OR_RETURN(stops.stop_token_ids, ParseTokenIds(absl::GetFlag(FLAGS_stop_token_ids)));
   stops.stop_strings = absl::GetFlag(FLAGS_stop);
   stops.include_stop_string = absl::GetFlag(FLAGS_include_stop_string);
   stops.min_new_tokens = absl::GetFlag(FLAGS_min_new_tokens);
   stops.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
-  const int64_t max_new_tokens = stops.max_new_tokens;
+  auto observer = std::make_shared<PrintingObserver>(params.logprobs);
+  request.observer = observer;
+  const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size());
 
-  const std::vector<int32_t> prompt_ids = tokenizer.Encode(prompt);
-  // Create validates params and stops, before any model time is spent.
-  PS_ASSIGN_OR_RETURN(ps::engine::Sampler sampler,
-                      ps::engine::Sampler::Create(params, vocab_size, prompt_ids));
-  PS_ASSIGN_OR_RETURN(ps::engine::StopChecker stop_checker,
-                      ps::engine::StopChecker::Create(std::move(stops), vocab_size));
+  ps::engine::SchedulerOptions scheduler_options;
+  scheduler_options.prefill_tokens_per_step = options.prefill_chunk;
+  PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::engine::Scheduler> scheduler,
+                      ps::engine::Scheduler::Create(std::move(model), scheduler_options));
+  // Submit validates the sampling values, the stop conditions and the prompt against the context
+  // limit before any model time is spent.
+  PS_RETURN_IF_ERROR(scheduler->Submit(std::move(request)));
+  const ps::engine::FinalResult result = observer->Wait();
+  if (result.reason == FinishReason::kError) return result.error;
 
-  if (static_cast<int64_t>(prompt_ids.size()) > model->max_context()) {
-    return absl::OutOfRangeError(absl::StrCat("the prompt has ", prompt_ids.size(),
-                                              " tokens, more than the context limit ",
-                                              model->max_context(), " (see --max_context)"));
-  }
-  PS_ASSIGN_OR_RETURN(const ps::engine::SlotId slot, model->AcquireSlot());
-  std::vector<float> logits(static_cast<size_t>(vocab_size));
-  const auto prompt_start = std::chrono::steady_clock::now();
-  PS_RETURN_IF_ERROR(model->Prefill(slot, 0, prompt_ids, absl::MakeSpan(logits)));
-  const double prompt_seconds = SecondsSince(prompt_start);
-  int64_t position = static_cast<int64_t>(prompt_ids.size());
-
-  ps::engine::IncrementalDetokenizer detokenizer;
-  FinishReason finish_reason = FinishReason::kLength;
-  int64_t num_generated = 0;
-  const auto decode_start = std::chrono::steady_clock::now();
-  while (true) {
-    PS_ASSIGN_OR_RETURN(ps::engine::SampleResult sample, sampler.Sample(logits));
-    const int32_t token = sample.token_id;
-    PS_RETURN_IF_ERROR(sampler.Accept(token));
-    ++num_generated;
-    PS_ASSIGN_OR_RETURN(std::string text, detokenizer.Push(token));
-    // The last possible token closes the stream: a character still open becomes U+FFFD (as
-    // ByteTokenizer::Decode), and it must reach the stop checker, which releases everything
-    // on its final Append. Stops by string or token drop what follows them anyway.
-    if (num_generated == max_new_tokens) text += detokenizer.Flush();
-    if (params.logprobs) {
-      std::fprintf(stderr, "[%lld] token %d logprob %.4f |", static_cast<long long>(num_generated),
-                   token, sample.logprob);
-      for (const ps::engine::TokenLogprob& alt : sample.top_logprobs) {
-        std::fprintf(stderr, " %d:%.4f", alt.token_id, alt.logprob);
-      }
-      std::fprintf(stderr, "\n");
-    }
-    PS_ASSIGN_OR_RETURN(ps::engine::StopStep step, stop_checker.Append(token, text));
-    WriteOut(step.released);
-    if (step.finish_reason.has_value()) {
-      finish_reason = *step.finish_reason;
-      break;
-    }
-    if (position >= model->max_context()) {  // no room for this token's successor
-      WriteOut(stop_checker.Release() + detokenizer.Flush());
-      std::fprintf(stderr, "\n[context limit %lld reached]", static_cast<long long>(position));
-      break;
-    }
-    const ps::engine::DecodeItem item{slot, position, token};
-    PS_RETURN_IF_ERROR(model->Decode({&item, 1}, absl::MakeSpan(logits)));
-    ++position;
-  }
-  const double decode_seconds = SecondsSince(decode_start);
-
+  const double prefill_seconds = absl::ToDoubleSeconds(result.timings.prefill);
+  const double decode_seconds =
+      absl::ToDoubleSeconds(result.timings.total - result.timings.queue - result.timings.prefill);
   std::fprintf(stderr, "\nfinish reason: %s\n",
-               std::string(FinishReasonName(finish_reason)).c_str());
-  std::fprintf(stderr, "prompt tokens: %zu (%.1f tokens/s)\n", prompt_ids.size(),
-               Rate(static_cast<int64_t>(prompt_ids.size()), prompt_seconds));
+               std::string(FinishReasonName(result.reason)).c_str());
+  std::fprintf(stderr, "prompt tokens: %lld (%.1f tokens/s)\n",
+               static_cast<long long>(prompt_tokens), Rate(prompt_tokens, prefill_seconds));
   std::fprintf(stderr, "generated tokens: %lld (%.1f tokens/s)\n",
-               static_cast<long long>(num_generated), Rate(num_generated, decode_seconds));
+               static_cast<long long>(result.generated_tokens),
+               Rate(result.generated_tokens, decode_seconds));
   return absl::OkStatus();
 }
 

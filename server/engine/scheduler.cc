@@ -297,8 +297,10 @@ void Scheduler::Admit(absl::Time now) {
 }
 
 void Scheduler::RunDecode(StepStats& stats) {
-  std::vector<DecodeItem> items;
-  std::vector<Active*> batch;
+  std::vector<DecodeItem>& items = decode_items_;
+  std::vector<Active*>& batch = decode_batch_;
+  items.clear();
+  batch.clear();
   for (auto& active : active_) {
     if (active->finished || !active->decoding()) continue;
     if (static_cast<int64_t>(items.size()) == model_->options().max_batch) break;

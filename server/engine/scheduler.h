@@ -189,6 +189,8 @@ class Scheduler {
   // Engine thread only.
   std::vector<std::unique_ptr<Active>> active_;
   std::vector<float> logits_;
+  std::vector<DecodeItem> decode_items_;  // RunDecode's batch, reused across steps
+  std::vector<Active*> decode_batch_;
 
   std::thread engine_;  // last: started when everything else is ready
 };

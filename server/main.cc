@@ -1,13 +1,16 @@
 // polysketch-server: serves one model directory over gRPC (GenerationService, grpc.health.v1,
 // reflection) with Prometheus metrics on their own port. Wiring, flags, signals and the drain:
 // SIGTERM / SIGINT -> readiness NOT_SERVING, no new requests (UNAVAILABLE), running ones get
-// --drain_timeout to finish, the rest are cancelled, then exit 0. Errors at start (bad flag,
-// model, busy port) print one line to stderr and exit 1.
+// --drain_timeout to finish, the rest are cancelled, then exit 0. SIGHUP re-reads
+// --auth_tokens_file (a bad file keeps the tokens in use). Errors at start (bad flag, model,
+// busy port, unreadable or mismatched TLS files, bad tokens file) print one line to stderr and
+// exit 1. docs/security.md describes the TLS, token and limit flags.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <memory>
 #include <signal.h>
@@ -34,7 +37,9 @@
 #include "server/engine/scheduler.h"
 #include "server/engine/weights.h"
 #include "server/metrics/metrics.h"
+#include "server/service/auth.h"
 #include "server/service/generation_service.h"
+#include "server/service/tls.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory (config.json + model.safetensors). Required.");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC server listens on.");
@@ -61,6 +66,46 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = all cores.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: how long running requests may take to finish before they are "
           "cancelled.");
+
+// --- Security (docs/security.md) ---------------------------------------------------------------
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of the gRPC port; with --tls_key turns TLS on (default: "
+          "plaintext, for local use).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert (unencrypted).");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle: mutual TLS, every client must present a certificate signed by it.");
+ABSL_FLAG(std::string, auth_tokens_file, "",
+          "Bearer tokens, one `name:token` (or bare token) per line, '#' comments; every "
+          "GenerationService call then needs `authorization: Bearer <token>`. Re-read on "
+          "SIGHUP. Empty: no authentication.");
+ABSL_FLAG(int32_t, health_port, -1,
+          "Also serve grpc.health.v1 alone, in plaintext, on --host:this port (for Kubernetes "
+          "gRPC probes, which cannot speak TLS); 0 picks a free one; -1 = off.");
+ABSL_FLAG(int64_t, max_receive_message_bytes, int64_t{8} << 20,
+          "Largest request message the gRPC port accepts, in bytes (gRPC refuses bigger ones "
+          "with RESOURCE_EXHAUSTED before they are parsed).");
+ABSL_FLAG(int64_t, max_prompt_bytes, int64_t{4} << 20,
+          "Largest prompt of one request in bytes (text bytes, or 4 per token id); past it "
+          "INVALID_ARGUMENT.");
+ABSL_FLAG(int64_t, max_inflight_prompt_bytes, int64_t{256} << 20,
+          "Most prompt bytes of all requests in flight (queued or running); past it new "
+          "requests get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_stream_buffer_bytes, int64_t{4} << 20,
+          "Most output bytes one GenerateStream keeps for a client that does not read; past "
+          "it the request is cancelled and the stream ends RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int32_t, max_concurrent_streams, 64,
+          "Most calls open at once on one HTTP/2 connection (GRPC_ARG_MAX_CONCURRENT_STREAMS).");
+ABSL_FLAG(absl::Duration, keepalive_time, absl::Minutes(1),
+          "The server pings a connection idle for this long, to find dead peers.");
+ABSL_FLAG(absl::Duration, keepalive_timeout, absl::Seconds(20),
+          "A connection whose ping is not answered within this is closed.");
+ABSL_FLAG(absl::Duration, keepalive_min_client_ping_interval, absl::Seconds(10),
+          "Clients may ping at most this often without sending data; more often is a strike.");
+ABSL_FLAG(int32_t, keepalive_max_ping_strikes, 2,
+          "Strikes (too frequent pings) before the connection is closed with GOAWAY; 0 = no "
+          "limit.");
+ABSL_FLAG(absl::Duration, max_connection_idle, absl::Minutes(30),
+          "A connection without a call for this long is closed (GOAWAY); 0 = never.");
 
 namespace {
 
@@ -103,6 +148,38 @@ absl::Status CheckFlags() {
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be >= 0, got ", value));
     }
   }
+  for (const auto& [name, value] : std::vector<std::pair<const char*, int64_t>>{
+           {"max_receive_message_bytes", absl::GetFlag(FLAGS_max_receive_message_bytes)},
+           {"max_prompt_bytes", absl::GetFlag(FLAGS_max_prompt_bytes)},
+           {"max_inflight_prompt_bytes", absl::GetFlag(FLAGS_max_inflight_prompt_bytes)},
+           {"max_stream_buffer_bytes", absl::GetFlag(FLAGS_max_stream_buffer_bytes)},
+           {"max_concurrent_streams", absl::GetFlag(FLAGS_max_concurrent_streams)}}) {
+    if (value < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be >= 1, got ", value));
+    }
+  }
+  if (absl::GetFlag(FLAGS_max_receive_message_bytes) > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError("--max_receive_message_bytes: must be below 2 GiB");
+  }
+  if (absl::GetFlag(FLAGS_keepalive_max_ping_strikes) < 0) {
+    return absl::InvalidArgumentError("--keepalive_max_ping_strikes: must be >= 0");
+  }
+  if (const int32_t health_port = absl::GetFlag(FLAGS_health_port);
+      health_port < -1 || health_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--health_port: must be -1 (off) or in [0, 65535], got ", health_port));
+  }
+  for (const auto& [name, value] : std::vector<std::pair<const char*, absl::Duration>>{
+           {"keepalive_time", absl::GetFlag(FLAGS_keepalive_time)},
+           {"keepalive_timeout", absl::GetFlag(FLAGS_keepalive_timeout)},
+           {"keepalive_min_client_ping_interval",
+            absl::GetFlag(FLAGS_keepalive_min_client_ping_interval)},
+           {"max_connection_idle", absl::GetFlag(FLAGS_max_connection_idle)}}) {
+    if (value < absl::ZeroDuration() || value > absl::Hours(24 * 365)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be in [0, 365 days], got ",
+                                                     absl::FormatDuration(value)));
+    }
+  }
   if (absl::GetFlag(FLAGS_max_new_tokens_limit) > int64_t{1} << 31) {
     return absl::InvalidArgumentError("--max_new_tokens_limit: must be at most 2^31");
   }
@@ -113,6 +190,37 @@ absl::Status CheckFlags() {
 }
 
 // Attention memory per slot by kind name: what SetAttentionMemory reports times slots used.
+// Milliseconds for a gRPC channel argument (an int).
+int Millis(absl::Duration d) { return static_cast<int>(absl::ToInt64Milliseconds(d)); }
+
+// The connection limits a hostile or broken client cannot exceed (docs/security.md, "Limits").
+void SetConnectionLimits(grpc::ServerBuilder& builder) {
+  builder.SetMaxReceiveMessageSize(
+      static_cast<int>(absl::GetFlag(FLAGS_max_receive_message_bytes)));
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             absl::GetFlag(FLAGS_max_concurrent_streams));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             Millis(absl::GetFlag(FLAGS_keepalive_time)));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             Millis(absl::GetFlag(FLAGS_keepalive_timeout)));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             Millis(absl::GetFlag(FLAGS_keepalive_min_client_ping_interval)));
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES,
+                             absl::GetFlag(FLAGS_keepalive_max_ping_strikes));
+  if (absl::GetFlag(FLAGS_max_connection_idle) > absl::ZeroDuration()) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                               Millis(absl::GetFlag(FLAGS_max_connection_idle)));
+  }
+}
+
+// Readiness and liveness on the main server and, when there is one, the probe-only server.
+void SetServing(const std::vector<grpc::Server*>& servers, const std::string& service,
+                bool serving) {
+  for (grpc::Server* server : servers) {
+    server->GetHealthCheckService()->SetServingStatus(service, serving);
+  }
+}
+
 std::map<std::string, int64_t> BytesPerSlotByKind(const engine::StateLayout& layout) {
   std::map<std::string, int64_t> bytes;
   for (const engine::LayerStateLayout& layer : layout.layers()) {
@@ -138,6 +246,35 @@ absl::Status Serve(const sigset_t& signals) {
   options.max_new_tokens_limit = absl::GetFlag(FLAGS_max_new_tokens_limit);
   options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   options.max_waiting_tokens = absl::GetFlag(FLAGS_max_waiting_tokens);
+  options.max_prompt_bytes = absl::GetFlag(FLAGS_max_prompt_bytes);
+  options.max_inflight_prompt_bytes = absl::GetFlag(FLAGS_max_inflight_prompt_bytes);
+  options.max_stream_buffer_bytes = absl::GetFlag(FLAGS_max_stream_buffer_bytes);
+
+  // Security first: a bad TLS or tokens file stops the start before anything listens.
+  service::TlsFiles tls_files;
+  tls_files.cert = absl::GetFlag(FLAGS_tls_cert);
+  tls_files.key = absl::GetFlag(FLAGS_tls_key);
+  tls_files.client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  PS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                      service::MakeServerCredentials(tls_files));
+  std::shared_ptr<service::Authenticator> authenticator;
+  if (const std::string tokens_file = absl::GetFlag(FLAGS_auth_tokens_file); !tokens_file.empty()) {
+    absl::StatusOr<std::unique_ptr<service::Authenticator>> loaded =
+        service::Authenticator::FromFile(tokens_file);
+    if (!loaded.ok()) {
+      return absl::Status(loaded.status().code(),
+                          absl::StrCat("--auth_tokens_file: ", loaded.status().message()));
+    }
+    authenticator = *std::move(loaded);
+    options.authenticator = authenticator;
+  }
+  std::fprintf(stderr, "polysketch-server: %s, %s\n",
+               !service::TlsEnabled(tls_files) ? "plaintext (no TLS)"
+               : tls_files.client_ca.empty()   ? "TLS"
+                                               : "mutual TLS (client certificates required)",
+               authenticator == nullptr
+                   ? "no authentication"
+                   : absl::StrCat("bearer tokens: ", authenticator->num_tokens()).c_str());
 
   const std::string metrics_address =
       absl::StrCat(metrics_host, ":", absl::GetFlag(FLAGS_metrics_port));
@@ -150,21 +287,44 @@ absl::Status Serve(const sigset_t& signals) {
   grpc::ServerBuilder builder;
   const std::string address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   int port = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address, credentials, &port);
   builder.RegisterService(&generation);
+  SetConnectionLimits(builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", address, " (port in use or bad address)"));
   }
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus("", true);
-  health->SetServingStatus(service::kReadinessServiceName, false);
+  // The probe-only server: no GenerationService, no reflection, plaintext.
+  std::unique_ptr<grpc::Server> health_server;
+  int health_port = -1;
+  if (absl::GetFlag(FLAGS_health_port) >= 0) {
+    grpc::ServerBuilder health_builder;
+    const std::string health_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_health_port));
+    health_builder.AddListeningPort(health_address, grpc::InsecureServerCredentials(),
+                                    &health_port);
+    SetConnectionLimits(health_builder);
+    health_server = health_builder.BuildAndStart();
+    if (health_server == nullptr || health_port <= 0) {
+      server->Shutdown(std::chrono::system_clock::now());
+      return absl::UnavailableError(absl::StrCat("--health_port: cannot listen on ", health_address,
+                                                 " (port in use or bad address)"));
+    }
+  }
+  std::vector<grpc::Server*> health_servers = {server.get()};
+  if (health_server != nullptr) health_servers.push_back(health_server.get());
+  SetServing(health_servers, "", true);
+  SetServing(health_servers, service::kReadinessServiceName, false);
+  // Ends both servers (the probe server after the main one, so probes see NOT_SERVING last).
+  auto shutdown = [&](std::chrono::system_clock::time_point deadline) {
+    server->Shutdown(deadline);
+    if (health_server != nullptr) health_server->Shutdown(std::chrono::system_clock::now());
+  };
 
   // The model and the engine.
   absl::StatusOr<engine::ModelWeights> weights = engine::LoadWeights(model_dir);
   if (!weights.ok()) {
-    server->Shutdown(std::chrono::system_clock::now());
+    shutdown(std::chrono::system_clock::now());
     return absl::Status(weights.status().code(), absl::StrCat("cannot load model ", model_dir, ": ",
                                                               weights.status().message()));
   }
@@ -178,7 +338,7 @@ absl::Status Serve(const sigset_t& signals) {
   absl::StatusOr<std::unique_ptr<engine::Model>> model =
       engine::Model::Create(*weights, backend, model_options);
   if (!model.ok()) {
-    server->Shutdown(std::chrono::system_clock::now());
+    shutdown(std::chrono::system_clock::now());
     return model.status();
   }
   const std::map<std::string, int64_t> bytes_per_slot = BytesPerSlotByKind((*model)->layout());
@@ -205,24 +365,41 @@ absl::Status Serve(const sigset_t& signals) {
   absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
       engine::Scheduler::Create(std::move(*model), scheduler_options);
   if (!scheduler.ok()) {
-    server->Shutdown(std::chrono::system_clock::now());
+    shutdown(std::chrono::system_clock::now());
     return scheduler.status();
   }
   scheduler_ptr.store(scheduler->get());
   refresh_gauges();
   generation.SetScheduler(scheduler->get());
-  health->SetServingStatus(service::kReadinessServiceName, true);
-  std::fprintf(stderr, "polysketch-server: serving %s on %s:%d, metrics on %s:%d\n",
-               model_dir.c_str(), host.c_str(), port, metrics_host.c_str(), metrics->port());
+  SetServing(health_servers, service::kReadinessServiceName, true);
+  const std::string health_note =
+      health_server == nullptr ? "" : absl::StrCat(", health on ", host, ":", health_port);
+  std::fprintf(stderr, "polysketch-server: serving %s on %s:%d, metrics on %s:%d%s\n",
+               model_dir.c_str(), host.c_str(), port, metrics_host.c_str(), metrics->port(),
+               health_note.c_str());
   std::fflush(stderr);
 
-  // Wait for SIGTERM / SIGINT (blocked in every thread, so only sigwait sees them).
+  // Wait for SIGTERM / SIGINT (blocked in every thread, so only sigwait sees them); SIGHUP
+  // reloads the tokens and waits again.
   int signal_number = 0;
-  sigwait(&signals, &signal_number);
+  for (;;) {
+    sigwait(&signals, &signal_number);
+    if (signal_number != SIGHUP) break;
+    if (authenticator == nullptr) {
+      std::fprintf(stderr, "polysketch-server: SIGHUP: no --auth_tokens_file, nothing to reload\n");
+    } else if (const absl::Status reloaded = authenticator->Reload(); reloaded.ok()) {
+      std::fprintf(stderr, "polysketch-server: SIGHUP: reloaded %zu bearer tokens\n",
+                   authenticator->num_tokens());
+    } else {
+      std::fprintf(stderr, "polysketch-server: SIGHUP: reload failed, keeping %zu tokens: %s\n",
+                   authenticator->num_tokens(), std::string(reloaded.message()).c_str());
+    }
+    std::fflush(stderr);
+  }
   std::fprintf(stderr, "polysketch-server: %s: draining (up to %s)\n", strsignal(signal_number),
                absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)).c_str());
 
-  health->SetServingStatus(service::kReadinessServiceName, false);
+  SetServing(health_servers, service::kReadinessServiceName, false);
   (*scheduler)->StartDrain();
   const absl::Time drain_end = absl::Now() + absl::GetFlag(FLAGS_drain_timeout);
   while (!(*scheduler)->Idle() && absl::Now() < drain_end) absl::SleepFor(absl::Milliseconds(20));
@@ -230,7 +407,7 @@ absl::Status Serve(const sigset_t& signals) {
   // Shutdown cancels the calls still open after its deadline; each cancelled call cancels its
   // engine request (done within a step), so Shutdown returns once they have ended. The
   // scheduler outlives every call; destroying it then ends anything left.
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(drained ? 200 : 0));
+  shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(drained ? 200 : 0));
   refresh_gauges();
   scheduler_ptr.store(nullptr);
   scheduler->reset();
@@ -262,6 +439,7 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);  // reload of --auth_tokens_file
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   const absl::Status status = Serve(signals);
   if (!status.ok()) {

@@ -38,12 +38,25 @@
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/stub_options.h>
 
+#include "clients/common/connection.h"
 #include "polysketch/v1/generation.grpc.pb.h"
 
 // --- Connection --------------------------------------------------------------------------------
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
 ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(),
           "gRPC deadline for each call (e.g. 30s, 500ms); 0 means none.");
+
+// --- Security (docs/security.md) -----------------------------------------------------------------
+ABSL_FLAG(bool, tls, false, "Connect with TLS, trusting the system's CAs (see --tls_ca).");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA bundle that signed the server's certificate; turns TLS on.");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for mutual TLS (with --tls_key).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
+ABSL_FLAG(std::string, server_name, "",
+          "Name to check the server's certificate against instead of the --target host.");
+ABSL_FLAG(std::string, token, "",
+          "Bearer token sent with every call (visible in the process list: prefer --token_file).");
+ABSL_FLAG(std::string, token_file, "", "File whose first non-blank line is the bearer token.");
 
 // --- Prompt (generate, tokenize) ----------------------------------------------------------------
 ABSL_FLAG(std::string, prompt, "", "Prompt text (generate, tokenize).");
@@ -200,8 +213,12 @@ void CheckFlagsOrExit(int argc, char** argv) {
   }
 }
 
+// The connection every call goes through (set once in main).
+ps::clients::Connection* g_connection = nullptr;
+
 std::unique_ptr<grpc::ClientContext> MakeContext() {
   auto context = std::make_unique<grpc::ClientContext>();
+  if (g_connection != nullptr) ps::clients::Authorize(*g_connection, context.get());
   const absl::Duration timeout = absl::GetFlag(FLAGS_timeout);
   if (timeout < absl::ZeroDuration()) throw UsageError("--timeout must not be negative");
   if (timeout > absl::ZeroDuration()) {
@@ -517,8 +534,19 @@ int main(int argc, char** argv) {
   }
   const std::string command = args[1];
   try {
-    std::shared_ptr<grpc::Channel> channel =
-        grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
+    ps::clients::ConnectionOptions options;
+    options.target = absl::GetFlag(FLAGS_target);
+    options.tls = absl::GetFlag(FLAGS_tls);
+    options.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+    options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+    options.tls_key = absl::GetFlag(FLAGS_tls_key);
+    options.server_name = absl::GetFlag(FLAGS_server_name);
+    options.token = absl::GetFlag(FLAGS_token);
+    options.token_file = absl::GetFlag(FLAGS_token_file);
+    absl::StatusOr<ps::clients::Connection> connection = ps::clients::Connect(options);
+    if (!connection.ok()) throw UsageError(std::string(connection.status().message()));
+    g_connection = &*connection;
+    std::shared_ptr<grpc::Channel> channel = connection->channel;
     pb::GenerationService::Stub stub(channel);
     if (command == "generate") return RunGenerate(stub);
     if (command == "info") return RunInfo(stub);

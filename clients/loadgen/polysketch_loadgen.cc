@@ -32,6 +32,7 @@
 #include <absl/time/time.h>
 #include <grpcpp/grpcpp.h>
 
+#include "clients/common/connection.h"
 #include "polysketch/v1/generation.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
@@ -56,6 +57,17 @@ ABSL_FLAG(double, cancel_fraction, 0.0,
 ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(), "gRPC deadline per request; 0 = none.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the load generator (prompts, arrivals, cancel choice).");
 ABSL_FLAG(bool, json, false, "Also print the report as one JSON object on stdout.");
+// Security (docs/security.md): as polysketch-cli's.
+ABSL_FLAG(bool, tls, false, "Connect with TLS, trusting the system's CAs (see --tls_ca).");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA bundle that signed the server's certificate; turns TLS on.");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for mutual TLS (with --tls_key).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
+ABSL_FLAG(std::string, server_name, "",
+          "Name to check the server's certificate against instead of the --target host.");
+ABSL_FLAG(std::string, token, "",
+          "Bearer token sent with every call (visible in the process list: prefer --token_file).");
+ABSL_FLAG(std::string, token_file, "", "File whose first non-blank line is the bearer token.");
 
 namespace {
 
@@ -136,8 +148,9 @@ class Collector {
 // One GenerateStream call; deletes itself when done.
 class StreamCall : public grpc::ClientReadReactor<pb::GenerateStreamResponse> {
  public:
-  StreamCall(pb::GenerationService::Stub* stub, pb::GenerateRequest request, bool cancel,
-             uint32_t cancel_after_tokens, absl::Duration timeout, Collector* collector)
+  StreamCall(pb::GenerationService::Stub* stub, const ps::clients::Connection& connection,
+             pb::GenerateRequest request, bool cancel, uint32_t cancel_after_tokens,
+             absl::Duration timeout, Collector* collector)
       : request_(std::move(request)),
         cancel_(cancel),
         cancel_after_tokens_(cancel_after_tokens),
@@ -145,6 +158,7 @@ class StreamCall : public grpc::ClientReadReactor<pb::GenerateStreamResponse> {
     if (timeout > absl::ZeroDuration()) {
       context_.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
     }
+    ps::clients::Authorize(connection, &context_);
     collector_->Started();
     start_ = Clock::now();
     stub->async()->GenerateStream(&context_, &request_, this);
@@ -341,8 +355,18 @@ int main(int argc, char** argv) {
     return Usage("--temperature: cannot parse " + temperature_text);
   }
 
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel(absl::GetFlag(FLAGS_target), grpc::InsecureChannelCredentials());
+  ps::clients::ConnectionOptions connection_options;
+  connection_options.target = absl::GetFlag(FLAGS_target);
+  connection_options.tls = absl::GetFlag(FLAGS_tls);
+  connection_options.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  connection_options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  connection_options.tls_key = absl::GetFlag(FLAGS_tls_key);
+  connection_options.server_name = absl::GetFlag(FLAGS_server_name);
+  connection_options.token = absl::GetFlag(FLAGS_token);
+  connection_options.token_file = absl::GetFlag(FLAGS_token_file);
+  absl::StatusOr<ps::clients::Connection> connection = ps::clients::Connect(connection_options);
+  if (!connection.ok()) return Usage(std::string(connection.status().message()));
+  std::shared_ptr<grpc::Channel> channel = connection->channel;
   auto stub = pb::GenerationService::NewStub(channel);
   if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
     std::cerr << "polysketch-loadgen: cannot connect to " << absl::GetFlag(FLAGS_target) << "\n";
@@ -378,7 +402,7 @@ int main(int argc, char** argv) {
     if (!temperature_text.empty()) request.mutable_sampling()->set_temperature(temperature);
     const bool cancel = pick_cancel(rng);
     const uint32_t cancel_after = static_cast<uint32_t>(std::max(1, max_new_tokens / 2));
-    new StreamCall(stub.get(), std::move(request), cancel, cancel_after,
+    new StreamCall(stub.get(), *connection, std::move(request), cancel, cancel_after,
                    absl::GetFlag(FLAGS_timeout), &collector);
     ++sent;
   }

@@ -242,6 +242,19 @@ class PrometheusMetrics final : public ServerMetrics {
                               "/proc/self/statm at scrape time).")
                           .Register(r)
                           .Add({});
+    auth_failures_ = &BuildCounter()
+                          .Name("polysketch_auth_failures_total")
+                          .Help("Number of calls refused for missing or invalid credentials.")
+                          .Register(r)
+                          .Add({});
+    stream_overflows_ = &BuildCounter()
+                             .Name("polysketch_stream_buffer_overflow_total")
+                             .Help(
+                                 "Number of streams ended with RESOURCE_EXHAUSTED because the "
+                                 "client stopped reading and unsent output passed "
+                                 "--max_stream_buffer_bytes.")
+                             .Register(r)
+                             .Add({});
     collector_ = std::make_shared<ScrapeCollector>(registry_, &resident);
   }
 
@@ -322,6 +335,8 @@ class PrometheusMetrics final : public ServerMetrics {
   }
 
   void RequestRefused(FailureReason reason) override { Failure(reason); }
+  void AuthFailure() override { auth_failures_->Increment(); }
+  void StreamBufferOverflow() override { stream_overflows_->Increment(); }
 
   void EngineStep(const engine::StepStats& step) override {
     step_->Observe(Seconds(step.step_time));
@@ -373,6 +388,8 @@ class PrometheusMetrics final : public ServerMetrics {
   Gauge* slots_total_ = nullptr;
   Gauge* slots_used_ = nullptr;
   Family<Gauge>* attention_memory_ = nullptr;
+  Counter* auth_failures_ = nullptr;
+  Counter* stream_overflows_ = nullptr;
   std::shared_ptr<ScrapeCollector> collector_;
   int port_ = 0;
   // Last: stopped (its threads joined) before the metrics it serves go away.

@@ -18,6 +18,11 @@
 //   polysketch_attention_memory_bytes{kind}                   gauge (state slots in use, by
 //                                                             attention kind of the layers)
 //   polysketch_process_resident_memory_bytes                  gauge (read at scrape time)
+//   polysketch_auth_failures_total                            counter (calls refused for missing
+//                                                             or invalid credentials)
+//   polysketch_stream_buffer_overflow_total                   counter (streams ended because the
+//                                                             client did not read: output past
+//                                                             --max_stream_buffer_bytes)
 // Thread-safe: every method may be called from any thread.
 #ifndef POLYSKETCH_SERVER_METRICS_METRICS_H_
 #define POLYSKETCH_SERVER_METRICS_METRICS_H_
@@ -76,6 +81,11 @@ class ServerMetrics {
   // appears in the scrape from its first call: call it with 0 for each kind of the model at
   // start.
   virtual void SetAttentionMemory(absl::string_view kind, int64_t bytes) = 0;
+  // A call refused as UNAUTHENTICATED (missing or invalid token).
+  virtual void AuthFailure() = 0;
+  // A stream ended with RESOURCE_EXHAUSTED because its client stopped reading and its unsent
+  // output passed the per-stream bound.
+  virtual void StreamBufferOverflow() = 0;
 };
 
 }  // namespace ps::metrics

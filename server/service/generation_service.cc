@@ -2,7 +2,9 @@
 // two owners: itself until gRPC says OnDone, and the RequestObserver the scheduler holds until
 // the request ends, so neither gRPC nor the engine thread can see it destroyed under them.
 // Calls end only through the engine's OnFinish once submitted (the scheduler guarantees exactly
-// one), so a cancelled call still reports its final state and frees its slot first.
+// one), so a cancelled call still reports its final state and frees its slot first. A stream
+// whose client stops reading is the exception: past its buffer bound it finishes at once with
+// RESOURCE_EXHAUSTED (its write may never complete) and cancels its engine request.
 #include "server/service/generation_service.h"
 
 #include <chrono>
@@ -75,17 +77,28 @@ class CallBase {
  protected:
   CallBase(GenerationService* service, grpc::CallbackServerContext* context)
       : service_(service), context_(context) {}
+  ~CallBase() { ReleasePromptBytes(); }
 
-  // Validates and submits; on error returns the status to finish the call with.
+  // Authenticates, validates, reserves the prompt's bytes and submits; on error returns the
+  // status to finish the call with.
   template <typename Call>
   std::optional<grpc::Status> Submit(const v1::GenerateRequest& proto, std::shared_ptr<Call> self) {
+    absl::StatusOr<std::string> identity = service_->Authenticate(*context_);
+    if (!identity.ok()) return ToGrpcStatus(identity.status());
+    identity_ = *std::move(identity);
     absl::StatusOr<ConvertedRequest> converted = service_->Prepare(context_, proto);
     if (!converted.ok()) return ToGrpcStatus(converted.status());
+    const int64_t prompt_bytes = PromptBytes(proto);
+    if (absl::Status reserved = service_->ReservePromptBytes(prompt_bytes); !reserved.ok()) {
+      return ToGrpcStatus(reserved);
+    }
+    reserved_prompt_bytes_.store(prompt_bytes);
     id_ = converted->request.id;
     deadline_ = converted->request.deadline;
     converted->request.observer = std::make_shared<CallObserver<Call>>(std::move(self));
     absl::Status status = service_->scheduler()->Submit(std::move(converted->request));
     if (!status.ok()) {
+      ReleasePromptBytes();
       service_->CountRefusal(status);
       return ToGrpcStatus(status);
     }
@@ -93,8 +106,16 @@ class CallBase {
     return std::nullopt;
   }
 
-  // gRPC cancelled the call (client cancel, disconnect, or its deadline): end the engine
-  // request. Past the deadline the engine ends it itself, as kDeadline, within a step.
+  // Gives the prompt's bytes back to the in-flight budget (once; the engine no longer needs the
+  // prompt when the request has finished).
+  void ReleasePromptBytes() {
+    const int64_t bytes = reserved_prompt_bytes_.exchange(0);
+    if (bytes > 0) service_->ReleasePromptBytes(bytes);
+  }
+
+  // gRPC cancelled the call (client cancel, disconnect, or its deadline), or the client stopped
+  // reading: end the engine request. Past the deadline the engine ends it itself, as kDeadline,
+  // within a step.
   void CancelEngineRequest() {
     if (!submitted_.load() || absl::Now() >= deadline_) return;
     engine::Scheduler* scheduler = service_->scheduler();
@@ -118,8 +139,10 @@ class CallBase {
   GenerationService* const service_;
   grpc::CallbackServerContext* const context_;
   std::string id_;
+  std::string identity_;  // the caller (Authenticate); kept for sessions (issue 9)
   absl::Time deadline_ = absl::InfiniteFuture();
   std::atomic<bool> submitted_{false};
+  std::atomic<int64_t> reserved_prompt_bytes_{0};
   absl::Time last_tokens_ = absl::InfinitePast();
 };
 
@@ -149,6 +172,7 @@ class UnaryCall final : public grpc::ServerUnaryReactor, public CallBase {
 
   void OnEngineFinish(engine::FinalResult result) {
     RecordFinish(result);
+    ReleasePromptBytes();
     {
       std::lock_guard<std::mutex> lock(mu_);
       response_->set_request_id(id_);
@@ -191,17 +215,26 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   void OnEngineDelta(engine::StreamDelta delta) {
     RecordTokens(static_cast<int64_t>(delta.tokens.size()));
     std::unique_lock<std::mutex> lock(mu_);
-    if (client_gone_) return;
-    v1::GenerateStreamResponse* message = MessageToAppend();
-    message->mutable_text()->append(delta.text);
-    AppendTokens(delta.tokens, message->mutable_tokens());
+    if (client_gone_ || overflowed_) return;
+    Pending* pending = MessageToAppend();
+    pending->message.mutable_text()->append(delta.text);
+    AppendTokens(delta.tokens, pending->message.mutable_tokens());
+    const int64_t bytes = DeltaBytes(delta);
+    pending->bytes += bytes;
+    pending_bytes_ += bytes;
+    if (pending_bytes_ > service_->options().max_stream_buffer_bytes) {
+      Overflow(lock);
+      return;
+    }
     Pump(lock);
   }
 
   void OnEngineFinish(engine::FinalResult result) {
     RecordFinish(result);
+    ReleasePromptBytes();
     std::unique_lock<std::mutex> lock(mu_);
-    if (!client_gone_) FillFinalInfo(result, MessageToAppend()->mutable_final());
+    if (overflowed_) return;  // already finished with RESOURCE_EXHAUSTED
+    if (!client_gone_) FillFinalInfo(result, MessageToAppend()->message.mutable_final());
     final_status_ = FinalStatus(result);
     Pump(lock);
   }
@@ -209,10 +242,12 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   void OnWriteDone(bool ok) override {
     std::unique_lock<std::mutex> lock(mu_);
     writing_ = false;
+    pending_bytes_ -= pending_.front().bytes;
     pending_.pop_front();
     if (!ok) {
       client_gone_ = true;
       pending_.clear();
+      pending_bytes_ = 0;
     }
     Pump(lock);
   }
@@ -230,12 +265,53 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   }
 
  private:
+  // A message queued for the client and the bytes of output it holds (DeltaBytes).
+  struct Pending {
+    v1::GenerateStreamResponse message;
+    int64_t bytes = 0;
+  };
+
+  // About the bytes `delta` adds to a message on the wire: its text, and per token the id,
+  // logprob and each alternative with their tags (an upper estimate, not the exact encoding,
+  // so that the bound costs O(delta) and not a re-serialisation of the queued message).
+  static int64_t DeltaBytes(const engine::StreamDelta& delta) {
+    int64_t bytes = static_cast<int64_t>(delta.text.size());
+    for (const engine::TokenOutput& token : delta.tokens) {
+      bytes += 16 + 16 * static_cast<int64_t>(token.top_logprobs.size());
+    }
+    return bytes;
+  }
+
+  // The client has let more than max_stream_buffer_bytes pile up: drop what it has not been
+  // sent, end the engine request and finish the call now with RESOURCE_EXHAUSTED. Finish does
+  // not wait for the write in flight, which may never complete while the client does not read.
+  // Called with mu_ held; releases it.
+  void Overflow(std::unique_lock<std::mutex>& lock) {
+    overflowed_ = true;
+    const int64_t limit = service_->options().max_stream_buffer_bytes;
+    // The front message is gRPC's while a write is in flight: keep it.
+    while (pending_.size() > (writing_ ? 1u : 0u)) pending_.pop_back();
+    pending_bytes_ = pending_.empty() ? 0 : pending_.front().bytes;
+    const bool finish_now = !finished_;
+    finished_ = true;
+    lock.unlock();
+    if (service_->metrics() != nullptr) service_->metrics()->StreamBufferOverflow();
+    CancelEngineRequest();
+    if (finish_now) {
+      Finish(grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrCat("the client is not reading: more than ", limit,
+                       " bytes of output waited to be sent (--max_stream_buffer_bytes); the "
+                       "request was cancelled")));
+    }
+  }
+
   // The message new output goes into: the last queued one unless it is being written or the
   // queue has room for a new one. Called with mu_ held.
-  v1::GenerateStreamResponse* MessageToAppend() {
+  Pending* MessageToAppend() {
     const bool back_in_flight = writing_ && pending_.size() == 1;
     if (pending_.empty() || back_in_flight || pending_.size() < kMaxPendingStreamMessages) {
-      pending_.emplace_back().set_request_id(id_);
+      pending_.emplace_back().message.set_request_id(id_);
     }
     return &pending_.back();
   }
@@ -247,7 +323,7 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     if (writing_ || finished_) return;
     if (!pending_.empty() && !client_gone_) {
       writing_ = true;
-      const v1::GenerateStreamResponse* message = &pending_.front();  // stable: deque front
+      const v1::GenerateStreamResponse* message = &pending_.front().message;  // stable: front
       lock.unlock();
       StartWrite(message);
       return;
@@ -261,15 +337,24 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   }
 
   std::mutex mu_;
-  std::deque<v1::GenerateStreamResponse> pending_;  // front is in flight when writing_
+  std::deque<Pending> pending_;  // front is in flight when writing_
+  int64_t pending_bytes_ = 0;    // sum of pending_[i].bytes
   bool writing_ = false;
   bool client_gone_ = false;
+  bool overflowed_ = false;  // finished for max_stream_buffer_bytes
   bool finished_ = false;
   std::optional<grpc::Status> final_status_;
   std::shared_ptr<StreamCall> self_;
 };
 
 }  // namespace
+
+int64_t PromptBytes(const v1::GenerateRequest& request) {
+  if (request.prompt_case() == v1::GenerateRequest::kTokenIds) {
+    return int64_t{4} * request.token_ids().ids_size();
+  }
+  return static_cast<int64_t>(request.text().size());
+}
 
 grpc::Status ToGrpcStatus(const absl::Status& status) {
   grpc::StatusCode code = grpc::StatusCode::INTERNAL;
@@ -291,6 +376,12 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
       break;
     case absl::StatusCode::kNotFound:
       code = grpc::StatusCode::NOT_FOUND;
+      break;
+    case absl::StatusCode::kUnauthenticated:
+      code = grpc::StatusCode::UNAUTHENTICATED;
+      break;
+    case absl::StatusCode::kPermissionDenied:
+      code = grpc::StatusCode::PERMISSION_DENIED;
       break;
     default:
       break;
@@ -323,11 +414,46 @@ void GenerationService::CountRefusal(const absl::Status& status) {
   }
 }
 
+absl::StatusOr<std::string> GenerationService::Authenticate(
+    const grpc::ServerContextBase& context) {
+  if (options_.authenticator == nullptr) return std::string(kAnonymousIdentity);
+  absl::StatusOr<std::string> identity = options_.authenticator->Authenticate(context);
+  if (!identity.ok() && metrics_ != nullptr) metrics_->AuthFailure();
+  return identity;
+}
+
+absl::Status GenerationService::ReservePromptBytes(int64_t bytes) {
+  const int64_t limit = options_.max_inflight_prompt_bytes;
+  int64_t held = inflight_prompt_bytes_.load();
+  do {
+    if (held + bytes > limit) {
+      absl::Status status = absl::ResourceExhaustedError(
+          absl::StrCat("prompts in flight hold ", held, " bytes; this prompt's ", bytes,
+                       " bytes would pass --max_inflight_prompt_bytes=", limit, "; retry later"));
+      CountRefusal(status);
+      return status;
+    }
+  } while (!inflight_prompt_bytes_.compare_exchange_weak(held, held + bytes));
+  return absl::OkStatus();
+}
+
+void GenerationService::ReleasePromptBytes(int64_t bytes) {
+  inflight_prompt_bytes_.fetch_sub(bytes);
+}
+
 absl::StatusOr<ConvertedRequest> GenerationService::Prepare(grpc::CallbackServerContext* context,
                                                             const v1::GenerateRequest& request) {
   engine::Scheduler* sched = scheduler();
   if (sched == nullptr) {
     absl::Status status = absl::UnavailableError("the model is loading");
+    CountRefusal(status);
+    return status;
+  }
+  // Before the conversion, which copies the prompt.
+  if (const int64_t bytes = PromptBytes(request); bytes > options_.max_prompt_bytes) {
+    absl::Status status = absl::InvalidArgumentError(
+        absl::StrCat("prompt: must be at most ", options_.max_prompt_bytes,
+                     " bytes (--max_prompt_bytes; text bytes, or 4 per token id), got ", bytes));
     CountRefusal(status);
     return status;
   }
@@ -371,6 +497,17 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                                       const v1::TokenizeRequest* request,
                                                       v1::TokenizeResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (absl::StatusOr<std::string> identity = Authenticate(*context); !identity.ok()) {
+    reactor->Finish(ToGrpcStatus(identity.status()));
+    return reactor;
+  }
+  if (const int64_t bytes = static_cast<int64_t>(request->text().size());
+      bytes > options_.max_prompt_bytes) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("text: must be at most ", options_.max_prompt_bytes,
+                                              " bytes (--max_prompt_bytes), got ", bytes)));
+    return reactor;
+  }
   if (const int64_t bad = FirstInvalidUtf8Byte(request->text()); bad >= 0) {
     reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                                  absl::StrCat("text: not valid UTF-8 at byte ", bad)));
@@ -386,6 +523,10 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(
     grpc::CallbackServerContext* context, const v1::GetModelInfoRequest* /*request*/,
     v1::ModelInfo* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (absl::StatusOr<std::string> identity = Authenticate(*context); !identity.ok()) {
+    reactor->Finish(ToGrpcStatus(identity.status()));
+    return reactor;
+  }
   engine::Scheduler* sched = scheduler();
   if (sched == nullptr) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is loading"));
@@ -411,6 +552,10 @@ grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext*
                                                     const v1::CancelRequest* request,
                                                     v1::CancelResponse* /*response*/) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (absl::StatusOr<std::string> identity = Authenticate(*context); !identity.ok()) {
+    reactor->Finish(ToGrpcStatus(identity.status()));
+    return reactor;
+  }
   engine::Scheduler* sched = scheduler();
   if (request->request_id().empty()) {
     reactor->Finish(

@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include <absl/status/status.h>
@@ -19,6 +20,7 @@
 #include "polysketch/v1/generation.grpc.pb.h"
 #include "server/engine/scheduler.h"
 #include "server/metrics/metrics.h"
+#include "server/service/auth.h"
 #include "server/service/request_convert.h"
 
 namespace ps::service {
@@ -28,8 +30,13 @@ inline constexpr char kReadinessServiceName[] = "polysketch.v1.GenerationService
 
 // Most messages one stream keeps queued while a write is in flight. Past it, new deltas are
 // merged into the last queued message (nothing is dropped; a slow client gets larger messages
-// and the engine never waits for it).
+// and the engine never waits for it). The bytes they hold are bounded separately
+// (ServiceOptions::max_stream_buffer_bytes).
 inline constexpr size_t kMaxPendingStreamMessages = 32;
+
+// Bytes a request's prompt counts for the prompt-bytes limits: the text's bytes, or 4 per token
+// id (the engine holds each as an int32).
+int64_t PromptBytes(const polysketch::v1::GenerateRequest& request);
 
 struct ServiceOptions {
   std::string model_name;      // ModelInfo.name
@@ -38,12 +45,25 @@ struct ServiceOptions {
   int64_t max_new_tokens_limit = 4096;
   int64_t max_waiting = 256;             // reported in ModelInfo.limits
   int64_t max_waiting_tokens = 1 << 22;  // reported in ModelInfo.limits
+  // Largest prompt of one request (Generate, GenerateStream, Tokenize), in PromptBytes; past it
+  // INVALID_ARGUMENT naming --max_prompt_bytes.
+  int64_t max_prompt_bytes = int64_t{4} << 20;
+  // Most PromptBytes of all requests in flight (from validation until their call ends); a
+  // request that would pass it is RESOURCE_EXHAUSTED naming --max_inflight_prompt_bytes.
+  int64_t max_inflight_prompt_bytes = int64_t{256} << 20;
+  // Most bytes of output one stream keeps waiting for its client (beyond the write gRPC has in
+  // flight). Past it the engine request is cancelled and the stream ends RESOURCE_EXHAUSTED
+  // naming --max_stream_buffer_bytes.
+  int64_t max_stream_buffer_bytes = int64_t{4} << 20;
+  // Null: authentication off (every call is kAnonymousIdentity). Not owned exclusively: the
+  // server's main reloads it on SIGHUP.
+  std::shared_ptr<const Authenticator> authenticator;
 };
 
 // The gRPC status for a scheduler Submit error (InvalidArgument and OutOfRange ->
 // INVALID_ARGUMENT, ResourceExhausted, Unavailable, AlreadyExists, NotFound as they are, anything
 // else INTERNAL).
-grpc::Status ToGrpcStatus(const absl::Status& status);
+grpc::Status ToGrpcStatus(const absl::Status& status);  // + Unauthenticated, PermissionDenied
 
 class GenerationService final : public polysketch::v1::GenerationService::CallbackService {
  public:
@@ -71,10 +91,22 @@ class GenerationService final : public polysketch::v1::GenerationService::Callba
                                    const polysketch::v1::CancelRequest* request,
                                    polysketch::v1::CancelResponse* response) override;
 
+  // The caller's identity (the name of its token; kAnonymousIdentity with authentication off).
+  // Unauthenticated (no detail beyond "missing" / "invalid") otherwise, counted in the metrics.
+  // Every GenerationService call passes through it first; health and reflection do not (probes
+  // need no token). Sessions (issue 9) scope their state by this identity.
+  absl::StatusOr<std::string> Authenticate(const grpc::ServerContextBase& context);
+
   // For the calls: validates `request` and prepares the engine request (id, deadline from the
   // gRPC deadline and time_limit_ms). On error the refusal is counted in the metrics.
   absl::StatusOr<ConvertedRequest> Prepare(grpc::CallbackServerContext* context,
                                            const polysketch::v1::GenerateRequest& request);
+  // Takes `bytes` from the in-flight prompt budget (max_inflight_prompt_bytes); give them back
+  // with ReleasePromptBytes when the call ends. ResourceExhausted (counted) when they do not fit.
+  absl::Status ReservePromptBytes(int64_t bytes);
+  void ReleasePromptBytes(int64_t bytes);
+  int64_t inflight_prompt_bytes() const { return inflight_prompt_bytes_.load(); }
+  const ServiceOptions& options() const { return options_; }
   engine::Scheduler* scheduler() const { return scheduler_.load(std::memory_order_acquire); }
   metrics::ServerMetrics* metrics() const { return metrics_; }
   // Counts a Submit refusal in the metrics (by its code).
@@ -85,6 +117,7 @@ class GenerationService final : public polysketch::v1::GenerationService::Callba
   metrics::ServerMetrics* const metrics_;
   std::atomic<engine::Scheduler*> scheduler_{nullptr};
   std::atomic<uint64_t> next_id_{0};
+  std::atomic<int64_t> inflight_prompt_bytes_{0};
   const uint64_t id_salt_;
 };
 

@@ -18,6 +18,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m polysketch_client", description=__doc__)
     p.add_argument("--target", default="localhost:50051", help="server host:port")
     p.add_argument("--timeout", type=float, default=None, help="gRPC deadline in seconds")
+    p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    p.add_argument("--tls_ca", default=None, help="PEM CA bundle of the server (implies TLS)")
+    p.add_argument("--tls_cert", default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls_key", default=None, help="PEM private key of --tls_cert")
+    p.add_argument("--server_name", default=None, help="name to check the certificate against")
+    p.add_argument("--token", default=None, help="bearer token (prefer --token_file)")
+    p.add_argument("--token_file", default=None, help="file whose first line is the token")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text (streams unless --unary)")
@@ -115,7 +122,22 @@ def _run(args: argparse.Namespace, client: PolysketchClient) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)  # exits 2 on usage errors
-    with PolysketchClient(args.target, timeout=args.timeout) as client:
+    try:
+        client = PolysketchClient(
+            args.target,
+            timeout=args.timeout,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            server_name=args.server_name,
+            token=args.token,
+            token_file=args.token_file,
+        )
+    except (OSError, ValueError) as error:
+        print(f"polysketch_client: {error}", file=sys.stderr)
+        return 2
+    with client:
         try:
             return _run(args, client)
         except PolysketchError as error:

@@ -7,7 +7,7 @@ PolysketchError carrying the gRPC status code name ("INVALID_ARGUMENT", ...) and
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -165,16 +165,69 @@ def _decode_health_response(data: bytes) -> str:
     return _HEALTH_STATUS.get(status, f"INVALID({status})")
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _token_from_file(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return line.strip()
+    raise ValueError(f"token_file {path} holds no token")
+
+
 class PolysketchClient:
     """A connection to one polysketch server. Thread-safe (gRPC channels are).
 
     `timeout` (seconds) is the gRPC deadline of every call unless a call gives its own.
+
+    Security (docs/security.md): `tls=True` connects with TLS trusting the system's CAs;
+    `tls_ca` (a PEM file) trusts that CA instead and implies TLS; `tls_cert` + `tls_key` (PEM
+    files) present a client certificate for mutual TLS; `server_name` is checked against the
+    server's certificate instead of the target's host. `token` (or `token_file`, whose first
+    non-blank line is the token) is sent with every call as `authorization: Bearer <token>`.
     """
 
-    def __init__(self, target: str = "localhost:50051", timeout: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        timeout: Optional[float] = None,
+        *,
+        tls: bool = False,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        server_name: Optional[str] = None,
+        token: Optional[str] = None,
+        token_file: Optional[str] = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        if token and token_file:
+            raise ValueError("give token or token_file, not both")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together (mutual TLS)")
+        if token_file:
+            token = _token_from_file(token_file)
+        # Sent per call, not as gRPC call credentials: those are refused on plaintext channels,
+        # and a token over local plaintext is a legitimate (documented) use.
+        self._metadata: Tuple[Tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token.strip()}"),) if token else ()
+        )
+        if tls or tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca) if tls_ca else None,
+                private_key=_read(tls_key) if tls_key else None,
+                certificate_chain=_read(tls_cert) if tls_cert else None,
+            )
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            if server_name:
+                raise ValueError("server_name needs TLS (tls=True or tls_ca)")
+            self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
@@ -254,7 +307,9 @@ class PolysketchClient:
         """Generates for a text (or token-id) prompt; params are GenerateRequest's fields."""
         request = self._request(prompt, **params)
         try:
-            response = self._stub.Generate(request, timeout=self._deadline(timeout))
+            response = self._stub.Generate(
+                request, timeout=self._deadline(timeout), metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None
         return GenerateResult(
@@ -272,7 +327,9 @@ class PolysketchClient:
         Closing the iterator early (break, or garbage collection) cancels the request.
         """
         request = self._request(prompt, **params)
-        call = self._stub.GenerateStream(request, timeout=self._deadline(timeout))
+        call = self._stub.GenerateStream(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
         try:
             for message in call:
                 yield StreamChunk(
@@ -289,7 +346,9 @@ class PolysketchClient:
     def tokenize(self, text: str, *, timeout: Optional[float] = None) -> List[int]:
         try:
             response = self._stub.Tokenize(
-                pb.TokenizeRequest(text=text.encode("utf-8")), timeout=self._deadline(timeout)
+                pb.TokenizeRequest(text=text.encode("utf-8")),
+                timeout=self._deadline(timeout),
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None
@@ -297,7 +356,9 @@ class PolysketchClient:
 
     def model_info(self, *, timeout: Optional[float] = None) -> ModelInfo:
         try:
-            m = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout))
+            m = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self._deadline(timeout), metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None
         lim = m.limits
@@ -330,7 +391,7 @@ class PolysketchClient:
         service "" is liveness; SERVICE_NAME is readiness (NOT_SERVING while loading/draining).
         """
         try:
-            return self._health(service, timeout=self._deadline(timeout))
+            return self._health(service, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None
 
@@ -338,7 +399,9 @@ class PolysketchClient:
         """Cancels a running or queued request; NOT_FOUND when the id is unknown."""
         try:
             self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id.encode("utf-8")), timeout=self._deadline(timeout)
+                pb.CancelRequest(request_id=request_id.encode("utf-8")),
+                timeout=self._deadline(timeout),
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None

@@ -146,6 +146,8 @@ constexpr Declared kDeclared[] = {
     {"polysketch_state_slots_used", "gauge"},
     {"polysketch_attention_memory_bytes", "gauge"},
     {"polysketch_process_resident_memory_bytes", "gauge"},
+    {"polysketch_auth_failures_total", "counter"},
+    {"polysketch_stream_buffer_overflow_total", "counter"},
 };
 
 TEST(FailureReasonNameTest, NamesEveryReason) {
@@ -183,6 +185,17 @@ TEST_F(MetricsTest, LabelledCountersStartAtZero) {
         << reason;
   }
   EXPECT_EQ(Sample(text, "polysketch_time_to_first_token_seconds_count"), 0.0);
+}
+
+TEST_F(MetricsTest, SecurityCountersCountEachEvent) {
+  EXPECT_EQ(Sample(Scrape(), "polysketch_auth_failures_total"), 0.0);
+  EXPECT_EQ(Sample(Scrape(), "polysketch_stream_buffer_overflow_total"), 0.0);
+  metrics_->AuthFailure();
+  metrics_->AuthFailure();
+  metrics_->StreamBufferOverflow();
+  const std::string text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_auth_failures_total"), 2.0);
+  EXPECT_EQ(Sample(text, "polysketch_stream_buffer_overflow_total"), 1.0);
 }
 
 TEST_F(MetricsTest, FinishedRequestsFillHistogramsAndCounters) {

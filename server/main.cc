@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <signal.h>
+#include <sys/stat.h>
 #include <string>
 #include <vector>
 
@@ -78,6 +79,9 @@ ABSL_FLAG(std::string, auth_tokens_file, "",
           "Bearer tokens, one `name:token` (or bare token) per line, '#' comments; every "
           "GenerationService call then needs `authorization: Bearer <token>`. Re-read on "
           "SIGHUP. Empty: no authentication.");
+ABSL_FLAG(absl::Duration, auth_tokens_reload_interval, absl::ZeroDuration(),
+          "Also re-read --auth_tokens_file when it changed (mtime, size or inode), checked this "
+          "often (e.g. 30s for a Kubernetes Secret volume); 0 = on SIGHUP only.");
 ABSL_FLAG(int32_t, health_port, -1,
           "Also serve grpc.health.v1 alone, in plaintext, on --host:this port (for Kubernetes "
           "gRPC probes, which cannot speak TLS); 0 picks a free one; -1 = off.");
@@ -161,6 +165,9 @@ absl::Status CheckFlags() {
   if (absl::GetFlag(FLAGS_max_receive_message_bytes) > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError("--max_receive_message_bytes: must be below 2 GiB");
   }
+  if (absl::GetFlag(FLAGS_auth_tokens_reload_interval) < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--auth_tokens_reload_interval: must not be negative");
+  }
   if (absl::GetFlag(FLAGS_keepalive_max_ping_strikes) < 0) {
     return absl::InvalidArgumentError("--keepalive_max_ping_strikes: must be >= 0");
   }
@@ -190,6 +197,23 @@ absl::Status CheckFlags() {
 }
 
 // Attention memory per slot by kind name: what SetAttentionMemory reports times slots used.
+// What tells a changed tokens file apart: a Kubernetes Secret volume swaps a symlink (new inode),
+// an editor rewrites (new mtime / size).
+struct FileStamp {
+  bool exists = false;
+  dev_t device = 0;
+  ino_t inode = 0;
+  off_t size = 0;
+  int64_t mtime_ns = 0;
+  bool operator==(const FileStamp&) const = default;
+};
+FileStamp Stamp(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) return FileStamp();
+  return {true, st.st_dev, st.st_ino, st.st_size,
+          int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec};
+}
+
 // Milliseconds for a gRPC channel argument (an int).
 int Millis(absl::Duration d) { return static_cast<int>(absl::ToInt64Milliseconds(d)); }
 
@@ -379,22 +403,40 @@ absl::Status Serve(const sigset_t& signals) {
                health_note.c_str());
   std::fflush(stderr);
 
-  // Wait for SIGTERM / SIGINT (blocked in every thread, so only sigwait sees them); SIGHUP
-  // reloads the tokens and waits again.
-  int signal_number = 0;
-  for (;;) {
-    sigwait(&signals, &signal_number);
-    if (signal_number != SIGHUP) break;
+  // Wait for SIGTERM / SIGINT (blocked in every thread, so only sigwait sees them); SIGHUP, or a
+  // changed tokens file with --auth_tokens_reload_interval, reloads the tokens and waits again.
+  const std::string tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
+  FileStamp tokens_stamp = Stamp(tokens_file);
+  auto reload = [&](const char* why) {
+    tokens_stamp = Stamp(tokens_file);
     if (authenticator == nullptr) {
-      std::fprintf(stderr, "polysketch-server: SIGHUP: no --auth_tokens_file, nothing to reload\n");
+      std::fprintf(stderr, "polysketch-server: %s: no --auth_tokens_file, nothing to reload\n",
+                   why);
     } else if (const absl::Status reloaded = authenticator->Reload(); reloaded.ok()) {
-      std::fprintf(stderr, "polysketch-server: SIGHUP: reloaded %zu bearer tokens\n",
+      std::fprintf(stderr, "polysketch-server: %s: reloaded %zu bearer tokens\n", why,
                    authenticator->num_tokens());
     } else {
-      std::fprintf(stderr, "polysketch-server: SIGHUP: reload failed, keeping %zu tokens: %s\n",
+      std::fprintf(stderr, "polysketch-server: %s: reload failed, keeping %zu tokens: %s\n", why,
                    authenticator->num_tokens(), std::string(reloaded.message()).c_str());
     }
     std::fflush(stderr);
+  };
+  const absl::Duration reload_interval = absl::GetFlag(FLAGS_auth_tokens_reload_interval);
+  const bool poll = authenticator != nullptr && reload_interval > absl::ZeroDuration();
+  int signal_number = 0;
+  for (;;) {
+    if (poll) {
+      const timespec wait = absl::ToTimespec(reload_interval);
+      signal_number = sigtimedwait(&signals, nullptr, &wait);
+      if (signal_number < 0) {  // the interval passed (EAGAIN) or EINTR
+        if (!(Stamp(tokens_file) == tokens_stamp)) reload("tokens file changed");
+        continue;
+      }
+    } else {
+      sigwait(&signals, &signal_number);
+    }
+    if (signal_number != SIGHUP) break;
+    reload("SIGHUP");
   }
   std::fprintf(stderr, "polysketch-server: %s: draining (up to %s)\n", strsignal(signal_number),
                absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)).c_str());

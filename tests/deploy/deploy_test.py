@@ -5,13 +5,14 @@ Usage: deploy_test.py <polysketch-server binary> <repo root> [<k8s dir>]
 
 1. `promtool check config` (deploy/prometheus/prometheus.yml, prometheus-kubernetes.yml),
    `promtool check rules` (rules.yml) and `promtool test rules` (rules_test.yml) pass.
-2. `kubectl kustomize` renders <k8s dir>/overlays/cpu and .../gpu (default <repo root>/deploy/k8s).
+2. `kubectl kustomize` renders <k8s dir>/overlays/cpu, .../gpu and .../secure (default
+   <repo root>/deploy/k8s).
 3. A real polysketch-server on free ports (run with the cpu overlay's flags, model, hosts and ports
    replaced) answers a Generate request and both health service names with SERVING; its /metrics
    is scraped. The rendered objects are checked against it: container, Service and probe ports
    against the server's ports (defaults from --help), every --flag of the Deployment is one
-   --help lists, probe service names, terminationGracePeriodSeconds >= preStop sleep +
-   --drain_timeout, selectors match the pod labels, the ServiceMonitor's port is on a Service, the
+   --help lists, probe service names and ports (--health_port when set),
+   terminationGracePeriodSeconds >= preStop sleep + --drain_timeout, selectors match the pod labels, the ServiceMonitor's port is on a Service, the
    HPA / KEDA targets and queries, non-root and read-only root filesystem, GPU request and
    tolerations in the gpu overlay only.
 4. Every metric named by rules.yml, the HPA / prometheus-adapter / KEDA queries and the Grafana
@@ -35,7 +36,7 @@ import yaml
 
 READINESS_SERVICE = "polysketch.v1.GenerationService"
 LIVENESS_SERVICE = ""
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "secure")  # secure: cpu + TLS and tokens (docs/security.md)
 GPU_RESOURCE = "nvidia.com/gpu"
 # Series Prometheus makes itself for every target.
 SYNTHETIC_METRICS = {"up", "scrape_duration_seconds", "scrape_samples_scraped",
@@ -526,7 +527,13 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
         if svc in normal:
             check(metrics_port in targets, f"{sname}: no port for metrics ({metrics_port})")
 
-    # Probes: native gRPC on the health service names the server answers.
+    # Probes: native gRPC on the health service names the server answers, on the gRPC port or,
+    # when --health_port is set (TLS on the gRPC port: kubelet probes cannot speak TLS), on it.
+    health_port = int(given.get("health_port", help_defaults.get("health_port", "-1")))
+    probe_port = health_port if health_port >= 0 else port
+    if health_port >= 0:
+        check(health_port in container_ports,
+              f"{where}: no container port {health_port} (probes, --health_port)")
     probes = {kind: container.get(kind) for kind in
               ("startupProbe", "readinessProbe", "livenessProbe")}
     want = {"readinessProbe": READINESS_SERVICE, "livenessProbe": LIVENESS_SERVICE,
@@ -537,8 +544,9 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
         if not check(probe and "grpc" in probe, f"{where}: {kind} is not a native grpc probe"):
             continue
         service = probe["grpc"].get("service", "")
-        check(probe["grpc"].get("port") == port,
-              f"{where}: {kind} port {probe['grpc'].get('port')} is not the gRPC port {port}")
+        check(probe["grpc"].get("port") == probe_port,
+              f"{where}: {kind} port {probe['grpc'].get('port')} is not the probe port "
+              f"{probe_port} (--health_port, else --port)")
         allowed = {want[kind]} if want[kind] is not None else {LIVENESS_SERVICE,
                                                                READINESS_SERVICE}
         check(service in allowed, f"{where}: {kind} service {service!r}, want one of {allowed}")
@@ -728,7 +736,8 @@ def main():
         # checked: its scale target and its queries.
         for path in sorted(glob.glob(os.path.join(k8s, "**", "*.y*ml"), recursive=True)):
             for o in yaml.safe_load_all(open(path)):
-                if not o or o.get("kind") != "ScaledObject" or any(
+                # (JSON 6902 patches are YAML lists, not objects.)
+                if not isinstance(o, dict) or o.get("kind") != "ScaledObject" or any(
                         o["metadata"]["name"] == r["metadata"]["name"] and r["kind"] == o["kind"]
                         for r in rendered["cpu"] or []):
                     continue

@@ -12,9 +12,9 @@ Usage: deploy_test.py <polysketch-server binary> <repo root> [<k8s dir>]
    is scraped. The rendered objects are checked against it: container, Service and probe ports
    against the server's ports (defaults from --help), every --flag of the Deployment is one
    --help lists, probe service names and ports (--health_port when set),
-   terminationGracePeriodSeconds >= preStop sleep + --drain_timeout, selectors match the pod labels, the ServiceMonitor's port is on a Service, the
-   HPA / KEDA targets and queries, non-root and read-only root filesystem, GPU request and
-   tolerations in the gpu overlay only.
+   terminationGracePeriodSeconds >= preStop sleep + --drain_timeout, selectors match the pod
+   labels, the ServiceMonitor's port is on a Service, the HPA / KEDA targets and queries, non-root
+   and read-only root filesystem, GPU request and tolerations in the gpu overlay only.
 4. Every metric named by rules.yml, the HPA / prometheus-adapter / KEDA queries and the Grafana
    dashboard (deploy/grafana/polysketch-dashboard.json, which must parse) is in the live scrape.
 

@@ -14,8 +14,8 @@
 #include <map>
 #include <memory>
 #include <signal.h>
-#include <sys/stat.h>
 #include <string>
+#include <sys/stat.h>
 #include <vector>
 
 #include <absl/flags/flag.h>

@@ -94,9 +94,16 @@ class CallBase {
     }
     reserved_prompt_bytes_.store(prompt_bytes);
     id_ = converted->request.id;
+    // The engine keys requests by identity and id, so that one caller can neither cancel nor
+    // collide with another's request ids.
+    converted->request.id = EngineRequestId(identity_, id_);
+    engine_id_ = converted->request.id;
     deadline_ = converted->request.deadline;
     converted->request.observer = std::make_shared<CallObserver<Call>>(std::move(self));
     absl::Status status = service_->scheduler()->Submit(std::move(converted->request));
+    if (status.code() == absl::StatusCode::kAlreadyExists) {  // name the client's id, not ours
+      status = absl::AlreadyExistsError(absl::StrCat("request_id \"", id_, "\" is already in use"));
+    }
     if (!status.ok()) {
       ReleasePromptBytes();
       service_->CountRefusal(status);
@@ -119,7 +126,7 @@ class CallBase {
   void CancelEngineRequest() {
     if (!submitted_.load() || absl::Now() >= deadline_) return;
     engine::Scheduler* scheduler = service_->scheduler();
-    if (scheduler != nullptr) scheduler->Cancel(id_).IgnoreError();  // NotFound: already ended
+    if (scheduler != nullptr) scheduler->Cancel(engine_id_).IgnoreError();  // NotFound: ended
   }
 
   // Inter-token latency between this delta and the previous one. Engine thread only.
@@ -138,8 +145,9 @@ class CallBase {
 
   GenerationService* const service_;
   grpc::CallbackServerContext* const context_;
-  std::string id_;
-  std::string identity_;  // the caller (Authenticate); kept for sessions (issue 9)
+  std::string id_;         // the request id the client sees
+  std::string engine_id_;  // EngineRequestId(identity_, id_)
+  std::string identity_;   // the caller (Authenticate); kept for sessions (issue 9)
   absl::Time deadline_ = absl::InfiniteFuture();
   std::atomic<bool> submitted_{false};
   std::atomic<int64_t> reserved_prompt_bytes_{0};
@@ -349,6 +357,12 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
 
 }  // namespace
 
+std::string EngineRequestId(absl::string_view identity, absl::string_view request_id) {
+  // Token names have no ':', so the prefix cannot be forged with a request id.
+  if (identity.empty()) return std::string(request_id);
+  return absl::StrCat(identity, ":", request_id);
+}
+
 int64_t PromptBytes(const v1::GenerateRequest& request) {
   if (request.prompt_case() == v1::GenerateRequest::kTokenIds) {
     return int64_t{4} * request.token_ids().ids_size();
@@ -552,7 +566,8 @@ grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext*
                                                     const v1::CancelRequest* request,
                                                     v1::CancelResponse* /*response*/) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (absl::StatusOr<std::string> identity = Authenticate(*context); !identity.ok()) {
+  const absl::StatusOr<std::string> identity = Authenticate(*context);
+  if (!identity.ok()) {
     reactor->Finish(ToGrpcStatus(identity.status()));
     return reactor;
   }
@@ -563,7 +578,15 @@ grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext*
   } else if (sched == nullptr) {
     reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is loading"));
   } else {
-    reactor->Finish(ToGrpcStatus(sched->Cancel(request->request_id())));
+    // Only the caller's own requests: another identity's id is NOT_FOUND, as if it did not exist.
+    const absl::Status cancelled = sched->Cancel(EngineRequestId(*identity, request->request_id()));
+    if (cancelled.code() == absl::StatusCode::kNotFound) {
+      reactor->Finish(grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("no unfinished request has id \"", request->request_id(), "\"")));
+    } else {
+      reactor->Finish(ToGrpcStatus(cancelled));
+    }
   }
   return reactor;
 }

@@ -38,6 +38,11 @@ inline constexpr size_t kMaxPendingStreamMessages = 32;
 // id (the engine holds each as an int32).
 int64_t PromptBytes(const polysketch::v1::GenerateRequest& request);
 
+// The id the engine knows a request by: `request_id` alone without authentication, else
+// "<identity>:<request_id>". Request ids are thus per identity: one caller cannot cancel another's
+// request or collide with its ids; clients only ever see their own request_id.
+std::string EngineRequestId(absl::string_view identity, absl::string_view request_id);
+
 struct ServiceOptions {
   std::string model_name;      // ModelInfo.name
   std::string device = "cpu";  // ModelInfo.device

@@ -280,6 +280,52 @@ TEST_F(SecurityTest, TokensMissingWrongAndRightAndHealthWithoutToken) {
   EXPECT_EQ(Health(channel), 1);  // probes need no token
 }
 
+TEST_F(SecurityTest, RequestIdsArePerIdentity) {
+  constexpr char kBobToken[] = "bob-0123456789abcdef0123456789ab";
+  PS_ASSERT_OK_AND_ASSIGN(
+      std::unique_ptr<Authenticator> auth,
+      Authenticator::FromText(absl::StrCat("alice:", kAliceToken, "\nbob:", kBobToken)));
+  ServiceOptions options;
+  options.authenticator = std::move(auth);
+  Start(options, grpc::InsecureServerCredentials());
+  auto stub = v1::GenerationService::NewStub(Plaintext());
+  const std::string alice = absl::StrCat("Bearer ", kAliceToken);
+  const std::string bob = absl::StrCat("Bearer ", kBobToken);
+  auto cancel = [&](const std::string& authorization) {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", authorization);
+    v1::CancelRequest request;
+    request.set_request_id("job-1");
+    v1::CancelResponse response;
+    return stub->Cancel(&context, request, &response);
+  };
+
+  v1::GenerateRequest request = Request(kLong);
+  request.set_request_id("job-1");
+  grpc::ClientContext alice_context;
+  alice_context.AddMetadata("authorization", alice);
+  auto alice_stream = stub->GenerateStream(&alice_context, request);
+  v1::GenerateStreamResponse message;
+  ASSERT_TRUE(alice_stream->Read(&message));
+  EXPECT_EQ(message.request_id(), "job-1");  // the client's id, without the identity
+  // Bob can neither cancel alice's job-1 (it does not exist for him) nor collide with it.
+  const grpc::Status bob_cancel = cancel(bob);
+  EXPECT_EQ(bob_cancel.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(bob_cancel.error_message(), "no unfinished request has id \"job-1\"");
+  request.set_max_new_tokens(4);
+  const grpc::Status bob_job = Generate(Plaintext(), request, bob);
+  EXPECT_TRUE(bob_job.ok()) << bob_job.error_message();
+  // Alice's own duplicate is refused, naming her id; her cancel works.
+  const grpc::Status duplicate = Generate(Plaintext(), request, alice);
+  EXPECT_EQ(duplicate.error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_EQ(duplicate.error_message(), "request_id \"job-1\" is already in use");
+  EXPECT_TRUE(cancel(alice).ok());
+  while (alice_stream->Read(&message)) {
+  }
+  EXPECT_EQ(alice_stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitSlotsFree());
+}
+
 TEST_F(SecurityTest, PromptBytesPerRequestAndInFlight) {
   ServiceOptions options;
   options.max_prompt_bytes = 1000;

@@ -12,6 +12,9 @@
 #      without a signal.
 #   4. Mutual TLS: without a client certificate, or with one from another CA, no call gets
 #      through; with one from --tls_client_ca the CLI and the Python client work.
+#   5. Connection limits reach gRPC: a message over --max_receive_message_bytes is refused, a
+#      second call on a connection with --max_concurrent_streams 1 waits for the first, and a
+#      PING flood on a raw HTTP/2 connection gets GOAWAY too_many_pings (ENHANCE_YOUR_CALM).
 # Usage: security_binary_test.sh <polysketch-server> <polysketch-cli> <polysketch-loadgen>
 #        <repo root> <build dir>
 set -euo pipefail
@@ -306,5 +309,69 @@ with PolysketchClient(target, timeout=10, tls_ca=f"{certs}/ca.crt") as c:
 print("ok: Python client over mutual TLS; refused without a certificate")
 PY
 echo "ok: mutual TLS (C++ CLI and Python client)"
+stop
+
+# --- 5. Connection limits ------------------------------------------------------------------------
+start --max_concurrent_streams 1 --max_receive_message_bytes 65536 --max_new_tokens_limit 1000000
+PYTHONPATH="${build}/python" "${python}" - "127.0.0.1:${port}" << 'PY' || fail "connection limits"
+import socket, struct, sys, time
+import grpc
+from polysketch_client._proto import generation_pb2 as pb, generation_pb2_grpc as pbg
+
+target = sys.argv[1]
+stub = pbg.GenerationServiceStub(grpc.insecure_channel(target))
+def request(text, n):
+    return pb.GenerateRequest(text=text, max_new_tokens=n)
+def code(call):
+    try:
+        call()
+        return "OK"
+    except grpc.RpcError as e:
+        return f"{e.code().name}: {e.details()}"
+
+got = code(lambda: stub.Generate(request(b"a" * 70000, 2), timeout=10))
+assert got.startswith("RESOURCE_EXHAUSTED") and "65536" in got, got
+running = stub.GenerateStream(request(b"Hi", 1000000), timeout=60)
+next(running)
+got = code(lambda: stub.Generate(request(b"Hi", 2), timeout=1.5))
+assert got.startswith("DEADLINE_EXCEEDED"), f"a second stream ran beside the first: {got}"
+running.cancel()
+got = code(lambda: stub.Generate(request(b"Hi", 2), timeout=10))
+assert got == "OK", got
+print("ok: --max_receive_message_bytes and --max_concurrent_streams")
+
+# PINGs without data, faster than --keepalive_min_client_ping_interval (10 s): after
+# --keepalive_max_ping_strikes (2) the server sends GOAWAY ENHANCE_YOUR_CALM "too_many_pings".
+host, port = target.rsplit(":", 1)
+sock = socket.create_connection((host, int(port)), timeout=5)
+def frame(kind, flags, payload=b""):  # on stream 0
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags, 0, 0, 0, 0]) + payload
+sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0))
+sock.settimeout(0.2)
+buffer, goaway, pings = b"", None, 0
+while goaway is None and pings < 40:
+    sock.sendall(frame(6, 0, struct.pack(">Q", pings)))
+    pings += 1
+    try:
+        data = sock.recv(65536)
+        if not data:
+            break
+        buffer += data
+    except socket.timeout:
+        pass
+    while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+        n = int.from_bytes(buffer[:3], "big")
+        kind, flags, payload = buffer[3], buffer[4], buffer[9:9 + n]
+        buffer = buffer[9 + n:]
+        if kind == 4 and not flags & 1:
+            sock.sendall(frame(4, 1))  # SETTINGS ack
+        if kind == 7:
+            goaway = payload
+    time.sleep(0.05)
+assert goaway is not None, f"no GOAWAY after {pings} pings"
+error = int.from_bytes(goaway[4:8], "big")
+assert error == 0xB and goaway[8:] == b"too_many_pings", (hex(error), goaway[8:])
+print(f"ok: GOAWAY too_many_pings after {pings} pings")
+PY
 stop
 echo "PASS: security_binary_test"

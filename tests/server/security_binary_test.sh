@@ -5,8 +5,9 @@
 #   1. Start-up refusals: mismatched key, missing file, bad tokens file: exit 1 naming the problem.
 #   2. TLS + bearer tokens + a plaintext probe port: the C++ CLI, loadgen and the Python client
 #      (library and `python3 -m polysketch_client`) work with the CA and a token; a missing or
-#      wrong token is UNAUTHENTICATED and the wrong token is never echoed; health needs no token;
-#      a plaintext client cannot talk to the TLS port; the probe port serves health only.
+#      wrong token is UNAUTHENTICATED and the wrong token is never echoed; health and reflection
+#      need no token; a plaintext client cannot talk to the TLS port; the probe port serves health
+#      only.
 #   3. SIGHUP reload: a token added works, a token removed is refused, a broken file keeps the
 #      tokens in use and logs why; with --auth_tokens_reload_interval a changed file is reloaded
 #      without a signal.
@@ -201,7 +202,18 @@ for kwargs, want in (({}, "missing credentials"),
         except PolysketchError as e:
             assert e.code == "UNAUTHENTICATED" and want in e.details, e
             assert "X" not in e.details, e
-print("ok: Python client over TLS: token accepted, missing / wrong refused, health open")
+# Server reflection needs no token either: list_services (field 7) over the raw method.
+import grpc
+with open(ca, "rb") as f:
+    channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(f.read()))
+reflect = channel.stream_stream(
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+reply = next(iter(reflect(iter([b"\x3a\x00"]), timeout=10)))
+assert b"polysketch.v1.GenerationService" in reply, reply
+channel.close()
+print("ok: Python client over TLS: token accepted, missing / wrong refused, health and "
+      "reflection open")
 PY
 out="$(PYTHONPATH="${build}/python" "${python}" -m polysketch_client --target "localhost:${port}" \
   --tls_ca "${certs}/ca.crt" --token_file "${tmp}/alice.token" generate \

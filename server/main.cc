@@ -214,6 +214,15 @@ FileStamp Stamp(const std::string& path) {
           int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec};
 }
 
+// A secret any local user can read is worth a line in the log (not a refusal: a container's
+// mounted Secret may legitimately have any mode).
+void WarnIfWorldReadable(const char* flag, const std::string& path) {
+  struct stat st;
+  if (path.empty() || stat(path.c_str(), &st) != 0 || (st.st_mode & S_IROTH) == 0) return;
+  std::fprintf(stderr, "polysketch-server: warning: --%s %s is readable by every user\n", flag,
+               path.c_str());
+}
+
 // Milliseconds for a gRPC channel argument (an int).
 int Millis(absl::Duration d) { return static_cast<int>(absl::ToInt64Milliseconds(d)); }
 
@@ -292,6 +301,8 @@ absl::Status Serve(const sigset_t& signals) {
     authenticator = *std::move(loaded);
     options.authenticator = authenticator;
   }
+  WarnIfWorldReadable("tls_key", tls_files.key);
+  WarnIfWorldReadable("auth_tokens_file", absl::GetFlag(FLAGS_auth_tokens_file));
   std::fprintf(stderr, "polysketch-server: %s, %s\n",
                !service::TlsEnabled(tls_files) ? "plaintext (no TLS)"
                : tls_files.client_ca.empty()   ? "TLS"

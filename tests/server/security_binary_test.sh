@@ -49,6 +49,7 @@ alice="alice-0123456789abcdef0123456789"
 bob="bob-0123456789abcdef0123456789ab"
 wrong="alice-0123456789abcdef012345678X"
 printf '# test tokens\nalice:%s\n' "${alice}" > "${tmp}/tokens"
+chmod 644 "${tmp}/tokens"
 printf '%s\n' "${alice}" > "${tmp}/alice.token"
 printf '%s\n' "${bob}" > "${tmp}/bob.token"
 printf '%s\n' "${wrong}" > "${tmp}/wrong.token"
@@ -119,6 +120,11 @@ start --tls_cert "${certs}/server.crt" --tls_key "${certs}/server.key" \
   --auth_tokens_file "${tmp}/tokens" --health_port 0 --auth_tokens_reload_interval 200ms
 grep -q "polysketch-server: TLS, bearer tokens: 1" "${tmp}/server.log" \
   || fail "no security line in the log"
+# The tokens file was written with the default umask (0644): the log says so; the key (0600)
+# draws no warning.
+grep -q "warning: --auth_tokens_file ${tmp}/tokens is readable by every user" "${tmp}/server.log" \
+  || fail "no warning about the world-readable tokens file"
+grep -q "warning: --tls_key" "${tmp}/server.log" && fail "a warning about the 0600 key"
 [[ "${health_port}" =~ ^[0-9]+$ ]] || fail "no health port in the ready line"
 tls=(--target "localhost:${port}" --tls_ca "${certs}/ca.crt" --timeout 60s)
 gen=(generate --prompt "In the beginning" --max_new_tokens 16 --temperature 0)

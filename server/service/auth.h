@@ -4,7 +4,8 @@
 // so neither the length nor a matching prefix of a guess shows in the answer time. The
 // authenticated identity is the token's name; sessions (issue 9) are scoped by it.
 //
-// Tokens file format (docs/security.md): one token per line, `name:token` or a bare `token`;
+// Tokens file format (docs/security.md): one token per line, `name:token` or a bare `token` (a
+// line is split at its first ':', so a bare token cannot contain one);
 // blank lines and lines whose first non-blank character is '#' are ignored; spaces and tabs
 // around the name and the token are trimmed. A name is 1..64 of [A-Za-z0-9._-]; a bare token gets
 // the name `token-<first 12 hex digits of its SHA-256>`. A token is 16..4096 printable ASCII

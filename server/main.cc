@@ -62,6 +62,17 @@ ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: how long running requests may take to finish before they are "
           "cancelled.");
 
+ABSL_FLAG(int64_t, prefix_cache_bytes, int64_t{256} << 20,
+          "Budget of the prefix-state cache (snapshots of prompt prefixes reused by later "
+          "requests); 0 turns it off.");
+ABSL_FLAG(int64_t, prefix_cache_granularity, 0,
+          "Cached prefixes are multiples of this many tokens; 0 = the model's local_exact block "
+          "size (64 without one).");
+ABSL_FLAG(int64_t, session_budget_bytes, int64_t{512} << 20,
+          "Memory all sessions may reserve (each reserves one state); 0 turns sessions off.");
+ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(30),
+          "A session unused for this long expires.");
+
 namespace {
 
 namespace engine = ::ps::engine;
@@ -98,6 +109,9 @@ absl::Status CheckFlags() {
            {"max_waiting", absl::GetFlag(FLAGS_max_waiting)},
            {"max_waiting_tokens", absl::GetFlag(FLAGS_max_waiting_tokens)},
            {"max_context", absl::GetFlag(FLAGS_max_context)},
+           {"prefix_cache_bytes", absl::GetFlag(FLAGS_prefix_cache_bytes)},
+           {"prefix_cache_granularity", absl::GetFlag(FLAGS_prefix_cache_granularity)},
+           {"session_budget_bytes", absl::GetFlag(FLAGS_session_budget_bytes)},
            {"threads", absl::GetFlag(FLAGS_threads)}}) {
     if (value < 0) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be >= 0, got ", value));
@@ -105,6 +119,9 @@ absl::Status CheckFlags() {
   }
   if (absl::GetFlag(FLAGS_max_new_tokens_limit) > int64_t{1} << 31) {
     return absl::InvalidArgumentError("--max_new_tokens_limit: must be at most 2^31");
+  }
+  if (absl::GetFlag(FLAGS_session_ttl) <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--session_ttl: must be positive");
   }
   if (absl::GetFlag(FLAGS_drain_timeout) < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_timeout: must not be negative");
@@ -151,6 +168,18 @@ absl::Status Serve(const sigset_t& signals) {
   const std::string address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   int port = 0;
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  // ImportState carries one whole state: let a message of that size in (gRPC's default limit
+  // is 4 MiB). The config alone sizes it; if it does not load, the model load below says why.
+  if (absl::StatusOr<engine::ModelConfig> config = engine::LoadModelConfig(model_dir);
+      config.ok() && absl::GetFlag(FLAGS_session_budget_bytes) > 0) {
+    absl::StatusOr<engine::StateLayout> layout =
+        engine::StateLayout::Create(*config, absl::GetFlag(FLAGS_max_context));
+    if (layout.ok()) {
+      const int64_t import_bytes = layout->bytes_per_slot() + (int64_t{1} << 20);
+      builder.SetMaxReceiveMessageSize(
+          static_cast<int>(std::min<int64_t>(std::max<int64_t>(import_bytes, 4 << 20), INT32_MAX)));
+    }
+  }
   builder.RegisterService(&generation);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
@@ -198,6 +227,11 @@ absl::Status Serve(const sigset_t& signals) {
   scheduler_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   scheduler_options.max_waiting_tokens = absl::GetFlag(FLAGS_max_waiting_tokens);
   scheduler_options.prefill_tokens_per_step = absl::GetFlag(FLAGS_prefill_tokens_per_step);
+  scheduler_options.prefix_cache.budget_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
+  scheduler_options.prefix_cache.granularity = absl::GetFlag(FLAGS_prefix_cache_granularity);
+  scheduler_options.sessions.budget_bytes = absl::GetFlag(FLAGS_session_budget_bytes);
+  scheduler_options.sessions.ttl = absl::GetFlag(FLAGS_session_ttl);
+  scheduler_options.model_fingerprint = engine::ModelFingerprint(*weights);
   scheduler_options.on_step = [metrics_raw, &refresh_gauges](const engine::StepStats& step) {
     metrics_raw->EngineStep(step);
     refresh_gauges();

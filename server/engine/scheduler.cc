@@ -201,16 +201,18 @@ absl::Status Scheduler::CloseSession(absl::string_view id, absl::string_view own
   return sessions_.Close(id, owner);
 }
 
-absl::StatusOr<std::string> Scheduler::ExportSession(absl::string_view id,
-                                                     absl::string_view owner) {
+absl::StatusOr<Scheduler::SessionState> Scheduler::ExportSession(absl::string_view id,
+                                                                 absl::string_view owner) {
   PS_ASSIGN_OR_RETURN(SequenceState state, sessions_.Copy(id, owner, absl::Now()));
-  return EncodeState(state, identity_);
+  return SessionState{std::string(id), EncodeState(state, identity_), state.length()};
 }
 
-absl::StatusOr<std::string> Scheduler::ImportSession(absl::string_view bytes,
-                                                     absl::string_view owner) {
+absl::StatusOr<Scheduler::SessionState> Scheduler::ImportSession(absl::string_view bytes,
+                                                                 absl::string_view owner) {
   PS_ASSIGN_OR_RETURN(SequenceState state, DecodeState(bytes, identity_));
-  return sessions_.Import(owner, std::move(state), absl::Now());
+  const int64_t tokens = state.length();
+  PS_ASSIGN_OR_RETURN(std::string id, sessions_.Import(owner, std::move(state), absl::Now()));
+  return SessionState{std::move(id), "", tokens};
 }
 
 void Scheduler::StartDrain() {

@@ -173,14 +173,21 @@ class Scheduler {
   // Sessions (see EngineRequest::session_id). Errors as SessionStore documents.
   [[nodiscard]] absl::StatusOr<std::string> OpenSession(absl::string_view owner);
   [[nodiscard]] absl::Status CloseSession(absl::string_view id, absl::string_view owner);
-  // The session's state in the state_codec.h format.
-  [[nodiscard]] absl::StatusOr<std::string> ExportSession(absl::string_view id,
-                                                          absl::string_view owner);
+  // An exported session (or the session an import made): its id, the state in the
+  // state_codec.h format, and the tokens of the conversation it holds.
+  struct SessionState {
+    std::string id;
+    std::string bytes;   // ExportSession only
+    int64_t tokens = 0;  // SequenceState::length()
+  };
+  [[nodiscard]] absl::StatusOr<SessionState> ExportSession(absl::string_view id,
+                                                           absl::string_view owner);
   // A new session holding an exported state (DecodeState errors: a state of another model is
   // FailedPrecondition, a damaged one DataLoss).
-  [[nodiscard]] absl::StatusOr<std::string> ImportSession(absl::string_view bytes,
-                                                          absl::string_view owner);
+  [[nodiscard]] absl::StatusOr<SessionState> ImportSession(absl::string_view bytes,
+                                                           absl::string_view owner);
   const ModelIdentity& identity() const { return identity_; }
+  const SchedulerOptions& options() const { return options_; }
   const SessionStore& sessions() const { return sessions_; }
   int64_t prefix_cache_granularity() const { return prefix_cache_.granularity(); }
 

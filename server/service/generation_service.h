@@ -70,6 +70,22 @@ class GenerationService final : public polysketch::v1::GenerationService::Callba
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
                                    const polysketch::v1::CancelRequest* request,
                                    polysketch::v1::CancelResponse* response) override;
+  grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* context,
+                                        const polysketch::v1::OpenSessionRequest* request,
+                                        polysketch::v1::OpenSessionResponse* response) override;
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* context,
+                                         const polysketch::v1::CloseSessionRequest* request,
+                                         polysketch::v1::CloseSessionResponse* response) override;
+  grpc::ServerUnaryReactor* ExportState(grpc::CallbackServerContext* context,
+                                        const polysketch::v1::ExportStateRequest* request,
+                                        polysketch::v1::ExportStateResponse* response) override;
+  grpc::ServerUnaryReactor* ImportState(grpc::CallbackServerContext* context,
+                                        const polysketch::v1::ImportStateRequest* request,
+                                        polysketch::v1::ImportStateResponse* response) override;
+
+  // The identity sessions belong to: the authenticated client of the call ("" while the server
+  // runs without authentication).
+  std::string Owner(const grpc::CallbackServerContext* context) const;
 
   // For the calls: validates `request` and prepares the engine request (id, deadline from the
   // gRPC deadline and time_limit_ms). On error the refusal is counted in the metrics.

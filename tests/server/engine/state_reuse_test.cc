@@ -177,8 +177,14 @@ TEST_P(StateReuseTest, ExportImportRoundTripContinuesIdentically) {
   auto sessions = Make(GetParam(), CacheOptions());
   PS_ASSERT_OK_AND_ASSIGN(const std::string id, sessions->OpenSession("bob"));
   Run(*sessions, Tokens(8, 19, vocab_), 5, id, "bob");
-  PS_ASSERT_OK_AND_ASSIGN(const std::string bytes, sessions->ExportSession(id, "bob"));
-  PS_ASSERT_OK_AND_ASSIGN(const std::string copy, sessions->ImportSession(bytes, "bob"));
+  PS_ASSERT_OK_AND_ASSIGN(const Scheduler::SessionState exported,
+                          sessions->ExportSession(id, "bob"));
+  EXPECT_EQ(exported.tokens, 19 + 5);
+  const std::string& bytes = exported.bytes;
+  PS_ASSERT_OK_AND_ASSIGN(const Scheduler::SessionState imported,
+                          sessions->ImportSession(bytes, "bob"));
+  EXPECT_EQ(imported.tokens, 19 + 5);
+  const std::string copy = imported.id;
   EXPECT_NE(copy, id);
   const std::vector<int32_t> next = Tokens(9, 7, vocab_);
   const Output a = Run(*sessions, next, 6, id, "bob");
@@ -254,8 +260,8 @@ TEST(StateImportTest, AStateOfAnotherModelIsRefused) {
   auto a = make("polysketch-random");
   auto b = make("polysketch-learned");
   PS_ASSERT_OK_AND_ASSIGN(const std::string id, a->OpenSession(""));
-  PS_ASSERT_OK_AND_ASSIGN(const std::string bytes, a->ExportSession(id, ""));
-  EXPECT_THAT(b->ImportSession(bytes, ""),
+  PS_ASSERT_OK_AND_ASSIGN(const Scheduler::SessionState exported, a->ExportSession(id, ""));
+  EXPECT_THAT(b->ImportSession(exported.bytes, ""),
               StatusIs(absl::StatusCode::kFailedPrecondition, "another model"));
   EXPECT_THAT(b->ImportSession("not a state", ""), StatusIs(absl::StatusCode::kDataLoss));
 }

@@ -68,6 +68,17 @@ ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: how long running requests may take to finish before they are "
           "cancelled.");
 
+ABSL_FLAG(int64_t, prefix_cache_bytes, int64_t{256} << 20,
+          "Budget of the prefix-state cache (snapshots of prompt prefixes reused by later "
+          "requests); 0 turns it off.");
+ABSL_FLAG(int64_t, prefix_cache_granularity, 0,
+          "Cached prefixes are multiples of this many tokens; 0 = the model's local_exact block "
+          "size (64 without one).");
+ABSL_FLAG(int64_t, session_budget_bytes, int64_t{512} << 20,
+          "Memory all sessions may reserve (each reserves one state); 0 turns sessions off.");
+ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(30),
+          "A session unused for this long expires.");
+
 // --- Security (docs/security.md) ---------------------------------------------------------------
 ABSL_FLAG(std::string, tls_cert, "",
           "PEM certificate chain of the gRPC port; with --tls_key turns TLS on (default: "
@@ -87,7 +98,8 @@ ABSL_FLAG(int32_t, health_port, -1,
           "gRPC probes, which cannot speak TLS); 0 picks a free one; -1 = off.");
 ABSL_FLAG(int64_t, max_receive_message_bytes, int64_t{8} << 20,
           "Largest request message the gRPC port accepts, in bytes (gRPC refuses bigger ones "
-          "with RESOURCE_EXHAUSTED before they are parsed).");
+          "with RESOURCE_EXHAUSTED before they are parsed); with sessions on, at least one "
+          "state + 1 MiB (ImportState).");
 ABSL_FLAG(int64_t, max_prompt_bytes, int64_t{4} << 20,
           "Largest prompt of one request in bytes (text bytes, or 4 per token id); past it "
           "INVALID_ARGUMENT.");
@@ -147,6 +159,9 @@ absl::Status CheckFlags() {
            {"max_waiting", absl::GetFlag(FLAGS_max_waiting)},
            {"max_waiting_tokens", absl::GetFlag(FLAGS_max_waiting_tokens)},
            {"max_context", absl::GetFlag(FLAGS_max_context)},
+           {"prefix_cache_bytes", absl::GetFlag(FLAGS_prefix_cache_bytes)},
+           {"prefix_cache_granularity", absl::GetFlag(FLAGS_prefix_cache_granularity)},
+           {"session_budget_bytes", absl::GetFlag(FLAGS_session_budget_bytes)},
            {"threads", absl::GetFlag(FLAGS_threads)}}) {
     if (value < 0) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be >= 0, got ", value));
@@ -190,6 +205,9 @@ absl::Status CheckFlags() {
   if (absl::GetFlag(FLAGS_max_new_tokens_limit) > int64_t{1} << 31) {
     return absl::InvalidArgumentError("--max_new_tokens_limit: must be at most 2^31");
   }
+  if (absl::GetFlag(FLAGS_session_ttl) <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--session_ttl: must be positive");
+  }
   if (absl::GetFlag(FLAGS_drain_timeout) < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_timeout: must not be negative");
   }
@@ -227,9 +245,9 @@ void WarnIfWorldReadable(const char* flag, const std::string& path) {
 int Millis(absl::Duration d) { return static_cast<int>(absl::ToInt64Milliseconds(d)); }
 
 // The connection limits a hostile or broken client cannot exceed (docs/security.md, "Limits").
-void SetConnectionLimits(grpc::ServerBuilder& builder) {
-  builder.SetMaxReceiveMessageSize(
-      static_cast<int>(absl::GetFlag(FLAGS_max_receive_message_bytes)));
+// `max_receive_bytes`: --max_receive_message_bytes, or more where ImportState needs it.
+void SetConnectionLimits(grpc::ServerBuilder& builder, int64_t max_receive_bytes) {
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_receive_bytes));
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
                              absl::GetFlag(FLAGS_max_concurrent_streams));
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
@@ -323,8 +341,21 @@ absl::Status Serve(const sigset_t& signals) {
   const std::string address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
   int port = 0;
   builder.AddListeningPort(address, credentials, &port);
+  // ImportState carries one whole state: let a message of that size in even when it is larger
+  // than --max_receive_message_bytes. The config alone sizes it; if it does not load, the model
+  // load below says why.
+  int64_t max_receive_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
+  if (absl::StatusOr<engine::ModelConfig> config = engine::LoadModelConfig(model_dir);
+      config.ok() && absl::GetFlag(FLAGS_session_budget_bytes) > 0) {
+    absl::StatusOr<engine::StateLayout> layout =
+        engine::StateLayout::Create(*config, absl::GetFlag(FLAGS_max_context));
+    if (layout.ok()) {
+      const int64_t import_bytes = layout->bytes_per_slot() + (int64_t{1} << 20);
+      max_receive_bytes = std::min<int64_t>(std::max(max_receive_bytes, import_bytes), INT32_MAX);
+    }
+  }
   builder.RegisterService(&generation);
-  SetConnectionLimits(builder);
+  SetConnectionLimits(builder, max_receive_bytes);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(
@@ -338,7 +369,7 @@ absl::Status Serve(const sigset_t& signals) {
     const std::string health_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_health_port));
     health_builder.AddListeningPort(health_address, grpc::InsecureServerCredentials(),
                                     &health_port);
-    SetConnectionLimits(health_builder);
+    SetConnectionLimits(health_builder, absl::GetFlag(FLAGS_max_receive_message_bytes));
     health_server = health_builder.BuildAndStart();
     if (health_server == nullptr || health_port <= 0) {
       server->Shutdown(std::chrono::system_clock::now());
@@ -393,6 +424,11 @@ absl::Status Serve(const sigset_t& signals) {
   scheduler_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   scheduler_options.max_waiting_tokens = absl::GetFlag(FLAGS_max_waiting_tokens);
   scheduler_options.prefill_tokens_per_step = absl::GetFlag(FLAGS_prefill_tokens_per_step);
+  scheduler_options.prefix_cache.budget_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
+  scheduler_options.prefix_cache.granularity = absl::GetFlag(FLAGS_prefix_cache_granularity);
+  scheduler_options.sessions.budget_bytes = absl::GetFlag(FLAGS_session_budget_bytes);
+  scheduler_options.sessions.ttl = absl::GetFlag(FLAGS_session_ttl);
+  scheduler_options.model_fingerprint = engine::ModelFingerprint(*weights);
   scheduler_options.on_step = [metrics_raw, &refresh_gauges](const engine::StepStats& step) {
     metrics_raw->EngineStep(step);
     refresh_gauges();

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <future>
 #include <iostream>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -91,6 +92,11 @@ ABSL_FLAG(bool, logprobs, false, "Request log-probabilities; printed per token t
 ABSL_FLAG(int64_t, top_logprobs, 0, "Also request this many top alternatives per token (0..20).");
 ABSL_FLAG(int64_t, time_limit_ms, 0, "Server-side time limit in milliseconds; 0 = none.");
 ABSL_FLAG(bool, quiet, false, "generate: do not print the final info to stderr.");
+ABSL_FLAG(std::string, session, "",
+          "generate: continue this session (open-session prints one); close-session, "
+          "export-state: the session.");
+ABSL_FLAG(std::string, state_file, "",
+          "export-state: write the state here; import-state: read it from here.");
 
 namespace {
 
@@ -112,6 +118,10 @@ constexpr char kUsage[] =
     "             exit 0 only when both are SERVING.\n"
     "  tokenize   Print the token ids of --prompt / --prompt_file.\n"
     "  cancel     Cancel the running request --request_id.\n"
+    "  open-session    Open a session; prints its id (use with generate --session).\n"
+    "  close-session   Close --session.\n"
+    "  export-state    Write the state of --session to --state_file.\n"
+    "  import-state    Make a new session from --state_file; prints its id.\n"
     "\n"
     "Exit codes: 0 ok, 1 RPC error (gRPC code name and message on stderr), 2 usage.\n"
     "Example: polysketch-cli generate --prompt 'Once upon' --max_new_tokens 64 --temperature 0";
@@ -279,6 +289,7 @@ std::vector<int32_t> ParseIds(absl::string_view flag, const std::vector<std::str
 pb::GenerateRequest BuildGenerateRequest() {
   pb::GenerateRequest request;
   request.set_request_id(absl::GetFlag(FLAGS_request_id));
+  request.set_session_id(absl::GetFlag(FLAGS_session));
   const std::vector<std::string> prompt_ids = absl::GetFlag(FLAGS_prompt_token_ids);
   if (!prompt_ids.empty()) {
     if (!absl::GetFlag(FLAGS_prompt).empty() || !absl::GetFlag(FLAGS_prompt_file).empty()) {
@@ -350,7 +361,8 @@ int PrintFinal(const std::string& request_id, const pb::FinalInfo& final_info) {
               << " finish_reason=" << absl::StripPrefix(reason, "FINISH_REASON_")
               << " prompt_tokens=" << final_info.prompt_tokens()
               << " generated_tokens=" << final_info.generated_tokens()
-              << " seed=" << final_info.seed() << "]\n"
+              << " cached_tokens=" << final_info.cached_tokens() << " seed=" << final_info.seed()
+              << "]\n"
               << "[queue=" << t.queue_seconds() << "s prefill=" << t.prefill_seconds()
               << "s first_token=" << t.first_token_seconds() << "s total=" << t.total_seconds()
               << "s]\n";
@@ -513,6 +525,60 @@ int RunCancel(pb::GenerationService::Stub& stub) {
   return kExitOk;
 }
 
+std::string RequireSession(absl::string_view command) {
+  const std::string session = absl::GetFlag(FLAGS_session);
+  if (session.empty()) throw UsageError(absl::StrCat(command, " needs --session"));
+  return session;
+}
+
+std::string RequireStateFile(absl::string_view command) {
+  const std::string path = absl::GetFlag(FLAGS_state_file);
+  if (path.empty()) throw UsageError(absl::StrCat(command, " needs --state_file"));
+  return path;
+}
+
+int RunSession(pb::GenerationService::Stub& stub, const std::string& command) {
+  auto context = MakeContext();
+  if (command == "open-session") {
+    pb::OpenSessionResponse response;
+    const grpc::Status status = stub.OpenSession(context.get(), {}, &response);
+    if (!status.ok()) return ReportRpcError("OpenSession", status);
+    std::cout << response.session_id() << "\n";
+  } else if (command == "close-session") {
+    pb::CloseSessionRequest request;
+    request.set_session_id(RequireSession(command));
+    pb::CloseSessionResponse response;
+    const grpc::Status status = stub.CloseSession(context.get(), request, &response);
+    if (!status.ok()) return ReportRpcError("CloseSession", status);
+  } else if (command == "export-state") {
+    pb::ExportStateRequest request;
+    request.set_session_id(RequireSession(command));
+    const std::string path = RequireStateFile(command);
+    pb::ExportStateResponse response;
+    const grpc::Status status = stub.ExportState(context.get(), request, &response);
+    if (!status.ok()) return ReportRpcError("ExportState", status);
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(response.state().data(), static_cast<std::streamsize>(response.state().size()));
+    if (!out.flush()) {
+      std::cerr << "polysketch-cli: cannot write " << path << "\n";
+      return kExitRpcError;
+    }
+    std::cerr << "wrote " << response.state().size() << " bytes (" << response.tokens()
+              << " tokens) to " << path << "\n";
+  } else {  // import-state
+    const std::string path = RequireStateFile(command);
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw UsageError(absl::StrCat("cannot read --state_file ", path));
+    pb::ImportStateRequest request;
+    request.set_state(std::string(std::istreambuf_iterator<char>(in), {}));
+    pb::ImportStateResponse response;
+    const grpc::Status status = stub.ImportState(context.get(), request, &response);
+    if (!status.ok()) return ReportRpcError("ImportState", status);
+    std::cout << response.session_id() << "\n";
+  }
+  return kExitOk;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -543,6 +609,8 @@ int main(int argc, char** argv) {
     options.server_name = absl::GetFlag(FLAGS_server_name);
     options.token = absl::GetFlag(FLAGS_token);
     options.token_file = absl::GetFlag(FLAGS_token_file);
+    // An exported state arrives as one message of the state's size (megabytes).
+    options.max_receive_message_bytes = -1;
     absl::StatusOr<ps::clients::Connection> connection = ps::clients::Connect(options);
     if (!connection.ok()) throw UsageError(std::string(connection.status().message()));
     g_connection = &*connection;
@@ -553,6 +621,10 @@ int main(int argc, char** argv) {
     if (command == "health") return RunHealth(channel);
     if (command == "tokenize") return RunTokenize(stub);
     if (command == "cancel") return RunCancel(stub);
+    if (command == "open-session" || command == "close-session" || command == "export-state" ||
+        command == "import-state") {
+      return RunSession(stub, command);
+    }
     std::cerr << "polysketch-cli: unknown subcommand '" << command << "'; see --help\n";
     return kExitUsage;
   } catch (const UsageError& e) {

@@ -78,6 +78,9 @@ absl::StatusOr<Connection> Connect(const ConnectionOptions& options) {
   }
   grpc::ChannelArguments arguments;
   if (!options.server_name.empty()) arguments.SetSslTargetNameOverride(options.server_name);
+  if (options.max_receive_message_bytes != 0) {
+    arguments.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  }
   connection.channel = grpc::CreateCustomChannel(options.target, credentials, arguments);
   return connection;
 }

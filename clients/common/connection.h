@@ -24,6 +24,7 @@ struct ConnectionOptions {
                             // target's host is not in it (e.g. an IP address)
   std::string token;        // bearer token; or
   std::string token_file;   // a file whose first non-blank line is the token
+  int max_receive_message_bytes = 0;  // largest response accepted; 0: gRPC's default, -1: none
 };
 
 struct Connection {

@@ -33,6 +33,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "clients/common/connection.h"
+#include "clients/loadgen/scenarios.h"
 #include "polysketch/v1/generation.grpc.pb.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
@@ -57,6 +58,19 @@ ABSL_FLAG(double, cancel_fraction, 0.0,
 ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(), "gRPC deadline per request; 0 = none.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the load generator (prompts, arrivals, cancel choice).");
 ABSL_FLAG(bool, json, false, "Also print the report as one JSON object on stdout.");
+ABSL_FLAG(std::string, scenario, "",
+          "Instead of the load above, run a conversation-shaped workload one request at a time "
+          "(clients/loadgen/scenarios.h): chat (--turns, --turn_bytes, --sessions) or "
+          "shared_prefix (--requests, --system_bytes, --user_bytes). Uses --max_new_tokens, "
+          "--timeout, --seed, --json.");
+ABSL_FLAG(int32_t, turns, 10, "chat: turns of the conversation.");
+ABSL_FLAG(int32_t, turn_bytes, 4000, "chat: bytes of user text per turn.");
+ABSL_FLAG(bool, sessions, false,
+          "chat: keep the conversation in a server session (send only each new turn) instead of "
+          "resending it all.");
+ABSL_FLAG(int32_t, requests, 32, "shared_prefix: requests.");
+ABSL_FLAG(int32_t, system_bytes, 16000, "shared_prefix: bytes of the shared system prompt.");
+ABSL_FLAG(int32_t, user_bytes, 200, "shared_prefix: bytes of each request's own text.");
 // Security (docs/security.md): as polysketch-cli's.
 ABSL_FLAG(bool, tls, false, "Connect with TLS, trusting the system's CAs (see --tls_ca).");
 ABSL_FLAG(std::string, tls_ca, "",
@@ -371,6 +385,29 @@ int main(int argc, char** argv) {
   if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
     std::cerr << "polysketch-loadgen: cannot connect to " << absl::GetFlag(FLAGS_target) << "\n";
     return 1;
+  }
+  if (const std::string scenario = absl::GetFlag(FLAGS_scenario); !scenario.empty()) {
+    if (scenario != "chat" && scenario != "shared_prefix") {
+      return Usage("--scenario: chat or shared_prefix, got " + scenario);
+    }
+    ps::loadgen::ScenarioOptions options;
+    options.name = scenario;
+    options.turns = absl::GetFlag(FLAGS_turns);
+    options.turn_bytes = absl::GetFlag(FLAGS_turn_bytes);
+    options.sessions = absl::GetFlag(FLAGS_sessions);
+    options.requests = absl::GetFlag(FLAGS_requests);
+    options.system_bytes = absl::GetFlag(FLAGS_system_bytes);
+    options.user_bytes = absl::GetFlag(FLAGS_user_bytes);
+    options.max_new_tokens = max_new_tokens;
+    options.timeout = absl::GetFlag(FLAGS_timeout);
+    options.seed = absl::GetFlag(FLAGS_seed);
+    options.json = absl::GetFlag(FLAGS_json);
+    if (options.turns < 1 || options.turn_bytes < 1 || options.requests < 1 ||
+        options.system_bytes < 0 || options.user_bytes < 1) {
+      return Usage("--turns, --turn_bytes, --requests, --user_bytes must be >= 1");
+    }
+    options.authorization = connection->authorization;
+    return ps::loadgen::RunScenario(*stub, options);
   }
 
   std::mt19937_64 rng(absl::GetFlag(FLAGS_seed));

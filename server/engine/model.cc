@@ -259,6 +259,45 @@ absl::Status Model::CopySlot(SlotId from, SlotId to) {
   return absl::OkStatus();
 }
 
+absl::Status Model::SaveSlot(SlotId slot, StateSnapshot* snapshot) {
+  if (SlotPosition(slot) < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SaveSlot: slot ", slot.index, " is not acquired"));
+  }
+  const auto src = pool_.SlotBytes(slot);
+  snapshot->bytes.resize(src.size());
+  if (!src.empty())
+    backend_.CopyToHost(src.data(), static_cast<int64_t>(src.size()), snapshot->bytes.data());
+  snapshot->position = slot_position_[slot.index];
+  return absl::OkStatus();
+}
+
+absl::Status Model::RestoreSlot(SlotId slot, const StateSnapshot& snapshot) {
+  if (SlotPosition(slot) < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("RestoreSlot: slot ", slot.index, " is not acquired"));
+  }
+  if (snapshot.position < 0 || snapshot.position > max_context_) {
+    return absl::InvalidArgumentError(absl::StrCat("RestoreSlot: position ", snapshot.position,
+                                                   " is outside [0, ", max_context_, "]"));
+  }
+  const auto dst = pool_.SlotBytes(slot);
+  if (snapshot.bytes.empty()) {
+    if (snapshot.position != 0) {
+      return absl::InvalidArgumentError("RestoreSlot: an empty state must be at position 0");
+    }
+    if (!dst.empty()) backend_.Zero(dst.data(), static_cast<int64_t>(dst.size()));
+  } else {
+    if (snapshot.bytes.size() != dst.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("RestoreSlot: ", snapshot.bytes.size(),
+                                                     " bytes, the slot has ", dst.size()));
+    }
+    backend_.CopyFromHost(snapshot.bytes.data(), static_cast<int64_t>(dst.size()), dst.data());
+  }
+  slot_position_[slot.index] = snapshot.position;
+  return absl::OkStatus();
+}
+
 int64_t Model::SlotPosition(SlotId slot) const {
   if (slot.index < 0 || slot.index >= pool_.num_slots()) return -1;
   return slot_position_[slot.index];

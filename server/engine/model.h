@@ -25,6 +25,7 @@
 #include "server/engine/model_config.h"
 #include "server/engine/state_layout.h"
 #include "server/engine/state_pool.h"
+#include "server/engine/state_snapshot.h"
 #include "server/engine/weights.h"
 
 namespace ps::engine {
@@ -83,6 +84,14 @@ class Model {
   // Makes `to` an exact copy of `from` (state and position): forks a sequence. Both must be
   // acquired and distinct (InvalidArgument otherwise).
   [[nodiscard]] absl::Status CopySlot(SlotId from, SlotId to);
+  // Copies the state of `slot` (acquired) and its position into host memory, reusing
+  // snapshot->bytes' capacity. InvalidArgument when the slot is not acquired.
+  [[nodiscard]] absl::Status SaveSlot(SlotId slot, StateSnapshot* snapshot);
+  // Makes `slot` (acquired) hold `snapshot`: the state and position a SaveSlot of this model
+  // gave (or ValidateStateBytes accepted); an empty snapshot.bytes is the empty state at
+  // position 0. InvalidArgument when the slot is not acquired, the size is not the layout's or
+  // the position is outside [0, max_context()]; the slot is unchanged then.
+  [[nodiscard]] absl::Status RestoreSlot(SlotId slot, const StateSnapshot& snapshot);
   // Tokens the slot's state holds (the next position), or -1 when it is not acquired.
   int64_t SlotPosition(SlotId slot) const;
 

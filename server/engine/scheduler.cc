@@ -17,20 +17,62 @@ struct Scheduler::Active {
   Sampler sampler;
   StopChecker stop_checker;
   IncrementalDetokenizer detokenizer;
-  int64_t prefilled = 0;    // prompt tokens in the state so far
+  // The tokens to prefill: the session's pending tokens, then the prompt. feed[i] goes to
+  // position base + i; base is the session's position (0 without one).
+  std::vector<int32_t> feed;
+  int64_t base = 0;
+  std::optional<SequenceState> session;  // the session's state before this request
+  int64_t prefilled = 0;    // feed tokens in the state so far (or restored from the cache)
+  int64_t cached = 0;       // tokens this request did not prefill (cache hit or session)
   int32_t next_token = -1;  // sampled, not yet fed to the model (decode phase)
+  int32_t last_token = -1;  // the last token sampled
   int64_t generated = 0;
   bool finished = false;
+  // Prefix cache: keys of the feed's whole blocks, and the feed positions to snapshot at
+  // (ascending).
+  std::vector<uint64_t> prefix_hashes;
+  std::deque<int64_t> snapshot_at;
   absl::Time submitted, admitted, prefill_done, first_token;
 
   Active(EngineRequest r, SlotId s, Sampler sam, StopChecker stop)
       : request(std::move(r)), slot(s), sampler(std::move(sam)), stop_checker(std::move(stop)) {}
   bool decoding() const { return next_token >= 0; }
-  int64_t prompt_size() const { return static_cast<int64_t>(request.prompt.size()); }
+  int64_t feed_size() const { return static_cast<int64_t>(feed.size()); }
 };
 
+namespace {
+
+// The prefix-cache granularity when the options leave it to the model: the block size of the
+// first local_exact polysketch layer (snapshots then fall on block boundaries, where the local
+// buffer is full and S_cur about to fold), else 64 tokens.
+PrefixCacheOptions ResolvePrefixCache(PrefixCacheOptions options, const ModelConfig& config) {
+  if (options.granularity == 0) {
+    options.granularity = 64;
+    for (const AttentionConfig& layer : config.layers) {
+      if (layer.kind == AttentionKind::kPolysketch && layer.local_exact) {
+        options.granularity = layer.block_size;
+        break;
+      }
+    }
+  }
+  return options;
+}
+
+// What one session reserves: the state and its bookkeeping.
+int64_t SessionBytes(const Model& model) {
+  return model.layout().bytes_per_slot() + kMaxPendingTokens * 4 + 256;
+}
+
+}  // namespace
+
 Scheduler::Scheduler(std::unique_ptr<Model> model, SchedulerOptions options)
-    : model_(std::move(model)), options_(std::move(options)) {
+    : model_(std::move(model)),
+      options_(std::move(options)),
+      identity_{options_.model_fingerprint, &model_->config(), &model_->layout(),
+                model_->max_context()},
+      sessions_(options_.sessions, SessionBytes(*model_)),
+      prefix_cache_(ResolvePrefixCache(options_.prefix_cache, model_->config()),
+                    options_.model_fingerprint) {
   logits_.resize(static_cast<size_t>(model_->options().max_batch * model_->config().vocab_size));
   engine_ = std::thread([this] { EngineLoop(); });
 }
@@ -49,6 +91,16 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<Mod
   if (options.prefill_tokens_per_step < 1) {
     return absl::InvalidArgumentError(absl::StrCat("prefill_tokens_per_step: must be >= 1, got ",
                                                    options.prefill_tokens_per_step));
+  }
+  if (options.prefix_cache.budget_bytes < 0 || options.prefix_cache.granularity < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefix_cache: budget_bytes and granularity must be >= 0, got ",
+                     options.prefix_cache.budget_bytes, " and ", options.prefix_cache.granularity));
+  }
+  if (options.sessions.budget_bytes < 0 || options.sessions.ttl <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sessions: budget_bytes must be >= 0 and ttl > 0, got ", options.sessions.budget_bytes,
+        " and ", absl::FormatDuration(options.sessions.ttl)));
   }
   return std::unique_ptr<Scheduler>(new Scheduler(std::move(model), std::move(options)));
 }
@@ -81,25 +133,49 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   }
   PS_RETURN_IF_ERROR(request.sampling.Validate(cfg.vocab_size));
   PS_RETURN_IF_ERROR(request.stops.Validate(cfg.vocab_size));
+  const absl::Time now = absl::Now();
+  Queued queued;
+  queued.submitted = now;
+  queued.tokens = n;
+  if (!request.session_id.empty()) {
+    PS_ASSIGN_OR_RETURN(SequenceState state,
+                        sessions_.Take(request.session_id, request.owner, now));
+    if (state.length() + n > model_->max_context()) {
+      const int64_t held = state.length();
+      sessions_.Return(request.session_id, std::move(state), now);
+      return absl::OutOfRangeError(absl::StrCat("prompt: ", n, " tokens after the session's ", held,
+                                                " exceed the context limit ",
+                                                model_->max_context()));
+    }
+    queued.tokens += static_cast<int64_t>(state.pending.size());
+    queued.session = std::move(state);
+  }
+  absl::Status refused;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (draining_ || stopping_) {
-      return absl::UnavailableError("the server is draining: no new requests");
-    }
-    if (ids_.contains(request.id)) {
-      return absl::AlreadyExistsError(
+      refused = absl::UnavailableError("the server is draining: no new requests");
+    } else if (ids_.contains(request.id)) {
+      refused = absl::AlreadyExistsError(
           absl::StrCat("request id \"", request.id, "\" is already in use"));
-    }
-    if (static_cast<int64_t>(queue_.size()) >= options_.max_waiting ||
-        queued_tokens_ + n > options_.max_waiting_tokens) {
-      return absl::ResourceExhaustedError(
+    } else if (static_cast<int64_t>(queue_.size()) >= options_.max_waiting ||
+               queued_tokens_ + queued.tokens > options_.max_waiting_tokens) {
+      refused = absl::ResourceExhaustedError(
           absl::StrCat("the queue is full (", queue_.size(), " requests, ", queued_tokens_,
                        " prompt tokens waiting; limits ", options_.max_waiting, " and ",
                        options_.max_waiting_tokens, ")"));
+    } else {
+      ids_.insert(request.id);
+      queued_tokens_ += queued.tokens;
+      queued.request = std::move(request);
+      queue_.push_back(std::move(queued));
     }
-    ids_.insert(request.id);
-    queued_tokens_ += n;
-    queue_.push_back({std::move(request), absl::Now()});
+  }
+  if (!refused.ok()) {
+    if (queued.session.has_value()) {
+      sessions_.Return(request.session_id, *std::move(queued.session), now);
+    }
+    return refused;
   }
   work_.notify_one();
   return absl::OkStatus();
@@ -115,6 +191,28 @@ absl::Status Scheduler::Cancel(absl::string_view id) {
   }
   work_.notify_one();
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Scheduler::OpenSession(absl::string_view owner) {
+  return sessions_.Open(owner, absl::Now());
+}
+
+absl::Status Scheduler::CloseSession(absl::string_view id, absl::string_view owner) {
+  return sessions_.Close(id, owner);
+}
+
+absl::StatusOr<Scheduler::SessionState> Scheduler::ExportSession(absl::string_view id,
+                                                                 absl::string_view owner) {
+  PS_ASSIGN_OR_RETURN(SequenceState state, sessions_.Copy(id, owner, absl::Now()));
+  return SessionState{std::string(id), EncodeState(state, identity_), state.length()};
+}
+
+absl::StatusOr<Scheduler::SessionState> Scheduler::ImportSession(absl::string_view bytes,
+                                                                 absl::string_view owner) {
+  PS_ASSIGN_OR_RETURN(SequenceState state, DecodeState(bytes, identity_));
+  const int64_t tokens = state.length();
+  PS_ASSIGN_OR_RETURN(std::string id, sessions_.Import(owner, std::move(state), absl::Now()));
+  return SessionState{std::move(id), "", tokens};
 }
 
 void Scheduler::StartDrain() {
@@ -139,6 +237,8 @@ SchedulerStats Scheduler::Stats() const {
   stats.slots_total = model_->pool().num_slots();
   stats.slots_used = stats.running;
   stats.steps = steps_.load();
+  stats.prefix_cache = prefix_cache_.stats();
+  stats.sessions = sessions_.stats();
   return stats;
 }
 
@@ -161,19 +261,24 @@ void Scheduler::EngineLoop() {
     std::lock_guard<std::mutex> lock(mu_);
     queue.swap(queue_);
   }
-  for (Queued& q : queue) FinishQueued(q.request, q.submitted, FinishReason::kCancelled);
+  for (Queued& q : queue) FinishQueued(q, FinishReason::kCancelled);
   for (auto& active : active_) {
     if (!active->finished) Finish(*active, FinishReason::kCancelled);
   }
   active_.clear();
 }
 
-void Scheduler::FinishQueued(EngineRequest& request, absl::Time submitted, FinishReason reason) {
+void Scheduler::FinishQueued(Queued& queued, FinishReason reason) {
+  EngineRequest& request = queued.request;
   FinalResult result;
   result.reason = reason;
   result.prompt_tokens = static_cast<int64_t>(request.prompt.size());
   result.seed = request.sampling.seed;
-  result.timings.queue = result.timings.total = absl::Now() - submitted;
+  result.timings.queue = result.timings.total = absl::Now() - queued.submitted;
+  // The request never ran: its session is as it was.
+  if (queued.session.has_value()) {
+    sessions_.Return(request.session_id, *std::move(queued.session), absl::Now());
+  }
   {
     // The id is free again once the observer hears of the end.
     std::lock_guard<std::mutex> lock(mu_);
@@ -190,7 +295,8 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
   FinalResult result;
   result.reason = reason;
   result.error = std::move(error);
-  result.prompt_tokens = active.prompt_size();
+  result.prompt_tokens = static_cast<int64_t>(active.request.prompt.size());
+  result.cached_tokens = active.cached;
   result.generated_tokens = active.generated;
   result.seed = active.request.sampling.seed;
   result.timings.queue = active.admitted - active.submitted;
@@ -200,6 +306,27 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
                                    ? absl::ZeroDuration()
                                    : active.first_token - active.submitted;
   result.timings.total = now - active.submitted;
+  if (active.session.has_value()) {
+    // A completed turn leaves its state in the session: the state holds every token but the
+    // last one sampled, which stays pending (fed first by the next request) unless the context
+    // is full. A turn that did not complete leaves the session as it was.
+    const bool completed = reason == FinishReason::kLength || reason == FinishReason::kStopString ||
+                           reason == FinishReason::kStopToken;
+    if (completed) {
+      SequenceState& state = *active.session;
+      const absl::Status saved = model_->SaveSlot(active.slot, &state.snapshot);
+      if (saved.ok()) {
+        state.pending.clear();
+        if (state.snapshot.position < model_->max_context()) {
+          state.pending.push_back(active.last_token);
+        }
+      } else if (result.error.ok()) {
+        result.error = saved;
+      }
+    }
+    sessions_.Return(active.request.session_id, *std::move(active.session), now);
+    active.session.reset();
+  }
   // The slot goes back in the same step (architecture.md step 5).
   const absl::Status released = model_->ReleaseSlot(active.slot);
   if (!released.ok() && result.error.ok()) result.error = released;
@@ -224,7 +351,7 @@ bool Scheduler::Step() {
     for (auto it = queue_.begin(); it != queue_.end();) {
       const bool cancel = cancelled.contains(it->request.id);
       if (cancel || it->request.deadline <= start) {
-        queued_tokens_ -= static_cast<int64_t>(it->request.prompt.size());
+        queued_tokens_ -= it->tokens;
         ended_reasons.push_back(cancel ? FinishReason::kCancelled : FinishReason::kDeadline);
         ended.push_back(std::move(*it));
         it = queue_.erase(it);
@@ -233,8 +360,10 @@ bool Scheduler::Step() {
       }
     }
   }
-  for (size_t i = 0; i < ended.size(); ++i) {
-    FinishQueued(ended[i].request, ended[i].submitted, ended_reasons[i]);
+  for (size_t i = 0; i < ended.size(); ++i) FinishQueued(ended[i], ended_reasons[i]);
+  if (sessions_.enabled() && start - last_expiry_ > absl::Seconds(1)) {
+    sessions_.ExpireIdle(start);
+    last_expiry_ = start;
   }
   int64_t ended_running = 0;
   for (auto& active : active_) {
@@ -272,7 +401,7 @@ void Scheduler::Admit(absl::Time now) {
       if (queue_.empty()) return;
       q = std::move(queue_.front());
       queue_.pop_front();
-      queued_tokens_ -= static_cast<int64_t>(q.request.prompt.size());
+      queued_tokens_ -= q.tokens;
     }
     // Submit validated both, so these only fail on an internal error.
     absl::StatusOr<Sampler> sampler =
@@ -281,19 +410,72 @@ void Scheduler::Admit(absl::Time now) {
         StopChecker::Create(q.request.stops, model_->config().vocab_size);
     absl::StatusOr<SlotId> slot = model_->AcquireSlot();
     if (!sampler.ok() || !stops.ok() || !slot.ok()) {
-      FinishQueued(q.request, q.submitted, FinishReason::kError);
+      FinishQueued(q, FinishReason::kError);
       if (slot.ok()) (void)model_->ReleaseSlot(*slot);
       continue;
     }
     auto active = std::make_unique<Active>(std::move(q.request), *slot, *std::move(sampler),
                                            *std::move(stops));
+    active->session = std::move(q.session);
     active->submitted = q.submitted;
     active->admitted = now;
     active->prefill_done = absl::InfinitePast();
     active->first_token = absl::InfinitePast();
-    active_.push_back(std::move(active));
     running_.fetch_add(1);
+    if (absl::Status status = PrepareState(*active); !status.ok()) {
+      Finish(*active, FinishReason::kError, status);
+      continue;
+    }
+    active_.push_back(std::move(active));
   }
+}
+
+absl::Status Scheduler::PrepareState(Active& active) {
+  const std::vector<int32_t>& prompt = active.request.prompt;
+  if (active.session.has_value()) {
+    const SequenceState& state = *active.session;
+    PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, state.snapshot));
+    active.base = state.snapshot.position;
+    active.cached = state.snapshot.position;
+    active.feed.reserve(state.pending.size() + prompt.size());
+    active.feed.assign(state.pending.begin(), state.pending.end());
+    active.feed.insert(active.feed.end(), prompt.begin(), prompt.end());
+    return absl::OkStatus();
+  }
+  active.feed = prompt;
+  if (!prefix_cache_.enabled()) return absl::OkStatus();
+  // At least the last prompt token is prefilled: its logits give the first generated token.
+  const int64_t n = active.feed_size();
+  const int64_t g = prefix_cache_.granularity();
+  active.prefix_hashes = prefix_cache_.Hashes(active.feed);
+  const PrefixCache::Hit hit = prefix_cache_.Lookup(active.feed, active.prefix_hashes, n - 1);
+  if (hit.state != nullptr) {
+    PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, *hit.state));
+    active.prefilled = hit.length;
+    active.cached = hit.length;
+  }
+  // Snapshots worth taking: where this prompt stops sharing an earlier one, and its last block
+  // boundary (the next turn of a conversation resent in full starts there).
+  const int64_t shared = prefix_cache_.Remember(active.prefix_hashes, n - 1);
+  for (const int64_t at : {shared, (n - 1) / g * g}) {
+    if (at > active.prefilled &&
+        !prefix_cache_.Contains(active.prefix_hashes[static_cast<size_t>(at / g - 1)]) &&
+        (active.snapshot_at.empty() || active.snapshot_at.back() < at)) {
+      active.snapshot_at.push_back(at);
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Scheduler::MaybeSnapshot(Active& active) {
+  if (active.snapshot_at.empty() || active.prefilled != active.snapshot_at.front()) return;
+  const int64_t at = active.snapshot_at.front();
+  active.snapshot_at.pop_front();
+  StateSnapshot snapshot;
+  if (!model_->SaveSlot(active.slot, &snapshot).ok()) return;  // the slot is ours: cannot fail
+  const int64_t g = prefix_cache_.granularity();
+  prefix_cache_.Insert(absl::MakeConstSpan(active.feed).subspan(0, static_cast<size_t>(at)),
+                       active.prefix_hashes[static_cast<size_t>(at / g - 1)], std::move(snapshot));
 }
 
 void Scheduler::RunDecode(StepStats& stats) {
@@ -330,13 +512,18 @@ void Scheduler::RunPrefill(StepStats& stats) {
   for (auto& active : active_) {
     if (budget == 0) break;
     if (active->finished || active->decoding()) continue;
-    const int64_t n = std::min(budget, active->prompt_size() - active->prefilled);
-    const bool last = active->prefilled + n == active->prompt_size();
+    int64_t n = std::min(budget, active->feed_size() - active->prefilled);
+    // Stop at a planned snapshot position.
+    if (!active->snapshot_at.empty()) {
+      n = std::min(n, active->snapshot_at.front() - active->prefilled);
+    }
+    const bool last = active->prefilled + n == active->feed_size();
     const absl::Span<const int32_t> tokens =
-        absl::MakeConstSpan(active->request.prompt)
+        absl::MakeConstSpan(active->feed)
             .subspan(static_cast<size_t>(active->prefilled), static_cast<size_t>(n));
     const absl::Span<float> logits = absl::MakeSpan(logits_).subspan(0, last ? V : 0);
-    const absl::Status status = model_->Prefill(active->slot, active->prefilled, tokens, logits);
+    const absl::Status status =
+        model_->Prefill(active->slot, active->base + active->prefilled, tokens, logits);
     budget -= n;
     stats.prefill_tokens += n;
     if (!status.ok()) {
@@ -344,6 +531,7 @@ void Scheduler::RunPrefill(StepStats& stats) {
       continue;
     }
     active->prefilled += n;
+    MaybeSnapshot(*active);
     if (last) {
       active->prefill_done = absl::Now();
       HandleLogits(*active, logits);
@@ -360,6 +548,7 @@ void Scheduler::HandleLogits(Active& active, absl::Span<const float> logits) {
     return Finish(active, FinishReason::kError, s);
   }
   ++active.generated;
+  active.last_token = token;
   absl::StatusOr<std::string> text = active.detokenizer.Push(token);
   if (!text.ok()) return Finish(active, FinishReason::kError, text.status());
   // The next token would not fit the context: this one is the last.

@@ -7,6 +7,12 @@
 //   3. runs one decode step for every running sequence that is past its prompt, as one batch;
 //   4. prefills at most `prefill_tokens_per_step` prompt tokens (oldest request first), so a long
 //      prompt is spread over many steps and never stalls the running streams.
+// The recurrent state is also kept beyond a request (docs/sessions.md):
+//   * the prefix cache (prefix_cache.h): a new request restores the state of the longest cached
+//     prefix of its prompt and prefills only the rest; snapshots are taken during prefill;
+//   * sessions (session_store.h): a request naming a session starts from the state its previous
+//     request left, and leaves its own final state there when it completes;
+//   * export / import of a session's state as bytes (state_codec.h).
 // Outputs leave through each request's RequestObserver, called on the engine thread.
 //
 // Thread-safety: Submit, Cancel, StartDrain, Stats and the destructor may be called from any
@@ -22,6 +28,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,7 +40,10 @@
 #include <absl/time/time.h>
 
 #include "server/engine/model.h"
+#include "server/engine/prefix_cache.h"
 #include "server/engine/sampler.h"
+#include "server/engine/session_store.h"
+#include "server/engine/state_codec.h"
 #include "server/engine/stop_checker.h"
 
 namespace ps::engine {
@@ -44,6 +54,14 @@ struct SchedulerOptions {
   int64_t max_waiting_tokens = int64_t{1} << 22;  // prompt tokens of those requests
   // Prompt tokens prefilled per engine step (chunked prefill interleaved with decode steps).
   int64_t prefill_tokens_per_step = 512;
+  // The prefix cache (off when budget_bytes is 0). granularity 0: the model's local_exact block
+  // size, or 64 for a model without one.
+  PrefixCacheOptions prefix_cache = {
+      .budget_bytes = 0, .granularity = 0, .max_remembered = 1 << 20};
+  // Sessions (off when budget_bytes is 0).
+  SessionOptions sessions;
+  // ModelFingerprint of the served weights: seeds the prefix-cache keys and marks exported states.
+  uint64_t model_fingerprint = 0;
   // Called on the engine thread after every step that did work (metrics).
   std::function<void(const struct StepStats&)> on_step;
 };
@@ -82,6 +100,9 @@ struct FinalResult {
   FinishReason reason = FinishReason::kLength;
   absl::Status error;  // kError only
   int64_t prompt_tokens = 0;
+  // Tokens of the sequence that this request did not prefill: restored from the prefix cache, or
+  // held by its session from earlier requests.
+  int64_t cached_tokens = 0;
   int64_t generated_tokens = 0;
   uint64_t seed = 0;
   RequestTimings timings;
@@ -103,6 +124,14 @@ struct EngineRequest {
   StopConditions stops;
   absl::Time deadline = absl::InfiniteFuture();  // gRPC deadline or time limit, whichever first
   std::shared_ptr<RequestObserver> observer;     // required
+  // Continue this session (SessionStore id; empty: none). The prompt holds only the new tokens;
+  // the session's state holds everything before them. When the request completes (length or a
+  // stop), the session keeps its final state; when it does not (cancelled, deadline, error), the
+  // session stays as it was before the request.
+  std::string session_id;
+  // The authenticated identity making the request ("" without authentication): sessions are
+  // visible to their owner only.
+  std::string owner;
 };
 
 // Counters and gauges, readable from any thread.
@@ -114,6 +143,8 @@ struct SchedulerStats {
   int64_t slots_used = 0;
   int64_t steps = 0;  // engine steps that did work
   bool draining = false;
+  PrefixCacheStats prefix_cache;
+  SessionStats sessions;
 };
 
 class Scheduler {
@@ -139,6 +170,27 @@ class Scheduler {
   // no unfinished request has that id.
   [[nodiscard]] absl::Status Cancel(absl::string_view id);
 
+  // Sessions (see EngineRequest::session_id). Errors as SessionStore documents.
+  [[nodiscard]] absl::StatusOr<std::string> OpenSession(absl::string_view owner);
+  [[nodiscard]] absl::Status CloseSession(absl::string_view id, absl::string_view owner);
+  // An exported session (or the session an import made): its id, the state in the
+  // state_codec.h format, and the tokens of the conversation it holds.
+  struct SessionState {
+    std::string id;
+    std::string bytes;   // ExportSession only
+    int64_t tokens = 0;  // SequenceState::length()
+  };
+  [[nodiscard]] absl::StatusOr<SessionState> ExportSession(absl::string_view id,
+                                                           absl::string_view owner);
+  // A new session holding an exported state (DecodeState errors: a state of another model is
+  // FailedPrecondition, a damaged one DataLoss).
+  [[nodiscard]] absl::StatusOr<SessionState> ImportSession(absl::string_view bytes,
+                                                           absl::string_view owner);
+  const ModelIdentity& identity() const { return identity_; }
+  const SchedulerOptions& options() const { return options_; }
+  const SessionStore& sessions() const { return sessions_; }
+  int64_t prefix_cache_granularity() const { return prefix_cache_.granularity(); }
+
   // Refuses new requests from now on (Unavailable); queued and running ones continue.
   void StartDrain();
   // True when nothing is queued or running.
@@ -151,6 +203,8 @@ class Scheduler {
  private:
   struct Active;
 
+  struct Queued;
+
   Scheduler(std::unique_ptr<Model> model, SchedulerOptions options);
   void EngineLoop();
   // One step; returns false when there was nothing to do.
@@ -162,7 +216,12 @@ class Scheduler {
   // rule, the token limit or the context limit says so.
   void HandleLogits(Active& active, absl::Span<const float> logits);
   void Finish(Active& active, FinishReason reason, absl::Status error = absl::OkStatus());
-  void FinishQueued(EngineRequest& request, absl::Time submitted, FinishReason reason);
+  void FinishQueued(Queued& queued, FinishReason reason);
+  // Restores the request's starting state into its slot (session or cached prefix) and plans
+  // the prefix-cache snapshots of its prefill.
+  absl::Status PrepareState(Active& active);
+  // After a prefill pass: stores a snapshot if the prefill just reached a planned position.
+  void MaybeSnapshot(Active& active);
 
   std::unique_ptr<Model> model_;
   const SchedulerOptions options_;
@@ -173,6 +232,8 @@ class Scheduler {
   struct Queued {
     EngineRequest request;
     absl::Time submitted;
+    std::optional<SequenceState> session;  // taken from the store when request.session_id is set
+    int64_t tokens = 0;                    // to prefill: pending tokens of the session + prompt
   };
   std::deque<Queued> queue_;
   absl::flat_hash_set<std::string> ids_;        // unfinished requests
@@ -186,7 +247,12 @@ class Scheduler {
   std::atomic<int64_t> running_{0};
   std::atomic<int64_t> steps_{0};
 
+  ModelIdentity identity_;
+  SessionStore sessions_;  // thread-safe
+
   // Engine thread only.
+  PrefixCache prefix_cache_;
+  absl::Time last_expiry_ = absl::InfinitePast();
   std::vector<std::unique_ptr<Active>> active_;
   std::vector<float> logits_;
   std::vector<DecodeItem> decode_items_;  // RunDecode's batch, reused across steps

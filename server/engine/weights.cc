@@ -2,6 +2,7 @@
 // dtypes), and only then the conversion of tensor data to float32.
 #include "server/engine/weights.h"
 
+#include <cstring>
 #include <filesystem>
 #include <set>
 #include <utility>
@@ -11,6 +12,7 @@
 #include <absl/strings/str_join.h>
 #include <nlohmann/json.hpp>
 
+#include "base/hash.h"
 #include "base/status_macros.h"
 #include "server/engine/json_util.h"
 
@@ -26,6 +28,32 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 const HostTensor* ModelWeights::Find(absl::string_view name) const {
   auto it = tensors.find(name);
   return it == tensors.end() ? nullptr : &it->second;
+}
+
+uint64_t ModelFingerprint(const ModelWeights& weights) {
+  const ModelConfig& c = weights.config;
+  uint64_t h = Fingerprint64Combine(0x6d6f64656cULL, static_cast<uint64_t>(c.vocab_size));
+  for (const int64_t v : {c.d_model, c.n_layers, c.n_heads, c.d_ff}) {
+    h = Fingerprint64Combine(h, static_cast<uint64_t>(v));
+  }
+  uint64_t eps_bits;
+  static_assert(sizeof(eps_bits) == sizeof(c.norm_eps));
+  std::memcpy(&eps_bits, &c.norm_eps, sizeof(eps_bits));
+  h = Fingerprint64Combine(h, eps_bits);
+  for (const AttentionConfig& a : c.layers) {
+    for (const int64_t v : {static_cast<int64_t>(a.kind), static_cast<int64_t>(a.sketch),
+                            a.sketch_size, static_cast<int64_t>(a.local_exact), a.block_size,
+                            a.window, a.stride, a.chunk, a.summary}) {
+      h = Fingerprint64Combine(h, static_cast<uint64_t>(v));
+    }
+  }
+  // std::map: tensors in name order, so the value does not depend on the file's order.
+  for (const auto& [name, tensor] : weights.tensors) {
+    h = Fingerprint64(name.data(), name.size(), h);
+    h = Fingerprint64(tensor.shape.data(), tensor.shape.size() * sizeof(int64_t), h);
+    h = Fingerprint64(tensor.data.data(), tensor.data.size() * sizeof(float), h);
+  }
+  return h;
 }
 
 absl::StatusOr<ModelWeights> LoadWeights(absl::string_view model_dir) {

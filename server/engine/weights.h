@@ -39,6 +39,11 @@ struct ModelWeights {
   const HostTensor* Find(absl::string_view name) const;
 };
 
+// A 64-bit fingerprint of the model function: every config field that shapes it and every
+// weight's name, shape and float32 values (base/hash.h). Two servers whose models have the same
+// fingerprint compute the same function, so a state exported by one continues on the other.
+uint64_t ModelFingerprint(const ModelWeights& weights);
+
 // Loads `model_dir`. Errors:
 //   NotFound         config.json or model.safetensors does not exist;
 //   InvalidArgument  config.json is malformed or breaks a rule (LoadModelConfig);

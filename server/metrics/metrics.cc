@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unistd.h>
 #include <utility>
@@ -235,6 +236,53 @@ class PrometheusMetrics final : public ServerMetrics {
                                  "Bytes of attention memory (sketch state and KV cache) held "
                                  "by running requests, by attention kind of the layers.")
                              .Register(r);
+    auto& lookups = BuildCounter()
+                        .Name("polysketch_prefix_cache_lookups_total")
+                        .Help("Prefix-cache lookups of new requests, by result (hit or miss).")
+                        .Register(r);
+    cache_hits_ = &lookups.Add({{"result", "hit"}});
+    cache_misses_ = &lookups.Add({{"result", "miss"}});
+    cache_hit_tokens_ = &BuildCounter()
+                             .Name("polysketch_prefix_cache_hit_tokens_total")
+                             .Help("Prompt tokens restored from the prefix cache, not prefilled.")
+                             .Register(r)
+                             .Add({});
+    cache_insertions_ = &BuildCounter()
+                             .Name("polysketch_prefix_cache_insertions_total")
+                             .Help("State snapshots stored in the prefix cache.")
+                             .Register(r)
+                             .Add({});
+    cache_evictions_ = &BuildCounter()
+                            .Name("polysketch_prefix_cache_evictions_total")
+                            .Help("Prefix-cache snapshots dropped to stay within the budget.")
+                            .Register(r)
+                            .Add({});
+    cache_bytes_ = &BuildGauge()
+                        .Name("polysketch_prefix_cache_bytes")
+                        .Help("Bytes held by the prefix cache (at most --prefix_cache_bytes).")
+                        .Register(r)
+                        .Add({});
+    cache_entries_ = &BuildGauge()
+                          .Name("polysketch_prefix_cache_entries")
+                          .Help("State snapshots in the prefix cache.")
+                          .Register(r)
+                          .Add({});
+    sessions_active_ =
+        &BuildGauge().Name("polysketch_sessions_active").Help("Open sessions.").Register(r).Add({});
+    sessions_bytes_ = &BuildGauge()
+                           .Name("polysketch_sessions_bytes")
+                           .Help(
+                               "Bytes reserved by open sessions (at most "
+                               "--session_budget_bytes).")
+                           .Register(r)
+                           .Add({});
+    auto& session_events = BuildCounter()
+                               .Name("polysketch_sessions_total")
+                               .Help("Session events: opened (or imported), closed, expired.")
+                               .Register(r);
+    sessions_opened_ = &session_events.Add({{"event", "opened"}});
+    sessions_closed_ = &session_events.Add({{"event", "closed"}});
+    sessions_expired_ = &session_events.Add({{"event", "expired"}});
     Gauge& resident = BuildGauge()
                           .Name("polysketch_process_resident_memory_bytes")
                           .Help(
@@ -348,6 +396,23 @@ class PrometheusMetrics final : public ServerMetrics {
     waiting_->Set(static_cast<double>(stats.waiting));
     slots_total_->Set(static_cast<double>(stats.slots_total));
     slots_used_->Set(static_cast<double>(stats.slots_used));
+    cache_bytes_->Set(static_cast<double>(stats.prefix_cache.bytes));
+    cache_entries_->Set(static_cast<double>(stats.prefix_cache.entries));
+    sessions_active_->Set(static_cast<double>(stats.sessions.active));
+    sessions_bytes_->Set(static_cast<double>(stats.sessions.bytes));
+    // The scheduler counts all-time totals; the counters advance by what is new since the last
+    // call (which may come from the engine thread or the main thread).
+    std::lock_guard<std::mutex> lock(totals_mu_);
+    const engine::PrefixCacheStats& c = stats.prefix_cache;
+    const engine::SessionStats& se = stats.sessions;
+    Advance(cache_hits_, c.hits, last_cache_.hits);
+    Advance(cache_misses_, c.misses, last_cache_.misses);
+    Advance(cache_hit_tokens_, c.hit_tokens, last_cache_.hit_tokens);
+    Advance(cache_insertions_, c.insertions, last_cache_.insertions);
+    Advance(cache_evictions_, c.evictions, last_cache_.evictions);
+    Advance(sessions_opened_, se.opened, last_sessions_.opened);
+    Advance(sessions_closed_, se.closed, last_sessions_.closed);
+    Advance(sessions_expired_, se.expired, last_sessions_.expired);
   }
 
   void SetAttentionMemory(absl::string_view kind, int64_t bytes) override {
@@ -361,6 +426,11 @@ class PrometheusMetrics final : public ServerMetrics {
   }
 
  private:
+  static void Advance(Counter* counter, int64_t total, int64_t& last) {
+    if (total > last) counter->Increment(static_cast<double>(total - last));
+    last = std::max(last, total);
+  }
+
   void Failure(FailureReason reason) {
     const int i = static_cast<int>(reason);
     if (i >= 0 && i < kNumFailureReasons) failure_[i]->Increment();
@@ -390,6 +460,14 @@ class PrometheusMetrics final : public ServerMetrics {
   Family<Gauge>* attention_memory_ = nullptr;
   Counter* auth_failures_ = nullptr;
   Counter* stream_overflows_ = nullptr;
+  Counter *cache_hits_ = nullptr, *cache_misses_ = nullptr, *cache_hit_tokens_ = nullptr,
+          *cache_insertions_ = nullptr, *cache_evictions_ = nullptr;
+  Gauge *cache_bytes_ = nullptr, *cache_entries_ = nullptr;
+  Gauge *sessions_active_ = nullptr, *sessions_bytes_ = nullptr;
+  Counter *sessions_opened_ = nullptr, *sessions_closed_ = nullptr, *sessions_expired_ = nullptr;
+  std::mutex totals_mu_;
+  engine::PrefixCacheStats last_cache_;
+  engine::SessionStats last_sessions_;
   std::shared_ptr<ScrapeCollector> collector_;
   int port_ = 0;
   // Last: stopped (its threads joined) before the metrics it serves go away.

@@ -100,6 +100,7 @@ class CallBase {
     engine_id_ = converted->request.id;
     deadline_ = converted->request.deadline;
     converted->request.observer = std::make_shared<CallObserver<Call>>(std::move(self));
+    converted->request.owner = identity_;  // sessions are visible to their owner only
     absl::Status status = service_->scheduler()->Submit(std::move(converted->request));
     if (status.code() == absl::StatusCode::kAlreadyExists) {  // name the client's id, not ours
       status = absl::AlreadyExistsError(absl::StrCat("request_id \"", id_, "\" is already in use"));
@@ -147,7 +148,7 @@ class CallBase {
   grpc::CallbackServerContext* const context_;
   std::string id_;         // the request id the client sees
   std::string engine_id_;  // EngineRequestId(identity_, id_)
-  std::string identity_;   // the caller (Authenticate); kept for sessions (issue 9)
+  std::string identity_;   // the caller (Authenticate): owner of the request and its session
   absl::Time deadline_ = absl::InfiniteFuture();
   std::atomic<bool> submitted_{false};
   std::atomic<int64_t> reserved_prompt_bytes_{0};
@@ -397,6 +398,13 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
     case absl::StatusCode::kPermissionDenied:
       code = grpc::StatusCode::PERMISSION_DENIED;
       break;
+    case absl::StatusCode::kFailedPrecondition:
+      code = grpc::StatusCode::FAILED_PRECONDITION;
+      break;
+    case absl::StatusCode::kDataLoss:
+      // Only client bytes are decoded (an imported state): damaged input, not lost server data.
+      code = grpc::StatusCode::INVALID_ARGUMENT;
+      break;
     default:
       break;
   }
@@ -558,6 +566,15 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(
   extras.max_waiting = options_.max_waiting;
   extras.max_waiting_tokens = options_.max_waiting_tokens;
   *response = BuildModelInfo(sched->config(), extras);
+  v1::StateReuse* reuse = response->mutable_state_reuse();
+  reuse->set_model_fingerprint(
+      absl::StrCat(absl::Hex(sched->identity().fingerprint, absl::kZeroPad16)));
+  const engine::SchedulerOptions& so = sched->options();
+  reuse->set_prefix_cache_bytes(static_cast<uint64_t>(so.prefix_cache.budget_bytes));
+  reuse->set_prefix_cache_granularity(static_cast<uint32_t>(sched->prefix_cache_granularity()));
+  reuse->set_session_budget_bytes(static_cast<uint64_t>(so.sessions.budget_bytes));
+  reuse->set_session_bytes(static_cast<uint64_t>(sched->sessions().bytes_per_session()));
+  reuse->set_session_ttl_seconds(absl::ToDoubleSeconds(so.sessions.ttl));
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
@@ -589,6 +606,82 @@ grpc::ServerUnaryReactor* GenerationService::Cancel(grpc::CallbackServerContext*
     }
   }
   return reactor;
+}
+
+namespace {
+
+// Runs `body` on the scheduler of a session call for its authenticated caller (the sessions'
+// owner), or answers UNAUTHENTICATED without valid credentials, UNAVAILABLE while loading.
+template <typename Body>
+grpc::ServerUnaryReactor* SessionCall(GenerationService* service,
+                                      grpc::CallbackServerContext* context, Body body) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::StatusOr<std::string> owner = service->Authenticate(*context);
+  engine::Scheduler* sched = service->scheduler();
+  if (!owner.ok()) {
+    reactor->Finish(ToGrpcStatus(owner.status()));
+  } else if (sched == nullptr) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is loading"));
+  } else {
+    reactor->Finish(ToGrpcStatus(body(*sched, *owner)));
+  }
+  return reactor;
+}
+
+absl::Status CheckSessionId(absl::string_view id) {
+  if (id.empty()) return absl::InvalidArgumentError("session_id: must not be empty");
+  return ValidateId("session_id", id);
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* GenerationService::OpenSession(grpc::CallbackServerContext* context,
+                                                         const v1::OpenSessionRequest* /*request*/,
+                                                         v1::OpenSessionResponse* response) {
+  return SessionCall(this, context, [&](engine::Scheduler& sched, const std::string& owner) {
+    absl::StatusOr<std::string> id = sched.OpenSession(owner);
+    if (!id.ok()) return id.status();
+    response->set_session_id(*id);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* GenerationService::CloseSession(grpc::CallbackServerContext* context,
+                                                          const v1::CloseSessionRequest* request,
+                                                          v1::CloseSessionResponse* /*response*/) {
+  return SessionCall(this, context, [&](engine::Scheduler& sched, const std::string& owner) {
+    absl::Status valid = CheckSessionId(request->session_id());
+    if (!valid.ok()) return valid;
+    return sched.CloseSession(request->session_id(), owner);
+  });
+}
+
+grpc::ServerUnaryReactor* GenerationService::ExportState(grpc::CallbackServerContext* context,
+                                                         const v1::ExportStateRequest* request,
+                                                         v1::ExportStateResponse* response) {
+  return SessionCall(this, context, [&](engine::Scheduler& sched, const std::string& owner) {
+    absl::Status valid = CheckSessionId(request->session_id());
+    if (!valid.ok()) return valid;
+    absl::StatusOr<engine::Scheduler::SessionState> exported =
+        sched.ExportSession(request->session_id(), owner);
+    if (!exported.ok()) return exported.status();
+    response->set_tokens(static_cast<uint64_t>(exported->tokens));
+    response->set_state(std::move(exported->bytes));
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* GenerationService::ImportState(grpc::CallbackServerContext* context,
+                                                         const v1::ImportStateRequest* request,
+                                                         v1::ImportStateResponse* response) {
+  return SessionCall(this, context, [&](engine::Scheduler& sched, const std::string& owner) {
+    absl::StatusOr<engine::Scheduler::SessionState> imported =
+        sched.ImportSession(request->state(), owner);
+    if (!imported.ok()) return imported.status();
+    response->set_session_id(imported->id);
+    response->set_tokens(static_cast<uint64_t>(imported->tokens));
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace ps::service

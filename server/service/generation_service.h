@@ -95,11 +95,24 @@ class GenerationService final : public polysketch::v1::GenerationService::Callba
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
                                    const polysketch::v1::CancelRequest* request,
                                    polysketch::v1::CancelResponse* response) override;
+  grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* context,
+                                        const polysketch::v1::OpenSessionRequest* request,
+                                        polysketch::v1::OpenSessionResponse* response) override;
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* context,
+                                         const polysketch::v1::CloseSessionRequest* request,
+                                         polysketch::v1::CloseSessionResponse* response) override;
+  grpc::ServerUnaryReactor* ExportState(grpc::CallbackServerContext* context,
+                                        const polysketch::v1::ExportStateRequest* request,
+                                        polysketch::v1::ExportStateResponse* response) override;
+  grpc::ServerUnaryReactor* ImportState(grpc::CallbackServerContext* context,
+                                        const polysketch::v1::ImportStateRequest* request,
+                                        polysketch::v1::ImportStateResponse* response) override;
 
   // The caller's identity (the name of its token; kAnonymousIdentity with authentication off).
   // Unauthenticated (no detail beyond "missing" / "invalid") otherwise, counted in the metrics.
-  // Every GenerationService call passes through it first; health and reflection do not (probes
-  // need no token). Sessions (issue 9) scope their state by this identity.
+  // Every GenerationService call passes through it first (session calls included); health and
+  // reflection do not (probes need no token). Sessions and engine requests are owned by this
+  // identity (EngineRequest::owner, EngineRequestId).
   absl::StatusOr<std::string> Authenticate(const grpc::ServerContextBase& context);
 
   // For the calls: validates `request` and prepares the engine request (id, deadline from the

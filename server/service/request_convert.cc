@@ -38,20 +38,24 @@ uint64_t DefaultRandomSeed() {
   return rng();
 }
 
-absl::Status ValidateRequestId(const std::string& id) {
+}  // namespace
+
+absl::Status ValidateId(absl::string_view field, absl::string_view id) {
   if (id.size() > kMaxRequestIdBytes) {
-    return Invalid("request_id", absl::StrCat("must be at most ", kMaxRequestIdBytes, " bytes"),
+    return Invalid(field, absl::StrCat("must be at most ", kMaxRequestIdBytes, " bytes"),
                    absl::StrCat(id.size(), " bytes"));
   }
   for (size_t i = 0; i < id.size(); ++i) {
     const unsigned char c = static_cast<unsigned char>(id[i]);
     if (c < 0x20 || c > 0x7E) {
-      return Invalid("request_id", "must be printable ASCII (0x20..0x7E)",
+      return Invalid(field, "must be printable ASCII (0x20..0x7E)",
                      absl::StrCat("byte ", static_cast<int>(c), " at ", i));
     }
   }
   return absl::OkStatus();
 }
+
+namespace {
 
 absl::StatusOr<std::vector<int32_t>> ConvertPrompt(const v1::GenerateRequest& proto,
                                                    const RequestLimits& limits) {
@@ -198,8 +202,10 @@ absl::StatusOr<ConvertedRequest> ConvertGenerateRequest(
     const v1::GenerateRequest& proto, const RequestLimits& limits,
     const std::function<uint64_t()>& random_seed) {
   ConvertedRequest out;
-  PS_RETURN_IF_ERROR(ValidateRequestId(proto.request_id()));
+  PS_RETURN_IF_ERROR(ValidateId("request_id", proto.request_id()));
   out.request.id = proto.request_id();
+  PS_RETURN_IF_ERROR(ValidateId("session_id", proto.session_id()));
+  out.request.session_id = proto.session_id();
   PS_ASSIGN_OR_RETURN(out.request.prompt, ConvertPrompt(proto, limits));
   PS_ASSIGN_OR_RETURN(out.request.stops, ConvertStops(proto, limits));
   PS_ASSIGN_OR_RETURN(out.request.sampling,
@@ -230,6 +236,7 @@ void FillFinalInfo(const engine::FinalResult& result, v1::FinalInfo* info) {
   info->set_finish_reason(ToProto(result.reason));
   info->set_prompt_tokens(static_cast<uint32_t>(result.prompt_tokens));
   info->set_generated_tokens(static_cast<uint32_t>(result.generated_tokens));
+  info->set_cached_tokens(static_cast<uint32_t>(result.cached_tokens));
   info->set_seed(result.seed);
   v1::Timings* t = info->mutable_timings();
   t->set_queue_seconds(absl::ToDoubleSeconds(result.timings.queue));

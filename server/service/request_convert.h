@@ -22,6 +22,10 @@ namespace ps::service {
 
 // Most bytes of a client's request_id.
 inline constexpr size_t kMaxRequestIdBytes = 128;
+
+// Checks an id field (request_id, session_id): at most kMaxRequestIdBytes of printable ASCII.
+// InvalidArgument naming `field` otherwise.
+absl::Status ValidateId(absl::string_view field, absl::string_view id);
 // max_new_tokens when a request leaves it 0.
 inline constexpr int64_t kDefaultMaxNewTokens = 256;
 

@@ -211,6 +211,80 @@ with PolysketchClient(target, timeout=60) as client:
         assert error.code == "NOT_FOUND", error
 print("ok: Python client generate == generate_stream, model_info, health, tokenize, errors")
 PY
+PYTHONPATH="${build}/python" "${python}" - "${target}" << 'PY' || fail "Python client sessions"
+import sys
+from polysketch_client import PolysketchClient, PolysketchError
+
+with PolysketchClient(sys.argv[1], timeout=60) as client:
+    params = dict(max_new_tokens=12, temperature=0.0)
+    session = client.open_session()
+    first = client.generate("In the beginning", session_id=session, **params)
+    second = client.generate(" and then", session_id=session, **params)
+    assert second.final.cached_tokens == len("In the beginning") + 11, second.final
+    # As token ids: the random fixture model's bytes need not be valid UTF-8 text.
+    ids = lambda result: [t.token_id for t in result.tokens]
+    history = list(b"In the beginning") + ids(first) + list(b" and then")
+    whole = client.generate(history, **params)
+    assert ids(second) == ids(whole), (ids(second), ids(whole))
+    exported = client.export_state(session)
+    assert exported.tokens == len("In the beginning") + 12 + len(" and then") + 12, exported.tokens
+    copy = client.import_state(exported.state)
+    a = client.generate(".", session_id=session, **params)
+    b = client.generate(".", session_id=copy, **params)
+    assert ids(a) == ids(b), (ids(a), ids(b))
+    client.close_session(session)
+    try:
+        client.generate("x", session_id=session, **params)
+        raise AssertionError("a closed session was accepted")
+    except PolysketchError as error:
+        assert error.code == "NOT_FOUND", error
+    try:
+        client.import_state(b"not a state")
+        raise AssertionError("garbage imported")
+    except PolysketchError as error:
+        assert error.code == "INVALID_ARGUMENT", error
+print("ok: Python client sessions: continuation == whole conversation, export/import, errors")
+PY
+"${loadgen}" --target "${target}" --scenario chat --turns 3 \
+  --turn_bytes 300 --max_new_tokens 8 --sessions --json > "${tmp}/chat.txt" \
+  || fail "loadgen chat scenario failed"
+"${loadgen}" --target "${target}" --scenario shared_prefix --requests 4 \
+  --system_bytes 600 --user_bytes 50 --max_new_tokens 8 --json > "${tmp}/shared.txt" \
+  || fail "loadgen shared_prefix scenario failed"
+"${python}" - "${tmp}/chat.txt" "${tmp}/shared.txt" << 'PY' || fail "loadgen scenario reports"
+import json, sys
+chat = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+assert chat["scenario"] == "chat" and chat["sessions"] and chat["failed"] == 0, chat
+# Turn k (k >= 2) starts from the session: 300 bytes per turn + 8 tokens per reply before it,
+# less the reply's last token, which the state has not seen yet and the new turn feeds first.
+assert [r["cached_tokens"] for r in chat["requests"]] == [0, 307, 615], chat["requests"]
+shared = json.loads(open(sys.argv[2]).read().splitlines()[-1])
+assert shared["failed"] == 0 and len(shared["requests"]) == 4, shared
+# The third and fourth requests restore the shared 600 bytes (cut to whole blocks) from the cache.
+assert all(r["cached_tokens"] > 0 for r in shared["requests"][2:]), shared["requests"]
+PY
+echo "ok: loadgen chat and shared_prefix scenarios"
+
+session="$("${cli}" open-session --target "${target}")" || fail "cli open-session failed"
+[[ "${session}" =~ ^[0-9a-f]{32}$ ]] || fail "open-session printed '${session}'"
+"${cli}" generate --target "${target}" --session "${session}" --prompt "Once" \
+  --max_new_tokens 5 --temperature 0 > /dev/null 2> "${tmp}/session.err" \
+  || fail "cli generate --session failed"
+"${cli}" export-state --target "${target}" --session "${session}" \
+  --state_file "${tmp}/state.bin" 2> /dev/null || fail "cli export-state failed"
+[[ -s "${tmp}/state.bin" ]] || fail "export-state wrote nothing"
+copy="$("${cli}" import-state --target "${target}" --state_file "${tmp}/state.bin")" \
+  || fail "cli import-state failed"
+"${cli}" generate --target "${target}" --session "${copy}" --prompt " more" --max_new_tokens 3 \
+  --temperature 0 > /dev/null 2> "${tmp}/copy.err" || fail "generate on the imported session"
+# 4 prompt tokens + 5 generated, less the last one (pending: fed with this turn).
+grep -q "cached_tokens=8" "${tmp}/copy.err" || fail "imported session did not continue: $(cat "${tmp}/copy.err")"
+"${cli}" close-session --target "${target}" --session "${session}" || fail "cli close-session"
+if "${cli}" close-session --target "${target}" --session "${session}" 2> "${tmp}/closed.err"; then
+  fail "closing a closed session succeeded"
+fi
+grep -q "NOT_FOUND" "${tmp}/closed.err" || fail "closed session: $(cat "${tmp}/closed.err")"
+echo "ok: cli open-session, generate --session, export-state, import-state, close-session"
 pycli=(env PYTHONPATH="${build}/python" "${python}" -m polysketch_client --target "${target}")
 out="$("${pycli[@]}" generate --prompt "The quick brown fox" --max_new_tokens 24 \
   --temperature 0 --seed 7 2> /dev/null)" || fail "python -m polysketch_client generate failed"

@@ -198,10 +198,17 @@ with PolysketchClient(target, timeout=60, tls_ca=ca, token_file=f"{tmp}/alice.to
     chunks = list(c.generate_stream("In the beginning", max_new_tokens=12, temperature=0.0))
     assert "".join(x.text for x in chunks) == r.text
     assert c.model_info().name == "polysketch-learned-local"
+    session = c.open_session()  # session calls carry the token too
+    c.close_session(session)
 for kwargs, want in (({}, "missing credentials"),
                      ({"token": open(f"{tmp}/wrong.token").read().strip()}, "invalid credentials")):
     with PolysketchClient(target, timeout=60, tls_ca=ca, **kwargs) as c:
         assert c.health("") == "SERVING"  # probes need no token
+        try:
+            c.open_session()
+            raise AssertionError(f"a session opened with {kwargs}")
+        except PolysketchError as e:
+            assert e.code == "UNAUTHENTICATED", e
         try:
             c.generate("x", max_new_tokens=2)
             raise AssertionError(f"accepted with {kwargs}")
@@ -280,10 +287,10 @@ import re, sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
 print(re.search(r"^polysketch_auth_failures_total (\S+)$", text, re.M).group(1))
 ' "${metrics_port}")" || fail "cannot scrape /metrics"
-# Refused above: cli without a token, with a wrong one, info without one, two Python clients,
-# alice after her removal, bob after his.
-"${python}" -c "import sys; assert float(sys.argv[1]) == 7, sys.argv[1]" "${failures}" \
-  || fail "polysketch_auth_failures_total is '${failures}', want 7"
+# Refused above: cli without a token, with a wrong one, info without one, two Python clients
+# (Generate and OpenSession each), alice after her removal, bob after his.
+"${python}" -c "import sys; assert float(sys.argv[1]) == 9, sys.argv[1]" "${failures}" \
+  || fail "polysketch_auth_failures_total is '${failures}', want 9"
 echo "ok: polysketch_auth_failures_total ${failures}"
 stop
 
@@ -330,7 +337,9 @@ echo "ok: mutual TLS (C++ CLI and Python client)"
 stop
 
 # --- 5. Connection limits ------------------------------------------------------------------------
-start --max_concurrent_streams 1 --max_receive_message_bytes 65536 --max_new_tokens_limit 1000000
+# Sessions off: with them the server raises the message limit to one state (ImportState).
+start --max_concurrent_streams 1 --max_receive_message_bytes 65536 --max_new_tokens_limit 1000000 \
+  --session_budget_bytes 0
 PYTHONPATH="${build}/python" "${python}" - "127.0.0.1:${port}" << 'PY' || fail "connection limits"
 import socket, struct, sys, time
 import grpc

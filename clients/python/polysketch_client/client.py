@@ -50,6 +50,7 @@ class FinalInfo:
     seed: int
     timings: Timings
     error_message: str
+    cached_tokens: int = 0  # tokens not prefilled: from the prefix cache or the session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,7 @@ def _final(message: "pb.FinalInfo") -> FinalInfo:
             t.queue_seconds, t.prefill_seconds, t.first_token_seconds, t.total_seconds
         ),
         error_message=message.error_message,
+        cached_tokens=message.cached_tokens,
     )
 
 
@@ -163,6 +165,16 @@ def _decode_health_response(data: bytes) -> str:
         elif tag & 0x07 != 0:
             raise PolysketchError("INTERNAL", "malformed health response")
     return _HEALTH_STATUS.get(status, f"INVALID({status})")
+
+
+# An exported state is one message of the state's size (megabytes): no client-side limit.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedState:
+    state: bytes  # the server's state format (docs/sessions.md)
+    tokens: int  # tokens of the conversation it holds
 
 
 def _read(path: str) -> bytes:
@@ -222,12 +234,14 @@ class PolysketchClient:
                 private_key=_read(tls_key) if tls_key else None,
                 certificate_chain=_read(tls_cert) if tls_cert else None,
             )
-            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            options = list(_CHANNEL_OPTIONS)
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             if server_name:
                 raise ValueError("server_name needs TLS (tls=True or tls_ca)")
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
@@ -269,9 +283,11 @@ class PolysketchClient:
         top_logprobs: int = 0,
         time_limit_ms: int = 0,
         request_id: str = "",
+        session_id: str = "",
     ) -> "pb.GenerateRequest":
         request = pb.GenerateRequest(
             request_id=request_id.encode("utf-8"),
+            session_id=session_id.encode("utf-8"),
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             logprobs=logprobs,
@@ -405,3 +421,28 @@ class PolysketchClient:
             )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None
+
+    def _call(self, method, request, timeout: Optional[float]):
+        try:
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None
+
+    # Sessions: the server keeps the conversation's state; pass session_id= to generate /
+    # generate_stream and send only the new text of each turn.
+    def open_session(self, *, timeout: Optional[float] = None) -> str:
+        return self._call(self._stub.OpenSession, pb.OpenSessionRequest(), timeout).session_id
+
+    def close_session(self, session_id: str, *, timeout: Optional[float] = None) -> None:
+        request = pb.CloseSessionRequest(session_id=session_id.encode("utf-8"))
+        self._call(self._stub.CloseSession, request, timeout)
+
+    def export_state(self, session_id: str, *, timeout: Optional[float] = None) -> ExportedState:
+        request = pb.ExportStateRequest(session_id=session_id.encode("utf-8"))
+        response = self._call(self._stub.ExportState, request, timeout)
+        return ExportedState(state=response.state, tokens=response.tokens)
+
+    def import_state(self, state: bytes, *, timeout: Optional[float] = None) -> str:
+        """A new session holding an exported state; returns its id."""
+        response = self._call(self._stub.ImportState, pb.ImportStateRequest(state=state), timeout)
+        return response.session_id

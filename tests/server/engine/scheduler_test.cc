@@ -18,6 +18,7 @@
 #include "server/engine/weights.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
+#include "tests/testing/recorder.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::engine {
@@ -26,57 +27,7 @@ namespace {
 using ::ps::test::IsOk;
 using ::ps::test::StatusIs;
 
-// Records every event of one request; Wait blocks until OnFinish.
-class Recorder : public RequestObserver {
- public:
-  void OnDelta(StreamDelta delta) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const TokenOutput& t : delta.tokens) tokens_.push_back(t.token_id);
-    text_ += delta.text;
-    ++deltas_;
-  }
-  void OnFinish(FinalResult result) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    ++finishes_;
-    result_ = std::move(result);
-    done_.notify_all();
-  }
-  // False when the request did not finish within `seconds`.
-  bool Wait(double seconds = 60) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return done_.wait_for(lock, std::chrono::duration<double>(seconds),
-                          [&] { return finishes_ > 0; });
-  }
-  std::vector<int32_t> tokens() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return tokens_;
-  }
-  std::string text() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return text_;
-  }
-  int64_t deltas() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return deltas_;
-  }
-  FinalResult result() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return result_;
-  }
-  int finishes() {
-    std::lock_guard<std::mutex> lock(mu_);
-    return finishes_;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable done_;
-  std::vector<int32_t> tokens_;
-  std::string text_;
-  int64_t deltas_ = 0;
-  int finishes_ = 0;
-  FinalResult result_;
-};
+using ::ps::test::Recorder;
 
 class SchedulerTest : public ::testing::Test {
  protected:

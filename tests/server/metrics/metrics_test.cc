@@ -312,6 +312,36 @@ TEST_F(MetricsTest, EngineStepsAndGauges) {
   EXPECT_EQ(Sample(text, "polysketch_attention_memory_bytes{kind=\"softmax\"}"), 1048576.0);
 }
 
+TEST_F(MetricsTest, PrefixCacheAndSessionTotalsAdvanceByWhatIsNew) {
+  engine::SchedulerStats stats;
+  stats.prefix_cache = {.hits = 3,
+                        .misses = 2,
+                        .insertions = 4,
+                        .evictions = 1,
+                        .entries = 3,
+                        .bytes = 12000,
+                        .hit_tokens = 96};
+  stats.sessions = {.active = 2, .bytes = 8000, .opened = 5, .closed = 2, .expired = 1};
+  metrics_->SetScheduler(stats);
+  metrics_->SetScheduler(stats);  // the same totals again: no change
+  stats.prefix_cache.hits = 7;
+  stats.sessions.expired = 3;
+  metrics_->SetScheduler(stats);
+  const std::string text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_prefix_cache_lookups_total{result=\"hit\"}"), 7.0);
+  EXPECT_EQ(Sample(text, "polysketch_prefix_cache_lookups_total{result=\"miss\"}"), 2.0);
+  EXPECT_EQ(Sample(text, "polysketch_prefix_cache_hit_tokens_total"), 96.0);
+  EXPECT_EQ(Sample(text, "polysketch_prefix_cache_insertions_total"), 4.0);
+  EXPECT_EQ(Sample(text, "polysketch_prefix_cache_evictions_total"), 1.0);
+  EXPECT_EQ(Sample(text, "polysketch_prefix_cache_bytes"), 12000.0);
+  EXPECT_EQ(Sample(text, "polysketch_prefix_cache_entries"), 3.0);
+  EXPECT_EQ(Sample(text, "polysketch_sessions_active"), 2.0);
+  EXPECT_EQ(Sample(text, "polysketch_sessions_bytes"), 8000.0);
+  EXPECT_EQ(Sample(text, "polysketch_sessions_total{event=\"opened\"}"), 5.0);
+  EXPECT_EQ(Sample(text, "polysketch_sessions_total{event=\"closed\"}"), 2.0);
+  EXPECT_EQ(Sample(text, "polysketch_sessions_total{event=\"expired\"}"), 3.0);
+}
+
 TEST_F(MetricsTest, ResidentMemoryIsReadAtScrapeTime) {
   const std::optional<double> before = Sample(Scrape(), "polysketch_process_resident_memory_bytes");
   ASSERT_TRUE(before.has_value());

@@ -87,8 +87,10 @@ class SecurityTest : public ::testing::Test {
     model_options.max_batch = 2;
     PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<engine::Model> model,
                             engine::Model::Create(weights, *backend_, model_options));
-    PS_ASSERT_OK_AND_ASSIGN(
-        scheduler_, engine::Scheduler::Create(std::move(model), engine::SchedulerOptions()));
+    engine::SchedulerOptions scheduler_options;
+    scheduler_options.sessions.budget_bytes = int64_t{64} << 20;  // session calls are checked too
+    PS_ASSERT_OK_AND_ASSIGN(scheduler_,
+                            engine::Scheduler::Create(std::move(model), scheduler_options));
     options.model_name = kFixture;
     options.max_prompt_tokens = 4096;
     options.max_new_tokens_limit = kLong;
@@ -324,6 +326,57 @@ TEST_F(SecurityTest, RequestIdsArePerIdentity) {
   }
   EXPECT_EQ(alice_stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_TRUE(WaitSlotsFree());
+}
+
+TEST_F(SecurityTest, SessionCallsNeedATokenAndSessionsBelongToTheirIdentity) {
+  constexpr char kBobToken[] = "bob-0123456789abcdef0123456789ab";
+  PS_ASSERT_OK_AND_ASSIGN(
+      std::unique_ptr<Authenticator> auth,
+      Authenticator::FromText(absl::StrCat("alice:", kAliceToken, "\nbob:", kBobToken)));
+  ServiceOptions options;
+  options.authenticator = std::move(auth);
+  Start(options, grpc::InsecureServerCredentials());
+  auto stub = v1::GenerationService::NewStub(Plaintext());
+  auto open = [&](const std::string& authorization, std::string* id) {
+    grpc::ClientContext context;
+    if (!authorization.empty()) context.AddMetadata("authorization", authorization);
+    v1::OpenSessionResponse response;
+    const grpc::Status status = stub->OpenSession(&context, v1::OpenSessionRequest(), &response);
+    *id = response.session_id();
+    return status;
+  };
+  auto do_export = [&](const std::string& authorization, const std::string& id) {
+    grpc::ClientContext context;
+    if (!authorization.empty()) context.AddMetadata("authorization", authorization);
+    v1::ExportStateRequest request;
+    request.set_session_id(id);
+    v1::ExportStateResponse response;
+    return stub->ExportState(&context, request, &response);
+  };
+  std::string id;
+  EXPECT_EQ(open("", &id).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  const std::string alice = absl::StrCat("Bearer ", kAliceToken);
+  const std::string bob = absl::StrCat("Bearer ", kBobToken);
+  ASSERT_TRUE(open(alice, &id).ok());
+  EXPECT_EQ(do_export("", id).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(do_export(bob, id).error_code(), grpc::StatusCode::NOT_FOUND);  // not his
+  // Generating in alice's session: bob cannot, alice can.
+  v1::GenerateRequest request = Request(4);
+  request.set_session_id(id);
+  EXPECT_EQ(Generate(Plaintext(), request, bob).error_code(), grpc::StatusCode::NOT_FOUND);
+  const grpc::Status in_session = Generate(Plaintext(), request, alice);
+  EXPECT_TRUE(in_session.ok()) << in_session.error_message();
+  const grpc::Status exported = do_export(alice, id);
+  EXPECT_TRUE(exported.ok()) << exported.error_message();
+  {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", bob);
+    v1::CloseSessionRequest close;
+    close.set_session_id(id);
+    v1::CloseSessionResponse response;
+    EXPECT_EQ(stub->CloseSession(&context, close, &response).error_code(),
+              grpc::StatusCode::NOT_FOUND);
+  }
 }
 
 TEST_F(SecurityTest, PromptBytesPerRequestAndInFlight) {

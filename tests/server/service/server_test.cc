@@ -55,6 +55,9 @@ class ServerTest : public ::testing::Test {
                             engine::Model::Create(weights, *backend_, model_options));
     engine::SchedulerOptions options;
     options.max_waiting = max_waiting;
+    options.sessions.budget_bytes = int64_t{64} << 20;
+    options.prefix_cache.budget_bytes = int64_t{64} << 20;
+    options.model_fingerprint = engine::ModelFingerprint(weights);
     PS_ASSERT_OK_AND_ASSIGN(scheduler_, engine::Scheduler::Create(std::move(model), options));
     ServiceOptions service_options;
     service_options.model_name = kFixture;
@@ -441,6 +444,98 @@ TEST(ServerLoadingTest, UnavailableUntilSchedulerIsSet) {
   EXPECT_EQ(stub->Generate(&context, request, &response).error_code(),
             grpc::StatusCode::UNAVAILABLE);
   server->Shutdown();
+}
+
+// Sessions over the wire: two turns of a session equal one request over the whole conversation,
+// an exported state imported as a new session continues identically, and the errors are the
+// documented codes.
+TEST_F(ServerTest, SessionsExportAndImportOverTheWire) {
+  auto generate = [&](const std::vector<int32_t>& prompt, const std::string& session, int n,
+                      v1::GenerateResponse* response) {
+    v1::GenerateRequest request;
+    request.mutable_token_ids()->mutable_ids()->Assign(prompt.begin(), prompt.end());
+    request.mutable_sampling()->set_temperature(0);
+    request.set_max_new_tokens(n);
+    request.set_session_id(session);
+    grpc::ClientContext context;
+    return stub_->Generate(&context, request, response);
+  };
+  auto ids = [](const v1::GenerateResponse& r) {
+    std::vector<int32_t> out;
+    for (const auto& t : r.tokens()) out.push_back(t.token_id());
+    return out;
+  };
+  v1::OpenSessionResponse opened;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->OpenSession(&context, {}, &opened).ok());
+  }
+  const std::vector<int32_t> turn1(golden_.tokens.begin(), golden_.tokens.begin() + 20);
+  const std::vector<int32_t> turn2 = {5, 6, 7, 8, 9, 10};
+  v1::GenerateResponse r1, r2, whole;
+  ASSERT_TRUE(generate(turn1, opened.session_id(), 8, &r1).ok());
+  ASSERT_TRUE(generate(turn2, opened.session_id(), 8, &r2).ok());
+  EXPECT_EQ(r2.final().cached_tokens(), 20u + 7u);
+  std::vector<int32_t> conversation = turn1;
+  for (int32_t t : ids(r1)) conversation.push_back(t);
+  conversation.insert(conversation.end(), turn2.begin(), turn2.end());
+  ASSERT_TRUE(generate(conversation, "", 8, &whole).ok());
+  EXPECT_EQ(ids(r2), ids(whole));
+
+  v1::ExportStateRequest export_request;
+  export_request.set_session_id(opened.session_id());
+  v1::ExportStateResponse exported;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->ExportState(&context, export_request, &exported).ok());
+  }
+  EXPECT_EQ(exported.tokens(), 20u + 8u + 6u + 8u);
+  v1::ImportStateRequest import_request;
+  import_request.set_state(exported.state());
+  v1::ImportStateResponse imported;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->ImportState(&context, import_request, &imported).ok());
+  }
+  EXPECT_NE(imported.session_id(), opened.session_id());
+  v1::GenerateResponse a, b;
+  ASSERT_TRUE(generate({11, 12, 13}, opened.session_id(), 6, &a).ok());
+  ASSERT_TRUE(generate({11, 12, 13}, imported.session_id(), 6, &b).ok());
+  EXPECT_EQ(ids(a), ids(b));
+
+  // Errors.
+  v1::GenerateResponse ignored;
+  EXPECT_EQ(generate({1}, "0123456789abcdef0123456789abcdef", 2, &ignored).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(generate({1}, "bad\nid", 2, &ignored).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  import_request.mutable_state()->back() ^= 1;
+  {
+    grpc::ClientContext context;
+    const grpc::Status status = stub_->ImportState(&context, import_request, &imported);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("checksum"));
+  }
+  v1::CloseSessionRequest close;
+  close.set_session_id(opened.session_id());
+  v1::CloseSessionResponse closed;
+  {
+    grpc::ClientContext context;
+    EXPECT_TRUE(stub_->CloseSession(&context, close, &closed).ok());
+  }
+  {
+    grpc::ClientContext context;
+    EXPECT_EQ(stub_->CloseSession(&context, close, &closed).error_code(),
+              grpc::StatusCode::NOT_FOUND);
+  }
+  v1::ModelInfo info;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->GetModelInfo(&context, {}, &info).ok());
+  }
+  EXPECT_EQ(info.state_reuse().model_fingerprint().size(), 16u);
+  EXPECT_EQ(info.state_reuse().session_budget_bytes(), uint64_t{64} << 20);
+  EXPECT_GT(info.state_reuse().session_bytes(), info.state_bytes_per_request());
+  EXPECT_TRUE(WaitSlotsFree());
 }
 
 }  // namespace

@@ -230,6 +230,31 @@ TEST_P(StateReuseTest, SessionsArePrivateAndOneRequestAtATime) {
   EXPECT_THAT(sessions->Submit(r), StatusIs(absl::StatusCode::kNotFound));
 }
 
+TEST_P(StateReuseTest, BudgetsHoldUnderPressure) {
+  SchedulerOptions options = CacheOptions();
+  auto probe = Make(GetParam(), options);
+  const int64_t state_bytes = probe->model().layout().bytes_per_slot();
+  const int64_t session_bytes = probe->sessions().bytes_per_session();
+  probe.reset();
+  // Room for three snapshots (and their tokens) and two sessions.
+  options.prefix_cache.budget_bytes = 3 * state_bytes + 3 * 64 * 4;
+  options.sessions.budget_bytes = 2 * session_bytes + session_bytes / 2;
+  auto scheduler = Make(GetParam(), options);
+  for (int i = 0; i < 10; ++i) Run(*scheduler, Tokens(100 + i, 30, vocab_), 2);
+  const PrefixCacheStats cache = scheduler->Stats().prefix_cache;
+  EXPECT_EQ(cache.insertions, 10);  // each prompt's last block boundary (24)
+  EXPECT_EQ(cache.evictions, 7);
+  EXPECT_EQ(cache.entries, 3);
+  EXPECT_LE(cache.bytes, options.prefix_cache.budget_bytes);
+  PS_ASSERT_OK_AND_ASSIGN(const std::string a, scheduler->OpenSession(""));
+  PS_ASSERT_OK_AND_ASSIGN(const std::string b, scheduler->OpenSession(""));
+  EXPECT_THAT(scheduler->OpenSession(""), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_LE(scheduler->Stats().sessions.bytes, options.sessions.budget_bytes);
+  ASSERT_THAT(scheduler->CloseSession(a, ""), IsOk());
+  EXPECT_THAT(scheduler->OpenSession("").status(), IsOk());
+  (void)b;
+}
+
 std::vector<std::string> SmallFixtures() {
   std::vector<std::string> names;
   for (const std::string& name : test::GoldenFixtureNames()) {

@@ -10,32 +10,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 model="${1:-${root}/models/tiny-polysketch}"
-server="${root}/build/polysketch-server"
 loadgen="${root}/build/clients/polysketch-loadgen"
 cli="${root}/build/clients/polysketch-cli"
 tmp="$(mktemp -d)"
-pid=""
-stop_server() {
-  if [[ -n "${pid}" ]]; then
-    kill -TERM "${pid}" 2> /dev/null || true
-    wait "${pid}" 2> /dev/null || true
-    pid=""
-  fi
-}
+# shellcheck source=bench/server_lib.sh
+source "${root}/bench/server_lib.sh"
 trap 'stop_server; rm -rf "${tmp}"' EXIT
-
-start_server() {
-  "${server}" --model "${model}" --host 127.0.0.1 --port 0 --metrics_host 127.0.0.1 \
-    --metrics_port 0 --slots 4 "$@" 2> "${tmp}/server.log" &
-  pid=$!
-  for _ in $(seq 1 600); do
-    grep -q "^polysketch-server: serving" "${tmp}/server.log" && break
-    kill -0 "${pid}" 2> /dev/null || { cat "${tmp}/server.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  port="$(sed -nE 's/^polysketch-server: serving .* on [^ ]+:([0-9]+), metrics on .*/\1/p' \
-    "${tmp}/server.log")"
-}
 
 # run LABEL SERVER_FLAGS... -- LOADGEN_FLAGS...
 run() {
@@ -44,7 +24,7 @@ run() {
   local server_flags=()
   while [[ "$1" != "--" ]]; do server_flags+=("$1"); shift; done
   shift
-  start_server "${server_flags[@]}"
+  start_server "${model}" --slots 4 "${server_flags[@]}"
   echo "=== ${label} (server flags: ${server_flags[*]:-defaults})"
   "${loadgen}" --target "127.0.0.1:${port}" --max_new_tokens 64 "$@"
   stop_server
@@ -59,7 +39,7 @@ run "chat, resending the history, prefix cache on" -- "${chat[@]}"
 run "chat, session" -- "${chat[@]}" --sessions
 run "shared system prompt, prefix cache off" "${off[@]}" -- "${shared[@]}"
 run "shared system prompt, prefix cache on" -- "${shared[@]}"
-start_server
+start_server "${model}" --slots 4
 echo "=== bytes kept per session"
 "${cli}" info --target "127.0.0.1:${port}" | grep -E "state_bytes_per_request|session_bytes" || true
 stop_server

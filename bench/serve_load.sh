@@ -12,25 +12,13 @@ requests="$3"
 concurrency="$4"
 max_new="${5:-128}"
 shift $(($# < 5 ? $# : 5))
-server="${root}/build/polysketch-server"
 loadgen="${root}/build/clients/polysketch-loadgen"
 tmp="$(mktemp -d)"
-pid=""
-cleanup() {
-  [[ -n "${pid}" ]] && kill -TERM "${pid}" 2> /dev/null && wait "${pid}" 2> /dev/null
-  rm -rf "${tmp}"
-}
-trap cleanup EXIT
+# shellcheck source=bench/server_lib.sh
+source "${root}/bench/server_lib.sh"
+trap 'stop_server; rm -rf "${tmp}"' EXIT
 
-"${server}" --model "${model}" --host 127.0.0.1 --port 0 --metrics_host 127.0.0.1 \
-  --metrics_port 0 "$@" 2> "${tmp}/server.log" &
-pid=$!
-for _ in $(seq 1 600); do
-  grep -q "^polysketch-server: serving" "${tmp}/server.log" && break
-  kill -0 "${pid}" 2> /dev/null || { cat "${tmp}/server.log" >&2; exit 1; }
-  sleep 0.1
-done
-port="$(sed -nE 's/^polysketch-server: serving .* on [^ ]+:([0-9]+), metrics on .*/\1/p' "${tmp}/server.log")"
+start_server "${model}" "$@"
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/${pid}/status"; }
 idle_rss=$(rss_kib)
 peak_rss="${idle_rss}"

@@ -431,6 +431,13 @@ int RunInfo(pb::GenerationService::Stub& stub) {
             << "limits.state_slots:         " << limits.state_slots() << "\n"
             << "limits.max_waiting:         " << limits.max_waiting() << "\n"
             << "limits.max_waiting_tokens:  " << limits.max_waiting_tokens() << "\n";
+  const pb::StateReuse& reuse = info.state_reuse();
+  std::cout << "state_reuse.model_fingerprint:        " << reuse.model_fingerprint() << "\n"
+            << "state_reuse.prefix_cache_bytes:       " << reuse.prefix_cache_bytes() << "\n"
+            << "state_reuse.prefix_cache_granularity: " << reuse.prefix_cache_granularity() << "\n"
+            << "state_reuse.session_budget_bytes:     " << reuse.session_budget_bytes() << "\n"
+            << "state_reuse.session_bytes:            " << reuse.session_bytes() << "\n"
+            << "state_reuse.session_ttl_seconds:      " << reuse.session_ttl_seconds() << "\n";
   return kExitOk;
 }
 

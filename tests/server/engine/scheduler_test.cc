@@ -19,6 +19,7 @@
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/recorder.h"
+#include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::engine {
@@ -33,19 +34,12 @@ class SchedulerTest : public ::testing::Test {
  protected:
   std::unique_ptr<Scheduler> Make(const std::string& fixture, int64_t slots,
                                   SchedulerOptions options = {}, int64_t max_context = 0) {
-    absl::StatusOr<ModelWeights> weights = LoadWeights(test::SourcePath("tests/golden/" + fixture));
-    EXPECT_THAT(weights.status(), IsOk());
     ModelOptions model_options;
     model_options.num_slots = slots;
     model_options.max_batch = slots;
     model_options.prefill_chunk = 16;
     model_options.max_context = max_context;  // 0: unlimited for constant-state models
-    absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(*weights, backend_, model_options);
-    EXPECT_THAT(model.status(), IsOk());
-    absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-        Scheduler::Create(*std::move(model), std::move(options));
-    EXPECT_THAT(scheduler.status(), IsOk());
-    return *std::move(scheduler);
+    return test::MakeFixtureScheduler(fixture, backend_, model_options, std::move(options));
   }
 
   static EngineRequest Request(const std::string& id, std::vector<int32_t> prompt,

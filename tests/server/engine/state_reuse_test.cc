@@ -18,6 +18,7 @@
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/recorder.h"
+#include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::engine {
@@ -61,21 +62,16 @@ std::vector<int32_t> Concat(std::initializer_list<std::vector<int32_t>> parts) {
 class StateReuseTest : public ::testing::TestWithParam<std::string> {
  protected:
   std::unique_ptr<Scheduler> Make(const std::string& fixture, SchedulerOptions options) {
-    absl::StatusOr<ModelWeights> weights = LoadWeights(test::SourcePath("tests/golden/" + fixture));
-    EXPECT_THAT(weights.status(), IsOk());
-    vocab_ = weights->config.vocab_size;
-    options.model_fingerprint = ModelFingerprint(*weights);
     ModelOptions model_options;
     model_options.num_slots = 3;
     model_options.max_batch = 3;
     model_options.prefill_chunk = 16;
     model_options.max_context = 512;
-    absl::StatusOr<std::unique_ptr<Model>> model = Model::Create(*weights, backend_, model_options);
-    EXPECT_THAT(model.status(), IsOk());
-    absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-        Scheduler::Create(*std::move(model), std::move(options));
-    EXPECT_THAT(scheduler.status(), IsOk());
-    return *std::move(scheduler);
+    ModelConfig config;
+    auto scheduler =
+        test::MakeFixtureScheduler(fixture, backend_, model_options, std::move(options), &config);
+    vocab_ = config.vocab_size;
+    return scheduler;
   }
 
   static SchedulerOptions CacheOptions() {
@@ -230,6 +226,31 @@ TEST_P(StateReuseTest, SessionsArePrivateAndOneRequestAtATime) {
   EXPECT_THAT(sessions->Submit(r), StatusIs(absl::StatusCode::kNotFound));
 }
 
+TEST_P(StateReuseTest, BudgetsHoldUnderPressure) {
+  SchedulerOptions options = CacheOptions();
+  auto probe = Make(GetParam(), options);
+  const int64_t state_bytes = probe->model().layout().bytes_per_slot();
+  const int64_t session_bytes = probe->sessions().bytes_per_session();
+  probe.reset();
+  // Room for three snapshots (and their tokens) and two sessions.
+  options.prefix_cache.budget_bytes = 3 * state_bytes + 3 * 64 * 4;
+  options.sessions.budget_bytes = 2 * session_bytes + session_bytes / 2;
+  auto scheduler = Make(GetParam(), options);
+  for (int i = 0; i < 10; ++i) Run(*scheduler, Tokens(100 + i, 30, vocab_), 2);
+  const PrefixCacheStats cache = scheduler->Stats().prefix_cache;
+  EXPECT_EQ(cache.insertions, 10);  // each prompt's last block boundary (24)
+  EXPECT_EQ(cache.evictions, 7);
+  EXPECT_EQ(cache.entries, 3);
+  EXPECT_LE(cache.bytes, options.prefix_cache.budget_bytes);
+  PS_ASSERT_OK_AND_ASSIGN(const std::string a, scheduler->OpenSession(""));
+  PS_ASSERT_OK_AND_ASSIGN(const std::string b, scheduler->OpenSession(""));
+  EXPECT_THAT(scheduler->OpenSession(""), StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_LE(scheduler->Stats().sessions.bytes, options.sessions.budget_bytes);
+  ASSERT_THAT(scheduler->CloseSession(a, ""), IsOk());
+  EXPECT_THAT(scheduler->OpenSession("").status(), IsOk());
+  (void)b;
+}
+
 std::vector<std::string> SmallFixtures() {
   std::vector<std::string> names;
   for (const std::string& name : test::GoldenFixtureNames()) {
@@ -245,17 +266,12 @@ INSTANTIATE_TEST_SUITE_P(EveryAttentionKind, StateReuseTest, ::testing::ValuesIn
 TEST(StateImportTest, AStateOfAnotherModelIsRefused) {
   kernels::cpu::CpuBackend backend(1);
   auto make = [&](const std::string& fixture) {
-    absl::StatusOr<ModelWeights> weights = LoadWeights(test::SourcePath("tests/golden/" + fixture));
-    EXPECT_THAT(weights.status(), IsOk());
     SchedulerOptions options;
     options.sessions.budget_bytes = int64_t{1} << 30;
-    options.model_fingerprint = ModelFingerprint(*weights);
     ModelOptions model_options;
     model_options.num_slots = 1;
     model_options.max_context = 256;
-    auto model = Model::Create(*weights, backend, model_options);
-    EXPECT_THAT(model.status(), IsOk());
-    return *Scheduler::Create(*std::move(model), options);
+    return test::MakeFixtureScheduler(fixture, backend, model_options, options);
   };
   auto a = make("polysketch-random");
   auto b = make("polysketch-learned");

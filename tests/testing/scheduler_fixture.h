@@ -1,0 +1,44 @@
+// A Scheduler over a golden fixture model on a given backend, for engine tests. Header-only
+// (tests that use it link the scheduler). Failures are reported as test failures; the result is
+// null when anything failed.
+#ifndef POLYSKETCH_TESTS_TESTING_SCHEDULER_FIXTURE_H_
+#define POLYSKETCH_TESTS_TESTING_SCHEDULER_FIXTURE_H_
+
+#include <memory>
+#include <string>
+#include <utility>
+
+#include <gtest/gtest.h>
+
+#include "server/engine/scheduler.h"
+#include "server/engine/weights.h"
+#include "tests/testing/files.h"
+
+namespace ps::test {
+
+// Loads tests/golden/<fixture>, builds the model with `model_options` and a scheduler with
+// `options` (its model_fingerprint set from the weights). `config`, when given, receives the
+// model's config.
+inline std::unique_ptr<engine::Scheduler> MakeFixtureScheduler(
+    const std::string& fixture, kernels::Backend& backend,
+    const engine::ModelOptions& model_options, engine::SchedulerOptions options,
+    engine::ModelConfig* config = nullptr) {
+  absl::StatusOr<engine::ModelWeights> weights =
+      engine::LoadWeights(SourcePath("tests/golden/" + fixture));
+  EXPECT_TRUE(weights.ok()) << weights.status();
+  if (!weights.ok()) return nullptr;
+  if (config != nullptr) *config = weights->config;
+  options.model_fingerprint = engine::ModelFingerprint(*weights);
+  absl::StatusOr<std::unique_ptr<engine::Model>> model =
+      engine::Model::Create(*weights, backend, model_options);
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (!model.ok()) return nullptr;
+  absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
+      engine::Scheduler::Create(*std::move(model), std::move(options));
+  EXPECT_TRUE(scheduler.ok()) << scheduler.status();
+  return scheduler.ok() ? *std::move(scheduler) : nullptr;
+}
+
+}  // namespace ps::test
+
+#endif  // POLYSKETCH_TESTS_TESTING_SCHEDULER_FIXTURE_H_

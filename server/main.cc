@@ -2,7 +2,8 @@
 // reflection) with Prometheus metrics on their own port. Wiring, flags, signals and the drain:
 // SIGTERM / SIGINT -> readiness NOT_SERVING, no new requests (UNAVAILABLE), running ones get
 // --drain_timeout to finish, the rest are cancelled, then exit 0. Errors at start (bad flag,
-// model, busy port) print one line to stderr and exit 1.
+// model, busy port) print one line to stderr and exit 1. An engine stuck in a step for
+// --watchdog_timeout turns liveness NOT_SERVING until it moves again (engine/watchdog.h).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -32,9 +33,11 @@
 #include "kernels/cpu/cpu_backend.h"
 #include "server/engine/model.h"
 #include "server/engine/scheduler.h"
+#include "server/engine/watchdog.h"
 #include "server/engine/weights.h"
 #include "server/metrics/metrics.h"
 #include "server/service/generation_service.h"
+#include "server/service/watchdog_listener.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory (config.json + model.safetensors). Required.");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC server listens on.");
@@ -61,6 +64,10 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = all cores.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: how long running requests may take to finish before they are "
           "cancelled.");
+ABSL_FLAG(absl::Duration, watchdog_timeout, absl::Seconds(30),
+          "An engine step that makes no progress for this long is a stall: liveness (health "
+          "service \"\") turns NOT_SERVING, polysketch_engine_stalled is 1 and a line is "
+          "logged, until the engine moves again. 0 disables the watchdog.");
 
 namespace {
 
@@ -108,6 +115,9 @@ absl::Status CheckFlags() {
   }
   if (absl::GetFlag(FLAGS_drain_timeout) < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_timeout: must not be negative");
+  }
+  if (absl::GetFlag(FLAGS_watchdog_timeout) < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--watchdog_timeout: must not be negative (0 disables)");
   }
   return absl::OkStatus();
 }
@@ -210,6 +220,20 @@ absl::Status Serve(const sigset_t& signals) {
   }
   scheduler_ptr.store(scheduler->get());
   refresh_gauges();
+  std::unique_ptr<engine::EngineWatchdog> watchdog;
+  if (absl::GetFlag(FLAGS_watchdog_timeout) > absl::ZeroDuration()) {
+    engine::WatchdogOptions watchdog_options;
+    watchdog_options.timeout = absl::GetFlag(FLAGS_watchdog_timeout);
+    absl::StatusOr<std::unique_ptr<engine::EngineWatchdog>> created =
+        engine::EngineWatchdog::Create(scheduler->get(), watchdog_options,
+                                       service::MakeWatchdogListener(health, metrics_raw));
+    if (!created.ok()) {
+      server->Shutdown(std::chrono::system_clock::now());
+      return created.status();
+    }
+    watchdog = *std::move(created);
+    watchdog->Start();
+  }
   generation.SetScheduler(scheduler->get());
   health->SetServingStatus(service::kReadinessServiceName, true);
   std::fprintf(stderr, "polysketch-server: serving %s on %s:%d, metrics on %s:%d\n",
@@ -232,6 +256,7 @@ absl::Status Serve(const sigset_t& signals) {
   // scheduler outlives every call; destroying it then ends anything left.
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(drained ? 200 : 0));
   refresh_gauges();
+  watchdog.reset();  // it reads the scheduler
   scheduler_ptr.store(nullptr);
   scheduler->reset();
   std::fprintf(stderr, "polysketch-server: stopped (%s)\n",

@@ -10,6 +10,24 @@
 
 namespace ps::engine {
 
+absl::string_view EnginePhaseName(EnginePhase phase) {
+  switch (phase) {
+    case EnginePhase::kIdle:
+      return "idle";
+    case EnginePhase::kEndingRequests:
+      return "ending cancelled and expired requests";
+    case EnginePhase::kAdmitting:
+      return "admitting queued requests";
+    case EnginePhase::kDecoding:
+      return "decoding";
+    case EnginePhase::kPrefilling:
+      return "prefilling";
+    case EnginePhase::kStepCallback:
+      return "step callback (metrics)";
+  }
+  return "unknown";
+}
+
 // A request holding a slot. Engine thread only.
 struct Scheduler::Active {
   EngineRequest request;
@@ -142,6 +160,21 @@ SchedulerStats Scheduler::Stats() const {
   return stats;
 }
 
+EngineProgress Scheduler::Progress() const {
+  const uint64_t word = progress_.load(std::memory_order_relaxed);
+  EngineProgress progress;
+  progress.sequence = word >> 8;
+  progress.phase = static_cast<EnginePhase>(word & 0xff);
+  progress.running = running_.load(std::memory_order_relaxed);
+  return progress;
+}
+
+void Scheduler::EnterPhase(EnginePhase phase) {
+  ++progress_sequence_;
+  progress_.store((progress_sequence_ << 8) | static_cast<uint64_t>(phase),
+                  std::memory_order_relaxed);
+}
+
 void Scheduler::EngineLoop() {
   while (true) {
     {
@@ -154,6 +187,7 @@ void Scheduler::EngineLoop() {
       if (stopping_) break;
     }
     Step();
+    EnterPhase(EnginePhase::kIdle);
   }
   // Shutdown: everything still queued or running ends as cancelled.
   std::deque<Queued> queue;
@@ -215,6 +249,7 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
 bool Scheduler::Step() {
   const absl::Time start = absl::Now();
   // 1. Cancellations and deadlines, queued and running.
+  EnterPhase(EnginePhase::kEndingRequests);
   absl::flat_hash_set<std::string> cancelled;
   std::vector<Queued> ended;
   std::vector<FinishReason> ended_reasons;
@@ -247,10 +282,13 @@ bool Scheduler::Step() {
     }
   }
   // 2. Admission.
+  EnterPhase(EnginePhase::kAdmitting);
   Admit(start);
   // 3 and 4. Decode, then prefill.
   StepStats stats;
+  EnterPhase(EnginePhase::kDecoding);
   RunDecode(stats);
+  EnterPhase(EnginePhase::kPrefilling);
   RunPrefill(stats);
   std::erase_if(active_, [](const std::unique_ptr<Active>& a) { return a->finished; });
   // Ending a request is work too: the step callback refreshes the gauges (slots used) with it.
@@ -259,6 +297,7 @@ bool Scheduler::Step() {
   if (worked) {
     steps_.fetch_add(1);
     stats.step_time = absl::Now() - start;
+    EnterPhase(EnginePhase::kStepCallback);
     if (options_.on_step) options_.on_step(stats);
   }
   return worked;

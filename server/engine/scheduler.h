@@ -9,9 +9,9 @@
 //      prompt is spread over many steps and never stalls the running streams.
 // Outputs leave through each request's RequestObserver, called on the engine thread.
 //
-// Thread-safety: Submit, Cancel, StartDrain, Stats and the destructor may be called from any
-// thread. Observers are called on the engine thread only and must not block (hand the event to
-// another thread) and must not call back into the scheduler.
+// Thread-safety: Submit, Cancel, StartDrain, Stats, Progress and the destructor may be called
+// from any thread. Observers are called on the engine thread only and must not block (hand the
+// event to another thread) and must not call back into the scheduler.
 #ifndef POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
 #define POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
 
@@ -116,6 +116,27 @@ struct SchedulerStats {
   bool draining = false;
 };
 
+// What the engine thread is doing, for the progress watchdog (engine/watchdog.h).
+enum class EnginePhase : uint8_t {
+  kIdle = 0,        // between steps: waiting for work or about to start a step
+  kEndingRequests,  // step 1: cancellations and deadlines (request observers run here)
+  kAdmitting,       // step 2: queued requests take free slots
+  kDecoding,        // step 3: the batched decode step and its sampling / observers
+  kPrefilling,      // step 4: a prefill chunk and its sampling / observers
+  kStepCallback,    // SchedulerOptions::on_step (metrics)
+};
+absl::string_view EnginePhaseName(EnginePhase phase);  // "idle", "decoding", ...
+
+// A snapshot of the engine thread's progress, read without locks.
+struct EngineProgress {
+  // Grows at every phase change of the engine thread (several times per step, and at least every
+  // 10 ms while it idles): a value that stays the same while `phase` is not kIdle means the
+  // engine thread is stuck in that phase.
+  uint64_t sequence = 0;
+  EnginePhase phase = EnginePhase::kIdle;
+  int64_t running = 0;  // requests holding a slot
+};
+
 class Scheduler {
  public:
   // Takes the model and starts the engine thread. InvalidArgument for options out of range.
@@ -145,6 +166,9 @@ class Scheduler {
   bool Idle() const;
 
   SchedulerStats Stats() const;
+  // Lock-free (two atomic loads), so a monitor thread can read it even when the engine thread is
+  // stuck holding the scheduler's mutex.
+  EngineProgress Progress() const;
   const ModelConfig& config() const { return model_->config(); }
   const Model& model() const { return *model_; }
 
@@ -163,6 +187,8 @@ class Scheduler {
   void HandleLogits(Active& active, absl::Span<const float> logits);
   void Finish(Active& active, FinishReason reason, absl::Status error = absl::OkStatus());
   void FinishQueued(EngineRequest& request, absl::Time submitted, FinishReason reason);
+  // Publishes the engine thread's phase for Progress(): one relaxed atomic store, no lock.
+  void EnterPhase(EnginePhase phase);
 
   std::unique_ptr<Model> model_;
   const SchedulerOptions options_;
@@ -185,6 +211,10 @@ class Scheduler {
   // slot is taken or returned, before the observer hears of it.
   std::atomic<int64_t> running_{0};
   std::atomic<int64_t> steps_{0};
+  // (sequence << 8) | phase: one word, so a reader sees a matching pair. Written by the engine
+  // thread only (EnterPhase).
+  std::atomic<uint64_t> progress_{0};
+  uint64_t progress_sequence_ = 0;  // engine thread only
 
   // Engine thread only.
   std::vector<std::unique_ptr<Active>> active_;

@@ -235,6 +235,18 @@ class PrometheusMetrics final : public ServerMetrics {
                                  "Bytes of attention memory (sketch state and KV cache) held "
                                  "by running requests, by attention kind of the layers.")
                              .Register(r);
+    stalled_ = &BuildGauge()
+                    .Name("polysketch_engine_stalled")
+                    .Help(
+                        "1 while the engine thread has made no progress for --watchdog_timeout "
+                        "in a step (liveness is NOT_SERVING then), else 0.")
+                    .Register(r)
+                    .Add({});
+    stalls_ = &BuildCounter()
+                   .Name("polysketch_engine_stalls_total")
+                   .Help("Number of engine stalls the progress watchdog has seen.")
+                   .Register(r)
+                   .Add({});
     Gauge& resident = BuildGauge()
                           .Name("polysketch_process_resident_memory_bytes")
                           .Help(
@@ -323,6 +335,11 @@ class PrometheusMetrics final : public ServerMetrics {
 
   void RequestRefused(FailureReason reason) override { Failure(reason); }
 
+  void EngineStalled(bool stalled) override {
+    stalled_->Set(stalled ? 1.0 : 0.0);
+    if (stalled) stalls_->Increment();
+  }
+
   void EngineStep(const engine::StepStats& step) override {
     step_->Observe(Seconds(step.step_time));
     if (step.decode_batch > 0) batch_->Observe(static_cast<double>(step.decode_batch));
@@ -373,6 +390,8 @@ class PrometheusMetrics final : public ServerMetrics {
   Gauge* slots_total_ = nullptr;
   Gauge* slots_used_ = nullptr;
   Family<Gauge>* attention_memory_ = nullptr;
+  Gauge* stalled_ = nullptr;
+  Counter* stalls_ = nullptr;
   std::shared_ptr<ScrapeCollector> collector_;
   int port_ = 0;
   // Last: stopped (its threads joined) before the metrics it serves go away.

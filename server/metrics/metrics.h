@@ -18,6 +18,9 @@
 //   polysketch_attention_memory_bytes{kind}                   gauge (state slots in use, by
 //                                                             attention kind of the layers)
 //   polysketch_process_resident_memory_bytes                  gauge (read at scrape time)
+//   polysketch_engine_stalled                                 gauge: 1 while the progress
+//                                                             watchdog sees the engine stuck
+//   polysketch_engine_stalls_total                            counter: stalls seen
 // Thread-safe: every method may be called from any thread.
 #ifndef POLYSKETCH_SERVER_METRICS_METRICS_H_
 #define POLYSKETCH_SERVER_METRICS_METRICS_H_
@@ -76,6 +79,9 @@ class ServerMetrics {
   // appears in the scrape from its first call: call it with 0 for each kind of the model at
   // start.
   virtual void SetAttentionMemory(absl::string_view kind, int64_t bytes) = 0;
+  // The progress watchdog's verdict changed (engine/watchdog.h): sets the stalled gauge, and
+  // counts a stall when it begins.
+  virtual void EngineStalled(bool stalled) = 0;
 };
 
 }  // namespace ps::metrics

@@ -20,7 +20,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 help="$("${server}" --help 2>&1 || true)"
 for flag in model host port metrics_host metrics_port slots max_batch max_waiting \
   max_waiting_tokens max_prompt_tokens max_new_tokens_limit max_context prefill_chunk \
-  prefill_tokens_per_step threads drain_timeout; do
+  prefill_tokens_per_step threads drain_timeout watchdog_timeout; do
   grep -q -- "--${flag} " <<< "${help}" || fail "--help does not list --${flag}"
 done
 

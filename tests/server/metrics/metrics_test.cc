@@ -146,6 +146,8 @@ constexpr Declared kDeclared[] = {
     {"polysketch_state_slots_used", "gauge"},
     {"polysketch_attention_memory_bytes", "gauge"},
     {"polysketch_process_resident_memory_bytes", "gauge"},
+    {"polysketch_engine_stalled", "gauge"},
+    {"polysketch_engine_stalls_total", "counter"},
 };
 
 TEST(FailureReasonNameTest, NamesEveryReason) {
@@ -297,6 +299,21 @@ TEST_F(MetricsTest, EngineStepsAndGauges) {
   EXPECT_EQ(Sample(text, "polysketch_state_slots_used"), 3.0);
   EXPECT_EQ(Sample(text, "polysketch_attention_memory_bytes{kind=\"polysketch\"}"), 8192.0);
   EXPECT_EQ(Sample(text, "polysketch_attention_memory_bytes{kind=\"softmax\"}"), 1048576.0);
+}
+
+TEST_F(MetricsTest, EngineStallsSetTheGaugeAndCountEachStall) {
+  EXPECT_EQ(Sample(Scrape(), "polysketch_engine_stalled"), 0.0);
+  EXPECT_EQ(Sample(Scrape(), "polysketch_engine_stalls_total"), 0.0);
+  metrics_->EngineStalled(true);
+  std::string text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalled"), 1.0);
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalls_total"), 1.0);
+  metrics_->EngineStalled(false);
+  metrics_->EngineStalled(true);
+  metrics_->EngineStalled(false);
+  text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalled"), 0.0);
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalls_total"), 2.0);
 }
 
 TEST_F(MetricsTest, ResidentMemoryIsReadAtScrapeTime) {

@@ -123,13 +123,17 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   return absl::OkStatus();
 }
 
-absl::Status Scheduler::Cancel(absl::string_view id) {
+absl::Status Scheduler::Cancel(absl::string_view id, FinishReason reason) {
+  if (reason != FinishReason::kCancelled && reason != FinishReason::kDeadline) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cancel reason: must be cancelled or deadline, got ", FinishReasonName(reason)));
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!ids_.contains(id)) {
       return absl::NotFoundError(absl::StrCat("no unfinished request has id \"", id, "\""));
     }
-    cancelled_.insert(std::string(id));
+    cancelled_.insert_or_assign(std::string(id), reason);
   }
   work_.notify_one();
   return absl::OkStatus();
@@ -250,17 +254,18 @@ bool Scheduler::Step() {
   const absl::Time start = absl::Now();
   // 1. Cancellations and deadlines, queued and running.
   EnterPhase(EnginePhase::kEndingRequests);
-  absl::flat_hash_set<std::string> cancelled;
+  absl::flat_hash_map<std::string, FinishReason> cancelled;
   std::vector<Queued> ended;
   std::vector<FinishReason> ended_reasons;
   {
     std::lock_guard<std::mutex> lock(mu_);
     cancelled.swap(cancelled_);
     for (auto it = queue_.begin(); it != queue_.end();) {
-      const bool cancel = cancelled.contains(it->request.id);
-      if (cancel || it->request.deadline <= start) {
+      const auto cancel = cancelled.find(it->request.id);
+      if (cancel != cancelled.end() || it->request.deadline <= start) {
         queued_tokens_ -= static_cast<int64_t>(it->request.prompt.size());
-        ended_reasons.push_back(cancel ? FinishReason::kCancelled : FinishReason::kDeadline);
+        ended_reasons.push_back(cancel != cancelled.end() ? cancel->second
+                                                          : FinishReason::kDeadline);
         ended.push_back(std::move(*it));
         it = queue_.erase(it);
       } else {
@@ -273,8 +278,8 @@ bool Scheduler::Step() {
   }
   int64_t ended_running = 0;
   for (auto& active : active_) {
-    if (cancelled.contains(active->request.id)) {
-      Finish(*active, FinishReason::kCancelled);
+    if (const auto cancel = cancelled.find(active->request.id); cancel != cancelled.end()) {
+      Finish(*active, cancel->second);
       ++ended_running;
     } else if (active->request.deadline <= start) {
       Finish(*active, FinishReason::kDeadline);

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include <absl/container/flat_hash_map.h>
 #include <absl/container/flat_hash_set.h>
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
@@ -156,9 +157,12 @@ class Scheduler {
   // draining or shutting down.
   [[nodiscard]] absl::Status Submit(EngineRequest request);
 
-  // Ends request `id` (queued or running) with kCancelled within one engine step. NotFound when
-  // no unfinished request has that id.
-  [[nodiscard]] absl::Status Cancel(absl::string_view id);
+  // Ends request `id` (queued or running) within one engine step, with `reason`: kCancelled, or
+  // kDeadline when the caller knows the request's deadline is why (a client whose own deadline
+  // fired cancels a little before the server's copy of it). NotFound when no unfinished request
+  // has that id; InvalidArgument for another reason.
+  [[nodiscard]] absl::Status Cancel(absl::string_view id,
+                                    FinishReason reason = FinishReason::kCancelled);
 
   // Refuses new requests from now on (Unavailable); queued and running ones continue.
   void StartDrain();
@@ -201,8 +205,9 @@ class Scheduler {
     absl::Time submitted;
   };
   std::deque<Queued> queue_;
-  absl::flat_hash_set<std::string> ids_;        // unfinished requests
-  absl::flat_hash_set<std::string> cancelled_;  // ids to cancel at the next step
+  absl::flat_hash_set<std::string> ids_;  // unfinished requests
+  // Ids to end at the next step, with the reason to end them with.
+  absl::flat_hash_map<std::string, FinishReason> cancelled_;
   int64_t queued_tokens_ = 0;
   bool draining_ = false;
   bool stopping_ = false;

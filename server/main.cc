@@ -251,10 +251,21 @@ absl::Status Serve(const sigset_t& signals) {
   const absl::Time drain_end = absl::Now() + absl::GetFlag(FLAGS_drain_timeout);
   while (!(*scheduler)->Idle() && absl::Now() < drain_end) absl::SleepFor(absl::Milliseconds(20));
   const bool drained = (*scheduler)->Idle();
-  // Shutdown cancels the calls still open after its deadline; each cancelled call cancels its
-  // engine request (done within a step), so Shutdown returns once they have ended. The
-  // scheduler outlives every call; destroying it then ends anything left.
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(drained ? 200 : 0));
+  if (!drained) {
+    // End what is left in the engine first, so that each call still sends its final message
+    // (finish reason CANCELLED) and status CANCELLED before the transport closes; cutting the
+    // calls with Shutdown alone left clients with UNAVAILABLE and no final message (fault test).
+    (*scheduler)->CancelAll();
+    const absl::Time cancel_end = absl::Now() + absl::Seconds(2);
+    while (!(*scheduler)->Idle() && absl::Now() < cancel_end) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+  }
+  // Shutdown lets the calls flush their last messages for up to a second, then cancels those
+  // still open (a client that stopped reading); each cancelled call cancels its engine request
+  // (done within a step), so Shutdown returns once they have ended. The scheduler outlives every
+  // call; destroying it then ends anything left.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   refresh_gauges();
   watchdog.reset();  // it reads the scheduler
   scheduler_ptr.store(nullptr);

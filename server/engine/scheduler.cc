@@ -139,6 +139,18 @@ absl::Status Scheduler::Cancel(absl::string_view id, FinishReason reason) {
   return absl::OkStatus();
 }
 
+int64_t Scheduler::CancelAll() {
+  int64_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const std::string& id : ids_) {
+      if (cancelled_.try_emplace(id, FinishReason::kCancelled).second) ++n;
+    }
+  }
+  work_.notify_one();
+  return n;
+}
+
 void Scheduler::StartDrain() {
   std::lock_guard<std::mutex> lock(mu_);
   draining_ = true;

@@ -166,6 +166,9 @@ class Scheduler {
 
   // Refuses new requests from now on (Unavailable); queued and running ones continue.
   void StartDrain();
+  // Ends every queued and running request with kCancelled within one engine step (the end of a
+  // drain), each through its observer as usual. Returns how many it asked to end.
+  int64_t CancelAll();
   // True when nothing is queued or running.
   bool Idle() const;
 

@@ -378,15 +378,23 @@ def slow_reader(server: Server, tally: Tally) -> None:
 
 def sigterm_during_load(server: Server, tally: Tally) -> int:
     """SIGTERM with streams and unary calls running and queued: each gets a final status (OK when
-    it finished within the drain, CANCELLED / UNAVAILABLE after it), and the server exits 0."""
+    it finished within the drain, CANCELLED after it, UNAVAILABLE if it reached the server only
+    after the signal), a stream cancelled by the drain gets its final message first, and the
+    server exits 0."""
     started = threading.Barrier(17)
     allowed = {"OK", "CANCELLED", "UNAVAILABLE"}
+    cancelled_finals = collections.Counter()
+    lock = threading.Lock()
 
     def stream_job() -> None:
         tally.start()
         call = server.stub.GenerateStream(request(RNG.choice([50, 100000])), timeout=PHASE_BOUND_S)
         started.wait()
-        read_stream(call, tally, allowed)
+        final = read_stream(call, tally, allowed)
+        if call.code() == CODE.CANCELLED:
+            reason = pb.FinishReason.Name(final.finish_reason) if final is not None else "none"
+            with lock:
+                cancelled_finals[reason] += 1
 
     def unary_job() -> None:
         tally.start()
@@ -417,6 +425,10 @@ def sigterm_during_load(server: Server, tally: Tally) -> int:
     pool.shutdown()
     if rc != 0:
         fail(f"SIGTERM: exit status {rc}, want 0: {server.tail()}")
+    # Before the fix the drain cut every call: UNAVAILABLE, no final message.
+    if set(cancelled_finals) - {"FINISH_REASON_CANCELLED"} or tally.codes["CANCELLED"] < 4:
+        fail(f"SIGTERM: streams cancelled by the drain must get a CANCELLED final message and "
+             f"most calls CANCELLED; finals {dict(cancelled_finals)}, statuses {dict(tally.codes)}")
     return rc
 
 
@@ -460,7 +472,8 @@ def main() -> None:
         tally = Tally()
         sigterm_during_load(server, tally)
         ROWS.append(Row("SIGTERM during load (16 RPCs)", 1, 1,
-                        "every RPC ended OK/CANCELLED/UNAVAILABLE, exit 0"))
+                        "every RPC ended OK/CANCELLED (UNAVAILABLE if late), drain-cancelled "
+                        "streams get a CANCELLED final message, exit 0"))
         print(f"SIGTERM: statuses {dict(tally.codes)}, exit 0", flush=True)
         server.stop()
 

@@ -358,6 +358,31 @@ TEST_F(SchedulerTest, DrainRefusesNewRequestsAndFinishesRunningOnes) {
   WaitIdle(*scheduler);
 }
 
+TEST_F(SchedulerTest, CancelAllEndsQueuedAndRunningRequestsThroughTheirObservers) {
+  // The end of a drain: everything left ends as cancelled, each observer hears it once, and the
+  // scheduler keeps working afterwards (it is not shutting down).
+  auto scheduler = Make("polysketch-random", 1);
+  auto running = std::make_shared<Recorder>();
+  auto queued = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("running", {1}, 1000000, running)), IsOk());
+  ASSERT_THAT(scheduler->Submit(Request("queued", {2}, 5, queued)), IsOk());
+  while (running->tokens().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(scheduler->CancelAll(), 2);
+  ASSERT_TRUE(running->Wait());
+  ASSERT_TRUE(queued->Wait());
+  EXPECT_EQ(running->result().reason, FinishReason::kCancelled);
+  EXPECT_EQ(queued->result().reason, FinishReason::kCancelled);
+  WaitIdle(*scheduler);
+  EXPECT_EQ(scheduler->Stats().slots_used, 0);
+  EXPECT_EQ(running->finishes(), 1);
+  EXPECT_EQ(queued->finishes(), 1);
+  EXPECT_EQ(scheduler->CancelAll(), 0);
+  auto next = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("next", {3}, 3, next)), IsOk());
+  ASSERT_TRUE(next->Wait());
+  EXPECT_EQ(next->result().reason, FinishReason::kLength);
+}
+
 TEST_F(SchedulerTest, DestructionCancelsEverythingOutstanding) {
   auto a = std::make_shared<Recorder>();
   auto b = std::make_shared<Recorder>();

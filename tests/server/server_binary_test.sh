@@ -32,6 +32,15 @@ set -e
 [[ ${rc} -eq 1 ]] || fail "bad --model exited ${rc}, want 1"
 grep -q "${tmp}/no-such-model" <<< "${out}" || fail "bad --model message does not name it: ${out}"
 
+# A negative --watchdog_timeout is refused (0 disables the watchdog).
+set +e
+out="$("${server}" --model "${root}/tests/golden/polysketch-random" --port 0 --metrics_port 0 \
+  --watchdog_timeout=-1s 2>&1)"
+rc=$?
+set -e
+[[ ${rc} -eq 1 ]] || fail "--watchdog_timeout=-1s exited ${rc}, want 1"
+grep -q -- "--watchdog_timeout" <<< "${out}" || fail "bad --watchdog_timeout message: ${out}"
+
 # Start on free ports; the ready line gives them.
 log="${tmp}/server.log"
 "${server}" --model "${root}/tests/golden/polysketch-random" --host 127.0.0.1 --port 0 \

@@ -230,17 +230,41 @@ def check_after(server: Server, what: str, tally: Tally, baseline_rss: int, inje
 
 
 def vanishing_clients(server: Server, n: int, tally: Tally) -> None:
-    """n streams whose clients vanish at a random message: cancel the call, or close the whole
-    channel (a disconnect); a few never read at all before cancelling."""
+    """n clients that vanish at a random point: a stream cancelled or its channel closed after a
+    random number of messages (0: before reading any), a unary call cancelled after a random
+    delay, and a long prompt (16 to 64 KiB) given up while it is being prefilled."""
     target = f"127.0.0.1:{server.port}"
 
     def one(i: int) -> Callable[[], None]:
         stop_after = RNG.choice([0, 1, 1, 2, 3, 5, 8, 20])
-        how = RNG.choice(["cancel", "close"])
+        how = RNG.choice(["cancel", "close", "cancel", "close", "unary", "prefill"])
         max_new = RNG.choice([8, 64, 4096])
+        delay = RNG.choice([0.0, 0.001, 0.01, 0.05, 0.2])
 
         def job() -> None:
             tally.start()
+            if how == "unary":
+                future = server.stub.Generate.future(request(max_new), timeout=PHASE_BOUND_S)
+                time.sleep(delay)
+                future.cancel()
+                try:
+                    future.result()
+                    tally.end(CODE.OK)
+                except grpc.FutureCancelledError:
+                    tally.end(CODE.CANCELLED)
+                except grpc.RpcError as e:
+                    tally.end(e.code())
+                    if e.code() != CODE.CANCELLED:
+                        fail(f"vanishing unary client: {e.code().name}: {e.details()}")
+                return
+            if how == "prefill":
+                prompt = b"and it was so. " * (RNG.randint(16 << 10, 64 << 10) // 15)
+                call = server.stub.GenerateStream(request(64, prompt=prompt),
+                                                  timeout=PHASE_BOUND_S)
+                time.sleep(delay)
+                call.cancel()
+                read_stream(call, tally, {"OK", "CANCELLED"})
+                return
             channel = grpc.insecure_channel(target) if how == "close" else server.channel
             stub = pbg.GenerationServiceStub(channel)
             call = stub.GenerateStream(request(max_new), timeout=PHASE_BOUND_S)
@@ -449,8 +473,9 @@ def main() -> None:
 
         tally = Tally()
         vanishing_clients(server, 300, tally)
-        check_after(server, "client vanishes mid-stream (cancel / channel close)", tally,
-                    baseline, 300, "slots 0, all RPCs ended OK/CANCELLED, RSS")
+        check_after(server, "client vanishes (stream cancel or channel close at a random "
+                    "message, unary cancel, long prompt given up in prefill)", tally, baseline,
+                    300, "slots 0, all RPCs ended OK/CANCELLED, RSS")
 
         tally = Tally()
         cancel_storm(server, 200, tally)

@@ -15,7 +15,8 @@ std::string WatchdogLogLine(const engine::WatchdogEvent& event) {
   if (event.stalled) {
     return absl::StrCat("watchdog: engine stalled: no progress for ", seconds, " while ",
                         engine::EnginePhaseName(event.phase), ", ", event.running,
-                        " requests running; liveness NOT_SERVING");
+                        event.running == 1 ? " request" : " requests",
+                        " running; liveness NOT_SERVING");
   }
   return absl::StrCat("watchdog: engine progressing again after ", seconds,
                       " without progress; liveness SERVING");

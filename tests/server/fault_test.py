@@ -284,6 +284,8 @@ def cancel_storm(server: Server, n: int, tally: Tally) -> None:
     moment) or by the client. A Cancel that races the request's end or its submission answers
     NOT_FOUND and the stream ends OK; a stream cancelled by the RPC gets its final message."""
     finals = collections.Counter()
+    cancel_answers = collections.Counter()  # the Cancel RPC's codes (checked on this thread)
+    cancellers: List[threading.Thread] = []
     lock = threading.Lock()
 
     def one(i: int) -> Callable[[], None]:
@@ -300,10 +302,15 @@ def cancel_storm(server: Server, n: int, tally: Tally) -> None:
                     time.sleep(delay)
                     try:
                         server.stub.Cancel(pb.CancelRequest(request_id=rid.encode()), timeout=10)
+                        code = CODE.OK
                     except grpc.RpcError as e:
-                        if e.code() != CODE.NOT_FOUND:
-                            fail(f"Cancel RPC answered {e.code().name}: {e.details()}")
-                threading.Thread(target=cancel_rpc).start()
+                        code = e.code()
+                    with lock:
+                        cancel_answers[code.name] += 1
+                canceller = threading.Thread(target=cancel_rpc)
+                with lock:
+                    cancellers.append(canceller)
+                canceller.start()
                 final = read_stream(call, tally, {"OK", "CANCELLED"})
                 if final is not None:
                     with lock:
@@ -313,6 +320,12 @@ def cancel_storm(server: Server, n: int, tally: Tally) -> None:
         return job
 
     run_all([one(i) for i in range(n)], workers=8, what="cancel storm")
+    for canceller in cancellers:
+        canceller.join(timeout=PHASE_BOUND_S)
+    if set(cancel_answers) - {"OK", "NOT_FOUND"} or sum(cancel_answers.values()) != (n + 1) // 2:
+        fail(f"cancel storm: the Cancel RPC must answer OK or NOT_FOUND: {dict(cancel_answers)}")
+    print(f"cancel storm: Cancel RPC answers {dict(cancel_answers)}, finals of streams cancelled "
+          f"by it {dict(finals)}", flush=True)
     if finals["FINISH_REASON_CANCELLED"] == 0:
         fail(f"cancel storm: no stream cancelled by the Cancel RPC got a CANCELLED final: {finals}")
 

@@ -494,6 +494,10 @@ TEST(WatchdogLogLineTest, SaysHowLongWhereAndWhat) {
   EXPECT_EQ(WatchdogLogLine(event),
             "watchdog: engine stalled: no progress for 30.2s while decoding, 4 requests running; "
             "liveness NOT_SERVING");
+  event.running = 1;
+  EXPECT_EQ(WatchdogLogLine(event),
+            "watchdog: engine stalled: no progress for 30.2s while decoding, 1 request running; "
+            "liveness NOT_SERVING");
   event.stalled = false;
   event.without_progress = absl::Seconds(42);
   EXPECT_EQ(WatchdogLogLine(event),

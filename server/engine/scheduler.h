@@ -9,9 +9,9 @@
 //      prompt is spread over many steps and never stalls the running streams.
 // Outputs leave through each request's RequestObserver, called on the engine thread.
 //
-// Thread-safety: Submit, Cancel, StartDrain, Stats, Progress and the destructor may be called
-// from any thread. Observers are called on the engine thread only and must not block (hand the
-// event to another thread) and must not call back into the scheduler.
+// Thread-safety: Submit, Cancel, CancelAll, StartDrain, Stats, Progress and the destructor may be
+// called from any thread. Observers are called on the engine thread only and must not block (hand
+// the event to another thread) and must not call back into the scheduler.
 #ifndef POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
 #define POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
 

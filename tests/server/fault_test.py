@@ -9,7 +9,7 @@ during load and a restart. After each fault it checks:
   * polysketch_state_slots_used, _num_requests_running and _num_requests_waiting return to 0
     (scraped from /metrics): no request stays in the engine without a final status;
   * the server's resident memory (VmRSS in /proc/PID/status) returns near its level after a
-    warm-up of the same traffic (RSS_TOLERANCE below says how near and why).
+    warm-up of the same traffic (RSS_SLACK_* below say how near and why).
 Prints one table row per fault (docs/reliability.md, "Fault tests").
 
 Usage: fault_test.py <polysketch-server> <repo root> <build dir>
@@ -22,6 +22,7 @@ import concurrent.futures
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,8 +58,11 @@ CODE = grpc.StatusCode
 RNG = random.Random(8)
 
 
+LOG_DIR = tempfile.mkdtemp(prefix="fault_test-")  # server logs; kept when the test fails
+
+
 def fail(message: str) -> None:
-    print(f"FAIL: {message}", file=sys.stderr, flush=True)
+    print(f"FAIL: {message} (server logs in {LOG_DIR})", file=sys.stderr, flush=True)
     raise SystemExit(1)
 
 
@@ -471,7 +475,7 @@ def sigterm_during_load(server: Server, tally: Tally) -> int:
 
 def main() -> None:
     begin = time.monotonic()
-    tmp = tempfile.mkdtemp(prefix="fault_test-")
+    tmp = LOG_DIR
     server = Server(tmp)
     try:
         # Warm-up: the same kinds of traffic, so allocator arenas, gRPC's threads and buffers
@@ -568,6 +572,7 @@ def main() -> None:
     print("\n| fault | times injected | survived | checks |\n| --- | --- | --- | --- |")
     for row in ROWS:
         print(f"| {row.fault} | {row.injected} | {row.survived} | {row.checks} |")
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nPASS in {time.monotonic() - begin:.1f} s")
 
 

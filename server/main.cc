@@ -4,7 +4,8 @@
 // --drain_timeout to finish, the rest are cancelled, then exit 0. SIGHUP re-reads
 // --auth_tokens_file (a bad file keeps the tokens in use). Errors at start (bad flag, model,
 // busy port, unreadable or mismatched TLS files, bad tokens file) print one line to stderr and
-// exit 1. docs/security.md describes the TLS, token and limit flags.
+// exit 1. docs/security.md describes the TLS, token and limit flags. An engine stuck in a step
+// for --watchdog_timeout turns liveness NOT_SERVING until it moves again (engine/watchdog.h).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -36,11 +37,13 @@
 #include "kernels/cpu/cpu_backend.h"
 #include "server/engine/model.h"
 #include "server/engine/scheduler.h"
+#include "server/engine/watchdog.h"
 #include "server/engine/weights.h"
 #include "server/metrics/metrics.h"
 #include "server/service/auth.h"
 #include "server/service/generation_service.h"
 #include "server/service/tls.h"
+#include "server/service/watchdog_listener.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory (config.json + model.safetensors). Required.");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC server listens on.");
@@ -67,6 +70,10 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = all cores.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: how long running requests may take to finish before they are "
           "cancelled.");
+ABSL_FLAG(absl::Duration, watchdog_timeout, absl::Seconds(30),
+          "An engine step that makes no progress for this long is a stall: liveness (health "
+          "service \"\") turns NOT_SERVING, polysketch_engine_stalled is 1 and a line is "
+          "logged, until the engine moves again. 0 disables the watchdog.");
 
 ABSL_FLAG(int64_t, prefix_cache_bytes, int64_t{256} << 20,
           "Budget of the prefix-state cache (snapshots of prompt prefixes reused by later "
@@ -210,6 +217,9 @@ absl::Status CheckFlags() {
   }
   if (absl::GetFlag(FLAGS_drain_timeout) < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_timeout: must not be negative");
+  }
+  if (absl::GetFlag(FLAGS_watchdog_timeout) < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--watchdog_timeout: must not be negative (0 disables)");
   }
   return absl::OkStatus();
 }
@@ -441,6 +451,22 @@ absl::Status Serve(const sigset_t& signals) {
   }
   scheduler_ptr.store(scheduler->get());
   refresh_gauges();
+  std::unique_ptr<engine::EngineWatchdog> watchdog;
+  if (absl::GetFlag(FLAGS_watchdog_timeout) > absl::ZeroDuration()) {
+    engine::WatchdogOptions watchdog_options;
+    watchdog_options.timeout = absl::GetFlag(FLAGS_watchdog_timeout);
+    std::vector<grpc::HealthCheckServiceInterface*> health;
+    for (grpc::Server* s : health_servers) health.push_back(s->GetHealthCheckService());
+    absl::StatusOr<std::unique_ptr<engine::EngineWatchdog>> created =
+        engine::EngineWatchdog::Create(scheduler->get(), watchdog_options,
+                                       service::MakeWatchdogListener(health, metrics_raw));
+    if (!created.ok()) {
+      shutdown(std::chrono::system_clock::now());
+      return created.status();
+    }
+    watchdog = *std::move(created);
+    watchdog->Start();
+  }
   generation.SetScheduler(scheduler->get());
   SetServing(health_servers, service::kReadinessServiceName, true);
   const std::string health_note =
@@ -493,11 +519,23 @@ absl::Status Serve(const sigset_t& signals) {
   const absl::Time drain_end = absl::Now() + absl::GetFlag(FLAGS_drain_timeout);
   while (!(*scheduler)->Idle() && absl::Now() < drain_end) absl::SleepFor(absl::Milliseconds(20));
   const bool drained = (*scheduler)->Idle();
-  // Shutdown cancels the calls still open after its deadline; each cancelled call cancels its
-  // engine request (done within a step), so Shutdown returns once they have ended. The
-  // scheduler outlives every call; destroying it then ends anything left.
-  shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(drained ? 200 : 0));
+  if (!drained) {
+    // End what is left in the engine first, so that each call still sends its final message
+    // (finish reason CANCELLED) and status CANCELLED before the transport closes; cutting the
+    // calls with Shutdown alone left clients with UNAVAILABLE and no final message (fault test).
+    (*scheduler)->CancelAll();
+    const absl::Time cancel_end = absl::Now() + absl::Seconds(2);
+    while (!(*scheduler)->Idle() && absl::Now() < cancel_end) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+  }
+  // Shutdown lets the calls flush their last messages for up to a second, then cancels those
+  // still open (a client that stopped reading); each cancelled call cancels its engine request
+  // (done within a step), so Shutdown returns once they have ended. The scheduler outlives every
+  // call; destroying it then ends anything left.
+  shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   refresh_gauges();
+  watchdog.reset();  // it reads the scheduler
   scheduler_ptr.store(nullptr);
   scheduler->reset();
   std::fprintf(stderr, "polysketch-server: stopped (%s)\n",

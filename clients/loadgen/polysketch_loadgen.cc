@@ -1,7 +1,9 @@
 // polysketch-loadgen: drives GenerateStream at a fixed concurrency or at a Poisson request rate
 // over one channel with the gRPC callback API, and reports requests/s, generated tokens/s, time to
-// first token, inter-token latency and end-to-end latency percentiles, and errors by gRPC code.
-// --cancel_fraction cancels that share of streams midway (soak tests of the cancellation path).
+// first token, inter-token latency and end-to-end latency percentiles, and the final status of
+// every request by gRPC code. For soak runs (scripts/soak): --duration, prompt lengths mixed
+// between --prompt_bytes_min and --prompt_bytes_max, --cancel_fraction (cancels at a random point
+// of the stream, also before the first token) and --expected_codes (codes that do not fail it).
 
 #include <algorithm>
 #include <atomic>
@@ -16,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -29,6 +32,8 @@
 #include <absl/strings/numbers.h>
 #include <absl/strings/str_cat.h>
 #include <absl/strings/str_format.h>
+#include <absl/strings/str_split.h>
+#include <absl/strings/strip.h>
 #include <absl/time/time.h>
 #include <grpcpp/grpcpp.h>
 
@@ -48,13 +53,22 @@ ABSL_FLAG(absl::Duration, duration, absl::ZeroDuration(),
           "Stop starting requests after this long (e.g. 60s); 0 = no time limit.");
 ABSL_FLAG(int32_t, prompt_bytes, 256,
           "Prompt length in bytes (random lowercase words, different per request).");
+ABSL_FLAG(int32_t, prompt_bytes_min, 0,
+          "With --prompt_bytes_max: each prompt's length is drawn log-uniformly from "
+          "[--prompt_bytes_min, --prompt_bytes_max] (many short prompts, a long tail), "
+          "instead of --prompt_bytes.");
+ABSL_FLAG(int32_t, prompt_bytes_max, 0, "See --prompt_bytes_min; 0 = fixed --prompt_bytes.");
 ABSL_FLAG(std::string, prompt_file, "",
           "Take prompts from this file instead (cut or repeated to --prompt_bytes when > 0).");
 ABSL_FLAG(int32_t, max_new_tokens, 128, "max_new_tokens of every request.");
 ABSL_FLAG(std::string, temperature, "",
           "Sampling temperature of every request; empty leaves it unset (server default).");
 ABSL_FLAG(double, cancel_fraction, 0.0,
-          "Cancel this fraction of streams midway (after about half of max_new_tokens).");
+          "Cancel this fraction of streams at a random point: after a uniform number of tokens "
+          "in [0, max_new_tokens) (0: right after the call starts, often while it is queued).");
+ABSL_FLAG(std::string, expected_codes, "",
+          "Comma-separated gRPC codes (e.g. RESOURCE_EXHAUSTED,DEADLINE_EXCEEDED) that are "
+          "counted but do not make the exit status 1.");
 ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(), "gRPC deadline per request; 0 = none.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the load generator (prompts, arrivals, cancel choice).");
 ABSL_FLAG(bool, json, false, "Also print the report as one JSON object on stdout.");
@@ -177,7 +191,16 @@ class StreamCall : public grpc::ClientReadReactor<pb::GenerateStreamResponse> {
     start_ = Clock::now();
     stub->async()->GenerateStream(&context_, &request_, this);
     StartRead(&response_);
+    const bool cancel_now = cancel_ && cancel_after_tokens_ == 0;
+    if (cancel_now) {
+      outcome_.cancelled_by_us = true;
+      AddHold();  // OnDone (which deletes this) waits until the cancel below is done
+    }
     StartCall();
+    if (cancel_now) {
+      context_.TryCancel();
+      RemoveHold();
+    }
   }
 
   void OnReadDone(bool ok) override {
@@ -237,39 +260,53 @@ class StreamCall : public grpc::ClientReadReactor<pb::GenerateStreamResponse> {
   Outcome outcome_;
 };
 
-// Prompts of `bytes` bytes: random words, or windows of --prompt_file.
+// Prompts of `bytes` bytes (or a length drawn log-uniformly from [min_bytes, max_bytes] when
+// max_bytes > 0): random words, or windows of --prompt_file.
 class PromptSource {
  public:
-  PromptSource(std::string file_text, int bytes) : text_(std::move(file_text)), bytes_(bytes) {}
+  PromptSource(std::string file_text, int bytes, int min_bytes, int max_bytes)
+      : text_(std::move(file_text)),
+        fixed_bytes_(bytes),
+        min_bytes_(min_bytes),
+        max_bytes_(max_bytes) {}
 
   std::string Next(std::mt19937_64& rng) const {
+    int bytes = fixed_bytes_;
+    if (max_bytes_ > 0) {
+      std::uniform_real_distribution<double> log_len(std::log(static_cast<double>(min_bytes_)),
+                                                     std::log(static_cast<double>(max_bytes_)));
+      bytes =
+          std::clamp(static_cast<int>(std::lround(std::exp(log_len(rng)))), min_bytes_, max_bytes_);
+    }
     if (!text_.empty()) {
-      if (bytes_ <= 0) return text_;
+      if (bytes <= 0) return text_;
       std::string out;
-      out.reserve(static_cast<size_t>(bytes_));
+      out.reserve(static_cast<size_t>(bytes));
       size_t pos = rng() % text_.size();
-      while (out.size() < static_cast<size_t>(bytes_)) {
-        const size_t take = std::min(text_.size() - pos, static_cast<size_t>(bytes_) - out.size());
+      while (out.size() < static_cast<size_t>(bytes)) {
+        const size_t take = std::min(text_.size() - pos, static_cast<size_t>(bytes) - out.size());
         out.append(text_, pos, take);
         pos = 0;
       }
       return out;
     }
     std::string out;
-    out.reserve(static_cast<size_t>(bytes_));
+    out.reserve(static_cast<size_t>(bytes));
     std::uniform_int_distribution<int> letter('a', 'z');
     std::uniform_int_distribution<int> word_len(2, 9);
-    while (out.size() < static_cast<size_t>(bytes_)) {
+    while (out.size() < static_cast<size_t>(bytes)) {
       if (!out.empty()) out.push_back(' ');
       for (int i = word_len(rng); i > 0; --i) out.push_back(static_cast<char>(letter(rng)));
     }
-    out.resize(static_cast<size_t>(std::max(bytes_, 0)));
+    out.resize(static_cast<size_t>(std::max(bytes, 0)));
     return out;
   }
 
  private:
   std::string text_;
-  int bytes_;
+  int fixed_bytes_;
+  int min_bytes_;
+  int max_bytes_;
 };
 
 // Nearest-rank percentile of sorted values; 0 when empty.
@@ -325,8 +362,9 @@ int main(int argc, char** argv) {
       "polysketch-loadgen --target host:port [--concurrency N | --rate R] [--num_requests N] "
       "[--duration D] [--prompt_bytes B] [--max_new_tokens T] [--json]\n"
       "Streams GenerateStream requests and reports throughput, latency percentiles (TTFT, "
-      "inter-token, end-to-end) and errors by gRPC code. Exit 0 when every request succeeded "
-      "(or was cancelled by --cancel_fraction), 1 when any failed, 2 on usage errors.");
+      "inter-token, end-to-end), errors and final statuses by gRPC code. Exit 0 when every "
+      "request succeeded (or was cancelled by --cancel_fraction, or ended with one of "
+      "--expected_codes), 1 when any other failed, 2 on usage errors.");
   absl::FlagsUsageConfig usage_config;
   usage_config.contains_help_flags = [](absl::string_view path) {
     return absl::StrContains(path, "polysketch_loadgen");
@@ -352,6 +390,26 @@ int main(int argc, char** argv) {
   if (cancel_fraction < 0 || cancel_fraction > 1) return Usage("--cancel_fraction: [0, 1]");
   if (max_new_tokens < 0) return Usage("--max_new_tokens must be >= 0");
   if (absl::GetFlag(FLAGS_prompt_bytes) < 0) return Usage("--prompt_bytes must be >= 0");
+  const int prompt_bytes_min = absl::GetFlag(FLAGS_prompt_bytes_min);
+  const int prompt_bytes_max = absl::GetFlag(FLAGS_prompt_bytes_max);
+  if (prompt_bytes_max < 0) return Usage("--prompt_bytes_max must be >= 0");
+  if (prompt_bytes_max > 0 && (prompt_bytes_min < 1 || prompt_bytes_min > prompt_bytes_max)) {
+    return Usage("--prompt_bytes_min must be in [1, --prompt_bytes_max]");
+  }
+  if (prompt_bytes_max == 0 && prompt_bytes_min != 0) {
+    return Usage("--prompt_bytes_min needs --prompt_bytes_max");
+  }
+  std::set<std::string> expected_codes;
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_expected_codes), ',', absl::SkipWhitespace())) {
+    const std::string code(absl::StripAsciiWhitespace(name));
+    bool known = false;
+    for (int i = 0; i < 17; ++i) {
+      known = known || code == CodeName(static_cast<grpc::StatusCode>(i));
+    }
+    if (!known) return Usage("--expected_codes: unknown gRPC code " + code);
+    expected_codes.insert(code);
+  }
 
   std::string file_text;
   if (!absl::GetFlag(FLAGS_prompt_file).empty()) {
@@ -362,7 +420,8 @@ int main(int argc, char** argv) {
     file_text = text.str();
     if (file_text.empty()) return Usage("--prompt_file is empty");
   }
-  const PromptSource prompts(std::move(file_text), absl::GetFlag(FLAGS_prompt_bytes));
+  const PromptSource prompts(std::move(file_text), absl::GetFlag(FLAGS_prompt_bytes),
+                             prompt_bytes_min, prompt_bytes_max);
   float temperature = 0;
   const std::string temperature_text = absl::GetFlag(FLAGS_temperature);
   if (!temperature_text.empty() && !absl::SimpleAtof(temperature_text, &temperature)) {
@@ -412,6 +471,7 @@ int main(int argc, char** argv) {
 
   std::mt19937_64 rng(absl::GetFlag(FLAGS_seed));
   std::bernoulli_distribution pick_cancel(cancel_fraction);
+  std::uniform_int_distribution<int> pick_cancel_after(0, std::max(0, max_new_tokens - 1));
   std::exponential_distribution<double> gap(rate > 0 ? rate : 1.0);
   Collector collector;
   const Clock::time_point begin = Clock::now();
@@ -438,7 +498,7 @@ int main(int argc, char** argv) {
     request.set_max_new_tokens(static_cast<uint32_t>(max_new_tokens));
     if (!temperature_text.empty()) request.mutable_sampling()->set_temperature(temperature);
     const bool cancel = pick_cancel(rng);
-    const uint32_t cancel_after = static_cast<uint32_t>(std::max(1, max_new_tokens / 2));
+    const uint32_t cancel_after = static_cast<uint32_t>(pick_cancel_after(rng));
     new StreamCall(stub.get(), *connection, std::move(request), cancel, cancel_after,
                    absl::GetFlag(FLAGS_timeout), &collector);
     ++sent;
@@ -449,10 +509,13 @@ int main(int argc, char** argv) {
   // --- Report ---
   std::vector<Outcome> outcomes = collector.Take();
   std::map<std::string, int> errors;
+  std::map<std::string, int> statuses;  // every final status, ours and the server's
+  int expected = 0;                     // errors with a code of --expected_codes
   std::vector<double> ttft, itl, tpot, e2e;
   int ok = 0, cancelled = 0;
   uint64_t tokens = 0, prompt_tokens = 0;
   for (Outcome& o : outcomes) {
+    ++statuses[CodeName(o.code)];
     tokens += o.tokens;
     prompt_tokens += o.prompt_tokens;
     if (o.got_first_token) ttft.push_back(o.ttft_seconds);
@@ -465,6 +528,7 @@ int main(int argc, char** argv) {
       ++cancelled;
     } else {
       ++errors[CodeName(o.code)];
+      if (expected_codes.contains(CodeName(o.code))) ++expected;
     }
   }
   int num_errors = 0;
@@ -478,34 +542,48 @@ int main(int argc, char** argv) {
 
   std::string mode = rate > 0 ? absl::StrFormat("rate %.3g/s (Poisson)", rate)
                               : absl::StrFormat("concurrency %d", concurrency);
+  const std::string prompt_text =
+      prompt_bytes_max > 0
+          ? absl::StrFormat("%d..%d (log-uniform)", prompt_bytes_min, prompt_bytes_max)
+          : absl::StrCat(absl::GetFlag(FLAGS_prompt_bytes));
   std::string text = absl::StrFormat(
-      "polysketch-loadgen: %s, %d requests, prompt %d bytes, max_new_tokens %d\n"
-      "requests: sent %d, ok %d, cancelled (by --cancel_fraction) %d, errors %d\n"
+      "polysketch-loadgen: %s, %d requests, prompt %s bytes, max_new_tokens %d\n"
+      "requests: sent %d, ok %d, cancelled (by --cancel_fraction) %d, errors %d (%d of "
+      "--expected_codes)\n"
       "wall %.3f s, %.2f requests/s, %.1f generated tokens/s, %d generated tokens, %d prompt "
       "tokens\n",
-      mode, sent, absl::GetFlag(FLAGS_prompt_bytes), max_new_tokens, sent, ok, cancelled,
-      num_errors, wall, rps, tps, tokens, prompt_tokens);
+      mode, sent, prompt_text, max_new_tokens, sent, ok, cancelled, num_errors, expected, wall, rps,
+      tps, tokens, prompt_tokens);
   text += DistributionText("time to first token", ttft_d);
   text += DistributionText("inter-token latency", itl_d);
   text += DistributionText("time per output token", tpot_d);
   text += DistributionText("end-to-end latency", e2e_d);
   for (const auto& [code, count] : errors) text += absl::StrFormat("error %s: %d\n", code, count);
+  text += "final statuses:";
+  for (const auto& [code, count] : statuses) text += absl::StrFormat(" %s %d", code, count);
+  text += "\n";
   std::cerr << text;
   if (absl::GetFlag(FLAGS_json)) {
-    std::string errors_json;
+    std::string errors_json, statuses_json;
     for (const auto& [code, count] : errors) {
       absl::StrAppend(&errors_json, errors_json.empty() ? "" : ", ", "\"", code, "\": ", count);
     }
+    for (const auto& [code, count] : statuses) {
+      absl::StrAppend(&statuses_json, statuses_json.empty() ? "" : ", ", "\"", code, "\": ", count);
+    }
     std::cout << absl::StrFormat(
         "{\"mode\": \"%s\", \"concurrency\": %d, \"rate\": %.6f, \"prompt_bytes\": %d, "
+        "\"prompt_bytes_min\": %d, \"prompt_bytes_max\": %d, "
         "\"max_new_tokens\": %d, \"sent\": %d, \"ok\": %d, \"cancelled\": %d, \"errors\": %d, "
-        "\"errors_by_code\": {%s}, \"wall_seconds\": %.6f, \"requests_per_second\": %.6f, "
+        "\"expected_errors\": %d, \"errors_by_code\": {%s}, \"statuses_by_code\": {%s}, "
+        "\"wall_seconds\": %.6f, \"requests_per_second\": %.6f, "
         "\"generated_tokens\": %d, \"prompt_tokens\": %d, \"generated_tokens_per_second\": %.6f, "
         "\"ttft_seconds\": %s, \"itl_seconds\": %s, \"tpot_seconds\": %s, \"e2e_seconds\": %s}\n",
         rate > 0 ? "rate" : "concurrency", concurrency, rate, absl::GetFlag(FLAGS_prompt_bytes),
-        max_new_tokens, sent, ok, cancelled, num_errors, errors_json, wall, rps, tokens,
-        prompt_tokens, tps, DistributionJson(ttft_d), DistributionJson(itl_d),
-        DistributionJson(tpot_d), DistributionJson(e2e_d));
+        prompt_bytes_min, prompt_bytes_max, max_new_tokens, sent, ok, cancelled, num_errors,
+        expected, errors_json, statuses_json, wall, rps, tokens, prompt_tokens, tps,
+        DistributionJson(ttft_d), DistributionJson(itl_d), DistributionJson(tpot_d),
+        DistributionJson(e2e_d));
   }
-  return num_errors > 0 ? 1 : 0;
+  return num_errors > expected ? 1 : 0;
 }

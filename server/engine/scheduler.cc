@@ -10,6 +10,24 @@
 
 namespace ps::engine {
 
+absl::string_view EnginePhaseName(EnginePhase phase) {
+  switch (phase) {
+    case EnginePhase::kIdle:
+      return "idle";
+    case EnginePhase::kEndingRequests:
+      return "ending cancelled and expired requests";
+    case EnginePhase::kAdmitting:
+      return "admitting queued requests";
+    case EnginePhase::kDecoding:
+      return "decoding";
+    case EnginePhase::kPrefilling:
+      return "prefilling";
+    case EnginePhase::kStepCallback:
+      return "step callback (metrics)";
+  }
+  return "unknown";
+}
+
 // A request holding a slot. Engine thread only.
 struct Scheduler::Active {
   EngineRequest request;
@@ -181,13 +199,17 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   return absl::OkStatus();
 }
 
-absl::Status Scheduler::Cancel(absl::string_view id) {
+absl::Status Scheduler::Cancel(absl::string_view id, FinishReason reason) {
+  if (reason != FinishReason::kCancelled && reason != FinishReason::kDeadline) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cancel reason: must be cancelled or deadline, got ", FinishReasonName(reason)));
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!ids_.contains(id)) {
       return absl::NotFoundError(absl::StrCat("no unfinished request has id \"", id, "\""));
     }
-    cancelled_.insert(std::string(id));
+    cancelled_.insert_or_assign(std::string(id), reason);
   }
   work_.notify_one();
   return absl::OkStatus();
@@ -213,6 +235,18 @@ absl::StatusOr<Scheduler::SessionState> Scheduler::ImportSession(absl::string_vi
   const int64_t tokens = state.length();
   PS_ASSIGN_OR_RETURN(std::string id, sessions_.Import(owner, std::move(state), absl::Now()));
   return SessionState{std::move(id), "", tokens};
+}
+
+int64_t Scheduler::CancelAll() {
+  int64_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const std::string& id : ids_) {
+      if (cancelled_.try_emplace(id, FinishReason::kCancelled).second) ++n;
+    }
+  }
+  work_.notify_one();
+  return n;
 }
 
 void Scheduler::StartDrain() {
@@ -242,6 +276,21 @@ SchedulerStats Scheduler::Stats() const {
   return stats;
 }
 
+EngineProgress Scheduler::Progress() const {
+  const uint64_t word = progress_.load(std::memory_order_relaxed);
+  EngineProgress progress;
+  progress.sequence = word >> 8;
+  progress.phase = static_cast<EnginePhase>(word & 0xff);
+  progress.running = running_.load(std::memory_order_relaxed);
+  return progress;
+}
+
+void Scheduler::EnterPhase(EnginePhase phase) {
+  ++progress_sequence_;
+  progress_.store((progress_sequence_ << 8) | static_cast<uint64_t>(phase),
+                  std::memory_order_relaxed);
+}
+
 void Scheduler::EngineLoop() {
   while (true) {
     {
@@ -254,6 +303,7 @@ void Scheduler::EngineLoop() {
       if (stopping_) break;
     }
     Step();
+    EnterPhase(EnginePhase::kIdle);
   }
   // Shutdown: everything still queued or running ends as cancelled.
   std::deque<Queued> queue;
@@ -342,17 +392,19 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
 bool Scheduler::Step() {
   const absl::Time start = absl::Now();
   // 1. Cancellations and deadlines, queued and running.
-  absl::flat_hash_set<std::string> cancelled;
+  EnterPhase(EnginePhase::kEndingRequests);
+  absl::flat_hash_map<std::string, FinishReason> cancelled;
   std::vector<Queued> ended;
   std::vector<FinishReason> ended_reasons;
   {
     std::lock_guard<std::mutex> lock(mu_);
     cancelled.swap(cancelled_);
     for (auto it = queue_.begin(); it != queue_.end();) {
-      const bool cancel = cancelled.contains(it->request.id);
-      if (cancel || it->request.deadline <= start) {
+      const auto cancel = cancelled.find(it->request.id);
+      if (cancel != cancelled.end() || it->request.deadline <= start) {
         queued_tokens_ -= it->tokens;
-        ended_reasons.push_back(cancel ? FinishReason::kCancelled : FinishReason::kDeadline);
+        ended_reasons.push_back(cancel != cancelled.end() ? cancel->second
+                                                          : FinishReason::kDeadline);
         ended.push_back(std::move(*it));
         it = queue_.erase(it);
       } else {
@@ -367,8 +419,8 @@ bool Scheduler::Step() {
   }
   int64_t ended_running = 0;
   for (auto& active : active_) {
-    if (cancelled.contains(active->request.id)) {
-      Finish(*active, FinishReason::kCancelled);
+    if (const auto cancel = cancelled.find(active->request.id); cancel != cancelled.end()) {
+      Finish(*active, cancel->second);
       ++ended_running;
     } else if (active->request.deadline <= start) {
       Finish(*active, FinishReason::kDeadline);
@@ -376,10 +428,13 @@ bool Scheduler::Step() {
     }
   }
   // 2. Admission.
+  EnterPhase(EnginePhase::kAdmitting);
   Admit(start);
   // 3 and 4. Decode, then prefill.
   StepStats stats;
+  EnterPhase(EnginePhase::kDecoding);
   RunDecode(stats);
+  EnterPhase(EnginePhase::kPrefilling);
   RunPrefill(stats);
   std::erase_if(active_, [](const std::unique_ptr<Active>& a) { return a->finished; });
   // Ending a request is work too: the step callback refreshes the gauges (slots used) with it.
@@ -388,6 +443,7 @@ bool Scheduler::Step() {
   if (worked) {
     steps_.fetch_add(1);
     stats.step_time = absl::Now() - start;
+    EnterPhase(EnginePhase::kStepCallback);
     if (options_.on_step) options_.on_step(stats);
   }
   return worked;

@@ -15,9 +15,9 @@
 //   * export / import of a session's state as bytes (state_codec.h).
 // Outputs leave through each request's RequestObserver, called on the engine thread.
 //
-// Thread-safety: Submit, Cancel, StartDrain, Stats and the destructor may be called from any
-// thread. Observers are called on the engine thread only and must not block (hand the event to
-// another thread) and must not call back into the scheduler.
+// Thread-safety: Submit, Cancel, CancelAll, StartDrain, Stats, Progress and the destructor may be
+// called from any thread. Observers are called on the engine thread only and must not block (hand
+// the event to another thread) and must not call back into the scheduler.
 #ifndef POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
 #define POLYSKETCH_SERVER_ENGINE_SCHEDULER_H_
 
@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include <absl/container/flat_hash_map.h>
 #include <absl/container/flat_hash_set.h>
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
@@ -147,6 +148,27 @@ struct SchedulerStats {
   SessionStats sessions;
 };
 
+// What the engine thread is doing, for the progress watchdog (engine/watchdog.h).
+enum class EnginePhase : uint8_t {
+  kIdle = 0,        // between steps: waiting for work or about to start a step
+  kEndingRequests,  // step 1: cancellations and deadlines (request observers run here)
+  kAdmitting,       // step 2: queued requests take free slots
+  kDecoding,        // step 3: the batched decode step and its sampling / observers
+  kPrefilling,      // step 4: a prefill chunk and its sampling / observers
+  kStepCallback,    // SchedulerOptions::on_step (metrics)
+};
+absl::string_view EnginePhaseName(EnginePhase phase);  // "idle", "decoding", ...
+
+// A snapshot of the engine thread's progress, read without locks.
+struct EngineProgress {
+  // Grows at every phase change of the engine thread (several times per step, and at least every
+  // 10 ms while it idles): a value that stays the same while `phase` is not kIdle means the
+  // engine thread is stuck in that phase.
+  uint64_t sequence = 0;
+  EnginePhase phase = EnginePhase::kIdle;
+  int64_t running = 0;  // requests holding a slot
+};
+
 class Scheduler {
  public:
   // Takes the model and starts the engine thread. InvalidArgument for options out of range.
@@ -166,9 +188,12 @@ class Scheduler {
   // draining or shutting down.
   [[nodiscard]] absl::Status Submit(EngineRequest request);
 
-  // Ends request `id` (queued or running) with kCancelled within one engine step. NotFound when
-  // no unfinished request has that id.
-  [[nodiscard]] absl::Status Cancel(absl::string_view id);
+  // Ends request `id` (queued or running) within one engine step, with `reason`: kCancelled, or
+  // kDeadline when the caller knows the request's deadline is why (a client whose own deadline
+  // fired cancels a little before the server's copy of it). NotFound when no unfinished request
+  // has that id; InvalidArgument for another reason.
+  [[nodiscard]] absl::Status Cancel(absl::string_view id,
+                                    FinishReason reason = FinishReason::kCancelled);
 
   // Sessions (see EngineRequest::session_id). Errors as SessionStore documents.
   [[nodiscard]] absl::StatusOr<std::string> OpenSession(absl::string_view owner);
@@ -193,10 +218,16 @@ class Scheduler {
 
   // Refuses new requests from now on (Unavailable); queued and running ones continue.
   void StartDrain();
+  // Ends every queued and running request with kCancelled within one engine step (the end of a
+  // drain), each through its observer as usual. Returns how many it asked to end.
+  int64_t CancelAll();
   // True when nothing is queued or running.
   bool Idle() const;
 
   SchedulerStats Stats() const;
+  // Lock-free (two atomic loads), so a monitor thread can read it even when the engine thread is
+  // stuck holding the scheduler's mutex.
+  EngineProgress Progress() const;
   const ModelConfig& config() const { return model_->config(); }
   const Model& model() const { return *model_; }
 
@@ -222,6 +253,8 @@ class Scheduler {
   absl::Status PrepareState(Active& active);
   // After a prefill pass: stores a snapshot if the prefill just reached a planned position.
   void MaybeSnapshot(Active& active);
+  // Publishes the engine thread's phase for Progress(): one relaxed atomic store, no lock.
+  void EnterPhase(EnginePhase phase);
 
   std::unique_ptr<Model> model_;
   const SchedulerOptions options_;
@@ -236,8 +269,9 @@ class Scheduler {
     int64_t tokens = 0;                    // to prefill: pending tokens of the session + prompt
   };
   std::deque<Queued> queue_;
-  absl::flat_hash_set<std::string> ids_;        // unfinished requests
-  absl::flat_hash_set<std::string> cancelled_;  // ids to cancel at the next step
+  absl::flat_hash_set<std::string> ids_;  // unfinished requests
+  // Ids to end at the next step, with the reason to end them with.
+  absl::flat_hash_map<std::string, FinishReason> cancelled_;
   int64_t queued_tokens_ = 0;
   bool draining_ = false;
   bool stopping_ = false;
@@ -246,6 +280,10 @@ class Scheduler {
   // slot is taken or returned, before the observer hears of it.
   std::atomic<int64_t> running_{0};
   std::atomic<int64_t> steps_{0};
+  // (sequence << 8) | phase: one word, so a reader sees a matching pair. Written by the engine
+  // thread only (EnterPhase).
+  std::atomic<uint64_t> progress_{0};
+  uint64_t progress_sequence_ = 0;  // engine thread only
 
   ModelIdentity identity_;
   SessionStore sessions_;  // thread-safe

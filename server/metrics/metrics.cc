@@ -283,6 +283,18 @@ class PrometheusMetrics final : public ServerMetrics {
     sessions_opened_ = &session_events.Add({{"event", "opened"}});
     sessions_closed_ = &session_events.Add({{"event", "closed"}});
     sessions_expired_ = &session_events.Add({{"event", "expired"}});
+    stalled_ = &BuildGauge()
+                    .Name("polysketch_engine_stalled")
+                    .Help(
+                        "1 while the engine thread has made no progress for --watchdog_timeout "
+                        "in a step (liveness is NOT_SERVING then), else 0.")
+                    .Register(r)
+                    .Add({});
+    stalls_ = &BuildCounter()
+                   .Name("polysketch_engine_stalls_total")
+                   .Help("Number of engine stalls the progress watchdog has seen.")
+                   .Register(r)
+                   .Add({});
     Gauge& resident = BuildGauge()
                           .Name("polysketch_process_resident_memory_bytes")
                           .Help(
@@ -386,6 +398,11 @@ class PrometheusMetrics final : public ServerMetrics {
   void AuthFailure() override { auth_failures_->Increment(); }
   void StreamBufferOverflow() override { stream_overflows_->Increment(); }
 
+  void EngineStalled(bool stalled) override {
+    stalled_->Set(stalled ? 1.0 : 0.0);
+    if (stalled) stalls_->Increment();
+  }
+
   void EngineStep(const engine::StepStats& step) override {
     step_->Observe(Seconds(step.step_time));
     if (step.decode_batch > 0) batch_->Observe(static_cast<double>(step.decode_batch));
@@ -468,6 +485,8 @@ class PrometheusMetrics final : public ServerMetrics {
   std::mutex totals_mu_;
   engine::PrefixCacheStats last_cache_;
   engine::SessionStats last_sessions_;
+  Gauge* stalled_ = nullptr;
+  Counter* stalls_ = nullptr;
   std::shared_ptr<ScrapeCollector> collector_;
   int port_ = 0;
   // Last: stopped (its threads joined) before the metrics it serves go away.

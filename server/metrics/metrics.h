@@ -23,6 +23,9 @@
 //   polysketch_stream_buffer_overflow_total                   counter (streams ended because the
 //                                                             client did not read: output past
 //                                                             --max_stream_buffer_bytes)
+//   polysketch_engine_stalled                                 gauge: 1 while the progress
+//                                                             watchdog sees the engine stuck
+//   polysketch_engine_stalls_total                            counter: stalls seen
 // Thread-safe: every method may be called from any thread.
 #ifndef POLYSKETCH_SERVER_METRICS_METRICS_H_
 #define POLYSKETCH_SERVER_METRICS_METRICS_H_
@@ -87,6 +90,9 @@ class ServerMetrics {
   // A stream ended with RESOURCE_EXHAUSTED because its client stopped reading and its unsent
   // output passed the per-stream bound.
   virtual void StreamBufferOverflow() {}
+  // The progress watchdog's verdict changed (engine/watchdog.h): sets the stalled gauge, and
+  // counts a stall when it begins.
+  virtual void EngineStalled(bool /*stalled*/) {}
 };
 
 }  // namespace ps::metrics

@@ -165,6 +165,30 @@ grep -q "time to first token .*p50.*p90.*p99" "${tmp}/load.txt" || fail "no TTFT
 grep -q "inter-token latency .*p50.*p90.*p99" "${tmp}/load.txt" || fail "no ITL percentiles"
 echo "ok: loadgen 16 requests at concurrency 4"
 
+# The soak mode: a duration, mixed prompt lengths, cancels at random points, deadlines that some
+# requests miss, and codes that do not fail the run; every final status is counted by code.
+"${loadgen}" --target "${target}" --concurrency 6 --duration 3s --prompt_bytes_min 8 \
+  --prompt_bytes_max 4096 --max_new_tokens 64 --cancel_fraction 0.5 --timeout 0.5s \
+  --expected_codes DEADLINE_EXCEEDED,RESOURCE_EXHAUSTED --json > "${tmp}/soak.json" \
+  2> "${tmp}/soak.txt" || fail "loadgen (soak mode) failed: $(cat "${tmp}/soak.txt")"
+"${python}" - "${tmp}/soak.json" << 'PY' || fail "loadgen soak report: $(cat "${tmp}/soak.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["prompt_bytes_min"] == 8 and r["prompt_bytes_max"] == 4096, r
+statuses = r["statuses_by_code"]
+assert sum(statuses.values()) == r["sent"] > 0, r  # every request has a final status
+assert r["cancelled"] > 0 and statuses.get("CANCELLED", 0) >= r["cancelled"], r
+assert r["errors"] == r["expected_errors"], r
+assert set(r["errors_by_code"]) <= {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, r
+PY
+grep -q "^final statuses: .*CANCELLED" "${tmp}/soak.txt" || fail "no final statuses line"
+set +e
+"${loadgen}" --target "${target}" --expected_codes NOT_A_CODE > /dev/null 2>&1
+rc=$?
+set -e
+[[ ${rc} -eq 2 ]] || fail "loadgen --expected_codes NOT_A_CODE exited ${rc}, want 2"
+echo "ok: loadgen soak mode"
+
 # --- Python client -------------------------------------------------------------------------------
 [[ -f "${build}/python/polysketch_client/_proto/generation_pb2_grpc.py" ]] \
   || fail "no Python stubs in ${build}/python (build the polysketch_client_py target)"

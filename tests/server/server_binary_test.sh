@@ -20,7 +20,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 help="$("${server}" --help 2>&1 || true)"
 for flag in model host port metrics_host metrics_port slots max_batch max_waiting \
   max_waiting_tokens max_prompt_tokens max_new_tokens_limit max_context prefill_chunk \
-  prefill_tokens_per_step threads drain_timeout; do
+  prefill_tokens_per_step threads drain_timeout watchdog_timeout; do
   grep -q -- "--${flag} " <<< "${help}" || fail "--help does not list --${flag}"
 done
 
@@ -31,6 +31,15 @@ rc=$?
 set -e
 [[ ${rc} -eq 1 ]] || fail "bad --model exited ${rc}, want 1"
 grep -q "${tmp}/no-such-model" <<< "${out}" || fail "bad --model message does not name it: ${out}"
+
+# A negative --watchdog_timeout is refused (0 disables the watchdog).
+set +e
+out="$("${server}" --model "${root}/tests/golden/polysketch-random" --port 0 --metrics_port 0 \
+  --watchdog_timeout=-1s 2>&1)"
+rc=$?
+set -e
+[[ ${rc} -eq 1 ]] || fail "--watchdog_timeout=-1s exited ${rc}, want 1"
+grep -q -- "--watchdog_timeout" <<< "${out}" || fail "bad --watchdog_timeout message: ${out}"
 
 # Start on free ports; the ready line gives them.
 log="${tmp}/server.log"

@@ -156,6 +156,28 @@ TEST_F(SchedulerTest, CancelAndDeadlineEndQueuedRequests) {
   ASSERT_TRUE(running->Wait());
 }
 
+TEST_F(SchedulerTest, CancelCanSayTheDeadlineIsWhy) {
+  // The service cancels with kDeadline when the client's own deadline fired (it arrives a little
+  // before the server's copy of the deadline); running and queued requests end with it.
+  auto scheduler = Make("polysketch-random", 1);
+  auto running = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("running", {1, 2}, 1000000, running)), IsOk());
+  auto queued = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("queued", {3}, 5, queued)), IsOk());
+  while (running->tokens().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_THAT(scheduler->Cancel("running", FinishReason::kLength),
+              StatusIs(absl::StatusCode::kInvalidArgument, "cancel reason"));
+  ASSERT_THAT(scheduler->Cancel("queued", FinishReason::kDeadline), IsOk());
+  ASSERT_THAT(scheduler->Cancel("running", FinishReason::kDeadline), IsOk());
+  ASSERT_TRUE(running->Wait());
+  ASSERT_TRUE(queued->Wait());
+  EXPECT_EQ(running->result().reason, FinishReason::kDeadline);
+  EXPECT_EQ(queued->result().reason, FinishReason::kDeadline);
+  EXPECT_GT(running->result().generated_tokens, 0);
+  WaitIdle(*scheduler);
+  EXPECT_EQ(scheduler->Stats().slots_used, 0);
+}
+
 TEST_F(SchedulerTest, DeadlineEndsARunningRequest) {
   auto scheduler = Make("polysketch-random", 1);
   auto recorder = std::make_shared<Recorder>();
@@ -279,6 +301,31 @@ TEST_F(SchedulerTest, DrainRefusesNewRequestsAndFinishesRunningOnes) {
   EXPECT_EQ(running->result().reason, FinishReason::kLength);
   EXPECT_EQ(running->result().generated_tokens, 20);
   WaitIdle(*scheduler);
+}
+
+TEST_F(SchedulerTest, CancelAllEndsQueuedAndRunningRequestsThroughTheirObservers) {
+  // The end of a drain: everything left ends as cancelled, each observer hears it once, and the
+  // scheduler keeps working afterwards (it is not shutting down).
+  auto scheduler = Make("polysketch-random", 1);
+  auto running = std::make_shared<Recorder>();
+  auto queued = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("running", {1}, 1000000, running)), IsOk());
+  ASSERT_THAT(scheduler->Submit(Request("queued", {2}, 5, queued)), IsOk());
+  while (running->tokens().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_EQ(scheduler->CancelAll(), 2);
+  ASSERT_TRUE(running->Wait());
+  ASSERT_TRUE(queued->Wait());
+  EXPECT_EQ(running->result().reason, FinishReason::kCancelled);
+  EXPECT_EQ(queued->result().reason, FinishReason::kCancelled);
+  WaitIdle(*scheduler);
+  EXPECT_EQ(scheduler->Stats().slots_used, 0);
+  EXPECT_EQ(running->finishes(), 1);
+  EXPECT_EQ(queued->finishes(), 1);
+  EXPECT_EQ(scheduler->CancelAll(), 0);
+  auto next = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("next", {3}, 3, next)), IsOk());
+  ASSERT_TRUE(next->Wait());
+  EXPECT_EQ(next->result().reason, FinishReason::kLength);
 }
 
 TEST_F(SchedulerTest, DestructionCancelsEverythingOutstanding) {

@@ -148,6 +148,8 @@ constexpr Declared kDeclared[] = {
     {"polysketch_process_resident_memory_bytes", "gauge"},
     {"polysketch_auth_failures_total", "counter"},
     {"polysketch_stream_buffer_overflow_total", "counter"},
+    {"polysketch_engine_stalled", "gauge"},
+    {"polysketch_engine_stalls_total", "counter"},
 };
 
 TEST(FailureReasonNameTest, NamesEveryReason) {
@@ -340,6 +342,21 @@ TEST_F(MetricsTest, PrefixCacheAndSessionTotalsAdvanceByWhatIsNew) {
   EXPECT_EQ(Sample(text, "polysketch_sessions_total{event=\"opened\"}"), 5.0);
   EXPECT_EQ(Sample(text, "polysketch_sessions_total{event=\"closed\"}"), 2.0);
   EXPECT_EQ(Sample(text, "polysketch_sessions_total{event=\"expired\"}"), 3.0);
+}
+
+TEST_F(MetricsTest, EngineStallsSetTheGaugeAndCountEachStall) {
+  EXPECT_EQ(Sample(Scrape(), "polysketch_engine_stalled"), 0.0);
+  EXPECT_EQ(Sample(Scrape(), "polysketch_engine_stalls_total"), 0.0);
+  metrics_->EngineStalled(true);
+  std::string text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalled"), 1.0);
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalls_total"), 1.0);
+  metrics_->EngineStalled(false);
+  metrics_->EngineStalled(true);
+  metrics_->EngineStalled(false);
+  text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalled"), 0.0);
+  EXPECT_EQ(Sample(text, "polysketch_engine_stalls_total"), 2.0);
 }
 
 TEST_F(MetricsTest, ResidentMemoryIsReadAtScrapeTime) {

@@ -1,12 +1,15 @@
 // The generation service over loopback, in process: a grpc::Server on 127.0.0.1:0 over a real
 // Scheduler on a golden fixture model. Results equal the golden greedy continuation; streams,
 // concurrency, cancellation (RPC and vanished client), deadlines, queue limits, validation over
-// the wire, Tokenize / GetModelInfo and the health service's readiness.
+// the wire, Tokenize / GetModelInfo, the health service's readiness, and liveness under the
+// engine progress watchdog.
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -21,8 +24,10 @@
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/cpu_backend.h"
+#include "server/engine/watchdog.h"
 #include "server/engine/weights.h"
 #include "server/service/generation_service.h"
+#include "server/service/watchdog_listener.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
@@ -58,6 +63,11 @@ class ServerTest : public ::testing::Test {
     options.sessions.budget_bytes = int64_t{64} << 20;
     options.prefix_cache.budget_bytes = int64_t{64} << 20;
     options.model_fingerprint = engine::ModelFingerprint(weights);
+    // The step callback waits while a test holds the engine (the watchdog test's stuck step).
+    options.on_step = [this](const engine::StepStats&) {
+      std::unique_lock<std::mutex> lock(hold_mu_);
+      hold_cv_.wait(lock, [this] { return !hold_engine_; });
+    };
     PS_ASSERT_OK_AND_ASSIGN(scheduler_, engine::Scheduler::Create(std::move(model), options));
     ServiceOptions service_options;
     service_options.model_name = kFixture;
@@ -80,7 +90,16 @@ class ServerTest : public ::testing::Test {
     stub_ = v1::GenerationService::NewStub(channel_);
   }
 
+  void HoldEngine(bool hold) {
+    {
+      std::lock_guard<std::mutex> lock(hold_mu_);
+      hold_engine_ = hold;
+    }
+    hold_cv_.notify_all();
+  }
+
   void Stop() {
+    HoldEngine(false);
     if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     server_.reset();
     scheduler_.reset();
@@ -163,6 +182,9 @@ class ServerTest : public ::testing::Test {
     return result;
   }
 
+  std::mutex hold_mu_;
+  std::condition_variable hold_cv_;
+  bool hold_engine_ = false;
   test::GoldenFixture golden_;
   std::unique_ptr<kernels::cpu::CpuBackend> backend_;
   std::unique_ptr<engine::Scheduler> scheduler_;
@@ -327,7 +349,11 @@ TEST_F(ServerTest, InvalidFieldsAreInvalidArgumentOverTheWire) {
       {"prompt", [](v1::GenerateRequest& r) { r.set_text(std::string(5000, 'a')); }},
       {"prompt.text", [](v1::GenerateRequest& r) { r.set_text("ok \xff\xfe"); }},
       {"stop.stop_strings[0]",
-       [](v1::GenerateRequest& r) { r.mutable_stop()->add_stop_strings("\xc3"); }},
+       // One byte, built without a string literal: GCC 12's -Wrestrict misfires on the inlined
+       // copy of a one-character literal here.
+       [](v1::GenerateRequest& r) {
+         *r.mutable_stop()->add_stop_strings() = std::string(1, '\xc3');
+       }},
       {"request_id", [](v1::GenerateRequest& r) { r.set_request_id("bad\x01id"); }},
       {"sampling.temperature",
        [](v1::GenerateRequest& r) { r.mutable_sampling()->set_temperature(-1); }},
@@ -425,6 +451,64 @@ TEST_F(ServerTest, HealthAndReadinessTransitions) {
   v1::GenerateResponse response;
   EXPECT_EQ(stub_->Generate(&context, GreedyRequest(4), &response).error_code(),
             grpc::StatusCode::UNAVAILABLE);
+}
+
+TEST_F(ServerTest, AStuckEngineTurnsLivenessNotServingUntilItMoves) {
+  // The server binary's wiring (main.cc): the watchdog's listener drives liveness. The watchdog
+  // is checked with the test's clock; the engine is held in its step callback.
+  engine::WatchdogOptions options;
+  options.timeout = absl::Seconds(30);
+  PS_ASSERT_OK_AND_ASSIGN(
+      std::unique_ptr<engine::EngineWatchdog> watchdog,
+      engine::EngineWatchdog::Create(scheduler_.get(), options,
+                                     MakeWatchdogListener({server_->GetHealthCheckService()},
+                                                          /*metrics=*/nullptr)));
+  HoldEngine(true);
+  grpc::ClientContext context;
+  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
+  for (int i = 0; i < 3000 && scheduler_->Progress().phase != engine::EnginePhase::kStepCallback;
+       ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_EQ(scheduler_->Progress().phase, engine::EnginePhase::kStepCallback);
+  const absl::Time t0 = absl::Now();
+  EXPECT_FALSE(watchdog->Check(t0));
+  EXPECT_EQ(HealthStatus(""), 1);
+  EXPECT_TRUE(watchdog->Check(t0 + absl::Seconds(30)));
+  EXPECT_EQ(HealthStatus(""), 2);                     // liveness NOT_SERVING
+  EXPECT_EQ(HealthStatus(kReadinessServiceName), 1);  // readiness is the drain's
+  const uint64_t stuck_at = scheduler_->Progress().sequence;
+  HoldEngine(false);
+  for (int i = 0; i < 3000 && scheduler_->Progress().sequence == stuck_at; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_FALSE(watchdog->Check(t0 + absl::Seconds(31)));
+  EXPECT_EQ(HealthStatus(""), 1);
+  context.TryCancel();
+  v1::GenerateStreamResponse message;
+  while (stream->Read(&message)) {
+  }
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(WaitSlotsFree());
+}
+
+TEST(WatchdogLogLineTest, SaysHowLongWhereAndWhat) {
+  engine::WatchdogEvent event;
+  event.stalled = true;
+  event.without_progress = absl::Milliseconds(30250);
+  event.phase = engine::EnginePhase::kDecoding;
+  event.running = 4;
+  EXPECT_EQ(WatchdogLogLine(event),
+            "watchdog: engine stalled: no progress for 30.2s while decoding, 4 requests running; "
+            "liveness NOT_SERVING");
+  event.running = 1;
+  EXPECT_EQ(WatchdogLogLine(event),
+            "watchdog: engine stalled: no progress for 30.2s while decoding, 1 request running; "
+            "liveness NOT_SERVING");
+  event.stalled = false;
+  event.without_progress = absl::Seconds(42);
+  EXPECT_EQ(WatchdogLogLine(event),
+            "watchdog: engine progressing again after 42s without progress; liveness SERVING");
 }
 
 TEST(ServerLoadingTest, UnavailableUntilSchedulerIsSet) {

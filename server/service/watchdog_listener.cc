@@ -1,0 +1,35 @@
+// The watchdog's effects on the server: liveness, metrics, log (watchdog_listener.h).
+#include "server/service/watchdog_listener.h"
+
+#include <cstdio>
+
+#include <absl/strings/str_cat.h>
+#include <absl/time/time.h>
+
+namespace ps::service {
+
+std::string WatchdogLogLine(const engine::WatchdogEvent& event) {
+  // Rounded to 0.1 s: the watchdog measures to one poll interval, no finer.
+  const std::string seconds =
+      absl::FormatDuration(absl::Trunc(event.without_progress, absl::Milliseconds(100)));
+  if (event.stalled) {
+    return absl::StrCat("watchdog: engine stalled: no progress for ", seconds, " while ",
+                        engine::EnginePhaseName(event.phase), ", ", event.running,
+                        event.running == 1 ? " request" : " requests",
+                        " running; liveness NOT_SERVING");
+  }
+  return absl::StrCat("watchdog: engine progressing again after ", seconds,
+                      " without progress; liveness SERVING");
+}
+
+engine::EngineWatchdog::Listener MakeWatchdogListener(
+    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics) {
+  return [health = std::move(health), metrics](const engine::WatchdogEvent& event) {
+    for (grpc::HealthCheckServiceInterface* h : health) h->SetServingStatus("", !event.stalled);
+    if (metrics != nullptr) metrics->EngineStalled(event.stalled);
+    std::fprintf(stderr, "polysketch-server: %s\n", WatchdogLogLine(event).c_str());
+    std::fflush(stderr);
+  };
+}
+
+}  // namespace ps::service

@@ -1,0 +1,35 @@
+// What the server does when the engine progress watchdog (engine/watchdog.h) changes its verdict:
+// liveness (the "" service of grpc.health.v1) turns NOT_SERVING on a stall and SERVING again on
+// recovery, so an orchestrator's liveness probe restarts a server whose engine is stuck; the
+// polysketch_engine_stalled gauge and stall counter follow; one line on stderr says how long the
+// engine made no progress, in which phase, with how many requests running.
+//
+// Thread-safety: the returned listener may be called from any one thread at a time (the
+// watchdog's).
+#ifndef POLYSKETCH_SERVER_SERVICE_WATCHDOG_LISTENER_H_
+#define POLYSKETCH_SERVER_SERVICE_WATCHDOG_LISTENER_H_
+
+#include <string>
+#include <vector>
+
+#include <grpcpp/health_check_service_interface.h>
+
+#include "server/engine/watchdog.h"
+#include "server/metrics/metrics.h"
+
+namespace ps::service {
+
+// The log line for `event`, without a trailing newline, e.g. "watchdog: engine stalled: no
+// progress for 30.2s while decoding, 4 requests running; liveness NOT_SERVING".
+std::string WatchdogLogLine(const engine::WatchdogEvent& event);
+
+// A listener that sets liveness on every health service of `health` (the main server's and the
+// probe-only server's) and the stall metrics on `metrics` (may be null; none is owned, all must
+// outlive the watchdog) and writes WatchdogLogLine to stderr with the prefix
+// "polysketch-server: ".
+engine::EngineWatchdog::Listener MakeWatchdogListener(
+    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics);
+
+}  // namespace ps::service
+
+#endif  // POLYSKETCH_SERVER_SERVICE_WATCHDOG_LISTENER_H_

@@ -463,7 +463,9 @@ void CudaBackend::KvDecode(const KvAttentionShape& shape, absl::Span<const int64
     max_rows = std::max(max_rows, rows[B + i]);
   }
   const int64_t H = shape.heads, h = shape.head_dim;
-  const int64_t want = (2 * int64_t{num_sms_} + B * H - 1) / (B * H);
+  // Flash-decoding: split long caches so that batch 1 still fills the GPU (4 blocks per SM),
+  // each split at least 128 keys.
+  const int64_t want = (4 * int64_t{num_sms_} + B * H - 1) / (B * H);
   const int64_t splits = std::clamp<int64_t>(want, 1, (max_rows + 127) / 128);
   const int64_t per_split = (max_rows + splits - 1) / splits;
   std::vector<KvSlotPtrs> ptrs(static_cast<size_t>(B));

@@ -4,14 +4,13 @@
 //   Decode (flash-decoding): KvDecodeAppendKernel (block per sequence) drops the rows the new
 //   position no longer sees (list caches; the kept rows move down in order, staged through shared
 //   memory group by group because the moves overlap) and appends the new row; KvDecodeSplitKernel,
-//   grid (splits, H, B), 4 warps, each warp an online softmax over its share of a key range (lanes
-//   over h), merged per block; KvDecodeMergeKernel merges the splits. Bytes: the kept keys and
-//   values once per step, 2 rows H h 4 per sequence.
-//   Prefill (flash-attention style, no n x n matrix): KvPrefillKernel, grid (query tiles of 16,
-//   H), 8 warps of two queries each; keys staged 32 at a time in shared memory (cached rows, then
-//   the chunk's own keys up to the tile's last query), scores per lane, online softmax per query.
-//   Then the cache update (ring: the last min(n, w) rows; list: drop, then append the new tokens
-//   the last position sees).
+//   grid (splits, H, B), 8 warps, each warp an online softmax over its share of a key range (lanes
+//   over h, four keys in flight), merged per block; KvDecodeMergeKernel merges the splits. Bytes:
+//   the kept keys and values once per step, 2 rows H h 4 per sequence. Prefill (flash-attention
+//   style, no n x n matrix): KvPrefillKernel, grid (query tiles of 16, H), 8 warps of two queries
+//   each; keys staged 32 at a time in shared memory (cached rows, then the chunk's own keys up to
+//   the tile's last query), scores per lane, online softmax per query. Then the cache update (ring:
+//   the last min(n, w) rows; list: drop, then append the new tokens the last position sees).
 // Row of a kept position after a drop: the closed form CountVisible (kernels.h), so no scan.
 // Numerics: fp32 dots and sums, expf; polynomial weights (x*x)*(x*x), normaliser 1 + sum w.
 #include <cmath>
@@ -25,7 +24,8 @@ namespace ps::kernels::cuda {
 namespace {
 
 constexpr int kMaxChunks = kMaxKvHeadDim / 32;  // accumulators per lane
-constexpr int kSplitWarps = 4;
+constexpr int kSplitWarps = 8;
+constexpr int kKeysPerStep = 4;  // keys a warp scores at once in decode
 constexpr int kPrefillWarps = 8;
 constexpr int64_t kQueryTile = 2 * kPrefillWarps;  // two queries per warp
 constexpr int64_t kKeyTile = 32;                   // one key per lane
@@ -143,8 +143,9 @@ __global__ void __launch_bounds__(kAppendThreads)
   }
 }
 
-// One (split, head, sequence): online softmax (or polynomial sums) over rows [r0, r1).
-// Record: [m, l, acc[h]].
+// One (split, head, sequence): online softmax (or polynomial sums) over rows [r0, r1). Each warp
+// takes kKeysPerStep consecutive keys per step (lanes over h): the loads and the shuffle
+// reductions of those keys are independent, which hides their latency. Record: [m, l, acc[h]].
 __global__ void __launch_bounds__(32 * kSplitWarps)
     KvDecodeSplitKernel(KvDims dims, const KvSlotPtrs* __restrict__ slots,
                         const int64_t* __restrict__ new_rows, const float* __restrict__ q,
@@ -167,35 +168,56 @@ __global__ void __launch_bounds__(32 * kSplitWarps)
     acc[c] = 0.0f;
   }
   float m = -INFINITY, l = 0.0f;
-  for (int64_t j = r0 + warp; j < r1; j += kSplitWarps) {
-    const float* key = slot.keys + j * stride + head * h;
-    const float* value = slot.values + j * stride + head * h;
-    float dot = 0.0f;
+  for (int64_t j0 = r0 + warp * kKeysPerStep; j0 < r1; j0 += kSplitWarps * kKeysPerStep) {
+    float dot[kKeysPerStep];
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
-      const int64_t d = lane + 32 * c;
-      if (d < h) dot += qr[c] * key[d];
+    for (int u = 0; u < kKeysPerStep; ++u) {
+      dot[u] = 0.0f;
+      if (j0 + u < r1) {
+        const float* key = slot.keys + (j0 + u) * stride + head * h;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+          const int64_t d = lane + 32 * c;
+          if (d < h) dot[u] += qr[c] * key[d];
+        }
+      }
     }
-    dot = WarpSum(dot);
-    float p;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+#pragma unroll
+      for (int u = 0; u < kKeysPerStep; ++u) dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], offset);
+    }
+    float p[kKeysPerStep];
     if (dims.polynomial) {
-      p = Pow4(dot);
+#pragma unroll
+      for (int u = 0; u < kKeysPerStep; ++u) p[u] = j0 + u < r1 ? Pow4(dot[u]) : 0.0f;
     } else {
-      const float s = dot * scale;
-      if (s > m) {
-        const float corr = expf(m - s);  // 0 while m is -inf
+      float step_max = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < kKeysPerStep; ++u) {
+        if (j0 + u < r1) step_max = fmaxf(step_max, dot[u] * scale);
+      }
+      if (step_max > m) {
+        const float corr = expf(m - step_max);  // 0 while m is -inf
         l *= corr;
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) acc[c] *= corr;
-        m = s;
+        m = step_max;
       }
-      p = expf(s - m);
-    }
-    l += p;
 #pragma unroll
-    for (int c = 0; c < kMaxChunks; ++c) {
-      const int64_t d = lane + 32 * c;
-      if (d < h) acc[c] += p * value[d];
+      for (int u = 0; u < kKeysPerStep; ++u) p[u] = j0 + u < r1 ? expf(dot[u] * scale - m) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kKeysPerStep; ++u) {
+      l += p[u];
+      if (j0 + u < r1) {
+        const float* value = slot.values + (j0 + u) * stride + head * h;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+          const int64_t d = lane + 32 * c;
+          if (d < h) acc[c] += p[u] * value[d];
+        }
+      }
     }
   }
   // Merge the warps.

@@ -5,11 +5,15 @@
 //     applies unchanged: logits within 1e-4 of the float64 reference relative to max(1, |want|),
 //     greedy tokens identical.
 //   * GemmPrecision::kBf16 (the serving default): GEMM operands rounded to bf16 (8 significant
-//     bits, relative 2^-9 per operand), fp32 accumulation; the error compounds over layers, so
-//     logits within kBf16RelTol = 3e-2 relative to max(1, |want|); greedy tokens identical at every
-//     step whose golden top-1 minus top-2 margin is at least kBf16MinMargin = 0.1 (a smaller
-//     margin is below the bf16 logit error, and the golden files record margins down to 1e-3).
-//     Decode is teacher-forced with the golden tokens, so one close call cannot cascade.
+//     bits, relative 2^-9 per operand), fp32 accumulation. The error compounds over layers and is
+//     amplified by the degree-4 attention weights: with exact bf16 rounding (the SIMT emulator,
+//     kernels/cuda/emulation) the golden fixtures show max relative logit errors from 0.043
+//     (softmax) to 0.16 (learned sketch + local_exact). So logits within kBf16RelTol = 0.25
+//     relative to max(1, |want|) (about 1.5x the worst measured), and greedy tokens identical at
+//     every step whose golden top-1 minus top-2 margin is at least kBf16MinMargin = 0.1 (none of
+//     those differed under emulation; the golden files record margins down to 1e-3, below the
+//     bf16 error). Decode is teacher-forced with the golden tokens, so one close call cannot
+//     cascade. The fp32 run is the tight functional check; this one bounds what bf16 costs.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,7 +39,7 @@ using kernels::cuda::GemmPrecision;
 using ::ps::test::IsOk;
 
 constexpr double kFp32RelTol = 1e-4;
-constexpr double kBf16RelTol = 3e-2;
+constexpr double kBf16RelTol = 0.25;
 constexpr double kBf16MinMargin = 0.1;
 
 double MaxRelError(const float* got, const float* want, size_t n) {

@@ -218,9 +218,9 @@ TEST_F(SketchEmulationTest, PrefillMatchesCpu) {
       cpu_.SketchPrefill(sh, start, n, cpu_state.Slot(), in.psi_q.data(), in.psi_k.data(),
                          in.v.data(), l ? in.ql.data() : nullptr, l ? in.kl.data() : nullptr,
                          want.data());
-      LaunchSketchPrefill(DimsOf(sh), start, n, emu_state.Ptrs(), in.psi_q.data(),
-                          in.psi_k.data(), in.v.data(), l ? in.ql.data() : nullptr,
-                          l ? in.kl.data() : nullptr, got.data(), nullptr);
+      LaunchSketchPrefill(DimsOf(sh), start, n, emu_state.Ptrs(), in.psi_q.data(), in.psi_k.data(),
+                          in.v.data(), l ? in.ql.data() : nullptr, l ? in.kl.data() : nullptr,
+                          got.data(), nullptr);
       ExpectNear(got, want, "prefill output");
       ExpectNear(emu_state.s, cpu_state.s, "S");
       ExpectNear(emu_state.cur, cpu_state.cur, "S_cur");
@@ -265,8 +265,7 @@ std::vector<KvAttentionShape> KvShapes() {
 }
 
 KvDims DimsOf(const KvAttentionShape& s) {
-  return {s.heads, s.head_dim, s.weighting == KvWeighting::kPolynomial, s.mask, s.ring,
-          s.capacity};
+  return {s.heads, s.head_dim, s.weighting == KvWeighting::kPolynomial, s.mask, s.ring, s.capacity};
 }
 
 class KvEmulationTest : public KernelsEmulationTest {
@@ -293,8 +292,8 @@ class KvEmulationTest : public KernelsEmulationTest {
     EXPECT_TRUE(
         std::equal(want.values.begin(), want.values.begin() + rows * row, got.values.begin()));
     if (!sh.ring) {
-      EXPECT_TRUE(std::equal(want.positions.begin(), want.positions.begin() + rows,
-                             got.positions.begin()));
+      EXPECT_TRUE(
+          std::equal(want.positions.begin(), want.positions.begin() + rows, got.positions.begin()));
     }
   }
 };
@@ -305,8 +304,8 @@ TEST_F(KvEmulationTest, DecodeMatchesCpu) {
     const int64_t B = static_cast<int64_t>(positions.size());
     const int64_t row = sh.heads * sh.head_dim;
     for (int64_t splits : {int64_t{1}, int64_t{3}}) {
-      SCOPED_TRACE(absl::StrCat("mask ", static_cast<int>(sh.mask.kind), " ring ", sh.ring,
-                                " h ", sh.head_dim, " splits ", splits));
+      SCOPED_TRACE(absl::StrCat("mask ", static_cast<int>(sh.mask.kind), " ring ", sh.ring, " h ",
+                                sh.head_dim, " splits ", splits));
       std::vector<KvState> cpu_states, emu_states;
       for (int64_t i = 0; i < B; ++i) {
         cpu_states.push_back(MakeState(sh, positions[i], 70 + i));
@@ -330,8 +329,8 @@ TEST_F(KvEmulationTest, DecodeMatchesCpu) {
         slots.push_back(cpu_states[i].Slot());
         ptrs.push_back(emu_states[i].Ptrs());
       }
-      std::vector<float> want(B * row), got(B * row), partial(B * sh.heads * splits *
-                                                              (sh.head_dim + 2));
+      std::vector<float> want(B * row), got(B * row),
+          partial(B * sh.heads * splits * (sh.head_dim + 2));
       cpu_.KvDecode(sh, positions, slots, q.data(), k.data(), v.data(), want.data());
       LaunchKvDecode(DimsOf(sh), B, positions.data(), ptrs.data(), rows.data(), rows.data() + B,
                      q.data(), k.data(), v.data(), got.data(), splits, per_split, partial.data(),
@@ -344,8 +343,8 @@ TEST_F(KvEmulationTest, DecodeMatchesCpu) {
 
 TEST_F(KvEmulationTest, PrefillMatchesCpu) {
   for (const KvAttentionShape& sh : KvShapes()) {
-    for (const auto& [start, n] : std::vector<std::pair<int64_t, int64_t>>{
-             {0, 1}, {0, 37}, {5, 1}, {6, 13}, {17, 70}}) {
+    for (const auto& [start, n] :
+         std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {0, 37}, {5, 1}, {6, 13}, {17, 70}}) {
       SCOPED_TRACE(absl::StrCat("mask ", static_cast<int>(sh.mask.kind), " ring ", sh.ring,
                                 " start ", start, " n ", n));
       const int64_t row = sh.heads * sh.head_dim;

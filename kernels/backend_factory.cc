@@ -48,9 +48,8 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(absl::string_view device,
     return std::unique_ptr<Backend>(std::move(*backend));
 #else
     return absl::FailedPreconditionError(
-        "cuda: this binary was built without CUDA support (no CUDA toolkit at configure time, "
-        "or a CPU-only program: polysketch-server for now, see docs/performance.md); use "
-        "--device=cpu or auto");
+        "cuda: this binary was built without CUDA support (no CUDA toolkit was found at "
+        "configure time); use --device=cpu or auto");
 #endif
   }
   return std::unique_ptr<Backend>(std::make_unique<cpu::CpuBackend>(threads));

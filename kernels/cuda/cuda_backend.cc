@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <dlfcn.h>
+#include <string>
 #include <utility>
 
 #include <absl/strings/str_cat.h>
@@ -50,6 +52,62 @@ absl::Status CublasStatus(cublasStatus_t status, const char* what) {
   return absl::InternalError(absl::StrCat(what, ": ", CublasName(status)));
 }
 
+// The cuBLAS entry points the backend uses. cuBLAS is loaded with dlopen rather than linked:
+// libcublasLt.so.13 carries ~94 KiB of static TLS, which glibc counts against every thread's
+// stack when the library is loaded at program start, so threads created with small stacks fail
+// (civetweb's, in the Prometheus exposer of polysketch-server: pthread_create returns EINVAL).
+// TLS of a dlopen'ed library is allocated on demand instead. The emulation build
+// (tests/kernels/cuda/emulation) links its stand-ins directly (PS_CUBLAS_LINKED).
+struct CublasApi {
+  decltype(&cublasCreate) create = nullptr;
+  decltype(&cublasDestroy) destroy = nullptr;
+  decltype(&cublasSetStream) set_stream = nullptr;
+  decltype(&cublasSgemm) sgemm = nullptr;
+  // cublasGemmEx has C++ overloads: name the C signature.
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                            const void*, const void*, cudaDataType, int, const void*, cudaDataType,
+                            int, const void*, void*, cudaDataType, int, cublasComputeType_t,
+                            cublasGemmAlgo_t) = nullptr;
+};
+
+absl::StatusOr<CublasApi> LoadCublas() {
+  CublasApi api;
+#if defined(PS_CUBLAS_LINKED)
+  api.create = &cublasCreate;
+  api.destroy = &cublasDestroy;
+  api.set_stream = &cublasSetStream;
+  api.sgemm = &cublasSgemm;
+  api.gemm_ex = &cublasGemmEx;
+#else
+  static void* handle = [] {
+    const std::string soname = absl::StrCat("libcublas.so.", CUBLAS_VER_MAJOR);
+    // The loader's search path (LD_LIBRARY_PATH, the executable's RUNPATH, ld.so.cache), then
+    // the toolkit's usual places.
+    for (const std::string& name :
+         {soname, "/usr/local/cuda/lib64/" + soname, "/usr/local/cuda/lib/" + soname}) {
+      if (void* h = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
+    }
+    return static_cast<void*>(nullptr);
+  }();
+  if (handle == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda backend: cannot load libcublas.so.", CUBLAS_VER_MAJOR,
+                     " (add the CUDA toolkit's lib64 directory to LD_LIBRARY_PATH)"));
+  }
+  const auto symbol = [&](const char* name) { return dlsym(handle, name); };
+  api.create = reinterpret_cast<decltype(api.create)>(symbol("cublasCreate_v2"));
+  api.destroy = reinterpret_cast<decltype(api.destroy)>(symbol("cublasDestroy_v2"));
+  api.set_stream = reinterpret_cast<decltype(api.set_stream)>(symbol("cublasSetStream_v2"));
+  api.sgemm = reinterpret_cast<decltype(api.sgemm)>(symbol("cublasSgemm_v2"));
+  api.gemm_ex = reinterpret_cast<decltype(api.gemm_ex)>(symbol("cublasGemmEx"));
+  if (api.create == nullptr || api.destroy == nullptr || api.set_stream == nullptr ||
+      api.sgemm == nullptr || api.gemm_ex == nullptr) {
+    return absl::FailedPreconditionError("cuda backend: libcublas lacks an expected symbol");
+  }
+#endif
+  return api;
+}
+
 // fp32 -> bf16 bits, round to nearest even (NaN stays NaN); matches __float2bfloat16_rn.
 uint16_t ToBf16(float x) {
   uint32_t bits;
@@ -88,6 +146,7 @@ struct CudaBackend::Impl {
   GemmPrecision gemm = GemmPrecision::kBf16;
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
+  CublasApi blas;
   // Staging arena: host (pinned) and device halves of the same size; `used` bytes handed out
   // since the last synchronisation, `generation` counts resets (invalidates cached uploads).
   void* host_arena = nullptr;
@@ -104,7 +163,7 @@ struct CudaBackend::Impl {
     if (stream != nullptr) cudaStreamSynchronize(stream);
     if (host_arena != nullptr) cudaFreeHost(host_arena);
     if (device_arena != nullptr) cudaFree(device_arena);
-    if (cublas != nullptr) cublasDestroy(cublas);
+    if (cublas != nullptr) blas.destroy(cublas);
     if (stream != nullptr) cudaStreamDestroy(stream);
   }
 };
@@ -133,13 +192,16 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   cudaDeviceProp prop;
   PS_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, options.device));
   PS_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
+  absl::StatusOr<CublasApi> blas = LoadCublas();
+  if (!blas.ok()) return blas.status();
+  impl->blas = *blas;
   {
-    const absl::Status s = CublasStatus(cublasCreate(&impl->cublas), "cublasCreate");
+    const absl::Status s = CublasStatus(impl->blas.create(&impl->cublas), "cublasCreate");
     if (!s.ok()) return s;
   }
   {
     const absl::Status s =
-        CublasStatus(cublasSetStream(impl->cublas, impl->stream), "cublasSetStream");
+        CublasStatus(impl->blas.set_stream(impl->cublas, impl->stream), "cublasSetStream");
     if (!s.ok()) return s;
   }
   impl->arena_bytes = kArenaBytes;
@@ -331,8 +393,8 @@ void CudaBackend::Linear(const float* x, int64_t m, const LinearWeight& w, float
   const float beta = accumulate ? 1.0f : 0.0f;
   if (!cw.bf16()) {
     Record(CublasStatus(
-        cublasSgemm(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, static_cast<int>(m), k, &alpha,
-                    static_cast<const float*>(cw.data()), k, x, k, &beta, y, n),
+        impl_->blas.sgemm(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, static_cast<int>(m), k,
+                          &alpha, static_cast<const float*>(cw.data()), k, x, k, &beta, y, n),
         "cublasSgemm"));
     return;
   }
@@ -340,10 +402,11 @@ void CudaBackend::Linear(const float* x, int64_t m, const LinearWeight& w, float
   if (xb == nullptr) return;
   LaunchF32ToBf16(x, m * k, xb, impl_->stream);
   CheckLaunch("F32ToBf16");
-  Record(CublasStatus(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, static_cast<int>(m),
-                                   k, &alpha, cw.data(), CUDA_R_16BF, k, xb, CUDA_R_16BF, k, &beta,
-                                   y, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                      "cublasGemmEx(bf16)"));
+  Record(CublasStatus(
+      impl_->blas.gemm_ex(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, static_cast<int>(m), k,
+                          &alpha, cw.data(), CUDA_R_16BF, k, xb, CUDA_R_16BF, k, &beta, y,
+                          CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmEx(bf16)"));
 }
 
 void CudaBackend::LayerNorm(const float* x, int64_t rows, int64_t n, const float* gamma,

@@ -130,6 +130,10 @@ class Backend {
   virtual ~Backend() = default;
 
   virtual absl::string_view name() const = 0;  // "cpu", "cuda"
+  // True when backend memory is ordinary host memory that other host allocators may provide
+  // too (the CPU backend): the engine then keeps its state pool in plain host memory. False
+  // (device backends): the engine asks Allocate for the pool and never dereferences it.
+  virtual bool host_memory() const { return false; }
 
   // --- memory ------------------------------------------------------------------------------
   // `bytes` of zeroed backend memory. ResourceExhausted when it cannot be had.

@@ -34,7 +34,7 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "base/status_macros.h"
-#include "kernels/cpu/cpu_backend.h"
+#include "kernels/backend_factory.h"
 #include "server/engine/model.h"
 #include "server/engine/scheduler.h"
 #include "server/engine/watchdog.h"
@@ -67,6 +67,9 @@ ABSL_FLAG(int64_t, prefill_chunk, 512,
 ABSL_FLAG(int64_t, prefill_tokens_per_step, 512,
           "Prompt tokens prefilled per engine step, interleaved with decode steps.");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = all cores.");
+ABSL_FLAG(std::string, device, "auto",
+          "Kernel backend: auto (CUDA when built with it and a GPU is visible, else CPU), cpu, "
+          "cuda.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: how long running requests may take to finish before they are "
           "cancelled.");
@@ -404,7 +407,16 @@ absl::Status Serve(const sigset_t& signals) {
     return absl::Status(weights.status().code(), absl::StrCat("cannot load model ", model_dir, ": ",
                                                               weights.status().message()));
   }
-  ps::kernels::cpu::CpuBackend backend(absl::GetFlag(FLAGS_threads));
+  absl::StatusOr<std::unique_ptr<ps::kernels::Backend>> backend_or =
+      ps::kernels::CreateBackend(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_threads));
+  if (!backend_or.ok()) {
+    server->Shutdown(std::chrono::system_clock::now());
+    return absl::Status(backend_or.status().code(),
+                        absl::StrCat("--device: ", backend_or.status().message()));
+  }
+  ps::kernels::Backend& backend = **backend_or;
+  std::fprintf(stderr, "polysketch-server: kernels on the %s backend\n",
+               std::string(backend.name()).c_str());
   engine::ModelOptions model_options;
   model_options.num_slots = absl::GetFlag(FLAGS_slots);
   model_options.max_batch =

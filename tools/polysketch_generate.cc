@@ -1,7 +1,7 @@
 // polysketch-generate: command-line text generation from a model directory, streaming the
 // generated text (never the prompt) to stdout and statistics to stderr. The request runs through
 // the server's own Scheduler (sampling, incremental detokenization, stop rules, context limit) on
-// the engine's Model with the CPU backend, so offline and served outputs are the same.
+// the engine's Model on the backend --device picks, so offline and served outputs are the same.
 // Exit status: 0 done, 1 runtime error (bad flag value, model, prompt), 2 usage error.
 #include <condition_variable>
 #include <cstdint>
@@ -28,7 +28,7 @@
 #include <absl/time/time.h>
 
 #include "base/status_macros.h"
-#include "kernels/cpu/cpu_backend.h"
+#include "kernels/backend_factory.h"
 #include "server/engine/model.h"
 #include "server/engine/sampler.h"
 #include "server/engine/scheduler.h"
@@ -56,6 +56,9 @@ ABSL_FLAG(std::vector<std::string>, stop_token_ids, {}, "Stop token ids, comma-s
 ABSL_FLAG(bool, include_stop_string, false, "Keep the matched stop string in the output.");
 ABSL_FLAG(int32_t, logprobs, 0, "Print the top-N alternatives of every token to stderr. [0, 20]");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = one per hardware thread.");
+ABSL_FLAG(std::string, device, "auto",
+          "Kernel backend: auto (CUDA when built with it and a GPU is visible, else CPU), cpu, "
+          "cuda.");
 ABSL_FLAG(int64_t, max_context, 0,
           "Most tokens (prompt + generated) a sequence may hold; sizes the KV caches of softmax "
           "and sparse layers. 0 = the model's max_seq_len for those, unlimited for models whose "
@@ -158,7 +161,13 @@ absl::Status Generate() {
   PS_ASSIGN_OR_RETURN(ps::engine::ModelWeights weights, ps::engine::LoadWeights(model_dir));
   const int threads = absl::GetFlag(FLAGS_threads);
   if (threads < 0) return absl::InvalidArgumentError("--threads: must be >= 0");
-  ps::kernels::cpu::CpuBackend backend(threads);
+  absl::StatusOr<std::unique_ptr<ps::kernels::Backend>> backend_or =
+      ps::kernels::CreateBackend(absl::GetFlag(FLAGS_device), threads);
+  if (!backend_or.ok()) {
+    return absl::Status(backend_or.status().code(),
+                        absl::StrCat("--device: ", backend_or.status().message()));
+  }
+  ps::kernels::Backend& backend = **backend_or;
   ps::engine::ModelOptions options;
   options.num_slots = 1;
   options.max_batch = 1;

@@ -18,6 +18,7 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int num_threads = 0);
 
   absl::string_view name() const override { return "cpu"; }
+  bool host_memory() const override { return true; }
   int num_threads() const { return pool_.num_threads(); }
   ThreadPool& pool() { return pool_; }
 

@@ -139,7 +139,10 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
 
   PS_ASSIGN_OR_RETURN(StateLayout layout,
                       StateLayout::Create(cfg, grows ? max_context : int64_t{0}));
-  PS_ASSIGN_OR_RETURN(StatePool pool, StatePool::Create(std::move(layout), opts.num_slots));
+  // Device backends keep the slots in their own memory; the CPU backend in plain host memory.
+  PS_ASSIGN_OR_RETURN(StatePool pool,
+                      StatePool::Create(std::move(layout), opts.num_slots,
+                                        backend.host_memory() ? nullptr : &backend));
   std::unique_ptr<Model> model(new Model(cfg, backend, std::move(pool), opts, max_context));
 
   // Weights, in the backend's layout.

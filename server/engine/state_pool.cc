@@ -12,11 +12,15 @@
 namespace ps::engine {
 
 StatePool::StatePool(StateLayout layout, int64_t num_slots,
-                     std::unique_ptr<std::byte[], FreeDeleter> data)
+                     std::unique_ptr<std::byte[], FreeDeleter> data,
+                     kernels::DeviceBuffer device_data, kernels::Backend* device)
     : layout_(std::move(layout)),
       num_slots_(num_slots),
       num_free_(num_slots),
       data_(std::move(data)),
+      device_data_(std::move(device_data)),
+      device_(device),
+      base_(device != nullptr ? static_cast<std::byte*>(device_data_.data()) : data_.get()),
       next_free_(static_cast<size_t>(num_slots)),
       free_head_(0),
       in_use_(static_cast<size_t>(num_slots), false) {
@@ -26,7 +30,8 @@ StatePool::StatePool(StateLayout layout, int64_t num_slots,
   }
 }
 
-absl::StatusOr<StatePool> StatePool::Create(StateLayout layout, int64_t num_slots) {
+absl::StatusOr<StatePool> StatePool::Create(StateLayout layout, int64_t num_slots,
+                                            kernels::Backend* device) {
   if (num_slots < 1 || num_slots > kMaxStateSlots) {
     return absl::InvalidArgumentError(absl::StrCat("state pool: num_slots must be in [1, ",
                                                    kMaxStateSlots, "], got ", num_slots));
@@ -39,6 +44,16 @@ absl::StatusOr<StatePool> StatePool::Create(StateLayout layout, int64_t num_slot
                                                    slot_bytes, " bytes overflows the size type"));
   }
   std::unique_ptr<std::byte[], FreeDeleter> data;
+  if (total > 0 && device != nullptr) {
+    // Backend memory (aligned to at least 64 bytes == kStateAlignment, as DeviceBuffer promises).
+    absl::StatusOr<kernels::DeviceBuffer> buffer = device->Allocate(total);
+    if (!buffer.ok()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "state pool: cannot allocate ", total, " bytes of ", device->name(), " memory (",
+          num_slots, " slots x ", slot_bytes, " bytes): ", buffer.status().message()));
+    }
+    return StatePool(std::move(layout), num_slots, nullptr, *std::move(buffer), device);
+  }
   if (total > 0) {
     // total is a multiple of kStateAlignment (every slot is), as aligned_alloc requires.
     data.reset(static_cast<std::byte*>(
@@ -49,10 +64,11 @@ absl::StatusOr<StatePool> StatePool::Create(StateLayout layout, int64_t num_slot
                                                        slot_bytes, " bytes)"));
     }
   }
-  return StatePool(std::move(layout), num_slots, std::move(data));
+  return StatePool(std::move(layout), num_slots, std::move(data), kernels::DeviceBuffer(), nullptr);
 }
 
-absl::StatusOr<StatePool> StatePool::CreateForBudget(StateLayout layout, int64_t budget_bytes) {
+absl::StatusOr<StatePool> StatePool::CreateForBudget(StateLayout layout, int64_t budget_bytes,
+                                                     kernels::Backend* device) {
   if (budget_bytes < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("state pool: budget must be >= 0 bytes, got ", budget_bytes));
@@ -69,7 +85,7 @@ absl::StatusOr<StatePool> StatePool::CreateForBudget(StateLayout layout, int64_t
                                                      " bytes holds no state slot; one slot needs ",
                                                      slot_bytes, " bytes"));
   }
-  return Create(std::move(layout), num_slots < kMaxStateSlots ? num_slots : kMaxStateSlots);
+  return Create(std::move(layout), num_slots < kMaxStateSlots ? num_slots : kMaxStateSlots, device);
 }
 
 absl::StatusOr<SlotId> StatePool::Acquire() {
@@ -82,7 +98,13 @@ absl::StatusOr<SlotId> StatePool::Acquire() {
   next_free_[id.index] = -1;
   in_use_[id.index] = true;
   --num_free_;
-  if (data_ != nullptr) std::memset(SlotData(id), 0, static_cast<size_t>(bytes_per_slot()));
+  if (base_ != nullptr) {
+    if (device_ != nullptr) {
+      device_->Zero(SlotData(id), bytes_per_slot());
+    } else {
+      std::memset(SlotData(id), 0, static_cast<size_t>(bytes_per_slot()));
+    }
+  }
   return id;
 }
 
@@ -108,8 +130,8 @@ bool StatePool::InUse(SlotId id) const {
 
 std::byte* StatePool::SlotData(SlotId id) const {
   assert(InUse(id));
-  if (data_ == nullptr) return nullptr;
-  return data_.get() + static_cast<size_t>(id.index) * static_cast<size_t>(bytes_per_slot());
+  if (base_ == nullptr) return nullptr;
+  return base_ + static_cast<size_t>(id.index) * static_cast<size_t>(bytes_per_slot());
 }
 
 std::byte* StatePool::RegionData(SlotId id, int64_t layer, StateComponent component) const {

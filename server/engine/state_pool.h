@@ -15,6 +15,7 @@
 #include <absl/status/statusor.h>
 #include <absl/types/span.h>
 
+#include "kernels/backend.h"
 #include "server/engine/state_layout.h"
 
 namespace ps::engine {
@@ -31,21 +32,26 @@ struct SlotId {
 
 // Thread-compatibility: engine thread only. No method is synchronised; the pool belongs to the
 // single engine thread that schedules requests (the same thread acquires, uses and releases).
-// Move-only; owns its memory (one kStateAlignment-aligned allocation of total_bytes()).
+// Move-only; owns its memory (one kStateAlignment-aligned allocation of total_bytes()): host
+// memory, or, when created with a `device` backend, backend memory (e.g. GPU memory) that the
+// accessors below point into but that must only be read and written through that backend.
 class StatePool {
  public:
   // A pool of `num_slots` slots of layout.bytes_per_slot() bytes each, all free.
   // InvalidArgument when num_slots is not in [1, kMaxStateSlots] or num_slots * bytes_per_slot
   // overflows; ResourceExhausted when the allocation fails. A layout with bytes_per_slot 0
   // (KV-cache-only model) gives a pool that only counts admissions and owns no memory.
-  [[nodiscard]] static absl::StatusOr<StatePool> Create(StateLayout layout, int64_t num_slots);
+  // With `device` (not null; must outlive the pool) the memory comes from device->Allocate and
+  // Acquire zeroes a slot with device->Zero; the pool then never touches the bytes itself.
+  [[nodiscard]] static absl::StatusOr<StatePool> Create(StateLayout layout, int64_t num_slots,
+                                                        kernels::Backend* device = nullptr);
 
   // A pool of as many slots as fit in `budget_bytes`: floor(budget_bytes / bytes_per_slot),
   // capped at kMaxStateSlots. InvalidArgument when budget_bytes < 0 or the layout has
   // bytes_per_slot 0 (a budget cannot size it); ResourceExhausted naming both sizes when not one
   // slot fits, or when the allocation fails.
-  [[nodiscard]] static absl::StatusOr<StatePool> CreateForBudget(StateLayout layout,
-                                                                 int64_t budget_bytes);
+  [[nodiscard]] static absl::StatusOr<StatePool> CreateForBudget(
+      StateLayout layout, int64_t budget_bytes, kernels::Backend* device = nullptr);
 
   StatePool(StatePool&&) = default;
   StatePool& operator=(StatePool&&) = default;
@@ -96,7 +102,8 @@ class StatePool {
     void operator()(std::byte* p) const { std::free(p); }
   };
 
-  StatePool(StateLayout layout, int64_t num_slots, std::unique_ptr<std::byte[], FreeDeleter> data);
+  StatePool(StateLayout layout, int64_t num_slots, std::unique_ptr<std::byte[], FreeDeleter> data,
+            kernels::DeviceBuffer device_data, kernels::Backend* device);
   std::byte* SlotData(SlotId id) const;
   std::byte* RegionData(SlotId id, int64_t layer, StateComponent component) const;
 
@@ -104,6 +111,9 @@ class StatePool {
   int64_t num_slots_ = 0;
   int64_t num_free_ = 0;
   std::unique_ptr<std::byte[], FreeDeleter> data_;  // num_slots * bytes_per_slot; null if 0
+  kernels::DeviceBuffer device_data_;  // the same, in backend memory, when device_ is set
+  kernels::Backend* device_ = nullptr;
+  std::byte* base_ = nullptr;  // data_ or device_data_
   // Intrusive free stack: free_head_ is the top free slot (-1: none), next_free_[i] the free
   // slot below i.
   std::vector<int32_t> next_free_;

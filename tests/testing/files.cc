@@ -1,6 +1,7 @@
 // TempDir and whole-file helpers on top of std::filesystem and mkdtemp.
 #include "tests/testing/files.h"
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -51,7 +52,10 @@ std::string ReadFile(const std::string& path) {
 }
 
 std::string SourcePath(absl::string_view relative) {
-  return absl::StrCat(PS_SOURCE_DIR, "/", relative);
+  // Test binaries packed for another machine (scripts/gpu-check) find the tree there through
+  // the environment; the configure-time path otherwise.
+  const char* env = std::getenv("PS_SOURCE_DIR");
+  return absl::StrCat(env != nullptr && *env != '\0' ? env : PS_SOURCE_DIR, "/", relative);
 }
 
 }  // namespace ps::test

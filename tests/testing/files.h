@@ -30,7 +30,8 @@ class TempDir {
 void WriteFile(const std::string& path, absl::string_view bytes);
 // The contents of `path`; fails the test (ADD_FAILURE) and returns "" on error.
 std::string ReadFile(const std::string& path);
-// The absolute path of `relative` inside the repository (e.g. "tests/golden/softmax").
+// The absolute path of `relative` inside the repository (e.g. "tests/golden/softmax"): under
+// $PS_SOURCE_DIR when that is set (binaries run on another machine), else the configured tree.
 std::string SourcePath(absl::string_view relative);
 
 }  // namespace ps::test

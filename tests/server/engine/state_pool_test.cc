@@ -4,7 +4,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -12,6 +14,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "kernels/backend.h"
 #include "server/engine/model_config.h"
 #include "server/engine/state_layout.h"
 #include "tests/testing/status_matchers.h"
@@ -21,6 +24,66 @@ namespace {
 
 using ::ps::test::IsOk;
 using ::ps::test::StatusIs;
+
+// A stand-in for a device backend: host memory, but every allocation and zeroing is recorded, so
+// the pool's use of backend memory can be checked without a GPU. Compute ops are not used.
+class RecordingBackend final : public kernels::Backend {
+ public:
+  absl::string_view name() const override { return "recording"; }
+  absl::StatusOr<kernels::DeviceBuffer> Allocate(int64_t bytes) override {
+    if (bytes > int64_t{1} << 30) return absl::ResourceExhaustedError("too big");
+    allocated.push_back(bytes);
+    void* data = std::aligned_alloc(64, static_cast<size_t>((bytes + 63) / 64 * 64));
+    std::memset(data, 0x5a, static_cast<size_t>(bytes));  // not zero: Acquire must zero
+    return kernels::DeviceBuffer(this, data, bytes);
+  }
+  void CopyFromHost(const void* host, int64_t bytes, void* device) override {
+    std::memcpy(device, host, static_cast<size_t>(bytes));
+  }
+  void CopyToHost(const void* device, int64_t bytes, void* host) override {
+    std::memcpy(host, device, static_cast<size_t>(bytes));
+  }
+  void Zero(void* device, int64_t bytes) override {
+    zeroed.emplace_back(device, bytes);
+    std::memset(device, 0, static_cast<size_t>(bytes));
+  }
+  void Copy(const void* src, int64_t bytes, void* dst) override {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+  }
+  absl::StatusOr<std::unique_ptr<kernels::LinearWeight>> PrepareLinear(absl::Span<const float>,
+                                                                       int64_t, int64_t) override {
+    return absl::UnimplementedError("not a compute backend");
+  }
+  void Linear(const float*, int64_t, const kernels::LinearWeight&, float*, bool) override {}
+  void LayerNorm(const float*, int64_t, int64_t, const float*, const float*, float,
+                 float*) override {}
+  void Embed(const float*, int64_t, absl::Span<const int32_t>, absl::Span<const int64_t>,
+             float*) override {}
+  void SplitQkvRope(const float*, int64_t, int64_t, absl::Span<const int64_t>, float*, float*,
+                    float*) override {}
+  void GeluGate(const float*, int64_t, int64_t, float*) override {}
+  void Gelu(float*, int64_t) override {}
+  void Multiply(const float*, const float*, int64_t, float*) override {}
+  void SketchCombine(const float*, const float*, int64_t, int64_t, float*) override {}
+  void AddBias(float*, int64_t, int64_t, const float*) override {}
+  void SketchDecode(const kernels::SketchAttentionShape&, absl::Span<const int64_t>,
+                    absl::Span<const kernels::SketchSlotState>, const float*, const float*,
+                    const float*, const float*, const float*, float*) override {}
+  void SketchPrefill(const kernels::SketchAttentionShape&, int64_t, int64_t,
+                     const kernels::SketchSlotState&, const float*, const float*, const float*,
+                     const float*, const float*, float*) override {}
+  void KvDecode(const kernels::KvAttentionShape&, absl::Span<const int64_t>,
+                absl::Span<const kernels::KvSlotState>, const float*, const float*, const float*,
+                float*) override {}
+  void KvPrefill(const kernels::KvAttentionShape&, int64_t, int64_t, const kernels::KvSlotState&,
+                 const float*, const float*, const float*, float*) override {}
+
+  std::vector<int64_t> allocated;
+  std::vector<std::pair<void*, int64_t>> zeroed;
+
+ protected:
+  void Free(void* data, int64_t) override { std::free(data); }
+};
 
 // D 16, H 2, h 8: layer 0 polysketch r 3 + local_exact b 5 (1600 bytes), layer 1 sliding window
 // w 3 (448 bytes), layer 2 softmax (KV cache, 0 bytes). 2048 bytes per slot.
@@ -285,6 +348,35 @@ TEST(StatePoolTest, KvRegionsWithAContextLimit) {
   EXPECT_EQ(*pool.Counter(again, 2, StateComponent::kKvCount), 0);
   for (float x : pool.Floats(again, 2, StateComponent::kKvKeys)) ASSERT_EQ(x, 0.0f);
   for (float x : pool.Floats(again, 2, StateComponent::kKvValues)) ASSERT_EQ(x, 0.0f);
+}
+
+}  // namespace
+}  // namespace ps::engine
+
+namespace ps::engine {
+namespace {
+
+TEST(StatePoolTest, DeviceMemoryComesFromTheBackendAndAcquireZeroesThroughIt) {
+  RecordingBackend device;
+  {
+    PS_ASSERT_OK_AND_ASSIGN(StatePool pool, StatePool::Create(SmallLayout(), 3, &device));
+    ASSERT_EQ(device.allocated, std::vector<int64_t>{3 * kSlotBytes});  // one allocation
+    PS_ASSERT_OK_AND_ASSIGN(SlotId a, pool.Acquire());
+    PS_ASSERT_OK_AND_ASSIGN(SlotId b, pool.Acquire());
+    ASSERT_EQ(device.zeroed.size(), 2u);
+    EXPECT_EQ(device.zeroed[0].first, pool.SlotBytes(a).data());
+    EXPECT_EQ(device.zeroed[0].second, kSlotBytes);
+    EXPECT_EQ(device.zeroed[1].first, pool.SlotBytes(b).data());
+    EXPECT_EQ(pool.SlotBytes(b).data() - pool.SlotBytes(a).data(), kSlotBytes);
+    // The slot's bytes are backend memory: here host memory that the backend zeroed.
+    std::vector<std::byte> bytes(kSlotBytes, std::byte{1});
+    device.CopyToHost(pool.SlotBytes(a).data(), kSlotBytes, bytes.data());
+    EXPECT_EQ(bytes, std::vector<std::byte>(kSlotBytes, std::byte{0}));
+    StatePool moved = std::move(pool);  // the memory moves with the pool
+    EXPECT_EQ(moved.SlotBytes(a).data(), static_cast<const std::byte*>(device.zeroed[0].first));
+  }
+  EXPECT_THAT(StatePool::Create(SmallLayout(), 1 << 20, &device),
+              StatusIs(absl::StatusCode::kResourceExhausted, "recording memory"));
 }
 
 }  // namespace

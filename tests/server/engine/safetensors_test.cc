@@ -349,13 +349,14 @@ TEST(SafetensorsTest, RefusesBadEntries) {
                                          "BF16, I64, I32, U8, got ",
                                          dtype.dump())));
   }
-  for (const json& shape : {json({2, -2}), json({2.0, 2}), json({true}), json("2"), json(4),
-                            json({nullptr}), json::parse("[9223372036854775808]")}) {
+  // json::array for one-element lists: json({x}) is the scalar x (braces around a scalar).
+  for (const json& shape : {json({2, -2}), json({2.0, 2}), json::array({true}), json("2"), json(4),
+                            json::array({nullptr}), json::parse("[9223372036854775808]")}) {
     EXPECT_THAT(OpenWithHeader(with("shape", shape)),
                 StatusIs(kDataLoss, "tensor \"w\": shape must be a list of non-negative integers"))
         << shape.dump();
   }
-  for (const json& offsets : {json({0}), json({0, 8, 16}), json({-8, 8}), json({0.0, 16}),
+  for (const json& offsets : {json::array({0}), json({0, 8, 16}), json({-8, 8}), json({0.0, 16}),
                               json("0-16"), json(nullptr), json({0, nullptr})}) {
     EXPECT_THAT(OpenWithHeader(with("data_offsets", offsets)),
                 StatusIs(kDataLoss,

@@ -1,6 +1,6 @@
-// SafetensorsFile::Open validates the whole header before any tensor byte is touched; the checks
-// mirror train/modelio.py read_safetensors and go further where it is lenient (unknown entry
-// fields, overlaps hidden behind an empty tensor, 64-bit overflow).
+// SafetensorsFile::Parse (behind Open and FromBytes) validates the whole header before any tensor
+// byte is touched; the checks mirror train/modelio.py read_safetensors and go further where it is
+// lenient (unknown entry fields, overlaps hidden behind an empty tensor, 64-bit overflow).
 #include "server/engine/safetensors.h"
 
 #include <algorithm>
@@ -118,11 +118,28 @@ bool IsFloating(DType dtype) { return Info(dtype).floating; }
 
 absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(std::string path) {
   PS_ASSIGN_OR_RETURN(MappedFile file, MappedFile::Open(std::move(path)));
-  const std::string& p = file.path();
+  SafetensorsFile out;
+  out.path_ = file.path();
+  out.file_ = std::move(file);  // the mapping stays at its address: the views may point into it
+  PS_RETURN_IF_ERROR(Parse(out.file_.bytes(), out));
+  return out;
+}
+
+absl::StatusOr<SafetensorsFile> SafetensorsFile::FromBytes(std::string name,
+                                                           absl::string_view bytes) {
+  SafetensorsFile out;
+  out.path_ = std::move(name);
+  const auto* begin = reinterpret_cast<const std::byte*>(bytes.data());
+  out.buffer_.assign(begin, begin + bytes.size());
+  PS_RETURN_IF_ERROR(Parse(out.buffer_, out));
+  return out;
+}
+
+absl::Status SafetensorsFile::Parse(absl::Span<const std::byte> file, SafetensorsFile& out) {
+  const std::string& p = out.path_;
   auto corrupt = [&p](auto&&... parts) {
     return absl::DataLossError(absl::StrCat(p, ": ", parts...));
   };
-
   if (file.size() < 8) {
     return corrupt(file.size(), " bytes, too short for a safetensors header");
   }
@@ -143,8 +160,8 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(std::string path) {
     return corrupt("header must be a JSON object, got ", JsonForError(*header));
   }
 
-  SafetensorsFile out;
   const std::byte* data_section = file.data() + 8 + header_bytes;
+  out.data_section_ = data_section;
   out.data_section_bytes_ = file.size() - 8 - static_cast<size_t>(header_bytes);
 
   struct Range {
@@ -205,8 +222,7 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(std::string path) {
   }
 
   // nlohmann's objects iterate in key order, so tensors_ is already sorted by name.
-  out.file_ = std::move(file);
-  return out;
+  return absl::OkStatus();
 }
 
 const TensorView* SafetensorsFile::Find(absl::string_view name) const {

@@ -1,7 +1,7 @@
 // A validating reader of safetensors files (docs/model-format.md, model.safetensors): the file is
-// memory-mapped, its header parsed and checked completely at Open(), and tensors are handed out
-// as views of the mapped bytes. Converting to a compute dtype is the caller's business (see
-// ReadFloat32 and weights.h).
+// memory-mapped (or, from FromBytes, copied), its header parsed and checked completely before the
+// object exists, and tensors are handed out as views of those bytes. Converting to a compute dtype
+// is the caller's business (see ReadFloat32 and weights.h).
 #ifndef POLYSKETCH_SERVER_ENGINE_SAFETENSORS_H_
 #define POLYSKETCH_SERVER_ENGINE_SAFETENSORS_H_
 
@@ -15,6 +15,7 @@
 
 #include <absl/status/statusor.h>
 #include <absl/strings/string_view.h>
+#include <absl/types/span.h>
 
 #include "base/mapped_file.h"
 
@@ -64,17 +65,26 @@ class SafetensorsFile {
   // Gaps between tensors and bytes after the last one are allowed (our writer pads).
   [[nodiscard]] static absl::StatusOr<SafetensorsFile> Open(std::string path);
 
+  // The same validation of a whole file's bytes held in memory (the fuzz targets, and any caller
+  // that did not read the file from disk), which are copied: the result owns them. `name` stands
+  // in for the path in path() and in every message. Errors: DataLoss, as Open's.
+  [[nodiscard]] static absl::StatusOr<SafetensorsFile> FromBytes(std::string name,
+                                                                 absl::string_view bytes);
+
   SafetensorsFile(SafetensorsFile&&) noexcept = default;
   SafetensorsFile& operator=(SafetensorsFile&&) noexcept = default;
 
-  const std::string& path() const { return file_.path(); }
+  // The path given to Open, or the name given to FromBytes.
+  const std::string& path() const { return path_; }
   // All tensors, sorted by name.
   const std::vector<TensorView>& tensors() const { return tensors_; }
   // The tensor called `name`, or nullptr.
   const TensorView* Find(absl::string_view name) const;
   // The "__metadata__" strings (empty when absent).
   const std::map<std::string, std::string, std::less<>>& metadata() const { return metadata_; }
-  // Bytes in the data section (the file minus 8 minus the header).
+  // The data section (the file after the 8-byte length and the header): every view's data lies
+  // inside [data_section(), data_section() + data_section_bytes()).
+  const std::byte* data_section() const { return data_section_; }
   size_t data_section_bytes() const { return data_section_bytes_; }
 
   // Copies tensor `name` out as float32 values in row-major order. F16 and BF16 convert exactly,
@@ -89,9 +99,19 @@ class SafetensorsFile {
  private:
   SafetensorsFile() = default;
 
+  // Validates `bytes` (the whole file) and fills tensors_ (views into `bytes`), metadata_ and
+  // data_section_bytes_ of `out`. The one parser behind Open and FromBytes; the caller keeps
+  // `bytes` alive in `out` at the same address.
+  [[nodiscard]] static absl::Status Parse(absl::Span<const std::byte> bytes, SafetensorsFile& out);
+
+  std::string path_;
+  // Exactly one of these holds the bytes the views point into: a mapping (Open) or a heap copy
+  // (FromBytes). Both keep their bytes at the same address when moved.
   MappedFile file_;
+  std::vector<std::byte> buffer_;
   std::vector<TensorView> tensors_;
   std::map<std::string, std::string, std::less<>> metadata_;
+  const std::byte* data_section_ = nullptr;
   size_t data_section_bytes_ = 0;
 };
 

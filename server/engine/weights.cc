@@ -57,12 +57,17 @@ uint64_t ModelFingerprint(const ModelWeights& weights) {
 }
 
 absl::StatusOr<ModelWeights> LoadWeights(absl::string_view model_dir) {
-  ModelWeights weights;
-  PS_ASSIGN_OR_RETURN(weights.config, LoadModelConfig(model_dir));
+  PS_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   const std::string path =
       (std::filesystem::path(std::string(model_dir)) / "model.safetensors").string();
   PS_ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
+  return WeightsFromFile(std::move(config), file);
+}
 
+absl::StatusOr<ModelWeights> WeightsFromFile(ModelConfig config, const SafetensorsFile& file) {
+  ModelWeights weights;
+  weights.config = std::move(config);
+  const std::string& path = file.path();
   const std::vector<TensorSpec> expected = weights.config.ExpectedTensors();
   std::set<absl::string_view> expected_names;
   for (const TensorSpec& spec : expected) expected_names.insert(spec.name);

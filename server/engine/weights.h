@@ -54,6 +54,13 @@ uint64_t ModelFingerprint(const ModelWeights& weights);
 // to float exactly; F64 rounds to nearest.
 [[nodiscard]] absl::StatusOr<ModelWeights> LoadWeights(absl::string_view model_dir);
 
+// The second half of LoadWeights: checks an open `file` against a valid `config` (which
+// ParseModelConfig or LoadModelConfig returned) and converts its tensors. Errors: the DataLoss
+// cases of LoadWeights, naming file.path(). Lets the fuzz targets and tests check a model held
+// in memory through the same code.
+[[nodiscard]] absl::StatusOr<ModelWeights> WeightsFromFile(ModelConfig config,
+                                                           const SafetensorsFile& file);
+
 }  // namespace ps::engine
 
 #endif  // POLYSKETCH_SERVER_ENGINE_WEIGHTS_H_

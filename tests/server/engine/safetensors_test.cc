@@ -127,6 +127,40 @@ TEST(SafetensorsTest, ReadsEveryDtype) {
   EXPECT_THAT(ints, ElementsAre(-2147483648, 0, 2147483647));
 }
 
+// FromBytes is Open without the file: the same parser, so the same views, metadata and errors.
+TEST(SafetensorsTest, FromBytesMatchesOpen) {
+  const std::string bytes = SafetensorsBytes(EveryDtype(), {{"format", "polysketch"}});
+  TempDir dir;
+  WriteFile(dir.Join("t.safetensors"), bytes);
+  PS_ASSERT_OK_AND_ASSIGN(SafetensorsFile opened, SafetensorsFile::Open(dir.Join("t.safetensors")));
+  PS_ASSERT_OK_AND_ASSIGN(SafetensorsFile held, SafetensorsFile::FromBytes("in memory", bytes));
+  EXPECT_EQ(held.path(), "in memory");
+  EXPECT_EQ(held.metadata(), opened.metadata());
+  EXPECT_EQ(held.data_section_bytes(), opened.data_section_bytes());
+  ASSERT_EQ(held.tensors().size(), opened.tensors().size());
+  for (size_t i = 0; i < held.tensors().size(); ++i) {
+    const TensorView& a = held.tensors()[i];
+    const TensorView& b = opened.tensors()[i];
+    EXPECT_EQ(a.name, b.name);
+    EXPECT_EQ(a.shape, b.shape);
+    EXPECT_EQ(a.data - held.data_section(), b.data - opened.data_section()) << a.name;
+    EXPECT_EQ(std::memcmp(a.data, b.data, a.num_bytes), 0) << a.name;
+  }
+
+  // The copy is the object's own: the caller's buffer may go away, and moves keep the views.
+  std::string scratch = bytes;
+  PS_ASSERT_OK_AND_ASSIGN(SafetensorsFile copy, SafetensorsFile::FromBytes("scratch", scratch));
+  scratch.assign(scratch.size(), '\xff');
+  SafetensorsFile moved = std::move(copy);
+  PS_ASSERT_OK_AND_ASSIGN(std::vector<float> v, moved.ReadFloat32("scalar"));
+  EXPECT_THAT(v, ElementsAre(2.5f));
+
+  EXPECT_THAT(SafetensorsFile::FromBytes("short", bytes.substr(0, 7)),
+              StatusIs(kDataLoss, "short: 7 bytes, too short for a safetensors header"));
+  EXPECT_THAT(SafetensorsFile::FromBytes("cut", bytes.substr(0, 20)),
+              StatusIs(kDataLoss, "cut: header length"));
+}
+
 TEST(SafetensorsTest, ReadErrorsNameFileAndTensor) {
   TempDir dir;
   const std::string path = dir.Join("t.safetensors");
@@ -315,13 +349,14 @@ TEST(SafetensorsTest, RefusesBadEntries) {
                                          "BF16, I64, I32, U8, got ",
                                          dtype.dump())));
   }
-  for (const json& shape : {json({2, -2}), json({2.0, 2}), json({true}), json("2"), json(4),
-                            json({nullptr}), json::parse("[9223372036854775808]")}) {
+  // json::array for one-element lists: json({x}) is the scalar x (braces around a scalar).
+  for (const json& shape : {json({2, -2}), json({2.0, 2}), json::array({true}), json("2"), json(4),
+                            json::array({nullptr}), json::parse("[9223372036854775808]")}) {
     EXPECT_THAT(OpenWithHeader(with("shape", shape)),
                 StatusIs(kDataLoss, "tensor \"w\": shape must be a list of non-negative integers"))
         << shape.dump();
   }
-  for (const json& offsets : {json({0}), json({0, 8, 16}), json({-8, 8}), json({0.0, 16}),
+  for (const json& offsets : {json::array({0}), json({0, 8, 16}), json({-8, 8}), json({0.0, 16}),
                               json("0-16"), json(nullptr), json({0, nullptr})}) {
     EXPECT_THAT(OpenWithHeader(with("data_offsets", offsets)),
                 StatusIs(kDataLoss,

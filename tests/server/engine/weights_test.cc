@@ -239,6 +239,36 @@ TEST(WeightsTest, RefusesMissingTensors) {
   }
 }
 
+// WeightsFromFile is LoadWeights' check of a file against a config, for a model held in memory:
+// same tensors on success, same errors naming the file's name.
+TEST(WeightsTest, WeightsFromFileMatchesLoadWeights) {
+  TempDir dir;
+  const std::vector<RawTensor> tensors = ModelTensors(SmallConfig(), "F32");
+  WriteModelDir(dir.path(), test::SmallConfigJson(), tensors);
+  PS_ASSERT_OK_AND_ASSIGN(ModelWeights loaded, LoadWeights(dir.path()));
+  PS_ASSERT_OK_AND_ASSIGN(
+      SafetensorsFile file,
+      SafetensorsFile::FromBytes("held.safetensors", test::SafetensorsBytes(tensors)));
+  PS_ASSERT_OK_AND_ASSIGN(ModelWeights held, WeightsFromFile(SmallConfig(), file));
+  EXPECT_EQ(held.config, loaded.config);
+  ASSERT_EQ(held.tensors.size(), loaded.tensors.size());
+  for (const auto& [name, tensor] : loaded.tensors) {
+    const HostTensor* other = held.Find(name);
+    ASSERT_NE(other, nullptr) << name;
+    EXPECT_EQ(other->shape, tensor.shape) << name;
+    EXPECT_EQ(other->data, tensor.data) << name;
+  }
+
+  std::vector<RawTensor> fewer = tensors;
+  fewer.pop_back();
+  PS_ASSERT_OK_AND_ASSIGN(
+      SafetensorsFile partial,
+      SafetensorsFile::FromBytes("held.safetensors", test::SafetensorsBytes(fewer)));
+  EXPECT_THAT(WeightsFromFile(SmallConfig(), partial),
+              StatusIs(kDataLoss, absl::StrCat("held.safetensors: tensor ", tensors.back().name,
+                                               " is missing")));
+}
+
 TEST(WeightsTest, RefusesUnexpectedTensors) {
   TempDir dir;
   std::vector<RawTensor> tensors = ModelTensors(SmallConfig(), "F32");

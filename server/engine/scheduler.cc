@@ -35,9 +35,11 @@ struct Scheduler::Active {
   Sampler sampler;
   StopChecker stop_checker;
   IncrementalDetokenizer detokenizer;
-  // The tokens to prefill: the session's pending tokens, then the prompt. feed[i] goes to
+  // The tokens to prefill (feed()): the prompt, or for a session with pending tokens, those
+  // first and then the prompt (session_feed; empty otherwise, so a prompt is never copied).
+  // feed()[i] goes to
   // position base + i; base is the session's position (0 without one).
-  std::vector<int32_t> feed;
+  std::vector<int32_t> session_feed;
   int64_t base = 0;
   std::optional<SequenceState> session;  // the session's state before this request
   int64_t prefilled = 0;    // feed tokens in the state so far (or restored from the cache)
@@ -55,7 +57,11 @@ struct Scheduler::Active {
   Active(EngineRequest r, SlotId s, Sampler sam, StopChecker stop)
       : request(std::move(r)), slot(s), sampler(std::move(sam)), stop_checker(std::move(stop)) {}
   bool decoding() const { return next_token >= 0; }
-  int64_t feed_size() const { return static_cast<int64_t>(feed.size()); }
+  absl::Span<const int32_t> feed() const {
+    return session_feed.empty() ? absl::MakeConstSpan(request.prompt)
+                                : absl::MakeConstSpan(session_feed);
+  }
+  int64_t feed_size() const { return static_cast<int64_t>(feed().size()); }
 };
 
 namespace {
@@ -493,18 +499,19 @@ absl::Status Scheduler::PrepareState(Active& active) {
     PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, state.snapshot));
     active.base = state.snapshot.position;
     active.cached = state.snapshot.position;
-    active.feed.reserve(state.pending.size() + prompt.size());
-    active.feed.assign(state.pending.begin(), state.pending.end());
-    active.feed.insert(active.feed.end(), prompt.begin(), prompt.end());
+    if (!state.pending.empty()) {
+      active.session_feed.reserve(state.pending.size() + prompt.size());
+      active.session_feed.assign(state.pending.begin(), state.pending.end());
+      active.session_feed.insert(active.session_feed.end(), prompt.begin(), prompt.end());
+    }
     return absl::OkStatus();
   }
-  active.feed = prompt;
   if (!prefix_cache_.enabled()) return absl::OkStatus();
   // At least the last prompt token is prefilled: its logits give the first generated token.
   const int64_t n = active.feed_size();
   const int64_t g = prefix_cache_.granularity();
-  active.prefix_hashes = prefix_cache_.Hashes(active.feed);
-  const PrefixCache::Hit hit = prefix_cache_.Lookup(active.feed, active.prefix_hashes, n - 1);
+  active.prefix_hashes = prefix_cache_.Hashes(active.feed());
+  const PrefixCache::Hit hit = prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1);
   if (hit.state != nullptr) {
     PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, *hit.state));
     active.prefilled = hit.length;
@@ -530,7 +537,7 @@ void Scheduler::MaybeSnapshot(Active& active) {
   StateSnapshot snapshot;
   if (!model_->SaveSlot(active.slot, &snapshot).ok()) return;  // the slot is ours: cannot fail
   const int64_t g = prefix_cache_.granularity();
-  prefix_cache_.Insert(absl::MakeConstSpan(active.feed).subspan(0, static_cast<size_t>(at)),
+  prefix_cache_.Insert(active.feed().subspan(0, static_cast<size_t>(at)),
                        active.prefix_hashes[static_cast<size_t>(at / g - 1)], std::move(snapshot));
 }
 
@@ -575,8 +582,7 @@ void Scheduler::RunPrefill(StepStats& stats) {
     }
     const bool last = active->prefilled + n == active->feed_size();
     const absl::Span<const int32_t> tokens =
-        absl::MakeConstSpan(active->feed)
-            .subspan(static_cast<size_t>(active->prefilled), static_cast<size_t>(n));
+        active->feed().subspan(static_cast<size_t>(active->prefilled), static_cast<size_t>(n));
     const absl::Span<float> logits = absl::MakeSpan(logits_).subspan(0, last ? V : 0);
     const absl::Status status =
         model_->Prefill(active->slot, active->base + active->prefilled, tokens, logits);

@@ -63,9 +63,14 @@ absl::StatusOr<std::string> SessionStore::Add(absl::string_view owner, SequenceS
 
 absl::StatusOr<SessionStore::Session*> SessionStore::Find(absl::string_view id,
                                                           absl::string_view owner, absl::Time now) {
-  ExpireLocked(now);
   auto it = sessions_.find(id);
   if (it == sessions_.end() || it->second.owner != owner) return NotFound(id);
+  // Only this session's expiry matters here; the request path never scans the whole store.
+  if (Expired(it->second, now)) {
+    sessions_.erase(it);
+    ++stats_.expired;
+    return NotFound(id);
+  }
   return &it->second;
 }
 
@@ -122,7 +127,7 @@ void SessionStore::ExpireIdle(absl::Time now) {
 void SessionStore::ExpireLocked(absl::Time now) {
   std::vector<std::string> expired;
   for (const auto& [id, session] : sessions_) {
-    if (!session.busy && now - session.last_used > options_.ttl) expired.push_back(id);
+    if (Expired(session, now)) expired.push_back(id);
   }
   for (const std::string& id : expired) sessions_.erase(id);
   stats_.expired += static_cast<int64_t>(expired.size());

@@ -77,8 +77,9 @@ class SessionStore {
   [[nodiscard]] absl::StatusOr<SequenceState> Copy(absl::string_view id, absl::string_view owner,
                                                    absl::Time now);
 
-  // Ends sessions idle for longer than the ttl (not busy ones). Called by every method above and
-  // periodically by the engine.
+  // Ends sessions idle for longer than the ttl (not busy ones). Open and Import call it (to free
+  // budget) and the engine calls it about once a second; Take and Copy check only the session
+  // they are given, so the request path never scans the store.
   void ExpireIdle(absl::Time now);
 
   SessionStats stats() const;
@@ -96,6 +97,9 @@ class SessionStore {
   absl::StatusOr<Session*> Find(absl::string_view id, absl::string_view owner, absl::Time now)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ExpireLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool Expired(const Session& session, absl::Time now) const {
+    return !session.busy && now - session.last_used > options_.ttl;
+  }
 
   const SessionOptions options_;
   const int64_t bytes_per_session_;

@@ -12,37 +12,13 @@ loadgen="$3"
 root="$4"
 build="$5"
 python=/usr/bin/python3
-tmp="$(mktemp -d)"
-pid=""
-cleanup() {
-  if [[ -n "${pid}" ]]; then kill -9 "${pid}" 2> /dev/null || true; fi
-  rm -rf "${tmp}"
-}
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*" >&2
-  if [[ -f "${tmp}/server.log" ]]; then
-    echo "--- server log (tail) ---" >&2
-    tail -20 "${tmp}/server.log" >&2
-  fi
-  exit 1
-}
+# shellcheck source=tests/testing/server_process.sh
+source "${root}/tests/testing/server_process.sh"
 
 # --- Start the server on free ports; its ready line gives them. -------------------------------
 model="${root}/tests/golden/polysketch-learned-local"
-"${server}" --model "${model}" --host 127.0.0.1 --port 0 --metrics_host 127.0.0.1 \
-  --metrics_port 0 --slots 4 2> "${tmp}/server.log" &
-pid=$!
-for _ in $(seq 1 300); do
-  grep -q "^polysketch-server: serving" "${tmp}/server.log" && break
-  kill -0 "${pid}" 2> /dev/null || fail "server exited at start"
-  sleep 0.1
-done
-line="$(grep "^polysketch-server: serving" "${tmp}/server.log")" || fail "no ready line"
-port="$(sed -E 's/.* on [^ ]+:([0-9]+), metrics on .*/\1/' <<< "${line}")"
-[[ "${port}" =~ ^[0-9]+$ ]] || fail "cannot read the port from: ${line}"
+start_server "${model}" --slots 4
 target="127.0.0.1:${port}"
-echo "server ready: ${line}"
 
 # --- polysketch-cli ------------------------------------------------------------------------------
 gen_flags=(--target "${target}" --prompt "The quick brown fox" --max_new_tokens 24
@@ -317,12 +293,5 @@ out="$("${pycli[@]}" generate --prompt "The quick brown fox" --max_new_tokens 24
 echo "ok: python -m polysketch_client"
 
 # --- Stop the server. ----------------------------------------------------------------------------
-kill -TERM "${pid}"
-for _ in $(seq 1 100); do
-  kill -0 "${pid}" 2> /dev/null || break
-  sleep 0.1
-done
-kill -9 "${pid}" 2> /dev/null || true
-wait "${pid}" 2> /dev/null || true
-pid=""
+stop_server
 echo "PASS: clients_test"

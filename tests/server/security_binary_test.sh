@@ -25,21 +25,8 @@ loadgen="$3"
 root="$4"
 build="$5"
 python=/usr/bin/python3
-tmp="$(mktemp -d)"
-pid=""
-cleanup() {
-  if [[ -n "${pid}" ]]; then kill -9 "${pid}" 2> /dev/null || true; fi
-  rm -rf "${tmp}"
-}
-trap cleanup EXIT
-fail() {
-  echo "FAIL: $*" >&2
-  if [[ -f "${tmp}/server.log" ]]; then
-    echo "--- server log (tail) ---" >&2
-    tail -20 "${tmp}/server.log" >&2
-  fi
-  exit 1
-}
+# shellcheck source=tests/testing/server_process.sh
+source "${root}/tests/testing/server_process.sh"
 
 certs="${tmp}/certs"
 bash "${root}/tests/testing/make_test_certs.sh" "${certs}" > /dev/null 2>&1 \
@@ -89,32 +76,8 @@ refuse "cannot read ${tmp}/none" --auth_tokens_file "${tmp}/none"
 echo "ok: start-up refusals name the file and the problem"
 
 # --- 2. TLS + tokens -----------------------------------------------------------------------------
-start() {  # start <flags...>: sets pid, port, metrics_port, health_port
-  : > "${tmp}/server.log"
-  "${server}" --model "${model}" --host 127.0.0.1 --port 0 --metrics_host 127.0.0.1 \
-    --metrics_port 0 --slots 2 --threads 2 "$@" 2> "${tmp}/server.log" &
-  pid=$!
-  for _ in $(seq 1 300); do
-    grep -q "^polysketch-server: serving" "${tmp}/server.log" && break
-    kill -0 "${pid}" 2> /dev/null || fail "server exited at start"
-    sleep 0.1
-  done
-  line="$(grep "^polysketch-server: serving" "${tmp}/server.log")" || fail "no ready line"
-  port="$(sed -E 's/.* on [^ ]+:([0-9]+), metrics on .*/\1/' <<< "${line}")"
-  metrics_port="$(sed -E 's/.*, metrics on [^ ]+:([0-9]+).*/\1/' <<< "${line}")"
-  health_port="$(sed -nE 's/.*, health on [^ ]+:([0-9]+).*/\1/p' <<< "${line}")"
-  echo "server ready: ${line}"
-}
-stop() {
-  kill -TERM "${pid}"
-  for _ in $(seq 1 100); do
-    kill -0 "${pid}" 2> /dev/null || break
-    sleep 0.1
-  done
-  kill -9 "${pid}" 2> /dev/null || true
-  wait "${pid}" 2> /dev/null || true
-  pid=""
-}
+start() { start_server "${model}" --slots 2 --threads 2 "$@"; }
+stop() { stop_server; }
 
 start --tls_cert "${certs}/server.crt" --tls_key "${certs}/server.key" \
   --auth_tokens_file "${tmp}/tokens" --health_port 0 --auth_tokens_reload_interval 200ms

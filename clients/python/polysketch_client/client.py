@@ -261,6 +261,13 @@ class PolysketchClient:
     def _deadline(self, timeout: Optional[float]) -> Optional[float]:
         return self.timeout if timeout is None else timeout
 
+    def _call(self, method, request, timeout: Optional[float]):
+        """One unary call; a gRPC error becomes PolysketchError(code name, details)."""
+        try:
+            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise PolysketchError(error.code().name, error.details()) from None
+
     @staticmethod
     def _request(
         prompt: Union[str, Sequence[int]],
@@ -321,13 +328,7 @@ class PolysketchClient:
         self, prompt: Union[str, Sequence[int]], *, timeout: Optional[float] = None, **params
     ) -> GenerateResult:
         """Generates for a text (or token-id) prompt; params are GenerateRequest's fields."""
-        request = self._request(prompt, **params)
-        try:
-            response = self._stub.Generate(
-                request, timeout=self._deadline(timeout), metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            raise PolysketchError(error.code().name, error.details()) from None
+        response = self._call(self._stub.Generate, self._request(prompt, **params), timeout)
         return GenerateResult(
             request_id=response.request_id,
             text=response.text,
@@ -360,23 +361,11 @@ class PolysketchClient:
             call.cancel()  # no-op once the stream has ended
 
     def tokenize(self, text: str, *, timeout: Optional[float] = None) -> List[int]:
-        try:
-            response = self._stub.Tokenize(
-                pb.TokenizeRequest(text=text.encode("utf-8")),
-                timeout=self._deadline(timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as error:
-            raise PolysketchError(error.code().name, error.details()) from None
-        return list(response.token_ids)
+        request = pb.TokenizeRequest(text=text.encode("utf-8"))
+        return list(self._call(self._stub.Tokenize, request, timeout).token_ids)
 
     def model_info(self, *, timeout: Optional[float] = None) -> ModelInfo:
-        try:
-            m = self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self._deadline(timeout), metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            raise PolysketchError(error.code().name, error.details()) from None
+        m = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
         lim = m.limits
         return ModelInfo(
             name=m.name,
@@ -406,27 +395,13 @@ class PolysketchClient:
 
         service "" is liveness; SERVICE_NAME is readiness (NOT_SERVING while loading/draining).
         """
-        try:
-            return self._health(service, timeout=self._deadline(timeout), metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise PolysketchError(error.code().name, error.details()) from None
+        return self._call(self._health, service, timeout)
 
     def cancel(self, request_id: str, *, timeout: Optional[float] = None) -> None:
         """Cancels a running or queued request; NOT_FOUND when the id is unknown."""
-        try:
-            self._stub.Cancel(
-                pb.CancelRequest(request_id=request_id.encode("utf-8")),
-                timeout=self._deadline(timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as error:
-            raise PolysketchError(error.code().name, error.details()) from None
-
-    def _call(self, method, request, timeout: Optional[float]):
-        try:
-            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
-        except grpc.RpcError as error:
-            raise PolysketchError(error.code().name, error.details()) from None
+        self._call(
+            self._stub.Cancel, pb.CancelRequest(request_id=request_id.encode("utf-8")), timeout
+        )
 
     # Sessions: the server keeps the conversation's state; pass session_id= to generate /
     # generate_stream and send only the new text of each turn.

@@ -30,20 +30,18 @@
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/kernels.h"
 #include "kernels/packed_index.h"
+#include "tests/kernels/cuda/sketch_test_util.h"
 
 namespace ps::kernels::cuda {
 namespace {
 
+using test::HostSketchState;
+using test::MakeHostSketchState;
+using test::Random;
+using test::SketchInputs;
+
 constexpr double kRtol = 1e-4;
 constexpr double kAtolOfMax = 1e-4;
-
-std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> x(n);
-  for (float& v : x) v = dist(rng);
-  return x;
-}
 
 // Largest violation of |got - want| <= atol_of_max * max|want| + rtol |want|; <= 1 passes.
 void ExpectNear(const std::vector<float>& got, const std::vector<float>& want,
@@ -270,28 +268,14 @@ std::vector<SketchCase> SketchCases() {
 }
 
 // One sequence's polysketch state on both backends.
-struct SketchState {
-  std::vector<float> s, cur, keys, values;  // host (CPU backend) copy
-  DeviceBuffer ds, dcur, dkeys, dvalues;    // GPU copy
-  SketchSlotState CpuSlot() {
-    return {s.data(), cur.empty() ? nullptr : cur.data(), keys.empty() ? nullptr : keys.data(),
-            values.empty() ? nullptr : values.data()};
-  }
+// A host state (the CPU backend's) and its mirror on the GPU.
+struct SketchState : HostSketchState {
+  DeviceBuffer ds, dcur, dkeys, dvalues;
+  SketchSlotState CpuSlot() { return Slot(); }
   SketchSlotState GpuSlot() {
     return {ds.f32(), cur.empty() ? nullptr : dcur.f32(), keys.empty() ? nullptr : dkeys.f32(),
             values.empty() ? nullptr : dvalues.f32()};
   }
-};
-
-// Per-token inputs of n rows: psi_q, psi_k [n, H, r], v, q~, k~ [n, H, h].
-struct SketchInputs {
-  std::vector<float> psi_q, psi_k, v, ql, kl;
-  SketchInputs(const SketchAttentionShape& sh, int64_t n, uint32_t seed)
-      : psi_q(Random(n * sh.heads * sh.sketch_size, seed)),
-        psi_k(Random(n * sh.heads * sh.sketch_size, seed + 1)),
-        v(Random(n * sh.heads * sh.head_dim, seed + 2)),
-        ql(Random(n * sh.heads * sh.head_dim, seed + 3, 0.5f)),
-        kl(Random(n * sh.heads * sh.head_dim, seed + 4, 0.5f)) {}
 };
 
 class CudaSketchTest : public CudaBackendTest {
@@ -299,20 +283,7 @@ class CudaSketchTest : public CudaBackendTest {
   // A state holding `start` random tokens, built by the CPU backend, mirrored to the GPU.
   SketchState MakeState(const SketchAttentionShape& sh, int64_t start, uint32_t seed) {
     SketchState st;
-    const int64_t state = sh.heads * PackedSymmetricRows(sh.sketch_size) * (sh.head_dim + 1);
-    st.s.assign(state, 0.0f);
-    if (sh.local_exact) {
-      st.cur.assign(state, 0.0f);
-      st.keys.assign(sh.heads * sh.block_size * sh.head_dim, 0.0f);
-      st.values.assign(st.keys.size(), 0.0f);
-    }
-    if (start > 0) {
-      SketchInputs in(sh, start, seed);
-      std::vector<float> out(start * sh.heads * sh.head_dim);
-      cpu_.SketchPrefill(sh, 0, start, st.CpuSlot(), in.psi_q.data(), in.psi_k.data(), in.v.data(),
-                         sh.local_exact ? in.ql.data() : nullptr,
-                         sh.local_exact ? in.kl.data() : nullptr, out.data());
-    }
+    static_cast<HostSketchState&>(st) = MakeHostSketchState(cpu_, sh, start, seed);
     st.ds = Up(st.s);
     if (sh.local_exact) {
       st.dcur = Up(st.cur);

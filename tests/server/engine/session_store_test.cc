@@ -48,6 +48,11 @@ TEST(SessionStoreTest, IdleSessionsExpireBusyOnesDoNot) {
   store.Return(busy, std::move(state), kT0 + absl::Seconds(12));
   EXPECT_THAT(store.Copy(busy, "", kT0 + absl::Seconds(20)).status(), IsOk());
   EXPECT_EQ(store.stats().expired, 1);
+  // Past its ttl, a session is gone for Take even before any sweep ran.
+  EXPECT_THAT(store.Take(busy, "", kT0 + absl::Seconds(31)),
+              StatusIs(absl::StatusCode::kNotFound, "expired"));
+  EXPECT_EQ(store.stats().expired, 2);
+  EXPECT_EQ(store.stats().active, 0);
 }
 
 TEST(SessionStoreTest, OwnersAndBusySessions) {

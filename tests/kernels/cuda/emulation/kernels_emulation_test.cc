@@ -18,17 +18,15 @@
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cuda/kernels.h"
 #include "kernels/packed_index.h"
+#include "tests/kernels/cuda/sketch_test_util.h"
 
 namespace ps::kernels::cuda {
 namespace {
 
-std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> x(n);
-  for (float& v : x) v = dist(rng);
-  return x;
-}
+using test::HostSketchState;
+using test::MakeHostSketchState;
+using test::Random;
+using test::SketchInputs;
 
 void ExpectNear(const std::vector<float>& got, const std::vector<float>& want,
                 const std::string& what) {
@@ -108,46 +106,18 @@ TEST_F(KernelsEmulationTest, DenseKernels) {
   EXPECT_EQ(bf[1], 0xc020);  // -2.5
 }
 
-struct SketchState {
-  std::vector<float> s, cur, keys, values;
-  SketchSlotState Slot() {
-    return {s.data(), cur.empty() ? nullptr : cur.data(), keys.empty() ? nullptr : keys.data(),
-            values.empty() ? nullptr : values.data()};
-  }
+struct SketchState : HostSketchState {
   SketchSlotPtrs Ptrs() {
     const SketchSlotState x = Slot();
     return {x.sketch, x.sketch_cur, x.local_keys, x.local_values};
   }
 };
 
-struct SketchInputs {
-  std::vector<float> psi_q, psi_k, v, ql, kl;
-  SketchInputs(const SketchAttentionShape& sh, int64_t n, uint32_t seed)
-      : psi_q(Random(n * sh.heads * sh.sketch_size, seed)),
-        psi_k(Random(n * sh.heads * sh.sketch_size, seed + 1)),
-        v(Random(n * sh.heads * sh.head_dim, seed + 2)),
-        ql(Random(n * sh.heads * sh.head_dim, seed + 3, 0.5f)),
-        kl(Random(n * sh.heads * sh.head_dim, seed + 4, 0.5f)) {}
-};
-
 class SketchEmulationTest : public KernelsEmulationTest {
  protected:
   SketchState MakeState(const SketchAttentionShape& sh, int64_t start, uint32_t seed) {
     SketchState st;
-    const int64_t state = sh.heads * PackedSymmetricRows(sh.sketch_size) * (sh.head_dim + 1);
-    st.s.assign(state, 0.0f);
-    if (sh.local_exact) {
-      st.cur.assign(state, 0.0f);
-      st.keys.assign(sh.heads * sh.block_size * sh.head_dim, 0.0f);
-      st.values.assign(st.keys.size(), 0.0f);
-    }
-    if (start > 0) {
-      SketchInputs in(sh, start, seed);
-      std::vector<float> out(start * sh.heads * sh.head_dim);
-      cpu_.SketchPrefill(sh, 0, start, st.Slot(), in.psi_q.data(), in.psi_k.data(), in.v.data(),
-                         sh.local_exact ? in.ql.data() : nullptr,
-                         sh.local_exact ? in.kl.data() : nullptr, out.data());
-    }
+    static_cast<HostSketchState&>(st) = MakeHostSketchState(cpu_, sh, start, seed);
     return st;
   }
 };

@@ -15,7 +15,7 @@ import copy
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,15 @@ SKETCH_KINDS = ("random", "learned")
 POLY_DEGREE = 4
 LN_EPS = 1e-5
 REQUIRED_KEYS = ("architecture", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
+# Where position enters the network (config key "position_encoding"; algorithm.md section 1):
+#   "sinusoidal+rope": absolute sinusoidal encodings added to the embedding, RoPE on q and k of
+#                      every layer. The default: a config without the key computes this.
+#   "rope":            RoPE on q and k of every layer, no absolute encoding.
+#   "local_rope":      no absolute encoding; RoPE only on the exact local-block weights of
+#                      polysketch local_exact layers (their q~, k~). Every other path (the sketched
+#                      weights, softmax, polynomial, sparse kinds) sees q and k without position.
+POSITION_ENCODINGS = ("sinusoidal+rope", "rope", "local_rope")
+DEFAULT_POSITION_ENCODING = "sinusoidal+rope"
 EMBED_INIT_STD = 0.3  # measured: 0.02 stalls at the unigram loss, 1.0 starts far above it
 
 
@@ -129,6 +138,7 @@ class ModelConfig:
     layers: List[AttentionConfig] = field(default_factory=list)
     d_ff: Optional[int] = None  # derived from d_model when None: floor(8D/3 / 8) * 8
     norm_eps: float = LN_EPS
+    position_encoding: str = DEFAULT_POSITION_ENCODING  # one of POSITION_ENCODINGS
 
     def __post_init__(self) -> None:
         if self.d_ff is None and isinstance(self.d_model, int):
@@ -149,6 +159,9 @@ class ModelConfig:
         eps = self.norm_eps
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
             raise ValueError(f"norm_eps must be a number in (0, 1), got {eps!r}")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding {self.position_encoding!r} is not one of "
+                             f"{POSITION_ENCODINGS}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.d_model % 2:
@@ -162,7 +175,7 @@ class ModelConfig:
                 raise ValueError(f"layers[{i}]: {e}") from None
 
     def to_json(self) -> Dict[str, Any]:
-        return {
+        out = {
             "architecture": self.architecture,
             "vocab_size": self.vocab_size,
             "d_model": self.d_model,
@@ -173,6 +186,11 @@ class ModelConfig:
             "norm_eps": self.norm_eps,
             "layers": [layer.to_json() for layer in self.layers],
         }
+        # Written only when it is not the default, so the configs of models made before the key
+        # existed are unchanged byte for byte when exported again.
+        if self.position_encoding != DEFAULT_POSITION_ENCODING:
+            out["position_encoding"] = self.position_encoding
+        return out
 
     @staticmethod
     def from_json(obj: Dict[str, Any]) -> "ModelConfig":
@@ -382,7 +400,10 @@ class Attention(nn.Module):
         return self.qk_norm(q), self.qk_norm(k)
 
     # -- dense (masked quadratic) ---------------------------------------------------------------
-    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              local: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """`local`: what the local_exact norms read (q, k with RoPE under "local_rope");
+        None means q and k themselves. Every form below takes it the same way."""
         n = q.shape[2]
         pos = torch.arange(n, device=q.device)
         kind = self.cfg.kind
@@ -390,7 +411,8 @@ class Attention(nn.Module):
             a, bk = self.psi(q), self.psi(k)
             w = torch.square(a @ bk.transpose(-1, -2))
             if self.cfg.local_exact:
-                ql, kl = self.local_q_norm(q), self.local_k_norm(k)
+                lq, lk = local or (q, k)
+                ql, kl = self.local_q_norm(lq), self.local_k_norm(lk)
                 exact = pow4(ql @ kl.transpose(-1, -2))
                 w = torch.where(same_block(pos[:, None], pos[None, :], self.cfg.block_size),
                                 exact, w)
@@ -428,12 +450,13 @@ class Attention(nn.Module):
                        v=empty.clone())
 
     # -- prefill from a state (block algorithm for polysketch) ---------------------------------
-    def prefill(self, q, k, v, state, start: int, block_size: Optional[int] = None):
+    def prefill(self, q, k, v, state, start: int, block_size: Optional[int] = None,
+                local: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """Positions start .. start+n-1, continuing `state` (updated in place). For a plain sketch
         `block_size` (default: the config's, else 64) only changes rounding; with local_exact
         the blocks are the model's, aligned to position 0."""
         if self.cfg.kind == "polysketch":
-            return self._sketch_prefill(q, k, v, state, start, block_size)
+            return self._sketch_prefill(q, k, v, state, start, block_size, local)
         return self._kv_prefill(q, k, v, state, start)
 
     def _kv_prefill(self, q, k, v, st: KVState, start: int):
@@ -453,7 +476,7 @@ class Attention(nn.Module):
         st.pos, st.k, st.v = kpos[keep], keys[:, :, keep], vals[:, :, keep]
         return o
 
-    def _sketch_prefill(self, q, k, v, st: SketchState, start: int, block_size):
+    def _sketch_prefill(self, q, k, v, st: SketchState, start: int, block_size, local=None):
         cfg = self.cfg
         n = q.shape[2]
         if cfg.local_exact:
@@ -466,7 +489,8 @@ class Attention(nn.Module):
         a_all, b_all = self.psi(q), self.psi(k)  # [B, H, n, r]
         c_all = with_ones(v)  # [B, H, n, h+1]
         if cfg.local_exact:
-            ql_all, kl_all = self.local_q_norm(q), self.local_k_norm(k)
+            lq, lk = local or (q, k)
+            ql_all, kl_all = self.local_q_norm(lq), self.local_k_norm(lk)
         outs = []
         s = 0
         while s < n:
@@ -512,7 +536,8 @@ class Attention(nn.Module):
         st.v_loc = st.v_loc[:, :, :0]
 
     # -- recurrent decode -----------------------------------------------------------------------
-    def decode(self, q, k, v, state, t: int):
+    def decode(self, q, k, v, state, t: int,
+               local: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """One token at position t. q, k, v: [B, H, 1, h]. Returns [B, H, 1, h]."""
         if self.cfg.kind != "polysketch":
             return self._kv_prefill(q, k, v, state, t)  # one query against the cache
@@ -527,9 +552,10 @@ class Attention(nn.Module):
             if t % self.cfg.block_size == 0 and t > 0:
                 self._fold(st)
             st.s_cur = st.s_cur + upd
-            st.k_loc = torch.cat([st.k_loc, self.local_k_norm(k)], dim=2)
+            lq, lk = local or (q, k)
+            st.k_loc = torch.cat([st.k_loc, self.local_k_norm(lk)], dim=2)
             st.v_loc = torch.cat([st.v_loc, v], dim=2)
-            ql = self.local_q_norm(q)  # [B, H, 1, h]
+            ql = self.local_q_norm(lq)  # [B, H, 1, h]
             w = pow4(ql @ st.k_loc.transpose(-1, -2))  # [B, H, 1, m]
             u = (pa @ st.s_prev)[:, :, 0] + (w @ with_ones(st.v_loc))[:, :, 0]
         o = u[..., :-1] / (1.0 + u[..., -1:])
@@ -597,7 +623,11 @@ class PolySketchFormer(nn.Module):
         H = self.cfg.n_heads
         qkv = blk.attn.qkv(blk.ln1(x)).view(B, n, 3, H, D // H).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, n, h]
-        return rope(q, positions), rope(k, positions), v
+        if self.cfg.position_encoding != "local_rope":
+            return rope(q, positions), rope(k, positions), v, None
+        # RoPE only where the exact local-block weights read q and k (POSITION_ENCODINGS).
+        local = (rope(q, positions), rope(k, positions)) if blk.attn.cfg.local_exact else None
+        return q, k, v, local
 
     def _finish_attn(self, blk: Block, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         B, H, n, h = o.shape
@@ -606,6 +636,8 @@ class PolySketchFormer(nn.Module):
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
+        if self.cfg.position_encoding != "sinusoidal+rope":
+            return x
         return x + sinusoidal(positions, self.cfg.d_model, x.dtype)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
@@ -617,8 +649,8 @@ class PolySketchFormer(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self._embed(tokens, positions)
         for blk in self.blocks:
-            q, k, v = self._qkv(blk, x, positions)
-            x = self._finish_attn(blk, x, blk.attn.dense(q, k, v))
+            q, k, v, local = self._qkv(blk, x, positions)
+            x = self._finish_attn(blk, x, blk.attn.dense(q, k, v, local))
         return self._head(x)
 
     def init_state(self, batch: int = 1, dtype: Optional[torch.dtype] = None) -> List[Any]:
@@ -633,8 +665,8 @@ class PolySketchFormer(nn.Module):
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self._embed(tokens, positions)
         for blk, st in zip(self.blocks, states):
-            q, k, v = self._qkv(blk, x, positions)
-            x = self._finish_attn(blk, x, blk.attn.prefill(q, k, v, st, start, block_size))
+            q, k, v, local = self._qkv(blk, x, positions)
+            x = self._finish_attn(blk, x, blk.attn.prefill(q, k, v, st, start, block_size, local))
         return self._head(x)
 
     def prefill_chunked(self, tokens: torch.Tensor, states: List[Any], chunk: int,
@@ -651,8 +683,8 @@ class PolySketchFormer(nn.Module):
         positions = torch.tensor([t], device=tokens.device)
         x = self._embed(tokens[:, None], positions)
         for blk, st in zip(self.blocks, states):
-            q, k, v = self._qkv(blk, x, positions)
-            x = self._finish_attn(blk, x, blk.attn.decode(q, k, v, st, t))
+            q, k, v, local = self._qkv(blk, x, positions)
+            x = self._finish_attn(blk, x, blk.attn.decode(q, k, v, st, t, local))
         return self._head(x)[:, 0]
 
 

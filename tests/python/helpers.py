@@ -20,9 +20,9 @@ N_HEADS = 2
 
 
 def make_config(layers: List[Dict[str, Any]], d_model: int = D_MODEL, n_heads: int = N_HEADS,
-                vocab: int = VOCAB) -> ModelConfig:
+                vocab: int = VOCAB, position_encoding: Optional[str] = None) -> ModelConfig:
     """A ModelConfig with one entry of `layers` per layer, through the JSON path."""
-    return ModelConfig.from_json({
+    obj: Dict[str, Any] = {
         "architecture": "polysketchformer",
         "vocab_size": vocab,
         "d_model": d_model,
@@ -30,7 +30,10 @@ def make_config(layers: List[Dict[str, Any]], d_model: int = D_MODEL, n_heads: i
         "n_heads": n_heads,
         "max_seq_len": 64,
         "layers": layers,
-    })
+    }
+    if position_encoding is not None:
+        obj["position_encoding"] = position_encoding
+    return ModelConfig.from_json(obj)
 
 
 def roughen(model: PolySketchFormer, seed: int) -> None:

@@ -191,3 +191,24 @@ def test_mixed_layers_dense_prefill_decode() -> None:
     assert_close(tail, ref[:, 8:], "decode after prefill vs dense")
     kinds = [type(st).__name__ for st in states]
     assert kinds == ["SketchState", "KVState", "KVState"]
+
+
+@pytest.mark.parametrize("value", ["alibi", "", 3, None])
+def test_bad_position_encoding(value: Any) -> None:
+    obj = config()
+    obj["position_encoding"] = value
+    refused(obj, "position_encoding")
+
+
+@pytest.mark.parametrize("mode", ["rope", "local_rope"])
+def test_position_encoding_round_trip(mode: str) -> None:
+    cfg = ModelConfig.from_json(config(position_encoding=mode))
+    assert cfg.position_encoding == mode
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_default_position_encoding_is_not_written() -> None:
+    """Configs made before the key existed export byte for byte as they were."""
+    cfg = ModelConfig.from_json(config())
+    assert cfg.position_encoding == "sinusoidal+rope"
+    assert "position_encoding" not in cfg.to_json()

@@ -227,3 +227,45 @@ def test_batch_rows_are_independent(layer: Dict[str, Any]) -> None:
         assert_close(both[:, row:row + 1], alone, f"batch row {row} vs run alone")
     assert_close(both[1], both[0], "prefill vs dense")
     assert_close(both[2], both[0], "chunked prefill + decode vs dense")
+
+
+# ------------------------------------------------------------------------------------------------
+# Every position encoding keeps the three forms equal (RoPE only on the local block under
+# "local_rope": the sketched state and the KV caches then hold keys without rotation)
+# ------------------------------------------------------------------------------------------------
+MIXED_LAYERS = [sketch_layer("learned", True, 3), {"kind": "softmax"},
+                sketch_layer("random", False, 3), {"kind": "sparse_fixed", "chunk": 5, "summary": 2}]
+
+
+@pytest.mark.parametrize("mode", ["sinusoidal+rope", "rope", "local_rope"])
+def test_position_encodings_keep_forms_equal(mode: str) -> None:
+    model = make_model(MIXED_LAYERS, seed=7, position_encoding=mode)
+    tokens = make_tokens(2, 14)
+    forms = all_forms(model, tokens, 5, [2, 1, 2])
+    assert_close(forms[1], forms[0], f"{mode}: prefill vs dense")
+    assert_close(forms[2], forms[0], f"{mode}: chunked prefill + decode vs dense")
+
+
+def test_position_encodings_differ() -> None:
+    """Each mode computes something else from the same weights (so none is silently ignored),
+    and the default is what a config without the key computes."""
+    tokens = make_tokens(1, 12)
+    outs = {}
+    for mode in (None, "sinusoidal+rope", "rope", "local_rope"):
+        outs[mode] = dense(make_model(MIXED_LAYERS, seed=7, position_encoding=mode), tokens)
+    assert torch.equal(outs[None], outs["sinusoidal+rope"])
+    modes = ["sinusoidal+rope", "rope", "local_rope"]
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            assert (outs[a] - outs[b]).abs().max() > 1e-3, f"{a} and {b} agree"
+
+
+def test_local_rope_is_position_free_outside_the_block() -> None:
+    """Under "local_rope" a model without local_exact layers sees no position at all: shifting
+    the start position of a prefill changes nothing."""
+    model = make_model([{"kind": "softmax"}, sketch_layer("random", False, 3)], seed=2,
+                       position_encoding="local_rope")
+    tokens = make_tokens(1, 9)
+    a = model.prefill(tokens, model.init_state(1), start=0)
+    b = model.prefill(tokens, model.init_state(1), start=1000)
+    assert_close(b, a, "start 1000 vs start 0")

@@ -20,6 +20,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import blockwise
 
 ATTENTION_KINDS = (
     "softmax",
@@ -42,7 +45,12 @@ REQUIRED_KEYS = ("architecture", "vocab_size", "d_model", "n_layers", "n_heads",
 #                      weights, softmax, polynomial, sparse kinds) sees q and k without position.
 POSITION_ENCODINGS = ("sinusoidal+rope", "rope", "local_rope")
 DEFAULT_POSITION_ENCODING = "sinusoidal+rope"
-EMBED_INIT_STD = 0.3  # measured: 0.02 stalls at the unigram loss, 1.0 starts far above it
+# Embedding init std. With the sinusoidal encodings added: measured, 0.02 stalls at the unigram
+# loss and 1.0 starts far above it. Without them the tied head sees LN(E[t]) . E[t] = D * std at
+# init, so 0.3 makes an untrained model predict its input byte (loss 56 at width 192, measured):
+# GPT-2's 0.02 is the value there.
+EMBED_INIT_STD = 0.3
+EMBED_INIT_STD_NO_SINUSOIDAL = 0.02
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +430,31 @@ class Attention(nn.Module):
             return self._poly_normalise(pow4(qn @ kn.transpose(-1, -2)), pos, pos, v)
         return self._softmax(q, k, v, pos, pos)
 
+    # -- training form: linear memory (blockwise.py) --------------------------------------------
+    def train_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      local: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                      chunk: int = 256) -> torch.Tensor:
+        """The dense form's values and gradients without any [n, n] tensor: the block algorithm
+        for polysketch, FlashAttention-style tiles for softmax and exact polynomial. The
+        sliding-window and sparse kinds fall back to the dense form (their masks are not tiled)."""
+        kind = self.cfg.kind
+        if kind == "polysketch":
+            ql = kl = None
+            if self.cfg.local_exact:
+                lq, lk = local or (q, k)
+                ql, kl = self.local_q_norm(lq), self.local_k_norm(lk)
+            u = blockwise.sketch_attention(self.psi(q), self.psi(k), with_ones(v), ql, kl,
+                                           self.cfg.block_size if self.cfg.local_exact else None,
+                                           chunk)
+            return u[..., :-1] / (1.0 + u[..., -1:])
+        if kind == "polynomial":
+            qn, kn = self._poly_qk(q, k)
+            u = blockwise.tiled_polynomial(qn, kn, with_ones(v), chunk)
+            return u[..., :-1] / (1.0 + u[..., -1:])
+        if kind == "softmax":
+            return blockwise.tiled_softmax(q, k, v, 1.0 / math.sqrt(self.h), chunk)
+        return self.dense(q, k, v, local)
+
     def _poly_normalise(self, w, qpos, kpos, v):
         mask = allowed(self.cfg, qpos[:, None], kpos[None, :])
         w = w.masked_fill(~mask, 0.0)
@@ -610,7 +643,9 @@ class PolySketchFormer(nn.Module):
                     p.data /= math.sqrt(2 * self.cfg.n_layers)
         # The sinusoidal encodings are added unscaled (rms ~0.7 per dimension); a 0.02 embedding
         # would hide the token under its position and training stalls at the unigram loss.
-        nn.init.normal_(self.embed.weight, 0.0, EMBED_INIT_STD)
+        std = (EMBED_INIT_STD if self.cfg.position_encoding == "sinusoidal+rope"
+               else EMBED_INIT_STD_NO_SINUSOIDAL)
+        nn.init.normal_(self.embed.weight, 0.0, std)
         for m in self.modules():
             if isinstance(m, LearnedSketch):  # keep the sketch network at unit scale
                 for lin in m.modules():
@@ -644,14 +679,32 @@ class PolySketchFormer(nn.Module):
         return self.final_norm(x) @ self.embed.weight.t() + self.logit_bias
 
     # -- the three forms ------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Dense masked form. tokens: [B, n] int64 -> logits [B, n, V]."""
+    def forward(self, tokens: torch.Tensor, form: str = "dense", chunk: int = 256,
+                checkpoint: bool = False) -> torch.Tensor:
+        """tokens: [B, n] int64 -> logits [B, n, V], from position 0.
+
+        form "dense": the masked quadratic definition. form "block": the same function in linear
+        memory for training at long n (Attention.train_forward; `chunk` tokens per chunk or tile).
+        checkpoint: recompute each block's activations in backward (torch.utils.checkpoint), so
+        stored activations are one [B, n, D] tensor per block."""
+        if form not in ("dense", "block"):
+            raise ValueError(f"form must be 'dense' or 'block', got {form!r}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self._embed(tokens, positions)
         for blk in self.blocks:
-            q, k, v, local = self._qkv(blk, x, positions)
-            x = self._finish_attn(blk, x, blk.attn.dense(q, k, v, local))
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self._block, blk, x, positions, form, chunk,
+                                                      use_reentrant=False)
+            else:
+                x = self._block(blk, x, positions, form, chunk)
         return self._head(x)
+
+    def _block(self, blk: Block, x: torch.Tensor, positions: torch.Tensor, form: str,
+               chunk: int) -> torch.Tensor:
+        q, k, v, local = self._qkv(blk, x, positions)
+        if form == "dense":
+            return self._finish_attn(blk, x, blk.attn.dense(q, k, v, local))
+        return self._finish_attn(blk, x, blk.attn.train_forward(q, k, v, local, chunk))
 
     def init_state(self, batch: int = 1, dtype: Optional[torch.dtype] = None) -> List[Any]:
         dtype = dtype or self.embed.weight.dtype

@@ -44,13 +44,23 @@ class TrainConfig:
     eval_windows: int = 32
     ckpt_every: int = 100
     seed: int = 1234
+    # "dense": the masked quadratic form; "block": the same function in linear memory
+    # (train/blockwise.py), for long seq_len. chunk: tokens per chunk/tile of the block form.
+    form: str = "dense"
+    chunk: int = 256
+    checkpoint: bool = False  # recompute each block's activations in backward
 
     @staticmethod
     def from_json(obj: Dict[str, Any]) -> "TrainConfig":
         unknown = set(obj) - set(TrainConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown train keys {sorted(unknown)}")
-        return TrainConfig(**obj)
+        tc = TrainConfig(**obj)
+        if tc.form not in ("dense", "block"):
+            raise ValueError(f"train.form must be 'dense' or 'block', got {tc.form!r}")
+        if not isinstance(tc.chunk, int) or isinstance(tc.chunk, bool) or tc.chunk < 1:
+            raise ValueError(f"train.chunk must be a positive integer, got {tc.chunk!r}")
+        return tc
 
 
 def load_run_config(path: Path):
@@ -90,7 +100,7 @@ def sample_batch(data: np.ndarray, tc: TrainConfig, rng: np.random.Generator,
 
 @torch.no_grad()
 def evaluate(model: PolySketchFormer, data: np.ndarray, seq_len: int, windows: int,
-             device: torch.device) -> float:
+             device: torch.device, form: str = "dense", chunk: int = 256) -> float:
     """Held-out bits per byte over `windows` evenly spaced, non-overlapping windows."""
     model.eval()
     n_win = min(windows, (len(data) - 1) // (seq_len + 1))
@@ -100,11 +110,11 @@ def evaluate(model: PolySketchFormer, data: np.ndarray, seq_len: int, windows: i
     step = (len(data) - 1) // n_win
     total, count = 0.0, 0
     for w in range(n_win):
-        chunk = torch.from_numpy(data[w * step:w * step + seq_len + 1].astype(np.int64))
-        chunk = chunk.to(device)[None]
-        logits = model(chunk[:, :-1])
+        window = torch.from_numpy(data[w * step:w * step + seq_len + 1].astype(np.int64))
+        window = window.to(device)[None]
+        logits = model(window[:, :-1], form=form, chunk=chunk)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
-                                                 chunk[:, 1:].flatten(), reduction="sum")
+                                                 window[:, 1:].flatten(), reduction="sum")
         total += float(loss)
         count += seq_len
     model.train()
@@ -198,7 +208,7 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = sample_batch(train_data, tc, rng, device)
-        logits = model(x)
+        logits = model(x, form=tc.form, chunk=tc.chunk, checkpoint=tc.checkpoint)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,7 +225,8 @@ def main() -> None:
                   f"{record['tokens_per_s']:.0f} tok/s elapsed {now - t_start:.0f}s", flush=True)
             t_last, tok_since = now, 0
         if step % tc.eval_every == 0 or step == tc.steps:
-            bpb = evaluate(model, held_data, tc.seq_len, tc.eval_windows, device)
+            bpb = evaluate(model, held_data, tc.seq_len, tc.eval_windows, device, tc.form,
+                           tc.chunk)
             record["heldout_bpb"] = bpb
             history.append({"step": step, "heldout_bpb": bpb})
             print(f"eval step {step}: held-out {bpb:.4f} bits/byte", flush=True)

@@ -1,0 +1,270 @@
+"""Training forms of attention whose memory grows linearly in n (issue 14; algorithm.md section 3).
+
+The dense forms in model.py materialise [n, n] weights, so training memory and time grow with n^2.
+The three autograd functions here compute the same values and gradients chunk by chunk and keep
+nothing of size n x n, forward or backward:
+
+  * `sketch_attention`: polysketch (random or learned sketch, optionally local_exact). The block
+    algorithm: exact weights inside a chunk, the recurrent sketch state S across chunks. Linear in
+    n. Backward walks the chunks in reverse with the suffix sum R of phi(A)^T dU, the adjoint of S.
+  * `tiled_softmax`: exact causal softmax attention with FlashAttention's algorithm (online
+    softmax over key tiles forward; backward recomputes each tile's probabilities from the saved
+    log-sum-exp). Quadratic time, linear memory: the honest baseline for training on a CPU, where
+    torch 1.13 has no fused attention.
+  * `tiled_polynomial`: exact polynomial attention (q^.k^)^4 / (1 + sum) tiled the same way
+    (no running maximum needed: the normaliser is a plain sum).
+
+Shape letters: B batch, H heads, n tokens, h head width, r sketch size, b local block, c chunk.
+Tensors are [B, H, n, *]. The sketch and polynomial functions return U = [sum w v | sum w]
+([B, H, n, h+1]); the caller forms o = U[..., :h] / (1 + U[..., h]) (algorithm.md section 3 step 3).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+
+def _spans(n: int, size: int) -> List[Tuple[int, int]]:
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    """vec(x x^T): [..., r] -> [..., r*r], so phi(a).phi(b) = (a.b)^2."""
+    return (x[..., :, None] * x[..., None, :]).flatten(-2)
+
+
+def _phi_grad(dphi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. x of <dphi, phi(x)>: (M + M^T) x with M = dphi as [..., r, r]."""
+    r = x.shape[-1]
+    m = dphi.unflatten(-1, (r, r))
+    return ((m + m.transpose(-1, -2)) @ x[..., None])[..., 0]
+
+
+def _pow4(x: torch.Tensor) -> torch.Tensor:
+    x2 = x * x
+    return x2 * x2
+
+
+def _intra_masks(s: int, e: int, b: Optional[int], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Within chunk [s, e): causal mask, and where the exact local weight applies (same block of
+    b aligned to position 0; all False without local_exact)."""
+    pos = torch.arange(s, e, device=device)
+    causal = pos[None, :] <= pos[:, None]
+    if b is None:
+        return causal, torch.zeros_like(causal)
+    local = (pos[:, None] // b) == (pos[None, :] // b)
+    return causal, causal & local
+
+
+class _SketchAttention(torch.autograd.Function):
+    """U[i] = sum_{j <= i} w_ij C[j], w_ij = (A_i.B_j)^2, or (QL_i.KL_j)^4 inside i's local block.
+
+    a, bk: [B, H, n, r] sketches psi(q), psi(k); c: [B, H, n, h+1] = [v | 1];
+    ql, kl: [B, H, n, h] normalised local q~, k~ (None without local_exact); b: local block;
+    chunk: tokens per chunk (a multiple of b). Saves a, bk, c, ql, kl and the state S at each chunk
+    start: (n / chunk) x r*r x (h+1) floats per head.
+    """
+
+    @staticmethod
+    def forward(ctx, a, bk, c, ql, kl, b, chunk):
+        B, H, n, r = a.shape
+        S = a.new_zeros(B, H, r * r, c.shape[-1])
+        out = a.new_empty(B, H, n, c.shape[-1])
+        starts = []
+        for s, e in _spans(n, chunk):
+            starts.append(S)
+            causal, local = _intra_masks(s, e, b, a.device)
+            w = torch.square(a[:, :, s:e] @ bk[:, :, s:e].transpose(-1, -2))
+            if b is not None:
+                w = torch.where(local, _pow4(ql[:, :, s:e] @ kl[:, :, s:e].transpose(-1, -2)), w)
+            w = w.masked_fill(~causal, 0.0)
+            out[:, :, s:e] = w @ c[:, :, s:e] + _phi(a[:, :, s:e]) @ S
+            S = S + _phi(bk[:, :, s:e]).transpose(-1, -2) @ c[:, :, s:e]
+        ctx.b, ctx.chunk = b, chunk
+        ctx.save_for_backward(a, bk, c, ql, kl, torch.stack(starts, dim=2))
+        return out
+
+    @staticmethod
+    def backward(ctx, du):
+        a, bk, c, ql, kl, starts = ctx.saved_tensors
+        b, chunk = ctx.b, ctx.chunk
+        n = a.shape[2]
+        da, dbk, dc = torch.zeros_like(a), torch.zeros_like(bk), torch.zeros_like(c)
+        dql = torch.zeros_like(ql) if b is not None else None
+        dkl = torch.zeros_like(kl) if b is not None else None
+        R = torch.zeros_like(starts[:, :, 0])  # d(loss)/dS for the chunks after this one
+        for ci, (s, e) in reversed(list(enumerate(_spans(n, chunk)))):
+            A, Bk, C, dU = a[:, :, s:e], bk[:, :, s:e], c[:, :, s:e], du[:, :, s:e]
+            causal, local = _intra_masks(s, e, b, a.device)
+            # intra-chunk: U += W C
+            g = A @ Bk.transpose(-1, -2)
+            dw = (dU @ C.transpose(-1, -2)).masked_fill(~causal, 0.0)
+            w = torch.square(g)
+            if b is not None:
+                QL, KL = ql[:, :, s:e], kl[:, :, s:e]
+                ex = QL @ KL.transpose(-1, -2)
+                w = torch.where(local, _pow4(ex), w)
+                dex = (dw * 4.0 * ex * ex * ex).masked_fill(~local, 0.0)
+                dql[:, :, s:e] = dex @ KL
+                dkl[:, :, s:e] = dex.transpose(-1, -2) @ QL
+                dw = dw.masked_fill(local, 0.0)
+            w = w.masked_fill(~causal, 0.0)
+            dg = dw * 2.0 * g
+            da_c = dg @ Bk
+            dbk_c = dg.transpose(-1, -2) @ A
+            dc_c = w.transpose(-1, -2) @ dU
+            # inter-chunk: U += phi(A) S_start, and S_start feeds every later chunk
+            S = starts[:, :, ci]
+            da_c = da_c + _phi_grad(dU @ S.transpose(-1, -2), A)
+            phi_b = _phi(Bk)
+            dbk_c = dbk_c + _phi_grad(C @ R.transpose(-1, -2), Bk)
+            dc_c = dc_c + phi_b @ R
+            R = R + _phi(A).transpose(-1, -2) @ dU
+            da[:, :, s:e], dbk[:, :, s:e], dc[:, :, s:e] = da_c, dbk_c, dc_c
+        return da, dbk, dc, dql, dkl, None, None
+
+
+def sketch_attention(a: torch.Tensor, bk: torch.Tensor, c: torch.Tensor,
+                     ql: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None,
+                     block_size: Optional[int] = None, chunk: int = 256) -> torch.Tensor:
+    """Polysketch attention numerators and normaliser U ([B, H, n, h+1]) in linear memory.
+
+    With local_exact (ql, kl and block_size given) the chunk is rounded up to a multiple of the
+    block, so no local block straddles two chunks. Raises ValueError on inconsistent arguments."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if (ql is None) != (kl is None) or (ql is None) != (block_size is None):
+        raise ValueError("local_exact needs ql, kl and block_size together")
+    if block_size is not None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        chunk = -(-chunk // block_size) * block_size
+    return _SketchAttention.apply(a, bk, c, ql, kl, block_size, chunk)
+
+
+class _TiledSoftmax(torch.autograd.Function):
+    """o_i = sum_{j <= i} softmax_j(q_i.k_j * scale) v_j with FlashAttention's online softmax.
+
+    Saves q, k, v, o and the log-sum-exp per query ([B, H, n]): linear memory."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, tile):
+        n = q.shape[2]
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:3])
+        for qs, qe in _spans(n, tile):
+            Q = q[:, :, qs:qe] * scale
+            m = q.new_full((*q.shape[:2], qe - qs, 1), float("-inf"))
+            l = q.new_zeros((*q.shape[:2], qe - qs, 1))
+            acc = q.new_zeros((*q.shape[:2], qe - qs, q.shape[-1]))
+            for ks, ke in _spans(qe, tile):
+                sc = Q @ k[:, :, ks:ke].transpose(-1, -2)
+                if ke > qs:  # the diagonal tile: mask keys after the query
+                    qpos = torch.arange(qs, qe, device=q.device)[:, None]
+                    kpos = torch.arange(ks, ke, device=q.device)[None, :]
+                    sc = sc.masked_fill(kpos > qpos, float("-inf"))
+                m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
+                p = torch.exp(sc - m_new)
+                corr = torch.exp(m - m_new)
+                l = l * corr + p.sum(-1, keepdim=True)
+                acc = acc * corr + p @ v[:, :, ks:ke]
+                m = m_new
+            out[:, :, qs:qe] = acc / l
+            lse[:, :, qs:qe] = (m + torch.log(l))[..., 0]
+        ctx.scale, ctx.tile = scale, tile
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, tile = ctx.scale, ctx.tile
+        n = q.shape[2]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        delta = (do * out).sum(-1, keepdim=True)  # [B, H, n, 1]
+        for qs, qe in _spans(n, tile):
+            Q, dO = q[:, :, qs:qe], do[:, :, qs:qe]
+            L, Dl = lse[:, :, qs:qe, None], delta[:, :, qs:qe]
+            dQ = torch.zeros_like(Q)
+            for ks, ke in _spans(qe, tile):
+                K, V = k[:, :, ks:ke], v[:, :, ks:ke]
+                sc = (Q @ K.transpose(-1, -2)) * scale
+                if ke > qs:
+                    qpos = torch.arange(qs, qe, device=q.device)[:, None]
+                    kpos = torch.arange(ks, ke, device=q.device)[None, :]
+                    sc = sc.masked_fill(kpos > qpos, float("-inf"))
+                p = torch.exp(sc - L)
+                dv[:, :, ks:ke] += p.transpose(-1, -2) @ dO
+                ds = p * (dO @ V.transpose(-1, -2) - Dl) * scale
+                dQ += ds @ K
+                dk[:, :, ks:ke] += ds.transpose(-1, -2) @ Q
+            dq[:, :, qs:qe] = dQ
+        return dq, dk, dv, None, None
+
+
+def tiled_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  tile: int = 256) -> torch.Tensor:
+    """Causal softmax attention [B, H, n, h] in linear memory (FlashAttention's algorithm)."""
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    return _TiledSoftmax.apply(q, k, v, scale, tile)
+
+
+class _TiledPolynomial(torch.autograd.Function):
+    """U[i] = sum_{j <= i} (qn_i.kn_j)^4 C[j], tile by tile; saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx, qn, kn, c, tile):
+        n = qn.shape[2]
+        out = c.new_zeros(*c.shape[:2], n, c.shape[-1])
+        for qs, qe in _spans(n, tile):
+            Q = qn[:, :, qs:qe]
+            for ks, ke in _spans(qe, tile):
+                w = _pow4(Q @ kn[:, :, ks:ke].transpose(-1, -2))
+                if ke > qs:
+                    qpos = torch.arange(qs, qe, device=qn.device)[:, None]
+                    kpos = torch.arange(ks, ke, device=qn.device)[None, :]
+                    w = w.masked_fill(kpos > qpos, 0.0)
+                out[:, :, qs:qe] += w @ c[:, :, ks:ke]
+        ctx.tile = tile
+        ctx.save_for_backward(qn, kn, c)
+        return out
+
+    @staticmethod
+    def backward(ctx, du):
+        qn, kn, c = ctx.saved_tensors
+        tile = ctx.tile
+        n = qn.shape[2]
+        dq, dk, dc = torch.zeros_like(qn), torch.zeros_like(kn), torch.zeros_like(c)
+        for qs, qe in _spans(n, tile):
+            Q, dU = qn[:, :, qs:qe], du[:, :, qs:qe]
+            for ks, ke in _spans(qe, tile):
+                K, C = kn[:, :, ks:ke], c[:, :, ks:ke]
+                ex = Q @ K.transpose(-1, -2)
+                dw = dU @ C.transpose(-1, -2)
+                w = _pow4(ex)
+                if ke > qs:
+                    qpos = torch.arange(qs, qe, device=qn.device)[:, None]
+                    kpos = torch.arange(ks, ke, device=qn.device)[None, :]
+                    future = kpos > qpos
+                    w = w.masked_fill(future, 0.0)
+                    dw = dw.masked_fill(future, 0.0)
+                dex = dw * 4.0 * ex * ex * ex
+                dq[:, :, qs:qe] += dex @ K
+                dk[:, :, ks:ke] += dex.transpose(-1, -2) @ Q
+                dc[:, :, ks:ke] += w.transpose(-1, -2) @ dU
+        return dq, dk, dc, None
+
+
+def tiled_polynomial(qn: torch.Tensor, kn: torch.Tensor, c: torch.Tensor,
+                     tile: int = 256) -> torch.Tensor:
+    """Exact causal polynomial attention U ([B, H, n, h+1]) in linear memory, quadratic time."""
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    return _TiledPolynomial.apply(qn, kn, c, tile)
+
+
+def softmax_scale(h: int) -> float:
+    return 1.0 / math.sqrt(h)

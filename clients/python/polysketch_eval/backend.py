@@ -8,7 +8,7 @@ stuck ends the run with an EvalError, never a hang.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Protocol, Sequence
+from typing import List, Optional, Protocol, Sequence, Type
 
 
 class EvalError(Exception):
@@ -56,10 +56,14 @@ class ServerBackend:
     """A Backend over a polysketch_client.PolysketchClient. `timeout` is the deadline of one
     request (seconds), `connect_timeout` that of GetModelInfo, the first call."""
 
-    def __init__(self, client, timeout: float, connect_timeout: float) -> None:
+    def __init__(self, client, timeout: float, connect_timeout: float,
+                 rpc_error: Optional[Type[Exception]] = None) -> None:
+        if rpc_error is None:  # what the client raises for a failed RPC
+            from polysketch_client import PolysketchError as rpc_error
         self._client = client
         self._timeout = timeout
         self._connect_timeout = connect_timeout
+        self._rpc_error = rpc_error
 
     def _error(self, what: str, error: Exception) -> EvalError:
         code = getattr(error, "code", "")
@@ -70,11 +74,9 @@ class ServerBackend:
         return EvalError(f"{what} to {self._client.target} failed: {code}: {details}{hint}")
 
     def info(self) -> ServerInfo:
-        from polysketch_client import PolysketchError
-
         try:
             m = self._client.model_info(timeout=self._connect_timeout)
-        except PolysketchError as error:
+        except self._rpc_error as error:
             raise self._error("GetModelInfo", error) from None
         return ServerInfo(m.name, m.tokenizer, m.limits.max_prompt_tokens, m.limits.max_context,
                           m.limits.max_new_tokens)
@@ -86,8 +88,6 @@ class ServerBackend:
                             "clients/python/gen_stubs.sh) from a tree that has the field")
 
     def prompt_logprobs(self, ids: Sequence[int]) -> List[float]:
-        from polysketch_client import PolysketchError
-
         self.require_prompt_logprobs()
         entries = []
         final = None
@@ -101,7 +101,7 @@ class ServerBackend:
                                     "not implement score-only requests (prompt_logprobs)")
                 entries.extend(chunk.prompt_logprobs)
                 final = chunk.final or final
-        except PolysketchError as error:
+        except self._rpc_error as error:
             raise self._error("GenerateStream (prompt_logprobs)", error) from None
         if final is None or final.finish_reason in _FAILED:
             reason = final.finish_reason if final else "no final message"
@@ -117,12 +117,10 @@ class ServerBackend:
         return [e.logprob for e in entries]
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int) -> bytes:
-        from polysketch_client import PolysketchError
-
         try:
             result = self._client.generate(list(ids), max_new_tokens=max_new_tokens,
                                            temperature=0.0, timeout=self._timeout)
-        except PolysketchError as error:
+        except self._rpc_error as error:
             raise self._error("Generate", error) from None
         if result.final.finish_reason in _FAILED:
             raise EvalError(f"a passkey request of {len(ids)} tokens ended with "

@@ -522,3 +522,58 @@ def test_server_backend_needs_the_proto_field(monkeypatch: pytest.MonkeyPatch) -
         backend.require_prompt_logprobs()
     with pytest.raises(EvalError, match="without GenerateRequest.prompt_logprobs"):
         backend.prompt_logprobs([1, 2])
+
+
+class _InfoClient(_Client):
+    def __init__(self, error: Optional[RpcError] = None, tokens: Sequence[int] = (),
+                 reason: str = "LENGTH") -> None:
+        super().__init__([])
+        self.error, self.tokens, self.reason = error, tokens, reason
+
+    def model_info(self, timeout: float):
+        self.calls.append({"timeout": timeout})
+        raise self.error
+
+    def generate(self, prompt, **params):
+        self.calls.append(params)
+        if self.error:
+            raise self.error
+
+        class Result:
+            tokens = [_Token(t, -1.0) for t in self.tokens]
+            final = _Final(self.reason)
+        return Result()
+
+
+def test_server_backend_turns_rpc_errors_into_eval_errors() -> None:
+    client = _InfoClient(RpcError("UNAVAILABLE", "connection refused"))
+    backend = eval_backend.ServerBackend(client, 5.0, 1.5, RpcError)
+    with pytest.raises(EvalError, match=r"GetModelInfo to fake:1 failed: UNAVAILABLE: "
+                                        r"connection refused \(is a server listening"):
+        backend.info()
+    assert client.calls == [{"timeout": 1.5}]  # the connect deadline, not the request's
+    with pytest.raises(EvalError, match="Generate to fake:1 failed: UNAVAILABLE"):
+        backend.greedy([65, 66], 8)
+    assert client.calls[-1] == {"max_new_tokens": 8, "temperature": 0.0, "timeout": 5.0}
+
+
+def test_server_backend_greedy_returns_bytes() -> None:
+    backend = eval_backend.ServerBackend(_InfoClient(tokens=[49, 50, 51, 46]), 5.0, 1.0, RpcError)
+    assert backend.greedy([65], 4) == b"123."
+    failing = eval_backend.ServerBackend(_InfoClient(tokens=[49], reason="DEADLINE"), 5.0, 1.0,
+                                         RpcError)
+    with pytest.raises(EvalError, match="ended with DEADLINE"):
+        failing.greedy([65], 4)
+
+
+def test_cmake_copies_every_module_of_the_package() -> None:
+    """build/python/polysketch_eval is assembled by clients/CMakeLists.txt from a list of files:
+    a module missing from it would be missing from the built tool."""
+    from conftest import CLIENTS_PYTHON_DIR, REPO_DIR
+
+    cmake = (REPO_DIR / "clients" / "CMakeLists.txt").read_text()
+    m = re.search(r"set\(PS_EVAL_SOURCES ([^)]*)\)", cmake)
+    assert m is not None
+    listed = set(m.group(1).split())
+    present = {p.name for p in (CLIENTS_PYTHON_DIR / "polysketch_eval").glob("*.py")}
+    assert listed == present

@@ -11,7 +11,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -117,7 +117,8 @@ def text_file(tmp_path: Path) -> Path:
 # retrieval: the shared format
 # ------------------------------------------------------------------------------------------------
 def test_format_pieces() -> None:
-    assert retrieval.needle("12345") == b"\nThe pass key is 12345. Remember it. 12345 is the pass key.\n"
+    assert retrieval.needle("12345") == (
+        b"\nThe pass key is 12345. Remember it. 12345 is the pass key.\n")
     assert retrieval.question() == b"\nWhat is the pass key? The pass key is "
     assert retrieval.answer("12345") == b"12345.\n"
     assert retrieval.PROMPT_OVERHEAD_BYTES == len(retrieval.needle("99999")) + len(
@@ -425,7 +426,8 @@ def test_lengths_beyond_the_server_limits_exit_2_before_any_request(text_file: P
     backend.limits = ServerInfo("fake", "bytes", 5000, 1030, 4096)
     code, _, stderr, _ = run_cli(["passkey", "--data", str(text_file), "--lengths", "1k",
                                   "--keys", "1"], backend)
-    assert code == 2 and "length 1024 + 8 new tokens is above the server's max_context 1030" in stderr
+    assert code == 2
+    assert "length 1024 + 8 new tokens is above the server's max_context 1030" in stderr
     backend.limits = ServerInfo("fake", "bytes", 5000, 0, 6)
     code, _, stderr, _ = run_cli(["passkey", "--data", str(text_file), "--lengths", "1k",
                                   "--keys", "1"], backend)
@@ -512,7 +514,8 @@ def test_server_backend_collects_prompt_logprobs(stubs_have_the_field: None) -> 
 def test_server_backend_refuses_a_broken_response(chunks: List[_Chunk], message: str,
                                                   stubs_have_the_field: None) -> None:
     with pytest.raises(EvalError, match=re.escape(message)):
-        eval_backend.ServerBackend(_Client(chunks), 5.0, 1.0, RpcError).prompt_logprobs([65, 66, 67, 68])
+        backend = eval_backend.ServerBackend(_Client(chunks), 5.0, 1.0, RpcError)
+        backend.prompt_logprobs([65, 66, 67, 68])
 
 
 def test_server_backend_needs_the_proto_field(monkeypatch: pytest.MonkeyPatch) -> None:

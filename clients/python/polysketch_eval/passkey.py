@@ -63,7 +63,8 @@ def score_answer(trial: Trial, generated: bytes) -> Dict[str, object]:
     }
 
 
-def cell_result(length: int, depth: float, answers: Sequence[Dict[str, object]]) -> Dict[str, object]:
+def cell_result(length: int, depth: float,
+                answers: Sequence[Dict[str, object]]) -> Dict[str, object]:
     correct = sum(1 for a in answers if a["correct"])
     return {
         "length": length,

@@ -241,7 +241,7 @@ def test_bucket_edges_and_labels() -> None:
                                              (4096, 8192), (8192, 16384), (16384, 32768),
                                              (32768, 65536)]
     assert [perplexity.bucket_label(*e) for e in perplexity.bucket_edges(3000)] == [
-        "0-1k", "1k-2k", "2k-2.93k"]
+        "0-1k", "1k-2k", "2k-3000"]
     assert perplexity.bucket_label(0, 256) == "0-256"
 
 
@@ -334,9 +334,9 @@ def test_perplexity_cli_json_table_and_progress(text_file: Path, tmp_path: Path)
         TEXT[i * 1500:(i + 1) * 1500] for i in range(2)]
     nll = [(i % 7 + 1) * 0.1 for i in range(1023)]
     assert r["results"][0]["bpb_all"] == pytest.approx(sum(nll) / 1023 / LN2, rel=1e-12)
-    assert [b["label"] for b in r["results"][1]["buckets"]] == ["0-1k", "1k-1.46k"]
+    assert [b["label"] for b in r["results"][1]["buckets"]] == ["0-1k", "1k-1500"]
     assert table.read_text() == stdout
-    assert stdout.splitlines()[0] == "| length | windows | all | tail | 0-1k | 1k-1.46k |"
+    assert stdout.splitlines()[0] == "| length | windows | all | tail | 0-1k | 1k-1500 |"
     assert len([p for p in progress if "window" in p]) == 5
     assert "window 3/3" in progress[3] and "running" in progress[3] and "elapsed" in progress[3]
 

@@ -127,7 +127,9 @@ def heatmap_png(cells: Sequence[Dict[str, object]], lengths: Sequence[int],
     ax.set_title(title)
     for i, row in enumerate(grid):
         for j, x in enumerate(row):
-            ax.text(j, i, _fmt(x) or "-", ha="center", va="center", fontsize=9)
+            dark = x is not None and (x < 0.2 or x > 0.85)  # the ends of RdYlGn are dark
+            ax.text(j, i, _fmt(x) or "-", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
     fig.colorbar(image, ax=ax, label="exact-match accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -41,11 +41,9 @@ def bucket_edges(length: int) -> List[Tuple[int, int]]:
 
 
 def size_label(n: int) -> str:
-    """1024 -> "1k", 1536 -> "1.5k", 300 -> "300"."""
+    """A byte count as the flags take it: 4096 -> "4k", 1500 -> "1500" (exact, never rounded)."""
     if n % 1024 == 0 and n > 0:
         return f"{n // 1024}k"
-    if n >= 1024:
-        return f"{n / 1024:.3g}k"
     return str(n)
 
 

@@ -150,6 +150,8 @@ def test_depth_offset_and_filler_bytes() -> None:
     assert retrieval.depth_offset(50, 1000) == 500
     assert retrieval.depth_offset(10, 999) == 99  # floor(99.9)
     assert retrieval.depth_offset(0.5, 100) == 0
+    assert retrieval.depth_offset(29, 100) == 29  # not floor(28.999...) from 29 / 100 * 100
+    assert retrieval.depth_offset(57, 100) == 57
     for bad in (0, 100, -3, 150):
         with pytest.raises(ValueError, match="outside \\(0, 100\\)"):
             retrieval.depth_offset(bad, 1000)
@@ -177,7 +179,7 @@ def test_trial_length_and_depth_are_exact(length: int, depth: float) -> None:
     trial = passkey.make_trial(TEXT, length, depth, index=3, seed=7)
     num_filler = length - retrieval.PROMPT_OVERHEAD_BYTES
     assert len(trial.prompt) == length
-    assert trial.offset == math.floor(depth / 100 * num_filler)
+    assert trial.offset == math.floor(depth * num_filler / 100)
     assert trial.prompt.find(retrieval.needle(trial.key)) == trial.offset
     filler = TEXT[trial.filler_start:trial.filler_start + num_filler]
     assert trial.prompt == retrieval.build_prompt(filler, trial.key, trial.offset)

@@ -8,7 +8,7 @@ trainer imports it from clients/python, the eval tool from its package (docs/eva
 A prompt of L bytes is
     filler[:offset] + NEEDLE(key) + filler[offset:] + QUESTION
 and the expected continuation is ANSWER(key). Depth d (percent) puts the needle after
-floor(d / 100 * len(filler)) filler bytes. Keys are 5 decimal digits without a leading zero.
+floor(d * len(filler) / 100) filler bytes. Keys are 5 decimal digits without a leading zero.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def depth_offset(depth_percent: float, num_filler: int) -> int:
     """Filler bytes before the needle at depth `depth_percent` in (0, 100)."""
     if not 0.0 < depth_percent < 100.0:
         raise ValueError(f"depth {depth_percent} is outside (0, 100) percent")
-    return int(depth_percent / 100.0 * num_filler)
+    # d * n first: exact for integer depths (29 / 100 * 100 would be 28.999...).
+    return int(depth_percent * num_filler / 100.0)
 
 
 def build_prompt(filler: bytes, key: str, offset: int) -> bytes:

@@ -441,6 +441,18 @@ def test_lengths_beyond_the_server_limits_exit_2_before_any_request(text_file: P
     assert backend.prompts == []
 
 
+def test_plot_without_matplotlib_is_refused_before_the_run(
+        text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    backend = ReaderBackend(reach=0)
+    code, _, stderr, _ = run_cli(["passkey", "--data", str(text_file), "--lengths", "1k",
+                                  "--keys", "1", "--plot", str(tmp_path / "p.png")], backend)
+    assert code == 2 and "--plot needs matplotlib" in stderr
+    assert backend.prompts == []
+
+
 def test_a_failing_server_exits_1(text_file: Path) -> None:
     class Down(FakeBackend):
         def info(self) -> ServerInfo:

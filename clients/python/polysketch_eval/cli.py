@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -236,6 +237,9 @@ def _validate(args: argparse.Namespace) -> None:
                 retrieval.filler_bytes(n)
             except ValueError as error:
                 raise UsageError(f"--lengths: {error}") from None
+        if args.plot and importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: apt-get install python3-matplotlib "
+                             "(scripts/setup-deps installs it)")
 
 
 def _run(args: argparse.Namespace, backend: Backend, log: Log) -> Dict[str, object]:
@@ -282,16 +286,17 @@ def _run(args: argparse.Namespace, backend: Backend, log: Log) -> Dict[str, obje
             "cells": cells,
         })
         table = passkey.markdown_table(cells, args.lengths, args.depths, perplexity.size_label)
-        if args.plot:
-            passkey.heatmap_png(cells, args.lengths, args.depths, perplexity.size_label,
-                                f"passkey retrieval: {info.name} ({args.keys} keys per cell)",
-                                args.plot)
     record["elapsed_seconds"] = time.monotonic() - t0
     print(table, end="", flush=True)
     if args.table:
         Path(args.table).write_text(table)
     if args.out:
         write_json(args.out, record)
+    if args.command == "passkey" and args.plot:
+        passkey.heatmap_png(record["cells"], args.lengths, args.depths,  # type: ignore[arg-type]
+                            perplexity.size_label,
+                            f"passkey retrieval: {info.name} ({args.keys} keys per cell)",
+                            args.plot)
     return record
 
 

@@ -23,7 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The passkey format is shared with the eval tool (clients/python/polysketch_eval/retrieval.py):
+# one source of truth, pure standard library.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients" / "python"))
 from model import ModelConfig, PolySketchFormer  # noqa: E402
+from polysketch_eval import retrieval  # noqa: E402
 
 LN2 = math.log(2.0)
 
@@ -49,6 +53,12 @@ class TrainConfig:
     form: str = "dense"
     chunk: int = 256
     checkpoint: bool = False  # recompute each block's activations in backward
+    # Synthetic retrieval mix (docs/evaluation.md): each training sequence, with this
+    # probability, becomes corpus filler with a random 5-digit key planted at a random depth and
+    # the passkey question and answer at its end, in the format of `polysketch_eval passkey`.
+    # 0 (the default) draws nothing extra from the data generator: batches are those of a run
+    # without the key.
+    retrieval_fraction: float = 0.0
 
     @staticmethod
     def from_json(obj: Dict[str, Any]) -> "TrainConfig":
@@ -56,11 +66,23 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown train keys {sorted(unknown)}")
         tc = TrainConfig(**obj)
-        if tc.form not in ("dense", "block"):
-            raise ValueError(f"train.form must be 'dense' or 'block', got {tc.form!r}")
-        if not isinstance(tc.chunk, int) or isinstance(tc.chunk, bool) or tc.chunk < 1:
-            raise ValueError(f"train.chunk must be a positive integer, got {tc.chunk!r}")
+        tc.validate()
         return tc
+
+    def validate(self) -> None:
+        """ValueError naming the key for values that cannot train."""
+        if self.form not in ("dense", "block"):
+            raise ValueError(f"train.form must be 'dense' or 'block', got {self.form!r}")
+        if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
+            raise ValueError(f"train.chunk must be a positive integer, got {self.chunk!r}")
+        if not 0.0 <= self.retrieval_fraction <= 1.0:
+            raise ValueError(f"train.retrieval_fraction must be in [0, 1], got "
+                             f"{self.retrieval_fraction}")
+        if self.retrieval_fraction > 0:
+            need = retrieval.PROMPT_OVERHEAD_BYTES + retrieval.ANSWER_BYTES
+            if self.seq_len + 1 <= need:
+                raise ValueError(f"train.retrieval_fraction needs seq_len + 1 > {need} (the "
+                                 f"needle, question and answer), got seq_len {self.seq_len}")
 
 
 def load_run_config(path: Path):
@@ -94,8 +116,27 @@ def sample_batch(data: np.ndarray, tc: TrainConfig, rng: np.random.Generator,
                  device: torch.device):
     starts = rng.integers(0, len(data) - tc.seq_len - 1, size=tc.batch_size)
     window = np.stack([data[s:s + tc.seq_len + 1] for s in starts]).astype(np.int64)
+    if tc.retrieval_fraction > 0:  # no draw at 0: the batches stay those of a run without it
+        plant_retrieval(window, data, starts, tc.retrieval_fraction, rng)
     t = torch.from_numpy(window).to(device)
     return t[:, :-1], t[:, 1:]
+
+
+def plant_retrieval(window: np.ndarray, data: np.ndarray, starts: np.ndarray, fraction: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Turns each row of window [B, seq_len + 1] into a retrieval sequence with probability
+    `fraction`: the corpus bytes from the row's start as filler, a random key planted after a
+    uniform number of them, then the question and the answer (retrieval.build_training_sequence,
+    the format the passkey eval asks). Returns the indices of the rows it changed."""
+    rows = np.flatnonzero(rng.random(window.shape[0]) < fraction)
+    num_filler = window.shape[1] - retrieval.PROMPT_OVERHEAD_BYTES - retrieval.ANSWER_BYTES
+    for r in rows:
+        key = retrieval.format_key(int(rng.integers(retrieval.KEY_MIN, retrieval.KEY_MAX + 1)))
+        offset = int(rng.integers(0, num_filler + 1))
+        filler = data[starts[r]:starts[r] + num_filler].tobytes()
+        sequence = retrieval.build_training_sequence(filler, key, offset)
+        window[r] = np.frombuffer(sequence, dtype=np.uint8)
+    return rows
 
 
 @torch.no_grad()
@@ -185,6 +226,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, device {device}, "
           f"threads {torch.get_num_threads()}, {len(train_data)} train bytes", flush=True)
+    if tc.retrieval_fraction > 0:
+        print(f"retrieval mix: {tc.retrieval_fraction:.1%} of sequences carry a passkey "
+              f"(polysketch_eval/retrieval.py format)", flush=True)
     (args.out / "run_config.json").write_text(
         json.dumps({"model": mc.to_json(), "train": asdict(tc)}, indent=2) + "\n")
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Generates the Python gRPC stubs of proto/polysketch/v1/generation.proto into
-# <out>/polysketch_client/_proto/ and copies the package sources next to them, so that
-# `PYTHONPATH=<out> python3 -m polysketch_client ...` works. The CMake build does the same into
+# <out>/polysketch_client/_proto/ and copies the package sources next to them, and the eval
+# tool's package to <out>/polysketch_eval, so that `PYTHONPATH=<out> python3 -m polysketch_client`
+# and `... -m polysketch_eval` work. The CMake build does the same into
 # <build>/python (target polysketch_client_py); this script is for use without CMake.
 # Usage: clients/python/gen_stubs.sh [out dir, default: build/python, where CMake puts it too]
 # Needs protoc and grpc_python_plugin (Debian: protobuf-compiler, protobuf-compiler-grpc).
@@ -27,4 +28,6 @@ sed -e 's/^from polysketch\.v1 import generation_pb2/from . import generation_pb
   "${tmp}/polysketch/v1/generation_pb2_grpc.py" > "${gen}/generation_pb2_grpc.py"
 : > "${gen}/__init__.py"
 cp "${here}"/polysketch_client/*.py "${pkg}/"
-echo "gen_stubs.sh: wrote ${pkg}"
+mkdir -p "${out}/polysketch_eval"
+cp "${here}"/polysketch_eval/*.py "${out}/polysketch_eval/"
+echo "gen_stubs.sh: wrote ${pkg} and ${out}/polysketch_eval"

@@ -2,7 +2,9 @@
 # The clients against a real polysketch-server over loopback: polysketch-cli (generate streaming
 # and --unary agree at temperature 0; info, health, tokenize, cancel; exit 2 on a bad flag, 1 with
 # INVALID_ARGUMENT on a bad field), polysketch-loadgen (16 requests at concurrency 4, all ok, with
-# latency percentiles) and the Python client package built into <build dir>/python.
+# latency percentiles), the Python client package built into <build dir>/python, and the eval
+# tool built beside it (python3 -m polysketch_eval passkey; its perplexity is
+# tests/python/test_eval_server.py).
 # Usage: clients_test.sh <polysketch-server> <polysketch-cli> <polysketch-loadgen> <repo root>
 #        <build dir>
 set -euo pipefail
@@ -291,6 +293,35 @@ out="$("${pycli[@]}" generate --prompt "The quick brown fox" --max_new_tokens 24
 [[ "${out}" == "$(cat "${tmp}/stream.txt")" ]] || fail "Python CLI text differs from the C++ CLI's"
 "${pycli[@]}" health > /dev/null || fail "python -m polysketch_client health failed"
 echo "ok: python -m polysketch_client"
+
+# The eval tool as built (the package CMake copies): a small passkey grid, its JSON and table.
+for _ in $(seq 1 12); do echo "And the LORD spake unto Moses, saying, Speak unto the children."; done \
+  > "${tmp}/filler.txt"
+PYTHONPATH="${build}/python" "${python}" -m polysketch_eval --target "${target}" --timeout 60 \
+  passkey --data "${tmp}/filler.txt" --lengths 256,512 --depths 25,75 --keys 2 \
+  --out "${tmp}/passkey.json" > "${tmp}/passkey.md" 2> "${tmp}/passkey.err" \
+  || fail "python -m polysketch_eval passkey failed: $(cat "${tmp}/passkey.err")"
+"${python}" - "${tmp}/passkey.json" << 'PY' || fail "passkey JSON: $(cat "${tmp}/passkey.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["eval"] == "passkey" and r["model"] == "polysketch-learned-local", r
+cells = [(c["length"], c["depth"], c["trials"]) for c in r["cells"]]
+assert cells == [(256, 25.0, 2), (256, 75.0, 2), (512, 25.0, 2), (512, 75.0, 2)], cells
+for c in r["cells"]:
+    for a in c["answers"]:
+        assert a["correct"] == (a["extracted"] == a["key"]), a
+PY
+grep -q "^| 75% | " "${tmp}/passkey.md" || fail "passkey table: $(cat "${tmp}/passkey.md")"
+grep -q "passkey L=512 depth=75%: ./2 correct" "${tmp}/passkey.err" \
+  || fail "passkey progress: $(cat "${tmp}/passkey.err")"
+set +e
+PYTHONPATH="${build}/python" "${python}" -m polysketch_eval --target "${target}" passkey \
+  --data "${tmp}/filler.txt" --depths 100 > /dev/null 2> "${tmp}/err"
+rc=$?
+set -e
+[[ ${rc} -eq 2 ]] && grep -q "outside (0, 100)" "${tmp}/err" \
+  || fail "polysketch_eval --depths 100: rc ${rc}: $(cat "${tmp}/err")"
+echo "ok: python -m polysketch_eval passkey"
 
 # --- Stop the server. ----------------------------------------------------------------------------
 stop_server

@@ -163,3 +163,12 @@ def test_no_n_by_n_tensor_in_block_form() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens[:, :-1])  # the dense form does keep n x n weights: the check can fail
     assert largest[0] >= n * n * H
+
+
+@pytest.mark.parametrize("bad,name", [({"form": "sparse"}, "train.form"),
+                                      ({"chunk": 0}, "train.chunk"),
+                                      ({"chunk": 2.5}, "train.chunk")])
+def test_train_config_refuses_bad_form_keys(bad: Dict[str, Any], name: str) -> None:
+    from train import TrainConfig
+    with pytest.raises(ValueError, match=name):
+        TrainConfig.from_json(bad)

@@ -10,17 +10,21 @@ quarter of each window (what long context buys). Windows run through the chunked
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Position buckets are those of the serving-path evaluation, so both tables read alike.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients" / "python"))
 from modelio import load_model_dir  # noqa: E402
+from polysketch_eval import perplexity as buckets  # noqa: E402
 
 LN2 = math.log(2.0)
 
@@ -49,6 +53,15 @@ def evaluate(model, data: np.ndarray, L: int, max_bytes: int, chunk: int) -> Tup
     return total / n_total / LN2, tail / n_tail / LN2
 
 
+def by_position(model, data: np.ndarray, L: int, max_bytes: int, chunk: int) -> Dict[str, Any]:
+    """Bits per byte by position bucket (0-1k, 1-2k, 2-4k, ...) over the windows of evaluate()."""
+    acc = buckets.Accumulator(L)
+    for w in buckets.windows(data.tobytes(), L, max_bytes):
+        window = torch.tensor(list(w), dtype=torch.long)
+        acc.add_window((-window_losses(model, window, chunk)).tolist())
+    return acc.result()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +73,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk length")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    ap.add_argument("--by-position", action="store_true",
+                    help="instead: bits per byte by position bucket for each context length")
+    ap.add_argument("--json", type=Path, default=None, help="with --by-position: write JSON")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,6 +90,33 @@ def main() -> None:
         sys.exit(f"eval: --chunk must be >= 1, got {args.chunk}")
     if any(L < 4 for L in contexts):
         sys.exit("eval: every context length must be >= 4 (the last quarter must exist)")
+
+    if args.by_position:
+        report: Dict[str, Any] = {}
+        text = []
+        for mdir in args.models:
+            try:
+                model = load_model_dir(mdir)
+            except ValueError as e:
+                sys.exit(f"eval: {e}")
+            report[mdir.name] = []
+            for L in contexts:
+                t0 = time.time()
+                try:
+                    report[mdir.name].append(by_position(model, data, L, args.max_bytes,
+                                                         args.chunk))
+                except ValueError as e:
+                    sys.exit(f"eval: {e}")
+                r = report[mdir.name][-1]
+                print(f"{mdir.name} L={L}: {r['bpb_all']:.4f} bpb over {r['windows']} windows "
+                      f"[{time.time() - t0:.0f}s]", flush=True)
+            text.append(f"{mdir.name}\n\n" + buckets.markdown_table(report[mdir.name]))
+        print("\n".join(text))
+        if args.out:
+            args.out.write_text("\n".join(text))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return
 
     rows: List[Dict[str, str]] = []
     for mdir in args.models:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import subprocess
 import sys
@@ -195,3 +196,27 @@ def test_eval_scores_equal_the_dense_cross_entropy(name: str) -> None:
     assert tail == pytest.approx(want_tail, rel=1e-12)
     with pytest.raises(ValueError, match="shorter than context 64"):
         evaluation.evaluate(model, data[:63], 64, max_bytes=1000, chunk=5)
+
+
+def test_eval_by_position_buckets_agree_with_the_summary(model_dirs: Dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """--by-position: the buckets (0-1k, 1k-2k: here all of a 2500-byte window's first 1k and
+    the rest) average, weighted by bytes, to the same 'all' figure evaluate() gives."""
+    text = (HELDOUT * 20)[:5000]
+    data = tmp_path / "heldout.txt"
+    data.write_text(text)
+    js = tmp_path / "r.json"
+    run_main(evaluation.main, [str(model_dirs["sketchy"]), "--data", str(data), "--contexts",
+                               "2500", "--max-bytes", "5000", "--chunk", "300", "--by-position",
+                               "--json", str(js)])
+    rec = json.loads(js.read_text())["sketchy"][0]
+    assert rec["windows"] == 2
+    assert [b["label"] for b in rec["buckets"]] == ["0-1k", "1k-2k", "2k-2500"]
+    assert sum(b["scored_bytes"] for b in rec["buckets"]) == 2 * 2499
+    mixed = sum(b["bpb"] * b["scored_bytes"] for b in rec["buckets"]) / (2 * 2499)
+    assert mixed == pytest.approx(rec["bpb_all"], rel=1e-9)
+    model = modelio.load_model_dir(model_dirs["sketchy"])
+    arr = np.frombuffer(text.encode(), dtype=np.uint8)
+    want_all, want_tail = evaluation.evaluate(model, arr, 2500, 5000, 300)
+    assert rec["bpb_all"] == pytest.approx(want_all, rel=1e-9)
+    assert rec["bpb_tail"] == pytest.approx(want_tail, rel=1e-9)

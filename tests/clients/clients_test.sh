@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The clients against a real polysketch-server over loopback: polysketch-cli (generate streaming
 # and --unary agree at temperature 0; info, health, tokenize, cancel; exit 2 on a bad flag, 1 with
-# INVALID_ARGUMENT on a bad field; scoring a prompt with --prompt_logprobs), polysketch-loadgen (16 requests at concurrency 4, all ok, with
-# latency percentiles) and the Python client package built into <build dir>/python.
+# INVALID_ARGUMENT on a bad field; scoring a prompt with --prompt_logprobs), polysketch-loadgen
+# (16 requests at concurrency 4, all ok, with latency percentiles) and the Python client package
+# built into <build dir>/python (prompt log-probabilities included).
 # Usage: clients_test.sh <polysketch-server> <polysketch-cli> <polysketch-loadgen> <repo root>
 #        <build dir>
 set -euo pipefail
@@ -309,7 +310,8 @@ for mode in stream unary; do
   [[ "${mode}" == unary ]] && flags+=(--unary)
   "${cli}" generate "${flags[@]}" > "${tmp}/score_${mode}.txt" 2> "${tmp}/score_${mode}.err" \
     || fail "cli scoring (${mode}) failed: $(cat "${tmp}/score_${mode}.err")"
-  [[ ! -s "${tmp}/score_${mode}.txt" ]] || fail "cli scoring printed text: $(cat "${tmp}/score_${mode}.txt")"
+  [[ ! -s "${tmp}/score_${mode}.txt" ]] \
+    || fail "cli scoring printed text: $(cat "${tmp}/score_${mode}.txt")"
   grep "^prompt\[" "${tmp}/score_${mode}.err" > "${tmp}/score_${mode}.lines" || true
   [[ "$(wc -l < "${tmp}/score_${mode}.lines")" -eq 4 ]] \
     || fail "cli scoring (${mode}): want 4 prompt lines: $(cat "${tmp}/score_${mode}.err")"

@@ -1,5 +1,6 @@
 // Recorder: a RequestObserver for engine tests that keeps every event of one request (prompt
-// log-probabilities too); Wait blocks until OnFinish; SetBacklogged plays a slow client. Header-only (tests that use it link the scheduler).
+// log-probabilities too); Wait blocks until OnFinish; SetBacklogged plays a slow client.
+// Header-only (tests that use it link the scheduler).
 #ifndef POLYSKETCH_TESTS_TESTING_RECORDER_H_
 #define POLYSKETCH_TESTS_TESTING_RECORDER_H_
 

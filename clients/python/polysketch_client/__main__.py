@@ -83,7 +83,8 @@ def _print_prompt_logprobs(entries: List[GeneratedToken], index: int) -> int:
     """One stderr line per prompt token from prompt index `index`; returns the next index."""
     for entry in entries:
         alts = " | ".join(f"{tid} {chr(tid)!r}:{lp:.4f}" for tid, lp in entry.top_logprobs)
-        line = f"prompt[{index}] {entry.token_id} {chr(entry.token_id)!r} logprob {entry.logprob:.4f}"
+        token = f"{entry.token_id} {chr(entry.token_id)!r}"
+        line = f"prompt[{index}] {token} logprob {entry.logprob:.4f}"
         print(line + (f" | {alts}" if alts else ""), file=sys.stderr)
         index += 1
     return index
@@ -96,8 +97,8 @@ def _run(args: argparse.Namespace, client: PolysketchClient) -> int:
             for k in (
                 "max_new_tokens min_new_tokens temperature top_k top_p min_p repetition_penalty "
                 "presence_penalty frequency_penalty seed stop_token_ids ignore_eos "
-                "include_stop_string logprobs top_logprobs time_limit_ms request_id prompt_logprobs "
-                "prompt_top_logprobs"
+                "include_stop_string logprobs top_logprobs time_limit_ms request_id "
+                "prompt_logprobs prompt_top_logprobs"
             ).split()
         }
         params["stop"] = args.stop

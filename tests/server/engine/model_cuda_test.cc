@@ -154,7 +154,8 @@ TEST_P(ModelCudaGoldenTest, PromptLogprobsMatchGolden) {
   options.max_context = 4096;
   SchedulerOptions scheduler_options;
   scheduler_options.prefill_tokens_per_step = 7;
-  auto scheduler = test::MakeFixtureScheduler(GetParam(), **backend, options, scheduler_options);
+  auto scheduler =
+      test::MakeModelScheduler(golden_.model_dir, **backend, options, scheduler_options);
   ASSERT_NE(scheduler, nullptr);
   auto recorder = std::make_shared<test::Recorder>();
   EngineRequest request;

@@ -75,7 +75,7 @@ TEST_P(PromptLogprobsGoldenTest, EqualTheReferenceLogSoftmaxAtEveryRecordedPosit
     SCOPED_TRACE(absl::StrCat("prefill_chunk ", chunk));
     SchedulerOptions options;
     options.prefill_tokens_per_step = 7;
-    auto scheduler = test::MakeFixtureScheduler(GetParam(), backend_, Options(chunk), options);
+    auto scheduler = test::MakeModelScheduler(golden.model_dir, backend_, Options(chunk), options);
     ASSERT_NE(scheduler, nullptr);
     auto recorder = std::make_shared<Recorder>();
     ASSERT_THAT(scheduler->Submit(ScoreRequest("a", golden.tokens, 3, kTop, recorder)), IsOk());
@@ -160,7 +160,9 @@ TEST_F(PromptLogprobsTest, NoPrefixCacheHit) {
     request.prompt_logprobs = false;
     ASSERT_THAT(scheduler->Submit(std::move(request)), IsOk());
     ASSERT_TRUE(plain->Wait());
-    if (std::string(id) == "hit") EXPECT_GT(plain->result().cached_tokens, 0);
+    if (std::string(id) == "hit") {
+      EXPECT_GT(plain->result().cached_tokens, 0);
+    }
   }
   auto scored = std::make_shared<Recorder>();
   ASSERT_THAT(scheduler->Submit(ScoreRequest("scored", golden.tokens, 1, kTop, scored)), IsOk());

@@ -506,7 +506,9 @@ TEST_F(ServerTest, PromptLogprobsTakeNoPrefixCacheHit) {
     grpc::ClientContext context;
     v1::GenerateResponse response;
     ASSERT_TRUE(stub_->Generate(&context, plain, &response).ok());
-    if (i == 1) EXPECT_GT(response.final().cached_tokens(), 0u);
+    if (i == 1) {
+      EXPECT_GT(response.final().cached_tokens(), 0u);
+    }
   }
   v1::GenerateRequest scored = GreedyRequest(2);
   scored.set_prompt_logprobs(true);

@@ -26,10 +26,11 @@ namespace {
 constexpr uint64_t kPickedSeed = 0x5eed;
 
 // Field paths that start every validation message (request_convert.h).
-constexpr absl::string_view kFieldPrefixes[] = {
-    "request_id: ",     "prompt",           "sampling.",      "stop.",
-    "max_new_tokens: ", "min_new_tokens: ", "top_logprobs: ", "session_id: ",
-    "prompt_logprobs: ", "prompt_top_logprobs: "};
+constexpr absl::string_view kFieldPrefixes[] = {"request_id: ",      "prompt",
+                                                "sampling.",         "stop.",
+                                                "max_new_tokens: ",  "min_new_tokens: ",
+                                                "top_logprobs: ",    "session_id: ",
+                                                "prompt_logprobs: ", "prompt_top_logprobs: "};
 
 }  // namespace
 

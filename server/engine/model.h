@@ -170,7 +170,7 @@ class Model {
   std::vector<kernels::SketchSlotState> sketch_slots_;  // per-call views, reused
   std::vector<kernels::KvSlotState> kv_slots_;
   std::unique_ptr<Scratch> scratch_;
-  std::vector<float> chunk_logits_;  // [rows, V] host copy of one chunk's logits (on_chunk)
+  std::vector<float> chunk_logits_;    // [rows, V] host copy of one chunk's logits (on_chunk)
   kernels::DeviceBuffer embed_table_;  // [V, D]
   std::unique_ptr<kernels::LinearWeight> embed_linear_;
   kernels::DeviceBuffer logit_bias_, final_weight_, final_bias_;

@@ -142,9 +142,8 @@ absl::StatusOr<engine::StopConditions> ConvertStops(const v1::GenerateRequest& p
                                                     const RequestLimits& limits) {
   engine::StopConditions stops;
   // Unset: the default. An explicit 0 generates nothing (pure scoring).
-  const int64_t max_new = proto.has_max_new_tokens()
-                              ? static_cast<int64_t>(proto.max_new_tokens())
-                              : kDefaultMaxNewTokens;
+  const int64_t max_new = proto.has_max_new_tokens() ? static_cast<int64_t>(proto.max_new_tokens())
+                                                     : kDefaultMaxNewTokens;
   if (max_new > limits.max_new_tokens_limit) {
     return Invalid("max_new_tokens",
                    absl::StrCat("must be in [0, ", limits.max_new_tokens_limit,

@@ -169,8 +169,8 @@ TEST_P(ModelCudaGoldenTest, PromptLogprobsMatchGolden) {
   ASSERT_THAT(scheduler->Submit(std::move(request)), IsOk());
   ASSERT_TRUE(recorder->Wait(600));
   ASSERT_EQ(recorder->result().reason, FinishReason::kLength) << recorder->result().error;
-  const double worst = test::ExpectPromptLogprobsMatchGolden(
-      golden_, recorder->prompt_logprobs(), kTop, kFp32RelTol);
+  const double worst = test::ExpectPromptLogprobsMatchGolden(golden_, recorder->prompt_logprobs(),
+                                                             kTop, kFp32RelTol);
   EXPECT_EQ(recorder->tokens(), std::vector<int32_t>{golden_.greedy[0]});
   EXPECT_LE(recorder->largest_prompt_delta(), 5);
   scheduler.reset();

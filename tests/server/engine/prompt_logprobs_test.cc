@@ -92,8 +92,8 @@ TEST_P(PromptLogprobsGoldenTest, EqualTheReferenceLogSoftmaxAtEveryRecordedPosit
     EXPECT_LE(recorder->largest_prompt_delta(), rows);
     EXPECT_GE(recorder->prompt_deltas(), (n - 1 + rows - 1) / rows);
     EXPECT_EQ(result.cached_tokens, 0);
-    std::cout << "[ fixture ] " << GetParam() << " chunk " << chunk
-              << ": max |logprob error| " << worst << "\n";
+    std::cout << "[ fixture ] " << GetParam() << " chunk " << chunk << ": max |logprob error| "
+              << worst << "\n";
   }
 }
 
@@ -141,7 +141,8 @@ TEST_F(PromptLogprobsTest, ScoringOnlyAndShortPrompts) {
   ASSERT_THAT(scheduler->Submit(std::move(request)), IsOk());
   ASSERT_TRUE(plain->Wait());
   EXPECT_TRUE(plain->prompt_logprobs().empty());
-  EXPECT_EQ(plain->tokens(), std::vector<int32_t>(golden.greedy.begin(), golden.greedy.begin() + 2));
+  EXPECT_EQ(plain->tokens(),
+            std::vector<int32_t>(golden.greedy.begin(), golden.greedy.begin() + 2));
 }
 
 // A prompt whose prefix is cached: a plain request takes the hit, a scoring one prefills all of
@@ -224,8 +225,8 @@ TEST_F(PromptLogprobsTest, SessionTurnWithoutGeneration) {
   PS_ASSERT_OK_AND_ASSIGN(const std::string session, scheduler->OpenSession(""));
   const auto half = golden.tokens.begin() + 20;
   auto first = std::make_shared<Recorder>();
-  EngineRequest turn1 = ScoreRequest("t1", std::vector<int32_t>(golden.tokens.begin(), half), 0,
-                                     0, first);
+  EngineRequest turn1 =
+      ScoreRequest("t1", std::vector<int32_t>(golden.tokens.begin(), half), 0, 0, first);
   turn1.prompt_logprobs = false;
   turn1.session_id = session;
   ASSERT_THAT(scheduler->Submit(std::move(turn1)), IsOk());
@@ -239,7 +240,8 @@ TEST_F(PromptLogprobsTest, SessionTurnWithoutGeneration) {
   ASSERT_THAT(scheduler->Submit(std::move(turn2)), IsOk());
   ASSERT_TRUE(second->Wait());
   EXPECT_EQ(second->result().cached_tokens, 20);
-  EXPECT_EQ(second->tokens(), std::vector<int32_t>(golden.greedy.begin(), golden.greedy.begin() + 4));
+  EXPECT_EQ(second->tokens(),
+            std::vector<int32_t>(golden.greedy.begin(), golden.greedy.begin() + 4));
 }
 
 // A 64k-token prompt with prompt_logprobs on a tiny constant-state model: every token is scored,

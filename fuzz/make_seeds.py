@@ -136,6 +136,9 @@ def main() -> None:
         "bad-token": "token_ids { ids: [300] }",
         "bad-top-p": 'text: "x" sampling { top_p: 0 }',
         "no-prompt": 'request_id: "r"',
+        "prompt-logprobs": 'text: "In the beginning" max_new_tokens: 0 prompt_logprobs: true '
+                           "prompt_top_logprobs: 5",
+        "bad-prompt-top": 'text: "x" prompt_top_logprobs: 3',
     }
     for name, text in requests.items():
         wire = subprocess.run(

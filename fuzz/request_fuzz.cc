@@ -26,9 +26,11 @@ namespace {
 constexpr uint64_t kPickedSeed = 0x5eed;
 
 // Field paths that start every validation message (request_convert.h).
-constexpr absl::string_view kFieldPrefixes[] = {
-    "request_id: ",     "prompt",           "sampling.",      "stop.",
-    "max_new_tokens: ", "min_new_tokens: ", "top_logprobs: ", "session_id: "};
+constexpr absl::string_view kFieldPrefixes[] = {"request_id: ",      "prompt",
+                                                "sampling.",         "stop.",
+                                                "max_new_tokens: ",  "min_new_tokens: ",
+                                                "top_logprobs: ",    "session_id: ",
+                                                "prompt_logprobs: ", "prompt_top_logprobs: "};
 
 }  // namespace
 
@@ -66,8 +68,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     PS_FUZZ_CHECK(r.prompt.size() == proto.text().size(), "text prompt is not one id per byte");
   }
   PS_FUZZ_CHECK(
-      r.stops.max_new_tokens >= 1 && r.stops.max_new_tokens <= limits.max_new_tokens_limit,
+      r.stops.max_new_tokens >= 0 && r.stops.max_new_tokens <= limits.max_new_tokens_limit,
       "max_new_tokens %lld", static_cast<long long>(r.stops.max_new_tokens));
+  PS_FUZZ_CHECK(r.stops.max_new_tokens == (proto.has_max_new_tokens()
+                                               ? static_cast<int64_t>(proto.max_new_tokens())
+                                               : ps::service::kDefaultMaxNewTokens),
+                "max_new_tokens not the request's (or the default when unset)");
+  PS_FUZZ_CHECK(r.prompt_logprobs == proto.prompt_logprobs(), "prompt_logprobs changed");
+  PS_FUZZ_CHECK(r.prompt_top_logprobs >= 0 && r.prompt_top_logprobs <= ps::engine::kMaxTopLogprobs,
+                "prompt_top_logprobs %d", r.prompt_top_logprobs);
+  PS_FUZZ_CHECK(r.prompt_top_logprobs == 0 || r.prompt_logprobs,
+                "prompt_top_logprobs without prompt_logprobs accepted");
+  PS_FUZZ_CHECK(!r.prompt_logprobs || r.session_id.empty(), "prompt_logprobs with a session");
   PS_FUZZ_CHECK(r.stops.Validate(limits.vocab_size).ok(), "stops fail the engine's Validate");
   PS_FUZZ_CHECK(r.sampling.Validate(limits.vocab_size).ok(),
                 "sampling fails the engine's Validate");
@@ -91,6 +103,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   logits[7] = logits[8];
   for (size_t i = 200; i < logits.size(); ++i) logits[i] = -std::numeric_limits<float>::infinity();
+  // The prompt log-probabilities' scoring (the scheduler's) on the same logits.
+  absl::StatusOr<double> log_normalizer = ps::engine::LogNormalizer(logits);
+  PS_FUZZ_CHECK(log_normalizer.ok(), "LogNormalizer failed on finite logits");
+  std::vector<int32_t> scratch;
+  const std::vector<ps::engine::TokenLogprob> top =
+      ps::engine::TopLogprobs(logits, *log_normalizer, r.prompt_top_logprobs, &scratch);
+  PS_FUZZ_CHECK(top.size() == static_cast<size_t>(r.prompt_top_logprobs), "%zu prompt top",
+                top.size());
+  for (size_t i = 0; i < top.size(); ++i) {
+    PS_FUZZ_CHECK(top[i].token_id >= 0 && top[i].token_id < 200, "prompt top id %d",
+                  top[i].token_id);
+    PS_FUZZ_CHECK(i == 0 || top[i - 1].logprob >= top[i].logprob, "prompt top not sorted");
+  }
   for (int step = 0; step < 4; ++step) {
     absl::StatusOr<ps::engine::SampleResult> s = sampler->Sample(logits);
     PS_FUZZ_CHECK(s.ok(), "Sample failed on finite logits: %s",

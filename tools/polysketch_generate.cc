@@ -200,6 +200,12 @@ absl::Status Generate() {
   stops.include_stop_string = absl::GetFlag(FLAGS_include_stop_string);
   stops.min_new_tokens = absl::GetFlag(FLAGS_min_new_tokens);
   stops.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  // The engine accepts 0 (scoring only, for the server's prompt log-probabilities); this tool
+  // exists to generate.
+  if (stops.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_new_tokens: must be >= 1, got ", stops.max_new_tokens));
+  }
   auto observer = std::make_shared<PrintingObserver>(params.logprobs);
   request.observer = observer;
   const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size());

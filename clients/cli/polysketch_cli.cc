@@ -70,7 +70,9 @@ ABSL_FLAG(std::vector<std::string>, prompt_token_ids, {},
 ABSL_FLAG(bool, unary, false, "generate: use the unary Generate RPC instead of GenerateStream.");
 ABSL_FLAG(std::string, request_id, "",
           "generate: client request id (server assigns one when empty); cancel: the id to cancel.");
-ABSL_FLAG(int64_t, max_new_tokens, 0, "Most tokens to generate; 0 means the server default.");
+ABSL_FLAG(int64_t, max_new_tokens, -1,
+          "Most tokens to generate; -1 leaves it unset (server default 256); 0 generates nothing "
+          "(scoring a prompt with --prompt_logprobs).");
 ABSL_FLAG(int64_t, min_new_tokens, 0, "Stops within the first N generated tokens are ignored.");
 ABSL_FLAG(std::string, temperature, "",
           "Sampling temperature, 0 = greedy; empty leaves it unset (server default 1.0).");
@@ -90,6 +92,12 @@ ABSL_FLAG(bool, ignore_eos, false, "Keep generating past the end-of-sequence tok
 ABSL_FLAG(bool, include_stop_string, false, "Keep the matched stop string in the output.");
 ABSL_FLAG(bool, logprobs, false, "Request log-probabilities; printed per token to stderr.");
 ABSL_FLAG(int64_t, top_logprobs, 0, "Also request this many top alternatives per token (0..20).");
+ABSL_FLAG(bool, prompt_logprobs, false,
+          "Request the log-probability of every prompt token after the first (teacher-forced); "
+          "printed per prompt token to stderr before the generated text's.");
+ABSL_FLAG(int64_t, prompt_top_logprobs, 0,
+          "Also request this many top alternatives per prompt position (0..20; needs "
+          "--prompt_logprobs).");
 ABSL_FLAG(int64_t, time_limit_ms, 0, "Server-side time limit in milliseconds; 0 = none.");
 ABSL_FLAG(bool, quiet, false, "generate: do not print the final info to stderr.");
 ABSL_FLAG(std::string, session, "",
@@ -333,12 +341,39 @@ pb::GenerateRequest BuildGenerateRequest() {
   stop.set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
   stop.set_include_stop_string(absl::GetFlag(FLAGS_include_stop_string));
 
-  request.set_max_new_tokens(ToUint32("max_new_tokens", absl::GetFlag(FLAGS_max_new_tokens)));
+  if (const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens); max_new != -1) {
+    request.set_max_new_tokens(ToUint32("max_new_tokens", max_new));
+  }
   request.set_min_new_tokens(ToUint32("min_new_tokens", absl::GetFlag(FLAGS_min_new_tokens)));
   request.set_logprobs(absl::GetFlag(FLAGS_logprobs));
   request.set_top_logprobs(ToUint32("top_logprobs", absl::GetFlag(FLAGS_top_logprobs)));
   request.set_time_limit_ms(ToUint32("time_limit_ms", absl::GetFlag(FLAGS_time_limit_ms)));
+  request.set_prompt_logprobs(absl::GetFlag(FLAGS_prompt_logprobs));
+  request.set_prompt_top_logprobs(
+      ToUint32("prompt_top_logprobs", absl::GetFlag(FLAGS_prompt_top_logprobs)));
   return request;
+}
+
+// A byte-level token as readable text: 'a', '\n', '\xc3'.
+std::string TokenText(int32_t id) {
+  if (id < 0 || id > 255) return "?";
+  return absl::StrCat("'", absl::CHexEscape(std::string(1, static_cast<char>(id))), "'");
+}
+
+// One line per prompt token to stderr: its index in the prompt, id, text and logprob, then the
+// alternatives, most likely first. `next_index` is the prompt index of the first entry (1 for
+// the first message) and advances past the printed ones.
+void PrintPromptLogprobs(const google::protobuf::RepeatedPtrField<pb::GeneratedToken>& entries,
+                         int64_t* next_index) {
+  for (const pb::GeneratedToken& entry : entries) {
+    std::cerr << "prompt[" << (*next_index)++ << "] " << entry.token_id() << " "
+              << TokenText(entry.token_id()) << " logprob " << entry.logprob();
+    for (const pb::TokenLogprob& alt : entry.top_logprobs()) {
+      std::cerr << " | " << alt.token_id() << " " << TokenText(alt.token_id()) << ":"
+                << alt.logprob();
+    }
+    std::cerr << "\n";
+  }
 }
 
 void PrintTokens(const google::protobuf::RepeatedPtrField<pb::GeneratedToken>& tokens) {
@@ -382,6 +417,8 @@ int RunGenerate(pb::GenerationService::Stub& stub) {
     pb::GenerateResponse response;
     const grpc::Status status = stub.Generate(context.get(), request, &response);
     if (!status.ok()) return ReportRpcError("Generate", status);
+    int64_t prompt_index = 1;
+    PrintPromptLogprobs(response.prompt_logprobs(), &prompt_index);
     std::cout << response.text() << (tty ? "\n" : "") << std::flush;
     PrintTokens(response.tokens());
     return PrintFinal(response.request_id(), response.final());
@@ -391,7 +428,9 @@ int RunGenerate(pb::GenerationService::Stub& stub) {
   pb::GenerateStreamResponse chunk;
   std::optional<pb::FinalInfo> final_info;
   std::string request_id;
+  int64_t prompt_index = 1;
   while (reader->Read(&chunk)) {
+    PrintPromptLogprobs(chunk.prompt_logprobs(), &prompt_index);
     std::cout << chunk.text() << std::flush;
     PrintTokens(chunk.tokens());
     request_id = chunk.request_id();

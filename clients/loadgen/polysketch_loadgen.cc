@@ -60,7 +60,8 @@ ABSL_FLAG(int32_t, prompt_bytes_min, 0,
 ABSL_FLAG(int32_t, prompt_bytes_max, 0, "See --prompt_bytes_min; 0 = fixed --prompt_bytes.");
 ABSL_FLAG(std::string, prompt_file, "",
           "Take prompts from this file instead (cut or repeated to --prompt_bytes when > 0).");
-ABSL_FLAG(int32_t, max_new_tokens, 128, "max_new_tokens of every request.");
+ABSL_FLAG(int32_t, max_new_tokens, 128,
+          "max_new_tokens of every request (sent as given: 0 generates nothing).");
 ABSL_FLAG(std::string, temperature, "",
           "Sampling temperature of every request; empty leaves it unset (server default).");
 ABSL_FLAG(double, cancel_fraction, 0.0,

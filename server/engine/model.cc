@@ -332,6 +332,26 @@ absl::Status Model::CheckSlot(SlotId slot, int64_t position) const {
 
 absl::Status Model::Prefill(SlotId slot, int64_t start, absl::Span<const int32_t> tokens,
                             absl::Span<float> last_logits, std::vector<float>* all_logits) {
+  if (all_logits == nullptr) return PrefillChunks(slot, start, tokens, last_logits, nullptr);
+  const int64_t V = config_.vocab_size;
+  std::vector<float> all;
+  all.resize(tokens.size() * static_cast<size_t>(V));
+  const auto copy = [&all, V](int64_t first, int64_t rows, absl::Span<const float> logits) {
+    std::copy_n(logits.data(), rows * V, all.data() + first * V);
+  };
+  const ChunkLogitsFn on_chunk = copy;
+  PS_RETURN_IF_ERROR(PrefillChunks(slot, start, tokens, last_logits, &on_chunk));
+  *all_logits = std::move(all);
+  return absl::OkStatus();
+}
+
+absl::Status Model::Prefill(SlotId slot, int64_t start, absl::Span<const int32_t> tokens,
+                            absl::Span<float> last_logits, ChunkLogitsFn on_chunk) {
+  return PrefillChunks(slot, start, tokens, last_logits, &on_chunk);
+}
+
+absl::Status Model::PrefillChunks(SlotId slot, int64_t start, absl::Span<const int32_t> tokens,
+                                  absl::Span<float> last_logits, const ChunkLogitsFn* on_chunk) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   const int64_t V = config_.vocab_size;
   if (n == 0) return absl::InvalidArgumentError("prefill: no tokens");
@@ -345,7 +365,6 @@ absl::Status Model::Prefill(SlotId slot, int64_t start, absl::Span<const int32_t
                                               " exceed the context limit ", max_context_));
   }
   PS_RETURN_IF_ERROR(CheckTokens(tokens));
-  if (all_logits != nullptr) all_logits->assign(static_cast<size_t>(n * V), 0.0f);
   const int64_t chunk = options_.prefill_chunk;
   std::vector<int64_t> positions;
   const SlotId slots[1] = {slot};
@@ -358,7 +377,12 @@ absl::Status Model::Prefill(SlotId slot, int64_t start, absl::Span<const int32_t
     for (int64_t i = 0; i < rows; ++i) positions[i] = pos + i;
     Forward(tokens.subspan(static_cast<size_t>(done), static_cast<size_t>(rows)), positions, slots,
             /*prefill=*/true);
-    if (all_logits != nullptr) Logits(0, rows, all_logits->data() + done * V);
+    if (on_chunk != nullptr) {
+      // rows <= chunk: the buffer never grows past prefill_chunk x V.
+      chunk_logits_.resize(static_cast<size_t>(rows * V));
+      Logits(0, rows, chunk_logits_.data());
+      (*on_chunk)(done, rows, chunk_logits_);
+    }
     done += rows;
     if (done == n && !last_logits.empty()) Logits(rows - 1, 1, last_logits.data());
   }

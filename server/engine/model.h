@@ -17,6 +17,7 @@
 #include <memory>
 #include <vector>
 
+#include <absl/functional/function_ref.h>
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 #include <absl/types/span.h>
@@ -106,6 +107,21 @@ class Model {
                                      absl::Span<float> last_logits,
                                      std::vector<float>* all_logits = nullptr);
 
+  // Receives every token's logits of one prefill chunk: tokens [first, first + rows) of the
+  // Prefill call's `tokens`, logits [rows, V] in host memory that stay valid during the call only
+  // (the model's chunk buffer, reused by the next chunk).
+  using ChunkLogitsFn =
+      absl::FunctionRef<void(int64_t first, int64_t rows, absl::Span<const float> logits)>;
+  // Prefill as above, calling `on_chunk` after each chunk with the logits of all its tokens
+  // (prompt log-probabilities): host memory stays at most prefill_chunk x V floats
+  // (chunk_logits_capacity()) whatever the number of tokens. Same errors, checked before any
+  // chunk runs (on error `on_chunk` is never called).
+  [[nodiscard]] absl::Status Prefill(SlotId slot, int64_t start, absl::Span<const int32_t> tokens,
+                                     absl::Span<float> last_logits, ChunkLogitsFn on_chunk);
+  // Floats the host buffer of every-token chunk logits holds now (0 until a Prefill with
+  // on_chunk): at most options().prefill_chunk x V. For tests of the memory bound.
+  int64_t chunk_logits_capacity() const { return static_cast<int64_t>(chunk_logits_.capacity()); }
+
   // One decode step for every item (each slot at most once): logits [B, V] row i for items[i].
   // Errors as for Prefill (plus InvalidArgument when B is 0 or above max_batch, or a slot
   // repeats); on error no state changes.
@@ -123,6 +139,9 @@ class Model {
   Model(ModelConfig config, kernels::Backend& backend, StatePool pool, ModelOptions options,
         int64_t max_context);
 
+  // Both Prefill forms: `on_chunk` (may be null) sees every chunk's logits.
+  absl::Status PrefillChunks(SlotId slot, int64_t start, absl::Span<const int32_t> tokens,
+                             absl::Span<float> last_logits, const ChunkLogitsFn* on_chunk);
   absl::Status CheckTokens(absl::Span<const int32_t> tokens) const;
   absl::Status CheckSlot(SlotId slot, int64_t position) const;
   // Runs rows through the network: prefill (one sequence, consecutive positions) when `prefill`
@@ -151,6 +170,7 @@ class Model {
   std::vector<kernels::SketchSlotState> sketch_slots_;  // per-call views, reused
   std::vector<kernels::KvSlotState> kv_slots_;
   std::unique_ptr<Scratch> scratch_;
+  std::vector<float> chunk_logits_;    // [rows, V] host copy of one chunk's logits (on_chunk)
   kernels::DeviceBuffer embed_table_;  // [V, D]
   std::unique_ptr<kernels::LinearWeight> embed_linear_;
   kernels::DeviceBuffer logit_bias_, final_weight_, final_bias_;

@@ -15,6 +15,8 @@
 #include <absl/strings/str_cat.h>
 #include <absl/types/span.h>
 
+#include "base/status_macros.h"
+
 namespace ps::engine {
 namespace {
 
@@ -195,28 +197,29 @@ int32_t Sampler::Draw() {
   return last_positive;  // rounding left target at the very top of the range
 }
 
-std::vector<TokenLogprob> Sampler::TopLogprobs(absl::Span<const float> logits,
-                                               double log_normalizer) {
+std::vector<TokenLogprob> TopLogprobs(absl::Span<const float> logits, double log_normalizer,
+                                      int64_t n, std::vector<int32_t>* scratch) {
   const auto better = [&logits](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   };
-  const auto n = static_cast<int64_t>(std::min<int64_t>(params_.top_logprobs, vocab_size_));
-  candidates_.resize(vocab_size_);
-  std::iota(candidates_.begin(), candidates_.end(), 0);
-  std::partial_sort(candidates_.begin(), candidates_.begin() + n, candidates_.end(), better);
-  std::vector<TokenLogprob> top(n);
+  const auto V = static_cast<int64_t>(logits.size());
+  n = std::clamp<int64_t>(n, 0, V);
+  scratch->resize(static_cast<size_t>(V));
+  std::iota(scratch->begin(), scratch->end(), 0);
+  std::partial_sort(scratch->begin(), scratch->begin() + n, scratch->end(), better);
+  std::vector<TokenLogprob> top(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const int32_t id = candidates_[i];
-    top[i] = {id, static_cast<float>(static_cast<double>(logits[id]) - log_normalizer)};
+    const int32_t id = (*scratch)[static_cast<size_t>(i)];
+    top[static_cast<size_t>(i)] = {
+        id, static_cast<float>(static_cast<double>(logits[id]) - log_normalizer)};
   }
   return top;
 }
 
-absl::StatusOr<SampleResult> Sampler::Sample(absl::Span<const float> logits) {
-  if (static_cast<int64_t>(logits.size()) != vocab_size_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "logits has ", logits.size(), " entries, expected vocab_size = ", vocab_size_));
-  }
+namespace {
+
+// The largest logit; Internal for a NaN or +inf logit, or when every logit is -inf.
+absl::StatusOr<float> CheckedMaxLogit(absl::Span<const float> logits) {
   float max_logit = -std::numeric_limits<float>::infinity();
   for (size_t id = 0; id < logits.size(); ++id) {
     const float logit = logits[id];
@@ -229,18 +232,37 @@ absl::StatusOr<SampleResult> Sampler::Sample(absl::Span<const float> logits) {
   if (max_logit == -std::numeric_limits<float>::infinity()) {
     return absl::InternalError("model produced -inf for every logit: no token can be sampled");
   }
+  return max_logit;
+}
+
+}  // namespace
+
+absl::StatusOr<double> LogNormalizer(absl::Span<const float> logits) {
+  if (logits.empty()) return absl::InvalidArgumentError("logits: empty");
+  PS_ASSIGN_OR_RETURN(const float max_logit, CheckedMaxLogit(logits));
+  double sum = 0;
+  for (float logit : logits) sum += std::exp(static_cast<double>(logit) - max_logit);
+  return max_logit + std::log(sum);
+}
+
+absl::StatusOr<SampleResult> Sampler::Sample(absl::Span<const float> logits) {
+  if (static_cast<int64_t>(logits.size()) != vocab_size_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "logits has ", logits.size(), " entries, expected vocab_size = ", vocab_size_));
+  }
+  PS_RETURN_IF_ERROR(CheckedMaxLogit(logits).status());
 
   ApplyPenalties(logits);
   SampleResult result;
   result.token_id = params_.temperature == 0.0f ? Greedy() : Draw();
 
   if (params_.logprobs) {
-    // log_softmax of the raw logits, accumulated in double.
-    double sum = 0;
-    for (float logit : logits) sum += std::exp(static_cast<double>(logit) - max_logit);
-    const double log_normalizer = max_logit + std::log(sum);
+    // log_softmax of the raw logits.
+    PS_ASSIGN_OR_RETURN(const double log_normalizer, LogNormalizer(logits));
     result.logprob = static_cast<float>(logits[result.token_id] - log_normalizer);
-    if (params_.top_logprobs > 0) result.top_logprobs = TopLogprobs(logits, log_normalizer);
+    if (params_.top_logprobs > 0) {
+      result.top_logprobs = TopLogprobs(logits, log_normalizer, params_.top_logprobs, &candidates_);
+    }
   }
   return result;
 }

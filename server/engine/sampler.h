@@ -57,6 +57,17 @@ struct TokenLogprob {
   float logprob = 0.0f;
 };
 
+// log(sum_i exp(logits[i])), accumulated in double: log_softmax(logits)[i] is logits[i] minus it.
+// Internal when a logit is NaN or +inf, or every logit is -inf (a broken model); InvalidArgument
+// when logits is empty.
+[[nodiscard]] absl::StatusOr<double> LogNormalizer(absl::Span<const float> logits);
+
+// The n most likely tokens of `logits` with log-probabilities logits[id] - log_normalizer, most
+// likely first, ties broken by lower id (n is clamped to [0, logits.size()]). `scratch` is
+// reused between calls (O(V log n), no allocation in the steady state beyond the result).
+std::vector<TokenLogprob> TopLogprobs(absl::Span<const float> logits, double log_normalizer,
+                                      int64_t n, std::vector<int32_t>* scratch);
+
 // The outcome of one Sampler::Sample call.
 struct SampleResult {
   int32_t token_id = 0;
@@ -124,8 +135,6 @@ class Sampler {
   void ApplyPenalties(absl::Span<const float> logits);
   int32_t Greedy() const;
   int32_t Draw();
-  // The top_logprobs best tokens of `logits`, with log-probabilities logit - log_normalizer.
-  std::vector<TokenLogprob> TopLogprobs(absl::Span<const float> logits, double log_normalizer);
 
   SamplingParams params_;
   int64_t vocab_size_ = 0;

@@ -66,6 +66,10 @@ struct Scheduler::Active {
 
 namespace {
 
+constexpr absl::string_view kPromptLogprobsWithSession =
+    "prompt_logprobs: not available with session_id: a session turn's earlier tokens are not "
+    "re-scored (send the whole text without a session to score it)";
+
 // The prefix-cache granularity when the options leave it to the model: the block size of the
 // first local_exact polysketch layer (snapshots then fall on block boundaries, where the local
 // buffer is full and S_cur about to fold), else 64 tokens.
@@ -157,6 +161,19 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   }
   PS_RETURN_IF_ERROR(request.sampling.Validate(cfg.vocab_size));
   PS_RETURN_IF_ERROR(request.stops.Validate(cfg.vocab_size));
+  if (request.prompt_top_logprobs < 0 || request.prompt_top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt_top_logprobs: must be in [0, ",
+                                                   kMaxTopLogprobs, "], got ",
+                                                   request.prompt_top_logprobs));
+  }
+  if (request.prompt_top_logprobs > 0 && !request.prompt_logprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt_top_logprobs: must be 0 unless prompt_logprobs is set, got ",
+                     request.prompt_top_logprobs));
+  }
+  if (request.prompt_logprobs && !request.session_id.empty()) {
+    return absl::InvalidArgumentError(kPromptLogprobsWithSession);
+  }
   const absl::Time now = absl::Now();
   Queued queued;
   queued.submitted = now;
@@ -298,17 +315,21 @@ void Scheduler::EnterPhase(EnginePhase phase) {
 }
 
 void Scheduler::EngineLoop() {
+  bool worked = true;
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);
       // Sleep while there is nothing to do; wake at least every 10 ms to honour deadlines of
-      // queued requests.
+      // queued requests. A step that found running requests but nothing to do (each waits for
+      // its client: RequestObserver::Backlogged) is followed by a 1 ms nap, not a spin.
       if (!stopping_ && queue_.empty() && active_.empty() && cancelled_.empty()) {
         work_.wait_for(lock, std::chrono::milliseconds(10));
+      } else if (!stopping_ && !worked) {
+        work_.wait_for(lock, std::chrono::milliseconds(1));
       }
       if (stopping_) break;
     }
-    Step();
+    worked = Step();
     EnterPhase(EnginePhase::kIdle);
   }
   // Shutdown: everything still queued or running ends as cancelled.
@@ -373,7 +394,8 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
       const absl::Status saved = model_->SaveSlot(active.slot, &state.snapshot);
       if (saved.ok()) {
         state.pending.clear();
-        if (state.snapshot.position < model_->max_context()) {
+        // Nothing sampled (max_new_tokens 0): the state holds every token, nothing is pending.
+        if (active.last_token >= 0 && state.snapshot.position < model_->max_context()) {
           state.pending.push_back(active.last_token);
         }
       } else if (result.error.ok()) {
@@ -511,7 +533,11 @@ absl::Status Scheduler::PrepareState(Active& active) {
   const int64_t n = active.feed_size();
   const int64_t g = prefix_cache_.granularity();
   active.prefix_hashes = prefix_cache_.Hashes(active.feed());
-  const PrefixCache::Hit hit = prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1);
+  // Prompt log-probabilities need the logits of every prompt token: no hit may skip any.
+  const PrefixCache::Hit hit =
+      active.request.prompt_logprobs
+          ? PrefixCache::Hit{}
+          : prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1);
   if (hit.state != nullptr) {
     PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, *hit.state));
     active.prefilled = hit.length;
@@ -575,6 +601,8 @@ void Scheduler::RunPrefill(StepStats& stats) {
   for (auto& active : active_) {
     if (budget == 0) break;
     if (active->finished || active->decoding()) continue;
+    // Its client has not read the prompt log-probabilities sent so far: wait for it.
+    if (active->request.prompt_logprobs && active->request.observer->Backlogged()) continue;
     int64_t n = std::min(budget, active->feed_size() - active->prefilled);
     // Stop at a planned snapshot position.
     if (!active->snapshot_at.empty()) {
@@ -583,9 +611,22 @@ void Scheduler::RunPrefill(StepStats& stats) {
     const bool last = active->prefilled + n == active->feed_size();
     const absl::Span<const int32_t> tokens =
         active->feed().subspan(static_cast<size_t>(active->prefilled), static_cast<size_t>(n));
-    const absl::Span<float> logits = absl::MakeSpan(logits_).subspan(0, last ? V : 0);
-    const absl::Status status =
-        model_->Prefill(active->slot, active->base + active->prefilled, tokens, logits);
+    // max_new_tokens 0 samples nothing: no logits of the last token.
+    const bool sample = last && active->request.stops.max_new_tokens > 0;
+    const absl::Span<float> logits = absl::MakeSpan(logits_).subspan(0, sample ? V : 0);
+    const int64_t position = active->base + active->prefilled;
+    absl::Status status;
+    if (active->request.prompt_logprobs) {
+      const int64_t first = active->prefilled;
+      absl::Status scored;
+      const auto score = [&](int64_t chunk_first, int64_t rows, absl::Span<const float> chunk) {
+        if (scored.ok()) scored = EmitPromptLogprobs(*active, first + chunk_first, rows, chunk);
+      };
+      status = model_->Prefill(active->slot, position, tokens, logits, Model::ChunkLogitsFn(score));
+      if (status.ok()) status = scored;
+    } else {
+      status = model_->Prefill(active->slot, position, tokens, logits);
+    }
     budget -= n;
     stats.prefill_tokens += n;
     if (!status.ok()) {
@@ -596,10 +637,40 @@ void Scheduler::RunPrefill(StepStats& stats) {
     MaybeSnapshot(*active);
     if (last) {
       active->prefill_done = absl::Now();
+      if (!sample) {
+        Finish(*active, FinishReason::kLength);
+        continue;
+      }
       HandleLogits(*active, logits);
     }
   }
   if (stats.prefill_tokens > 0) stats.prefill_time = absl::Now() - start;
+}
+
+absl::Status Scheduler::EmitPromptLogprobs(Active& active, int64_t first, int64_t rows,
+                                           absl::Span<const float> logits) {
+  const int64_t V = model_->config().vocab_size;
+  const absl::Span<const int32_t> feed = active.feed();
+  // Position j's logits score feed token j + 1; the last feed token has none to score.
+  const int64_t scored = std::min(rows, active.feed_size() - 1 - first);
+  if (scored <= 0) return absl::OkStatus();
+  StreamDelta delta;
+  delta.prompt_logprobs.reserve(static_cast<size_t>(scored));
+  for (int64_t r = 0; r < scored; ++r) {
+    const absl::Span<const float> row =
+        logits.subspan(static_cast<size_t>(r * V), static_cast<size_t>(V));
+    PS_ASSIGN_OR_RETURN(const double log_normalizer, LogNormalizer(row));
+    const int32_t target = feed[static_cast<size_t>(first + r + 1)];
+    TokenOutput& out = delta.prompt_logprobs.emplace_back();
+    out.token_id = target;
+    out.logprob = static_cast<float>(static_cast<double>(row[target]) - log_normalizer);
+    if (active.request.prompt_top_logprobs > 0) {
+      out.top_logprobs =
+          TopLogprobs(row, log_normalizer, active.request.prompt_top_logprobs, &top_scratch_);
+    }
+  }
+  active.request.observer->OnDelta(std::move(delta));
+  return absl::OkStatus();
 }
 
 void Scheduler::HandleLogits(Active& active, absl::Span<const float> logits) {

@@ -6,7 +6,10 @@
 //   2. admits queued requests, oldest first, while state slots are free;
 //   3. runs one decode step for every running sequence that is past its prompt, as one batch;
 //   4. prefills at most `prefill_tokens_per_step` prompt tokens (oldest request first), so a long
-//      prompt is spread over many steps and never stalls the running streams.
+//      prompt is spread over many steps and never stalls the running streams. A request that
+//      asked for prompt log-probabilities gets the logits of every token of each model prefill
+//      chunk, scored (log_softmax of the next prompt token, top alternatives) and sent before the
+//      chunk's buffer is reused: its memory stays prefill_chunk x V whatever the prompt's length.
 // The recurrent state is also kept beyond a request (docs/sessions.md):
 //   * the prefix cache (prefix_cache.h): a new request restores the state of the longest cached
 //     prefix of its prompt and prefills only the rest; snapshots are taken during prefill;
@@ -85,9 +88,16 @@ struct TokenOutput {
 
 // What one engine step produced for a request: tokens and the text they released (text can lag
 // tokens: an open UTF-8 character or a possible stop string is held back).
+// Prompt log-probabilities (EngineRequest::prompt_logprobs) arrive in their own deltas, one per
+// model prefill chunk, in prompt order and before the first generated token.
 struct StreamDelta {
   std::vector<TokenOutput> tokens;
   std::string text;
+  // The next entries of the prompt's log-probabilities: the entry for position j has token_id =
+  // prompt token j + 1, logprob = log P(prompt[j + 1] | prompt[0..j]) under the raw model
+  // distribution, and top_logprobs the prompt_top_logprobs most likely tokens at position j
+  // (most likely first, ties to the lower id).
+  std::vector<TokenOutput> prompt_logprobs;
 };
 
 struct RequestTimings {
@@ -116,6 +126,11 @@ class RequestObserver {
   virtual ~RequestObserver() = default;
   virtual void OnDelta(StreamDelta delta) = 0;
   virtual void OnFinish(FinalResult result) = 0;
+  // True while the consumer holds so much output it has not delivered that the engine should
+  // produce no more bulk output for it for now: a request with prompt_logprobs is then not
+  // prefilled this step (its deadline and cancellation still apply). Called on the engine thread
+  // before each prefill of such a request; must be cheap and must not block.
+  virtual bool Backlogged() { return false; }
 };
 
 struct EngineRequest {
@@ -133,6 +148,12 @@ struct EngineRequest {
   // The authenticated identity making the request ("" without authentication): sessions are
   // visible to their owner only.
   std::string owner;
+  // Prompt log-probabilities (StreamDelta::prompt_logprobs) of every prompt token after the
+  // first, with the prompt_top_logprobs [0, kMaxTopLogprobs] most likely alternatives (> 0 needs
+  // prompt_logprobs). Not with a session (its earlier tokens are not re-scored). Such a request
+  // prefills its whole prompt: it takes no prefix-cache hit (it may still store snapshots).
+  bool prompt_logprobs = false;
+  int32_t prompt_top_logprobs = 0;
 };
 
 // Counters and gauges, readable from any thread.
@@ -181,7 +202,8 @@ class Scheduler {
 
   // Validates and queues a request; its events then go to request.observer. Errors (nothing is
   // queued, the observer is never called): InvalidArgument naming the field (empty id or
-  // prompt, token ids outside the vocabulary, sampling or stop values, no observer);
+  // prompt, token ids outside the vocabulary, sampling or stop values, prompt_top_logprobs out of
+  // range or without prompt_logprobs, prompt_logprobs with a session, no observer);
   // OutOfRange when the prompt does not fit the context limit (generation that reaches the limit
   // ends there with kLength); AlreadyExists for an id in use;
   // ResourceExhausted when the queue is full (by count or by prompt tokens); Unavailable while
@@ -246,6 +268,11 @@ class Scheduler {
   // Samples from `logits`, emits the token and text, and finishes the request when a stop
   // rule, the token limit or the context limit says so.
   void HandleLogits(Active& active, absl::Span<const float> logits);
+  // Scores feed tokens [first + 1, first + rows] from the logits [rows, V] of feed positions
+  // [first, first + rows) and sends them as one delta (nothing for the last feed position).
+  // Internal for a broken logit (NaN, +inf).
+  absl::Status EmitPromptLogprobs(Active& active, int64_t first, int64_t rows,
+                                  absl::Span<const float> logits);
   void Finish(Active& active, FinishReason reason, absl::Status error = absl::OkStatus());
   void FinishQueued(Queued& queued, FinishReason reason);
   // Restores the request's starting state into its slot (session or cached prefix) and plans
@@ -295,6 +322,7 @@ class Scheduler {
   std::vector<float> logits_;
   std::vector<DecodeItem> decode_items_;  // RunDecode's batch, reused across steps
   std::vector<Active*> decode_batch_;
+  std::vector<int32_t> top_scratch_;  // TopLogprobs of prompt log-probabilities
 
   std::thread engine_;  // last: started when everything else is ready
 };

@@ -35,9 +35,9 @@ absl::string_view FinishReasonName(FinishReason reason) {
 }
 
 absl::Status StopConditions::Validate(int64_t vocab_size) const {
-  if (max_new_tokens < 1) {
+  if (max_new_tokens < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("max_new_tokens = ", max_new_tokens, " must be >= 1"));
+        absl::StrCat("max_new_tokens = ", max_new_tokens, " must be >= 0"));
   }
   if (min_new_tokens < 0 || min_new_tokens > max_new_tokens) {
     return absl::InvalidArgumentError(

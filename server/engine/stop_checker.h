@@ -48,7 +48,8 @@ struct StopConditions {
   // Stops (tokens and strings) completed by one of the first min_new_tokens tokens are ignored
   // and their text is ordinary output. [0, max_new_tokens]
   int64_t min_new_tokens = 0;
-  // Generation ends (kLength) after this many tokens, whatever else holds. >= 1
+  // Generation ends (kLength) after this many tokens, whatever else holds. >= 0; 0 generates
+  // nothing (the scheduler ends the request when its prompt is prefilled: pure scoring).
   int64_t max_new_tokens = 16;
 
   // OK, or InvalidArgument naming the first bad field and value.

@@ -31,6 +31,12 @@ namespace v1 = ::polysketch::v1;
 // that cancels by itself this close to its deadline is counted as a deadline: the lesser error.
 constexpr absl::Duration kDeadlineCancelWindow = absl::Seconds(1);
 
+// A stream with this many messages queued holds back its request's prompt log-probabilities
+// (StreamCall::Backlogged), well below kMaxPendingStreamMessages where messages merge; for at
+// most kMaxBacklogWait without its client reading anything.
+constexpr size_t kBackloggedMessages = 8;
+constexpr absl::Duration kMaxBacklogWait = absl::Seconds(30);
+
 // The gRPC status a request that finished with `result` ends with.
 grpc::Status FinalStatus(const engine::FinalResult& result) {
   switch (result.reason) {
@@ -73,6 +79,7 @@ class CallObserver final : public engine::RequestObserver {
   explicit CallObserver(std::shared_ptr<Call> call) : call_(std::move(call)) {}
   void OnDelta(engine::StreamDelta delta) override { call_->OnEngineDelta(std::move(delta)); }
   void OnFinish(engine::FinalResult result) override { call_->OnEngineFinish(std::move(result)); }
+  bool Backlogged() override { return call_->Backlogged(); }
 
  private:
   std::shared_ptr<Call> call_;
@@ -190,7 +197,11 @@ class UnaryCall final : public grpc::ServerUnaryReactor, public CallBase {
     std::lock_guard<std::mutex> lock(mu_);
     response_->mutable_text()->append(delta.text);
     AppendTokens(delta.tokens, response_->mutable_tokens());
+    AppendTokens(delta.prompt_logprobs, response_->mutable_prompt_logprobs());
   }
+
+  // The whole response is one message: nothing is waiting for a client to read.
+  bool Backlogged() { return false; }
 
   void OnEngineFinish(engine::FinalResult result) {
     RecordFinish(result);
@@ -241,6 +252,7 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     Pending* pending = MessageToAppend();
     pending->message.mutable_text()->append(delta.text);
     AppendTokens(delta.tokens, pending->message.mutable_tokens());
+    AppendTokens(delta.prompt_logprobs, pending->message.mutable_prompt_logprobs());
     const int64_t bytes = DeltaBytes(delta);
     pending->bytes += bytes;
     pending_bytes_ += bytes;
@@ -259,6 +271,22 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     if (!client_gone_) FillFinalInfo(result, MessageToAppend()->message.mutable_final());
     final_status_ = FinalStatus(result);
     Pump(lock);
+  }
+
+  // Prompt log-probabilities come in bulk (a chunk's worth per engine delta, a long prompt's worth
+  // faster than a client may read): past kBackloggedMessages queued messages the engine holds
+  // this request's prefill back (RequestObserver::Backlogged), so the queue never merges them
+  // into one large message. A client that reads nothing for kMaxBacklogWait is no longer waited
+  // for: output piles up again and max_stream_buffer_bytes ends the call, as for any slow reader.
+  bool Backlogged() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (client_gone_ || overflowed_ || pending_.size() < kBackloggedMessages) {
+      backlogged_since_ = absl::InfiniteFuture();
+      return false;
+    }
+    const absl::Time now = absl::Now();
+    if (backlogged_since_ == absl::InfiniteFuture()) backlogged_since_ = now;
+    return now - backlogged_since_ < kMaxBacklogWait;
   }
 
   void OnWriteDone(bool ok) override {
@@ -298,8 +326,10 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   // so that the bound costs O(delta) and not a re-serialisation of the queued message).
   static int64_t DeltaBytes(const engine::StreamDelta& delta) {
     int64_t bytes = static_cast<int64_t>(delta.text.size());
-    for (const engine::TokenOutput& token : delta.tokens) {
-      bytes += 16 + 16 * static_cast<int64_t>(token.top_logprobs.size());
+    for (const auto* tokens : {&delta.tokens, &delta.prompt_logprobs}) {
+      for (const engine::TokenOutput& token : *tokens) {
+        bytes += 16 + 16 * static_cast<int64_t>(token.top_logprobs.size());
+      }
     }
     return bytes;
   }
@@ -365,6 +395,7 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
   bool client_gone_ = false;
   bool overflowed_ = false;  // finished for max_stream_buffer_bytes
   bool finished_ = false;
+  absl::Time backlogged_since_ = absl::InfiniteFuture();  // Backlogged(): since when
   std::optional<grpc::Status> final_status_;
   std::shared_ptr<StreamCall> self_;
 };

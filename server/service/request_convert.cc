@@ -141,13 +141,13 @@ absl::StatusOr<engine::SamplingParams> ConvertSampling(const v1::GenerateRequest
 absl::StatusOr<engine::StopConditions> ConvertStops(const v1::GenerateRequest& proto,
                                                     const RequestLimits& limits) {
   engine::StopConditions stops;
-  const int64_t max_new = proto.max_new_tokens() == 0
-                              ? kDefaultMaxNewTokens
-                              : static_cast<int64_t>(proto.max_new_tokens());
+  // Unset: the default. An explicit 0 generates nothing (pure scoring).
+  const int64_t max_new = proto.has_max_new_tokens() ? static_cast<int64_t>(proto.max_new_tokens())
+                                                     : kDefaultMaxNewTokens;
   if (max_new > limits.max_new_tokens_limit) {
     return Invalid("max_new_tokens",
-                   absl::StrCat("must be in [1, ", limits.max_new_tokens_limit, "] (0: default ",
-                                kDefaultMaxNewTokens, ")"),
+                   absl::StrCat("must be in [0, ", limits.max_new_tokens_limit,
+                                "] (unset: default ", kDefaultMaxNewTokens, ")"),
                    absl::StrCat(proto.max_new_tokens()));
   }
   if (static_cast<int64_t>(proto.min_new_tokens()) > max_new) {
@@ -196,6 +196,27 @@ absl::StatusOr<engine::StopConditions> ConvertStops(const v1::GenerateRequest& p
   return stops;
 }
 
+absl::Status ConvertPromptLogprobs(const v1::GenerateRequest& proto,
+                                   engine::EngineRequest* request) {
+  if (proto.prompt_top_logprobs() > static_cast<uint32_t>(engine::kMaxTopLogprobs)) {
+    return Invalid("prompt_top_logprobs",
+                   absl::StrCat("must be in [0, ", engine::kMaxTopLogprobs, "]"),
+                   absl::StrCat(proto.prompt_top_logprobs()));
+  }
+  if (proto.prompt_top_logprobs() > 0 && !proto.prompt_logprobs()) {
+    return Invalid("prompt_top_logprobs", "must be 0 unless prompt_logprobs is set",
+                   absl::StrCat(proto.prompt_top_logprobs()));
+  }
+  if (proto.prompt_logprobs() && !proto.session_id().empty()) {
+    return absl::InvalidArgumentError(
+        "prompt_logprobs: not available with session_id: a session turn's earlier tokens are "
+        "not re-scored (send the whole text without a session to score it)");
+  }
+  request->prompt_logprobs = proto.prompt_logprobs();
+  request->prompt_top_logprobs = static_cast<int32_t>(proto.prompt_top_logprobs());
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ConvertedRequest> ConvertGenerateRequest(
@@ -210,6 +231,7 @@ absl::StatusOr<ConvertedRequest> ConvertGenerateRequest(
   PS_ASSIGN_OR_RETURN(out.request.stops, ConvertStops(proto, limits));
   PS_ASSIGN_OR_RETURN(out.request.sampling,
                       ConvertSampling(proto, limits, random_seed, &out.seed_picked));
+  PS_RETURN_IF_ERROR(ConvertPromptLogprobs(proto, &out.request));
   if (proto.time_limit_ms() > 0) out.time_limit = absl::Milliseconds(proto.time_limit_ms());
   return out;
 }

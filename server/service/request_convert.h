@@ -26,7 +26,7 @@ inline constexpr size_t kMaxRequestIdBytes = 128;
 // Checks an id field (request_id, session_id): at most kMaxRequestIdBytes of printable ASCII.
 // InvalidArgument naming `field` otherwise.
 absl::Status ValidateId(absl::string_view field, absl::string_view id);
-// max_new_tokens when a request leaves it 0.
+// max_new_tokens when a request leaves it unset.
 inline constexpr int64_t kDefaultMaxNewTokens = 256;
 
 // What a request may ask for: the model's and the server's limits.
@@ -46,11 +46,15 @@ struct ConvertedRequest {
 };
 
 // Validates `proto` against `limits` and converts it. Unset optional sampling fields take their
-// defaults (temperature 1, top_p 1, repetition_penalty 1), max_new_tokens 0 becomes
-// kDefaultMaxNewTokens, an unset seed is drawn from `random_seed` (a process-wide RNG when
-// null). Errors: InvalidArgument whose message starts with the field path and gives the allowed
-// range and the value, e.g. "sampling.top_p: must be in (0, 1], got 0",
-// "prompt.token_ids[3]: must be in [0, 256), got 300", "prompt.text: not valid UTF-8 at byte 7".
+// defaults (temperature 1, top_p 1, repetition_penalty 1), an unset max_new_tokens becomes
+// kDefaultMaxNewTokens (an explicit 0 stays 0: generate nothing), an unset seed is drawn from
+// `random_seed` (a process-wide RNG when null). Errors: InvalidArgument whose message starts with
+// the field path and gives the allowed range and the value, e.g.
+// "sampling.top_p: must be in (0, 1], got 0",
+// "prompt.token_ids[3]: must be in [0, 256), got 300",
+// "prompt.text: not valid UTF-8 at byte 7",
+// "prompt_top_logprobs: must be 0 unless prompt_logprobs is set, got 5";
+// prompt_logprobs with a session_id is refused naming prompt_logprobs.
 [[nodiscard]] absl::StatusOr<ConvertedRequest> ConvertGenerateRequest(
     const polysketch::v1::GenerateRequest& proto, const RequestLimits& limits,
     const std::function<uint64_t()>& random_seed = nullptr);

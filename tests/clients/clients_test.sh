@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The clients against a real polysketch-server over loopback: polysketch-cli (generate streaming
 # and --unary agree at temperature 0; info, health, tokenize, cancel; exit 2 on a bad flag, 1 with
-# INVALID_ARGUMENT on a bad field), polysketch-loadgen (16 requests at concurrency 4, all ok, with
-# latency percentiles), the Python client package built into <build dir>/python, and the eval
-# tool built beside it (python3 -m polysketch_eval passkey; its perplexity is
+# INVALID_ARGUMENT on a bad field; scoring a prompt with --prompt_logprobs), polysketch-loadgen
+# (16 requests at concurrency 4, all ok, with latency percentiles), the Python client package
+# built into <build dir>/python (prompt log-probabilities included), and the eval tool built
+# beside it (python3 -m polysketch_eval passkey; its perplexity is
 # tests/python/test_eval_server.py).
 # Usage: clients_test.sh <polysketch-server> <polysketch-cli> <polysketch-loadgen> <repo root>
 #        <build dir>
@@ -247,6 +248,86 @@ with PolysketchClient(sys.argv[1], timeout=60) as client:
         assert error.code == "INVALID_ARGUMENT", error
 print("ok: Python client sessions: continuation == whole conversation, export/import, errors")
 PY
+# Prompt log-probabilities: scoring only (max_new_tokens=0) through **params, unary == stream,
+# the stream's entries before its tokens, alternatives most likely first, the teacher-forced
+# score of a token equal to the logprob the same token gets when it is generated, the default of
+# an unset max_new_tokens, and the refusals.
+PYTHONPATH="${build}/python" "${python}" - "${target}" << 'PY' || fail "Python prompt logprobs"
+import sys
+from polysketch_client import GenerateResult, PolysketchClient, PolysketchError, StreamChunk
+
+prompt = "The quick brown fox"
+with PolysketchClient(sys.argv[1], timeout=60) as client:
+    score = dict(max_new_tokens=0, prompt_logprobs=True, prompt_top_logprobs=3)
+    unary = client.generate(prompt, **score)
+    assert isinstance(unary, GenerateResult)
+    assert unary.final.finish_reason == "LENGTH" and unary.final.generated_tokens == 0, unary.final
+    assert unary.tokens == [] and unary.text == "", unary
+    entries = unary.prompt_logprobs
+    assert [e.token_id for e in entries] == list(prompt.encode())[1:], entries
+    for e in entries:
+        assert e.logprob <= 0.0 and len(e.top_logprobs) == 3, e
+        tops = [lp for _, lp in e.top_logprobs]
+        assert tops == sorted(tops, reverse=True), e  # most likely first
+        assert e.logprob <= tops[0] + 1e-6, e
+        for tid, lp in e.top_logprobs:
+            if tid == e.token_id:
+                assert abs(lp - e.logprob) < 1e-6, e
+    chunks = list(client.generate_stream(prompt, **dict(score, max_new_tokens=4)))
+    assert all(isinstance(c, StreamChunk) for c in chunks)
+    streamed = [e for c in chunks for e in c.prompt_logprobs]
+    assert streamed == entries, (streamed, entries)
+    first_token = next(i for i, c in enumerate(chunks) if c.tokens)
+    assert all(not c.prompt_logprobs for c in chunks[first_token:]), chunks
+    assert chunks[-1].final.generated_tokens == 4, chunks[-1].final
+    # Teacher-forced score of the token greedy decoding picks == that token's sampled logprob.
+    greedy = client.generate(prompt, max_new_tokens=1, temperature=0.0, logprobs=True)
+    token = greedy.tokens[0]
+    assert greedy.prompt_logprobs == []
+    scored = client.generate(list(prompt.encode()) + [token.token_id], max_new_tokens=0,
+                             prompt_logprobs=True)
+    last = scored.prompt_logprobs[-1]
+    assert last.token_id == token.token_id and abs(last.logprob - token.logprob) < 1e-4, (
+        last, token)
+    one = client.generate("A", **score)
+    assert one.prompt_logprobs == [] and one.final.generated_tokens == 0, one
+    # Unset max_new_tokens is not sent (the server's default); 0 is sent.
+    assert not PolysketchClient._request("x").HasField("max_new_tokens")
+    assert PolysketchClient._request("x", max_new_tokens=0).HasField("max_new_tokens")
+    for bad, field in ((dict(prompt_logprobs=True, prompt_top_logprobs=21), "prompt_top_logprobs"),
+                       (dict(prompt_top_logprobs=2), "prompt_top_logprobs"),
+                       (dict(prompt_logprobs=True, session_id=client.open_session()),
+                        "prompt_logprobs")):
+        try:
+            client.generate(prompt, max_new_tokens=0, **bad)
+            raise AssertionError(f"{bad} accepted")
+        except PolysketchError as error:
+            assert error.code == "INVALID_ARGUMENT" and error.details.startswith(field + ":"), error
+print("ok: Python client prompt logprobs (unary == stream, scoring only, top-n order, errors)")
+PY
+# The C++ CLI scores a prompt: one stderr line per prompt token, stream == unary, no text.
+for mode in stream unary; do
+  flags=(--target "${target}" --prompt "Hello" --max_new_tokens 0 --prompt_logprobs
+    --prompt_top_logprobs 2 --timeout 60s)
+  [[ "${mode}" == unary ]] && flags+=(--unary)
+  "${cli}" generate "${flags[@]}" > "${tmp}/score_${mode}.txt" 2> "${tmp}/score_${mode}.err" \
+    || fail "cli scoring (${mode}) failed: $(cat "${tmp}/score_${mode}.err")"
+  [[ ! -s "${tmp}/score_${mode}.txt" ]] \
+    || fail "cli scoring printed text: $(cat "${tmp}/score_${mode}.txt")"
+  grep "^prompt\[" "${tmp}/score_${mode}.err" > "${tmp}/score_${mode}.lines" || true
+  [[ "$(wc -l < "${tmp}/score_${mode}.lines")" -eq 4 ]] \
+    || fail "cli scoring (${mode}): want 4 prompt lines: $(cat "${tmp}/score_${mode}.err")"
+  grep -q "finish_reason=LENGTH prompt_tokens=5 generated_tokens=0" "${tmp}/score_${mode}.err" \
+    || fail "cli scoring (${mode}) final: $(cat "${tmp}/score_${mode}.err")"
+done
+# "prompt[1] 101 'e' logprob -3.2 | 32 ' ':-1.1 | 97 'a':-1.9": the token, then 2 alternatives.
+first_line="$(head -1 "${tmp}/score_stream.lines")"
+grep -q "^prompt\[1\] 101 'e' logprob -[0-9]" <<< "${first_line}" \
+  && [[ "$(grep -o ' | ' <<< "${first_line}" | wc -l)" -eq 2 ]] \
+  || fail "cli scoring line format: ${first_line}"
+cmp -s "${tmp}/score_stream.lines" "${tmp}/score_unary.lines" \
+  || fail "cli scoring: stream and unary differ"
+echo "ok: cli --prompt_logprobs --max_new_tokens 0 (stream == unary)"
 "${loadgen}" --target "${target}" --scenario chat --turns 3 \
   --turn_bytes 300 --max_new_tokens 8 --sessions --json > "${tmp}/chat.txt" \
   || fail "loadgen chat scenario failed"

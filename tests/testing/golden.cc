@@ -1,6 +1,7 @@
 #include "tests/testing/golden.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 
 #include <absl/status/status.h>
@@ -47,6 +48,18 @@ absl::StatusOr<GoldenFixture> LoadGoldenFixture(const std::string& name) {
     return absl::DataLossError(absl::StrCat(dir, ": decode_logits is not [G, V]"));
   }
   return f;
+}
+
+std::vector<double> GoldenPrefillLogSoftmax(const GoldenFixture& golden, size_t p) {
+  const auto V = static_cast<size_t>(golden.vocab_size);
+  const float* row = golden.prefill.data() + p * V;
+  const double max = *std::max_element(row, row + V);
+  double sum = 0;
+  for (size_t i = 0; i < V; ++i) sum += std::exp(double{row[i]} - max);
+  const double log_normalizer = max + std::log(sum);
+  std::vector<double> out(V);
+  for (size_t i = 0; i < V; ++i) out[i] = double{row[i]} - log_normalizer;
+  return out;
 }
 
 std::string GoldenTestName(const std::string& name) {

@@ -28,6 +28,10 @@ std::vector<std::string> GoldenFixtureNames();
 // Loads tests/golden/<name>. The model itself is not loaded (see model_dir).
 absl::StatusOr<GoldenFixture> LoadGoldenFixture(const std::string& name);
 
+// log_softmax (float64) of recorded prefill row p: entry id is log P(id | tokens[0..positions[p]]),
+// so entry tokens[positions[p] + 1] is the teacher-forced log-probability of that prompt token.
+std::vector<double> GoldenPrefillLogSoftmax(const GoldenFixture& golden, size_t p);
+
 // A fixture name as a GoogleTest parameter name ('-' -> '_').
 std::string GoldenTestName(const std::string& name);
 

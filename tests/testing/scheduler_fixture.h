@@ -16,15 +16,14 @@
 
 namespace ps::test {
 
-// Loads tests/golden/<fixture>, builds the model with `model_options` and a scheduler with
-// `options` (its model_fingerprint set from the weights). `config`, when given, receives the
-// model's config.
-inline std::unique_ptr<engine::Scheduler> MakeFixtureScheduler(
-    const std::string& fixture, kernels::Backend& backend,
+// Loads the model in `model_dir` (absolute; e.g. GoldenFixture::model_dir, under models/ for the
+// shipped models' fixtures), builds it with `model_options` and a scheduler with `options` (its
+// model_fingerprint set from the weights). `config`, when given, receives the model's config.
+inline std::unique_ptr<engine::Scheduler> MakeModelScheduler(
+    const std::string& model_dir, kernels::Backend& backend,
     const engine::ModelOptions& model_options, engine::SchedulerOptions options,
     engine::ModelConfig* config = nullptr) {
-  absl::StatusOr<engine::ModelWeights> weights =
-      engine::LoadWeights(SourcePath("tests/golden/" + fixture));
+  absl::StatusOr<engine::ModelWeights> weights = engine::LoadWeights(model_dir);
   EXPECT_TRUE(weights.ok()) << weights.status();
   if (!weights.ok()) return nullptr;
   if (config != nullptr) *config = weights->config;
@@ -37,6 +36,15 @@ inline std::unique_ptr<engine::Scheduler> MakeFixtureScheduler(
       engine::Scheduler::Create(*std::move(model), std::move(options));
   EXPECT_TRUE(scheduler.ok()) << scheduler.status();
   return scheduler.ok() ? *std::move(scheduler) : nullptr;
+}
+
+// MakeModelScheduler for a tiny fixture, whose folder holds its model (tests/golden/<fixture>).
+inline std::unique_ptr<engine::Scheduler> MakeFixtureScheduler(
+    const std::string& fixture, kernels::Backend& backend,
+    const engine::ModelOptions& model_options, engine::SchedulerOptions options,
+    engine::ModelConfig* config = nullptr) {
+  return MakeModelScheduler(SourcePath("tests/golden/" + fixture), backend, model_options,
+                            std::move(options), config);
 }
 
 }  // namespace ps::test

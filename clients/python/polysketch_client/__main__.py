@@ -11,7 +11,7 @@ import json
 import sys
 from typing import List, Optional
 
-from .client import SERVICE_NAME, PolysketchClient, PolysketchError
+from .client import SERVICE_NAME, GeneratedToken, PolysketchClient, PolysketchError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt_file", default=None, help="read the prompt from this file")
     g.add_argument("--unary", action="store_true", help="use Generate instead of GenerateStream")
     g.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    g.add_argument("--max_new_tokens", type=int, default=0)
+    g.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="unset: the server default (256); 0 generates nothing (scoring)",
+    )
     g.add_argument("--min_new_tokens", type=int, default=0)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top_k", type=int, default=0)
@@ -48,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--include_stop_string", action="store_true")
     g.add_argument("--logprobs", action="store_true")
     g.add_argument("--top_logprobs", type=int, default=0)
+    g.add_argument(
+        "--prompt_logprobs",
+        action="store_true",
+        help="log-probability of every prompt token after the first (printed to stderr)",
+    )
+    g.add_argument("--prompt_top_logprobs", type=int, default=0, help="alternatives, 0..20")
     g.add_argument("--time_limit_ms", type=int, default=0)
     g.add_argument("--request_id", default="")
 
@@ -68,6 +79,17 @@ def _prompt(args: argparse.Namespace) -> str:
     return args.prompt or ""
 
 
+def _print_prompt_logprobs(entries: List[GeneratedToken], index: int) -> int:
+    """One stderr line per prompt token from prompt index `index`; returns the next index."""
+    for entry in entries:
+        alts = " | ".join(f"{tid} {chr(tid)!r}:{lp:.4f}" for tid, lp in entry.top_logprobs)
+        token = f"{entry.token_id} {chr(entry.token_id)!r}"
+        line = f"prompt[{index}] {token} logprob {entry.logprob:.4f}"
+        print(line + (f" | {alts}" if alts else ""), file=sys.stderr)
+        index += 1
+    return index
+
+
 def _run(args: argparse.Namespace, client: PolysketchClient) -> int:
     if args.command == "generate":
         params = {
@@ -75,7 +97,8 @@ def _run(args: argparse.Namespace, client: PolysketchClient) -> int:
             for k in (
                 "max_new_tokens min_new_tokens temperature top_k top_p min_p repetition_penalty "
                 "presence_penalty frequency_penalty seed stop_token_ids ignore_eos "
-                "include_stop_string logprobs top_logprobs time_limit_ms request_id"
+                "include_stop_string logprobs top_logprobs time_limit_ms request_id "
+                "prompt_logprobs prompt_top_logprobs"
             ).split()
         }
         params["stop"] = args.stop
@@ -85,11 +108,14 @@ def _run(args: argparse.Namespace, client: PolysketchClient) -> int:
             if args.json:
                 print(json.dumps(dataclasses.asdict(result), indent=2))
                 return 0
+            _print_prompt_logprobs(result.prompt_logprobs, 1)
             sys.stdout.write(result.text)
             final = result.final
         else:
             final = None
+            index = 1
             for chunk in client.generate_stream(prompt, **params):
+                index = _print_prompt_logprobs(chunk.prompt_logprobs, index)
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 final = chunk.final or final

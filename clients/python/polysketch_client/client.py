@@ -66,6 +66,9 @@ class GenerateResult:
     text: str
     tokens: List[GeneratedToken]
     final: FinalInfo
+    # With prompt_logprobs=True: entry i is prompt token i + 1, its log-probability given the
+    # prompt tokens before it, and its prompt_top_logprobs alternatives; empty when not asked.
+    prompt_logprobs: List[GeneratedToken] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,9 @@ class StreamChunk:
     text: str  # new text since the previous chunk (may be empty)
     tokens: List[GeneratedToken]
     final: Optional[FinalInfo]  # set on the last chunk only
+    # The next entries of the prompt's log-probabilities (GenerateResult.prompt_logprobs), one
+    # prefill chunk's worth per message, all before the first generated token; empty otherwise.
+    prompt_logprobs: List[GeneratedToken] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +278,7 @@ class PolysketchClient:
     def _request(
         prompt: Union[str, Sequence[int]],
         *,
-        max_new_tokens: int = 0,
+        max_new_tokens: Optional[int] = None,
         min_new_tokens: int = 0,
         temperature: Optional[float] = None,
         top_k: int = 0,
@@ -291,16 +297,22 @@ class PolysketchClient:
         time_limit_ms: int = 0,
         request_id: str = "",
         session_id: str = "",
+        prompt_logprobs: bool = False,
+        prompt_top_logprobs: int = 0,
     ) -> "pb.GenerateRequest":
         request = pb.GenerateRequest(
             request_id=request_id.encode("utf-8"),
             session_id=session_id.encode("utf-8"),
-            max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             time_limit_ms=time_limit_ms,
+            prompt_logprobs=prompt_logprobs,
+            prompt_top_logprobs=prompt_top_logprobs,
         )
+        # None leaves it unset (the server's default, 256); 0 generates nothing (scoring only).
+        if max_new_tokens is not None:
+            request.max_new_tokens = max_new_tokens
         if isinstance(prompt, str):
             request.text = prompt.encode("utf-8")
         else:
@@ -327,13 +339,19 @@ class PolysketchClient:
     def generate(
         self, prompt: Union[str, Sequence[int]], *, timeout: Optional[float] = None, **params
     ) -> GenerateResult:
-        """Generates for a text (or token-id) prompt; params are GenerateRequest's fields."""
+        """Generates for a text (or token-id) prompt; params are GenerateRequest's fields.
+
+        max_new_tokens=None (the default) lets the server choose (256); max_new_tokens=0 with
+        prompt_logprobs=True scores the prompt without generating. The unary response carries
+        every prompt log-probability in one message: use generate_stream for long prompts.
+        """
         response = self._call(self._stub.Generate, self._request(prompt, **params), timeout)
         return GenerateResult(
             request_id=response.request_id,
             text=response.text,
             tokens=_tokens(response.tokens),
             final=_final(response.final),
+            prompt_logprobs=_tokens(response.prompt_logprobs),
         )
 
     def generate_stream(
@@ -354,6 +372,7 @@ class PolysketchClient:
                     text=message.text,
                     tokens=_tokens(message.tokens),
                     final=_final(message.final) if message.HasField("final") else None,
+                    prompt_logprobs=_tokens(message.prompt_logprobs),
                 )
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None

@@ -1,5 +1,6 @@
 // Model on the CUDA backend against the PyTorch golden fixtures (every attention kind and the
-// shipped models): the same checks as model_test.cc's golden test, at two GEMM precisions.
+// shipped models): the same checks as model_test.cc's golden test, at two GEMM precisions, and
+// prompt log-probabilities through the scheduler (every token's logits of a chunk on the device).
 // Skips itself (GTEST_SKIP) when no CUDA device is visible, so CPU-only CI stays green.
 //   * GemmPrecision::kFp32 (cublasSgemm): every op in fp32, so the engine contract of issue 4
 //     applies unchanged: logits within 1e-4 of the float64 reference relative to max(1, |want|),
@@ -30,6 +31,9 @@
 #include "server/engine/model.h"
 #include "server/engine/weights.h"
 #include "tests/testing/golden.h"
+#include "tests/testing/prompt_logprobs_check.h"
+#include "tests/testing/recorder.h"
+#include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::engine {
@@ -133,6 +137,46 @@ TEST_P(ModelCudaGoldenTest, MatchesGoldenLogitsAndGreedyTokens) {
                 << close_calls << "\n";
     }
   }
+}
+
+// Prompt log-probabilities through the scheduler on the CUDA backend (fp32 GEMMs): the logits of
+// every token of each prefill chunk come from the device (final norm, tied-embedding GEMM and
+// bias over all the chunk's rows, one copy to the host) and equal the reference's teacher-forced
+// log-probabilities within 1e-4, with chunks of 5 tokens (blocks are 8) and 7 tokens per step.
+TEST_P(ModelCudaGoldenTest, PromptLogprobsMatchGolden) {
+  constexpr int32_t kTop = 3;
+  auto backend = kernels::cuda::CudaBackend::Create({.device = 0, .gemm = GemmPrecision::kFp32});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  ModelOptions options;
+  options.num_slots = 1;
+  options.max_batch = 1;
+  options.prefill_chunk = 5;
+  options.max_context = 4096;
+  SchedulerOptions scheduler_options;
+  scheduler_options.prefill_tokens_per_step = 7;
+  auto scheduler =
+      test::MakeModelScheduler(golden_.model_dir, **backend, options, scheduler_options);
+  ASSERT_NE(scheduler, nullptr);
+  auto recorder = std::make_shared<test::Recorder>();
+  EngineRequest request;
+  request.id = "score";
+  request.prompt = golden_.tokens;
+  request.sampling.temperature = 0.0f;
+  request.stops.max_new_tokens = 1;
+  request.prompt_logprobs = true;
+  request.prompt_top_logprobs = kTop;
+  request.observer = recorder;
+  ASSERT_THAT(scheduler->Submit(std::move(request)), IsOk());
+  ASSERT_TRUE(recorder->Wait(600));
+  ASSERT_EQ(recorder->result().reason, FinishReason::kLength) << recorder->result().error;
+  const double worst = test::ExpectPromptLogprobsMatchGolden(golden_, recorder->prompt_logprobs(),
+                                                             kTop, kFp32RelTol);
+  EXPECT_EQ(recorder->tokens(), std::vector<int32_t>{golden_.greedy[0]});
+  EXPECT_LE(recorder->largest_prompt_delta(), 5);
+  scheduler.reset();
+  ASSERT_TRUE((*backend)->Synchronize().ok()) << (*backend)->status();
+  std::cout << "[ fixture ] " << GetParam() << " prompt logprobs fp32: max |error| " << worst
+            << "\n";
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelCudaGoldenTest,

@@ -226,7 +226,7 @@ TEST_F(SchedulerTest, InvalidRequestsAreRefusedWithTheFieldNamed) {
               StatusIs(absl::StatusCode::kInvalidArgument, "ids[1]: 256"));
   EXPECT_THAT(scheduler->Submit(Request("a", std::vector<int32_t>(17, 1), 1, recorder)),
               StatusIs(absl::StatusCode::kOutOfRange, "context limit 16"));
-  EXPECT_THAT(scheduler->Submit(Request("a", {1}, 0, recorder)),
+  EXPECT_THAT(scheduler->Submit(Request("a", {1}, -1, recorder)),
               StatusIs(absl::StatusCode::kInvalidArgument, "max_new_tokens"));
   EngineRequest bad = Request("a", {1}, 1, recorder);
   bad.sampling.top_p = 0;

@@ -60,8 +60,8 @@ TEST(StopCheckerTest, Validation) {
   EXPECT_THAT(ok.Validate(kVocab), IsOk());
 
   StopConditions bad = ok;
-  bad.max_new_tokens = 0;
-  EXPECT_THAT(bad.Validate(kVocab), StatusIs(kInvalid, "max_new_tokens = 0"));
+  bad.max_new_tokens = -1;
+  EXPECT_THAT(bad.Validate(kVocab), StatusIs(kInvalid, "max_new_tokens = -1"));
   bad = ok;
   bad.min_new_tokens = -1;
   EXPECT_THAT(bad.Validate(kVocab), StatusIs(kInvalid, "min_new_tokens = -1"));

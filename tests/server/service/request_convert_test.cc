@@ -50,6 +50,25 @@ TEST(RequestConvertTest, TextPromptAndDefaults) {
   EXPECT_TRUE(c.request.id.empty());
 }
 
+// max_new_tokens: unset is the default, an explicit 0 stays 0 (scoring only); the prompt
+// log-probability fields pass through.
+TEST(RequestConvertTest, ExplicitZeroMaxNewTokensAndPromptLogprobs) {
+  v1::GenerateRequest request = Valid();
+  request.set_max_new_tokens(0);
+  request.set_prompt_logprobs(true);
+  request.set_prompt_top_logprobs(20);
+  PS_ASSERT_OK_AND_ASSIGN(ConvertedRequest c, ConvertGenerateRequest(request, Limits()));
+  EXPECT_EQ(c.request.stops.max_new_tokens, 0);
+  EXPECT_TRUE(c.request.prompt_logprobs);
+  EXPECT_EQ(c.request.prompt_top_logprobs, 20);
+  request.clear_max_new_tokens();
+  request.set_prompt_logprobs(false);
+  request.set_prompt_top_logprobs(0);
+  PS_ASSERT_OK_AND_ASSIGN(ConvertedRequest d, ConvertGenerateRequest(request, Limits()));
+  EXPECT_EQ(d.request.stops.max_new_tokens, kDefaultMaxNewTokens);
+  EXPECT_FALSE(d.request.prompt_logprobs);
+}
+
 TEST(RequestConvertTest, SeedPickedWhenUnsetAndKeptWhenSet) {
   PS_ASSERT_OK_AND_ASSIGN(ConvertedRequest a, ConvertGenerateRequest(Valid(), Limits()));
   PS_ASSERT_OK_AND_ASSIGN(ConvertedRequest b, ConvertGenerateRequest(Valid(), Limits()));
@@ -161,7 +180,7 @@ INSTANTIATE_TEST_SUITE_P(
          [](R& r) { r.mutable_sampling()->set_presence_penalty(2.5f); }},
         {"FrequencyPenalty", "sampling.frequency_penalty: must be in [-2, 2], got -2.5",
          [](R& r) { r.mutable_sampling()->set_frequency_penalty(-2.5f); }},
-        {"MaxNewTokens", "max_new_tokens: must be in [1, 512]",
+        {"MaxNewTokens", "max_new_tokens: must be in [0, 512] (unset: default 256), got 513",
          [](R& r) { r.set_max_new_tokens(513); }},
         {"MinNewTokens", "min_new_tokens: must be in [0, max_new_tokens = 10], got 11",
          [](R& r) {
@@ -177,6 +196,26 @@ INSTANTIATE_TEST_SUITE_P(
          }},
         {"TopLogprobsWithoutLogprobs", "top_logprobs: must be 0 unless logprobs is set",
          [](R& r) { r.set_top_logprobs(1); }},
+        {"PromptTopLogprobs", "prompt_top_logprobs: must be in [0, 20], got 21",
+         [](R& r) {
+           r.set_prompt_logprobs(true);
+           r.set_prompt_top_logprobs(21);
+         }},
+        {"PromptTopLogprobsWithoutPromptLogprobs",
+         "prompt_top_logprobs: must be 0 unless prompt_logprobs is set, got 3",
+         [](R& r) { r.set_prompt_top_logprobs(3); }},
+        {"PromptLogprobsWithSession",
+         "prompt_logprobs: not available with session_id: a session turn's earlier tokens are "
+         "not re-scored",
+         [](R& r) {
+           r.set_prompt_logprobs(true);
+           r.set_session_id("s1");
+         }},
+        {"MinNewTokensAboveZero", "min_new_tokens: must be in [0, max_new_tokens = 0], got 1",
+         [](R& r) {
+           r.set_max_new_tokens(0);
+           r.set_min_new_tokens(1);
+         }},
         {"RequestIdLong", "request_id: must be at most 128 bytes, got 129 bytes",
          [](R& r) { r.set_request_id(std::string(129, 'a')); }},
         {"RequestIdControl", "request_id: must be printable ASCII",

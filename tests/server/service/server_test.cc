@@ -3,6 +3,7 @@
 // concurrency, cancellation (RPC and vanished client), deadlines, queue limits, validation over
 // the wire, Tokenize / GetModelInfo, the health service's readiness, and liveness under the
 // engine progress watchdog.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -30,6 +31,7 @@
 #include "server/service/watchdog_listener.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
+#include "tests/testing/prompt_logprobs_check.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::service {
@@ -49,13 +51,14 @@ class ServerTest : public ::testing::Test {
   void SetUp() override { Start(/*slots=*/4, /*max_waiting=*/256); }
   void TearDown() override { Stop(); }
 
-  void Start(int64_t slots, int64_t max_waiting) {
+  void Start(int64_t slots, int64_t max_waiting, int64_t prefill_chunk = 512) {
     PS_ASSERT_OK_AND_ASSIGN(golden_, test::LoadGoldenFixture(kFixture));
     PS_ASSERT_OK_AND_ASSIGN(engine::ModelWeights weights, engine::LoadWeights(golden_.model_dir));
     backend_ = std::make_unique<kernels::cpu::CpuBackend>(2);
     engine::ModelOptions model_options;
     model_options.num_slots = slots;
     model_options.max_batch = slots;
+    model_options.prefill_chunk = prefill_chunk;
     PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<engine::Model> model,
                             engine::Model::Create(weights, *backend_, model_options));
     engine::SchedulerOptions options;
@@ -159,6 +162,12 @@ class ServerTest : public ::testing::Test {
     std::string text;
     int messages = 0;
     int finals = 0;
+    // Prompt log-probabilities, in order; messages that had some; the most in one message; and
+    // whether any came after (or with) a generated token.
+    std::vector<v1::GeneratedToken> prompt_logprobs;
+    int prompt_messages = 0;
+    int largest_prompt_message = 0;
+    bool prompt_after_tokens = false;
     bool final_last = false;
     v1::FinalInfo final;
   };
@@ -169,6 +178,15 @@ class ServerTest : public ::testing::Test {
     v1::GenerateStreamResponse message;
     while (reader->Read(&message)) {
       ++result.messages;
+      if (message.prompt_logprobs_size() > 0) {
+        ++result.prompt_messages;
+        result.largest_prompt_message =
+            std::max(result.largest_prompt_message, message.prompt_logprobs_size());
+        result.prompt_after_tokens |= !result.tokens.empty() || message.tokens_size() > 0;
+        result.prompt_logprobs.insert(result.prompt_logprobs.end(),
+                                      message.prompt_logprobs().begin(),
+                                      message.prompt_logprobs().end());
+      }
       for (const v1::GeneratedToken& t : message.tokens()) result.tokens.push_back(t.token_id());
       result.text += message.text();
       result.final_last = message.has_final();
@@ -371,6 +389,12 @@ TEST_F(ServerTest, InvalidFieldsAreInvalidArgumentOverTheWire) {
       {"top_logprobs",
        [](v1::GenerateRequest& r) { r.set_logprobs(true), r.set_top_logprobs(21); }},
       {"top_logprobs", [](v1::GenerateRequest& r) { r.set_top_logprobs(2); }},
+      {"prompt_top_logprobs",
+       [](v1::GenerateRequest& r) { r.set_prompt_logprobs(true), r.set_prompt_top_logprobs(21); }},
+      {"prompt_top_logprobs", [](v1::GenerateRequest& r) { r.set_prompt_top_logprobs(1); }},
+      // Refused before the session is looked up: the message says why, whatever the session.
+      {"prompt_logprobs",
+       [](v1::GenerateRequest& r) { r.set_prompt_logprobs(true), r.set_session_id("any"); }},
       {"request_id", [](v1::GenerateRequest& r) { r.set_request_id(std::string(129, 'x')); }},
       {"request_id", [](v1::GenerateRequest& r) { r.set_request_id("a\nb"); }},
       {"stop.stop_strings[0]",
@@ -392,6 +416,109 @@ TEST_F(ServerTest, InvalidFieldsAreInvalidArgumentOverTheWire) {
     EXPECT_EQ(stream.messages, 0);
   }
   EXPECT_EQ(scheduler_->Stats().steps, 0);  // nothing reached the engine
+}
+
+// The engine's prompt log-probabilities as protos (for the golden check).
+std::vector<engine::TokenOutput> FromProto(const std::vector<v1::GeneratedToken>& entries) {
+  std::vector<engine::TokenOutput> out;
+  for (const v1::GeneratedToken& e : entries) {
+    engine::TokenOutput& t = out.emplace_back();
+    t.token_id = e.token_id();
+    t.logprob = e.logprob();
+    for (const v1::TokenLogprob& alt : e.top_logprobs()) {
+      t.top_logprobs.push_back({alt.token_id(), alt.logprob()});
+    }
+  }
+  return out;
+}
+
+// Prompt log-probabilities over the wire, with 16-token prefill chunks: unary returns them all in
+// its one message; the stream in one message per chunk (at most 16 entries), all before the first
+// generated token, equal to the unary ones; both equal the reference's teacher-forced
+// log-probabilities with alternatives most likely first; generation after them is unchanged.
+TEST_F(ServerTest, PromptLogprobsUnaryAndStream) {
+  Stop();
+  Start(/*slots=*/4, /*max_waiting=*/256, /*prefill_chunk=*/16);
+  constexpr int kTop = 4;
+  const size_t n = golden_.tokens.size();
+  for (const int max_new : {0, 5}) {
+    SCOPED_TRACE(absl::StrCat("max_new_tokens ", max_new));
+    v1::GenerateRequest request = GreedyRequest();
+    request.set_max_new_tokens(static_cast<uint32_t>(max_new));  // explicit 0: scoring only
+    request.set_prompt_logprobs(true);
+    request.set_prompt_top_logprobs(kTop);
+    grpc::ClientContext context;
+    v1::GenerateResponse unary;
+    ASSERT_TRUE(stub_->Generate(&context, request, &unary).ok());
+    ASSERT_EQ(unary.prompt_logprobs_size(), static_cast<int>(n - 1));
+    const std::vector<v1::GeneratedToken> unary_entries(unary.prompt_logprobs().begin(),
+                                                        unary.prompt_logprobs().end());
+    test::ExpectPromptLogprobsMatchGolden(golden_, FromProto(unary_entries), kTop, 1e-4);
+    EXPECT_EQ(unary.final().finish_reason(), v1::FINISH_REASON_LENGTH);
+    EXPECT_EQ(unary.final().generated_tokens(), static_cast<uint32_t>(max_new));
+    EXPECT_EQ(unary.final().cached_tokens(), 0u);
+    ASSERT_EQ(unary.tokens_size(), max_new);
+    for (int i = 0; i < max_new; ++i) EXPECT_EQ(unary.tokens(i).token_id(), golden_.greedy[i]);
+
+    grpc::ClientContext stream_context;
+    const StreamResult stream = ReadStream(&stream_context, request);
+    ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+    ASSERT_EQ(stream.prompt_logprobs.size(), n - 1);
+    EXPECT_FALSE(stream.prompt_after_tokens);
+    EXPECT_LE(stream.largest_prompt_message, 16);
+    EXPECT_EQ(stream.prompt_messages, static_cast<int>((n - 1 + 15) / 16));
+    for (size_t i = 0; i + 1 < n; ++i) {
+      EXPECT_EQ(stream.prompt_logprobs[i].SerializeAsString(), unary_entries[i].SerializeAsString())
+          << "entry " << i;
+    }
+    EXPECT_EQ(stream.final.generated_tokens(), static_cast<uint32_t>(max_new));
+    EXPECT_EQ(stream.final.finish_reason(), v1::FINISH_REASON_LENGTH);
+    EXPECT_TRUE(stream.final_last);
+  }
+  // Without the field set, max_new_tokens is the server default; without prompt_logprobs there
+  // are none.
+  v1::GenerateRequest plain = GreedyRequest();
+  plain.clear_max_new_tokens();
+  plain.mutable_stop()->add_stop_token_ids(golden_.greedy[3]);  // ends it early
+  grpc::ClientContext plain_context;
+  v1::GenerateResponse response;
+  ASSERT_TRUE(stub_->Generate(&plain_context, plain, &response).ok());
+  EXPECT_EQ(response.prompt_logprobs_size(), 0);
+  EXPECT_GE(response.tokens_size(), 1);
+  // A one-token prompt has nothing to score.
+  v1::GenerateRequest one;
+  one.set_text("A");
+  one.set_max_new_tokens(0);
+  one.set_prompt_logprobs(true);
+  one.set_prompt_top_logprobs(2);
+  grpc::ClientContext one_context;
+  ASSERT_TRUE(stub_->Generate(&one_context, one, &response).ok());
+  EXPECT_EQ(response.prompt_logprobs_size(), 0);
+  EXPECT_EQ(response.final().generated_tokens(), 0u);
+  EXPECT_EQ(response.text(), "");
+}
+
+// The prefix cache holds the prompt (a plain request shows the hit), yet a request with
+// prompt_logprobs prefills and scores all of it.
+TEST_F(ServerTest, PromptLogprobsTakeNoPrefixCacheHit) {
+  v1::GenerateRequest plain = GreedyRequest(2);
+  for (int i = 0; i < 2; ++i) {
+    grpc::ClientContext context;
+    v1::GenerateResponse response;
+    ASSERT_TRUE(stub_->Generate(&context, plain, &response).ok());
+    if (i == 1) {
+      EXPECT_GT(response.final().cached_tokens(), 0u);
+    }
+  }
+  v1::GenerateRequest scored = GreedyRequest(2);
+  scored.set_prompt_logprobs(true);
+  grpc::ClientContext context;
+  v1::GenerateResponse response;
+  ASSERT_TRUE(stub_->Generate(&context, scored, &response).ok());
+  EXPECT_EQ(response.final().cached_tokens(), 0u);
+  const std::vector<v1::GeneratedToken> entries(response.prompt_logprobs().begin(),
+                                                response.prompt_logprobs().end());
+  test::ExpectPromptLogprobsMatchGolden(golden_, FromProto(entries), 0, 1e-4);
 }
 
 TEST_F(ServerTest, DuplicateRequestIdIsAlreadyExists) {

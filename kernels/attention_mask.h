@@ -9,6 +9,21 @@
 
 namespace ps::kernels {
 
+// Keys as two arithmetic runs, in ascending order: num_far keys far_first + m * far_step, then
+// size - num_far consecutive keys from near_first. Key(v) for v in [0, size). The default-built
+// runs with only `size` set are the identity 0 .. size-1 (every row of a cache).
+struct VisibleRuns {
+  int64_t num_far = 0;
+  int64_t far_first = 0;
+  int64_t far_step = 1;
+  int64_t near_first = 0;
+  int64_t size = 0;
+
+  constexpr int64_t Key(int64_t v) const {
+    return v < num_far ? far_first + v * far_step : near_first + (v - num_far);
+  }
+};
+
 // A key mask. Visible(i, j) is what query i attends to; Kept(i, j) is what a cache holds once
 // query i has run: every key that query i or a later one sees. Under kWindow and kFixed
 // visibility is monotone (once lost it never comes back), so Kept == Visible and a cache drops
@@ -70,22 +85,11 @@ struct KeyMask {
     return n;
   }
 
-  // kStrided: the keys query i sees, in ascending position order, are NumFar(i) "far" keys at
-  // positions FarKey(i, m) = i % stride + m * stride (m < NumFar(i); each at least window back,
-  // the nearest stride * ceil(window / stride) back), then the near run [NearFirst(i), i].
-  // NumVisible(i) keys in all, window + i / stride at most.
-  constexpr int64_t NumFar(int64_t i) const {
-    const int64_t top = i - stride * ((window + stride - 1) / stride);  // nearest far key
-    return top < 0 ? 0 : top / stride + 1;
-  }
-  constexpr int64_t FarKey(int64_t i, int64_t m) const { return i % stride + m * stride; }
-  constexpr int64_t NearFirst(int64_t i) const { return i - window + 1 > 0 ? i - window + 1 : 0; }
-  constexpr int64_t NumVisible(int64_t i) const { return NumFar(i) + i - NearFirst(i) + 1; }
-  // The position of the v-th (0-based, v < NumVisible(i)) key query i sees.
-  constexpr int64_t VisibleKey(int64_t i, int64_t v) const {
-    const int64_t far = NumFar(i);
-    return v < far ? FarKey(i, v) : NearFirst(i) + (v - far);
-  }
+  // kStrided: the keys query i sees, in ascending position order (StridedRuns(i) documents
+  // them); NumVisible(i) <= window + i / stride of them, the v-th at VisibleKey(i, v).
+  constexpr VisibleRuns StridedRuns(int64_t i) const;
+  constexpr int64_t NumVisible(int64_t i) const;
+  constexpr int64_t VisibleKey(int64_t i, int64_t v) const;
 
   // The most keys a cache under this mask ever holds for one sequence whose positions stay below
   // `max_positions`, counting the new key of a decode step before the keys it hides are dropped.
@@ -105,6 +109,21 @@ struct KeyMask {
     return kept < max_positions ? kept : max_positions;
   }
 };
+
+// Query i of a strided mask sees the far keys i % stride + m * stride, each at least `window` back
+// (the nearest is stride * ceil(window / stride) back), then the near run [i - window + 1, i].
+constexpr VisibleRuns KeyMask::StridedRuns(int64_t i) const {
+  VisibleRuns runs;
+  const int64_t nearest_far = i - stride * ((window + stride - 1) / stride);
+  runs.num_far = nearest_far < 0 ? 0 : nearest_far / stride + 1;
+  runs.far_first = i % stride;
+  runs.far_step = stride;
+  runs.near_first = i - window + 1 > 0 ? i - window + 1 : 0;
+  runs.size = runs.num_far + i - runs.near_first + 1;
+  return runs;
+}
+constexpr int64_t KeyMask::NumVisible(int64_t i) const { return StridedRuns(i).size; }
+constexpr int64_t KeyMask::VisibleKey(int64_t i, int64_t v) const { return StridedRuns(i).Key(v); }
 
 }  // namespace ps::kernels
 

@@ -279,8 +279,7 @@ inline bool Near(const KeyMask& mask, int64_t query_group, int64_t key_group) {
     case Kind::kWindow:
       return query_group - key_group < mask.window;
     case Kind::kStrided:
-      return query_group - key_group < mask.window ||
-             (query_group - key_group) % mask.stride == 0;
+      return query_group - key_group < mask.window || (query_group - key_group) % mask.stride == 0;
     case Kind::kFixed:
       return query_group == key_group;
   }
@@ -309,18 +308,6 @@ inline bool TileHidden(const KeyMask& mask, int64_t i_first, int64_t i_last, int
   }
   return false;
 }
-
-// The rows one decode query attends to, as an index map over [0, NumRows()): every row of the
-// cache, or (kStrided, whose list cache keeps every key so row r holds position r) the visible
-// runs of KeyMask: window + t / stride rows instead of t + 1.
-struct DecodeRows {
-  const KeyMask* strided = nullptr;  // null: every row
-  int64_t t = 0;                     // the query position (strided)
-  int64_t rows = 0;                  // rows in the cache (every row)
-
-  int64_t NumRows() const { return strided != nullptr ? strided->NumVisible(t) : rows; }
-  int64_t Row(int64_t v) const { return strided != nullptr ? strided->VisibleKey(t, v) : v; }
-};
 
 // --- decode ----------------------------------------------------------------------------------
 
@@ -376,10 +363,10 @@ struct Partial {
   float l = 0.0f;
 };
 
-// Attends query q [h] over the cache rows map.Row(v), v in [r0, r1) (keys/values of this head,
+// Attends query q [h] over the cache rows rows.Key(v), v in [r0, r1) (keys/values of this head,
 // `stride` floats apart).
 Partial AttendRange(const KvAttentionShape& shape, const float* q, const float* keys,
-                    const float* values, int64_t stride, const DecodeRows& map, int64_t r0,
+                    const float* values, int64_t stride, const VisibleRuns& rows, int64_t r0,
                     int64_t r1, float* acc) {
   const int64_t h = shape.head_dim;
   std::fill(acc, acc + h, 0.0f);
@@ -392,7 +379,7 @@ Partial AttendRange(const KvAttentionShape& shape, const float* q, const float* 
   for (int64_t t0 = r0; t0 < r1; t0 += kDecodeTile) {
     const int64_t nt = std::min(kDecodeTile, r1 - t0);
     for (int64_t j = 0; j < nt; ++j) {
-      const int64_t row = map.Row(t0 + j);
+      const int64_t row = rows.Key(t0 + j);
       key_rows[j] = keys + row * stride;
       value_rows[j] = values + row * stride;
     }
@@ -429,17 +416,17 @@ void Finish(const KvAttentionShape& shape, const Partial& part, const float* acc
   for (int64_t i = 0; i < h; ++i) out[i] = acc[i] * inv;
 }
 
-// The rows query position t attends to, after its step's append (and drop).
-DecodeRows RowsOf(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
-  DecodeRows map;
+// The cache rows query position t attends to after its step's append (and drop): every row, or
+// under sparse_strided (every key kept, so row r holds position r) the visible runs, window +
+// t / stride of the t + 1 rows.
+VisibleRuns RowsOf(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
   if (!shape.ring && shape.mask.kind == Kind::kStrided) {
-    assert(*slot.count == t + 1);  // every key kept: row r holds position r
-    map.strided = &shape.mask;
-    map.t = t;
-    return map;
+    assert(*slot.count == t + 1);
+    return shape.mask.StridedRuns(t);
   }
-  map.rows = shape.ring ? std::min(*slot.count, shape.capacity) : *slot.count;
-  return map;
+  VisibleRuns every;
+  every.size = shape.ring ? std::min(*slot.count, shape.capacity) : *slot.count;
+  return every;
 }
 
 struct DecodeItem {
@@ -664,7 +651,7 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
   items.clear();
   int64_t num_partials = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t rows = RowsOf(shape, positions[b], slots[b]).NumRows();
+    const int64_t rows = RowsOf(shape, positions[b], slots[b]).size;
     const int64_t splits =
         std::max<int64_t>(1, std::min(wanted, (rows + kMinSplitKeys - 1) / kMinSplitKeys));
     const int64_t per_split = (rows + splits - 1) / splits;
@@ -692,10 +679,9 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
       const DecodeItem& item = item_data[i];
       const KvSlotState& slot = slots[item.seq];
       const int64_t offset = item.seq * stride + item.head * h;
-      const Partial part =
-          AttendRange(shape, q + offset, slot.keys + item.head * h, slot.values + item.head * h,
-                      stride, RowsOf(shape, positions[item.seq], slot), item.r0, item.r1,
-                      acc.data());
+      const Partial part = AttendRange(
+          shape, q + offset, slot.keys + item.head * h, slot.values + item.head * h, stride,
+          RowsOf(shape, positions[item.seq], slot), item.r0, item.r1, acc.data());
       if (item.partial < 0) {
         Finish(shape, part, acc.data(), out + offset);
         continue;

@@ -144,12 +144,6 @@ __global__ void __launch_bounds__(kAppendThreads)
   }
 }
 
-// The cache row of the v-th row a decode query at position t attends to: v itself, or under
-// kStrided (every key kept, row r = position r) the v-th key of its visible runs.
-__device__ __forceinline__ int64_t AttendedRow(const KeyMask& mask, int64_t t, int64_t v) {
-  return mask.kind == KeyMask::Kind::kStrided ? mask.VisibleKey(t, v) : v;
-}
-
 // One (split, head, sequence): online softmax (or polynomial sums) over attended rows [r0, r1).
 // Each warp takes kKeysPerStep consecutive keys per step (lanes over h): the loads and the shuffle
 // reductions of those keys are independent, which hides their latency. Record: [m, l, acc[h]].
@@ -166,7 +160,10 @@ __global__ void __launch_bounds__(32 * kSplitWarps)
   const int64_t r0 = split * per_split;
   const int64_t r1 = r0 + per_split < rows ? r0 + per_split : rows;
   const KvSlotPtrs slot = slots[seq];
-  const int64_t t = positions[seq];
+  // The rows this query attends to: every kept row (the identity runs), or under kStrided (every
+  // key kept, row r = position r) its visible runs.
+  VisibleRuns attended;
+  if (dims.mask.kind == KeyMask::Kind::kStrided) attended = dims.mask.StridedRuns(positions[seq]);
   const float* qv = q + seq * stride + head * h;
   const float scale = 1.0f / sqrtf(static_cast<float>(h));
   float qr[kMaxChunks], acc[kMaxChunks];
@@ -183,7 +180,7 @@ __global__ void __launch_bounds__(32 * kSplitWarps)
     for (int u = 0; u < kKeysPerStep; ++u) {
       dot[u] = 0.0f;
       if (j0 + u < r1) {
-        const float* key = slot.keys + AttendedRow(dims.mask, t, j0 + u) * stride + head * h;
+        const float* key = slot.keys + attended.Key(j0 + u) * stride + head * h;
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
           const int64_t d = lane + 32 * c;
@@ -220,7 +217,7 @@ __global__ void __launch_bounds__(32 * kSplitWarps)
     for (int u = 0; u < kKeysPerStep; ++u) {
       l += p[u];
       if (j0 + u < r1) {
-        const float* value = slot.values + AttendedRow(dims.mask, t, j0 + u) * stride + head * h;
+        const float* value = slot.values + attended.Key(j0 + u) * stride + head * h;
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
           const int64_t d = lane + 32 * c;

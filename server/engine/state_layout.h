@@ -83,10 +83,10 @@ struct LayerStateLayout {
   // token costs in this layer: keys and values, H x h x 2 f32 (positions not counted). Which
   // tokens a layer keeps is its kind's business (softmax, polynomial and sparse_strided: all,
   // since every key of a strided layer is seen again by a later query; sparse_fixed: the current
-  // chunk and k_sum per earlier chunk). Without a context limit (max_context 0) the cache is NOT in the slot (the kKv*
-  // regions are absent, kv_capacity 0) and the engine sizes a separate KV pool; with one, the
-  // slot holds kv_capacity rows (kKvKeys, kKvValues, kKvPositions, kKvCount). needs_kv_cache and
-  // kv_bytes_per_token describe the kind and do not depend on max_context.
+  // chunk and k_sum per earlier chunk). Without a context limit (max_context 0) the cache is NOT in
+  // the slot (the kKv* regions are absent, kv_capacity 0) and the engine sizes a separate KV pool;
+  // with one, the slot holds kv_capacity rows (kKvKeys, kKvValues, kKvPositions, kKvCount).
+  // needs_kv_cache and kv_bytes_per_token describe the kind and do not depend on max_context.
   bool needs_kv_cache = false;
   int64_t kv_bytes_per_token = 0;  // 0 unless needs_kv_cache
   // cap: the most rows the slot's cache holds, AttentionKeyMask(attn).MaxKept(max_context)

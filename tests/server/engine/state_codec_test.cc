@@ -148,9 +148,9 @@ TEST_F(StateCodecTest, StridedStatesKeepEveryKey) {
     EXPECT_EQ(count, 30) << "layer " << layer;
     for (int64_t row = 0; row < count; ++row) {
       int64_t position = -1;
-      std::memcpy(&position,
-                  bytes.data() + PayloadOffset(bytes, StateComponent::kKvPositions, layer) + 8 * row,
-                  8);
+      std::memcpy(
+          &position,
+          bytes.data() + PayloadOffset(bytes, StateComponent::kKvPositions, layer) + 8 * row, 8);
       EXPECT_EQ(position, row) << "layer " << layer;
     }
   }

@@ -36,6 +36,7 @@
 #include <absl/strings/str_split.h>
 
 #include "base/status_macros.h"
+#include "kernels/attention_mask.h"
 #include "kernels/backend_factory.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "server/engine/model.h"
@@ -147,8 +148,10 @@ int64_t StateBytesPerStep(const Model& model, int64_t position) {
     } else if (!ll.needs_kv_cache) {
       bytes += ll.bytes();  // the sliding-window ring
     } else {
+      // The rows the step's query reads: every kept row, or a strided query's w + t/s.
       const auto mask = ps::engine::AttentionKeyMask(cfg.layers[static_cast<size_t>(l)]);
-      bytes += mask.KeptAfter(position + 1) * row_bytes;
+      const bool strided = mask.kind == ps::kernels::KeyMask::Kind::kStrided;
+      bytes += (strided ? mask.NumVisible(position) : mask.KeptAfter(position + 1)) * row_bytes;
     }
   }
   return bytes;

@@ -1,6 +1,7 @@
 // Which earlier keys a query may attend to: the causal rule plus the window / stride / chunk rules
-// of the sparse kinds (algorithm.md section 2; train/model.py allowed()). Shared by the scalar
-// reference model, every backend's KV-cache attention and the engine's cache sizing. Header-only.
+// of the sparse kinds (algorithm.md section 2; train/model.py allowed()), and which keys a KV cache
+// must keep for later queries. Shared by the scalar reference model, every backend's KV-cache
+// attention, the engine's cache sizing and the state codec. Header-only.
 #ifndef POLYSKETCH_KERNELS_ATTENTION_MASK_H_
 #define POLYSKETCH_KERNELS_ATTENTION_MASK_H_
 
@@ -8,13 +9,32 @@
 
 namespace ps::kernels {
 
-// A key mask. Visibility is monotone: once Visible(i, j) is false for some query i, it is false
-// for every later query too, so a cache may drop key j as soon as its newest query cannot see it.
+// Keys as two arithmetic runs, in ascending order: num_far keys far_first + m * far_step, then
+// size - num_far consecutive keys from near_first. Key(v) for v in [0, size). The default-built
+// runs with only `size` set are the identity 0 .. size-1 (every row of a cache).
+struct VisibleRuns {
+  int64_t num_far = 0;
+  int64_t far_first = 0;
+  int64_t far_step = 1;
+  int64_t near_first = 0;
+  int64_t size = 0;
+
+  constexpr int64_t Key(int64_t v) const {
+    return v < num_far ? far_first + v * far_step : near_first + (v - num_far);
+  }
+};
+
+// A key mask. Visible(i, j) is what query i attends to; Kept(i, j) is what a cache holds once
+// query i has run: every key that query i or a later one sees. Under kWindow and kFixed
+// visibility is monotone (once lost it never comes back), so Kept == Visible and a cache drops
+// key j as soon as its newest query cannot see it. Under kStrided key j is seen again by every
+// query j + m * stride, so the cache keeps every key, like kCausal: its memory is O(n) rows, not
+// window + n / stride; only the work per query is window + i / stride keys (the visible runs).
 struct KeyMask {
   enum class Kind {
     kCausal,   // every j <= i (softmax, polynomial)
     kWindow,   // i - j < window (sliding_window)
-    kStrided,  // i - j < window, or j % stride == 0 (sparse_strided)
+    kStrided,  // i - j < window, or (i - j) % stride == 0 (sparse_strided; Child et al. 2019)
     kFixed,    // same chunk of `chunk` positions, or j is one of the last `summary` of its chunk
   };
   Kind kind = Kind::kCausal;
@@ -30,7 +50,7 @@ struct KeyMask {
       case Kind::kWindow:
         return i - j < window;
       case Kind::kStrided:
-        return i - j < window || j % stride == 0;
+        return i - j < window || (i - j) % stride == 0;
       case Kind::kFixed:
         return i / chunk == j / chunk || j % chunk >= chunk - summary;
       case Kind::kCausal:
@@ -39,25 +59,37 @@ struct KeyMask {
     return true;
   }
 
-  // How many of the keys of positions [0, n) position n - 1 still sees: what a cache keeps after
-  // n tokens (0 for n == 0).
+  // Whether the cache keeps every key (kCausal, kStrided): then row r of a list cache holds
+  // position r, and nothing is ever dropped.
+  constexpr bool KeepsEveryKey() const { return kind == Kind::kCausal || kind == Kind::kStrided; }
+
+  // Whether a cache that has run query i still holds key j: some query i' >= i sees j. Monotone:
+  // once false for some i, false for every later i.
+  constexpr bool Kept(int64_t i, int64_t j) const {
+    return KeepsEveryKey() ? j <= i : Visible(i, j);
+  }
+
+  // How many of the keys of positions [0, n) a cache keeps after n tokens (0 for n == 0): the
+  // count of Kept(n - 1, j).
   constexpr int64_t KeptAfter(int64_t n) const {
     if (n <= 0) return 0;
     switch (kind) {
       case Kind::kWindow:
         return n < window ? n : window;
-      case Kind::kStrided: {
-        const int64_t recent = n < window ? n : window;
-        const int64_t older = n - recent;  // positions [0, older), kept when j % stride == 0
-        return recent + (older + stride - 1) / stride;
-      }
       case Kind::kFixed:
         return (n - 1) % chunk + 1 + ((n - 1) / chunk) * summary;
       case Kind::kCausal:
+      case Kind::kStrided:
         break;
     }
     return n;
   }
+
+  // kStrided: the keys query i sees, in ascending position order (StridedRuns(i) documents
+  // them); NumVisible(i) <= window + i / stride of them, the v-th at VisibleKey(i, v).
+  constexpr VisibleRuns StridedRuns(int64_t i) const;
+  constexpr int64_t NumVisible(int64_t i) const;
+  constexpr int64_t VisibleKey(int64_t i, int64_t v) const;
 
   // The most keys a cache under this mask ever holds for one sequence whose positions stay below
   // `max_positions`, counting the new key of a decode step before the keys it hides are dropped.
@@ -67,18 +99,31 @@ struct KeyMask {
       case Kind::kWindow:
         kept = window + 1;
         break;
-      case Kind::kStrided:
-        kept = window + 1 + (max_positions + stride - 1) / stride;
-        break;
       case Kind::kFixed:
         kept = chunk + 1 + summary * (max_positions / chunk);
         break;
       case Kind::kCausal:
+      case Kind::kStrided:
         break;
     }
     return kept < max_positions ? kept : max_positions;
   }
 };
+
+// Query i of a strided mask sees the far keys i % stride + m * stride, each at least `window` back
+// (the nearest is stride * ceil(window / stride) back), then the near run [i - window + 1, i].
+constexpr VisibleRuns KeyMask::StridedRuns(int64_t i) const {
+  VisibleRuns runs;
+  const int64_t nearest_far = i - stride * ((window + stride - 1) / stride);
+  runs.num_far = nearest_far < 0 ? 0 : nearest_far / stride + 1;
+  runs.far_first = i % stride;
+  runs.far_step = stride;
+  runs.near_first = i - window + 1 > 0 ? i - window + 1 : 0;
+  runs.size = runs.num_far + i - runs.near_first + 1;
+  return runs;
+}
+constexpr int64_t KeyMask::NumVisible(int64_t i) const { return StridedRuns(i).size; }
+constexpr int64_t KeyMask::VisibleKey(int64_t i, int64_t v) const { return StridedRuns(i).Key(v); }
 
 }  // namespace ps::kernels
 

@@ -112,7 +112,8 @@ struct KvAttentionShape {
   KeyMask mask;
   // true (sliding_window): the cache is a ring of `capacity` == mask.window rows; the key of
   // position t lives in row t % window. false: the cache is a list of the kept keys in position
-  // order, at most `capacity` of them (mask.MaxKept of the engine's context limit).
+  // order (mask.Kept: every key under kCausal and kStrided, so there row r holds position r), at
+  // most `capacity` of them (mask.MaxKept of the engine's context limit).
   bool ring = false;
   int64_t capacity = 0;
 };
@@ -198,13 +199,14 @@ class Backend {
 
   // --- KV-cache attention (softmax, polynomial, sliding window, sparse baselines) -----------
   // One decode step for B sequences: sequence i appends its key/value at positions[i] to its
-  // cache (dropping rows that position can no longer see), then attends over the kept rows.
+  // cache (dropping rows that neither that position nor a later one sees: mask.Kept), then
+  // attends over the kept rows that position sees (mask.Visible).
   // q, k, v, out [B, H, h] (k post-RoPE; for kPolynomial q and k already qk-normalised).
   virtual void KvDecode(const KvAttentionShape& shape, absl::Span<const int64_t> positions,
                         absl::Span<const KvSlotState> slots, const float* q, const float* k,
                         const float* v, float* out) = 0;
   // Prefill of n consecutive tokens of one sequence from position `start` (its cache holds what
-  // position start-1 can see). Outputs and the final cache equal n KvDecode steps.
+  // it keeps after position start-1). Outputs and the final cache equal n KvDecode steps.
   virtual void KvPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
                          const KvSlotState& slot, const float* q, const float* k, const float* v,
                          float* out) = 0;

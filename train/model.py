@@ -66,7 +66,7 @@ class AttentionConfig:
     local_exact: bool = False  # polysketch: exact degree-4 weights inside the current block
     block_size: Optional[int] = None  # polysketch: b (required with local_exact)
     window: Optional[int] = None  # sliding_window, sparse_strided: number of recent keys
-    stride: Optional[int] = None  # sparse_strided: keep every stride-th earlier key
+    stride: Optional[int] = None  # sparse_strided: also every key a multiple of stride back
     chunk: Optional[int] = None  # sparse_fixed: block length c
     summary: Optional[int] = None  # sparse_fixed: last `summary` positions of each block
 
@@ -286,14 +286,21 @@ def allowed(cfg: AttentionConfig, i: torch.Tensor, j: torch.Tensor) -> torch.Ten
     causal = j <= i
     if cfg.kind == "sliding_window":
         return causal & (i - j < cfg.window)
-    if cfg.kind == "sparse_strided":
-        return causal & ((i - j < cfg.window) | (j % cfg.stride == 0))
+    if cfg.kind == "sparse_strided":  # Child et al. 2019: the last w keys, and i - j = 0 mod s
+        return causal & ((i - j < cfg.window) | ((i - j) % cfg.stride == 0))
     if cfg.kind == "sparse_fixed":
         same_block = torch.div(i, cfg.chunk, rounding_mode="floor") == torch.div(
             j, cfg.chunk, rounding_mode="floor")
         summary = (j % cfg.chunk) >= cfg.chunk - cfg.summary
         return causal & (same_block | summary)
     return causal
+
+
+def keeps_every_key(cfg: AttentionConfig) -> bool:
+    """Whether a KV cache of this kind must keep every key. Causal kinds see every earlier key;
+    under sparse_strided key j is seen again by query j + m*s for every m, so no key is ever
+    unreachable even though the latest query may not see it."""
+    return cfg.kind in ("softmax", "polynomial", "sparse_strided")
 
 
 def same_block(i: torch.Tensor, j: torch.Tensor, b: int) -> torch.Tensor:
@@ -306,8 +313,8 @@ def same_block(i: torch.Tensor, j: torch.Tensor, b: int) -> torch.Tensor:
 @dataclass
 class KVState:
     """KV cache of one layer for softmax, polynomial and sparse kinds: only entries that some
-    later query can still see are kept (sliding window: a ring of w; strided: last w plus every
-    s-th; fixed: current block plus summaries). k is what the weight consumes (post-RoPE, and
+    later query can still see are kept (sliding window: a ring of w; fixed: current block plus
+    summaries; softmax, polynomial and strided: every key, see keeps_every_key). k is what the weight consumes (post-RoPE, and
     normalised for the polynomial kind)."""
 
     pos: torch.Tensor  # [m] int64
@@ -504,7 +511,11 @@ class Attention(nn.Module):
             o = self._poly_normalise(pow4(q @ keys.transpose(-1, -2)), new_pos, kpos, vals)
         else:
             o = self._softmax(q, keys, vals, new_pos, kpos)
-        # Keep what a later query can still see; visibility never comes back once lost.
+        if keeps_every_key(self.cfg):
+            st.pos, st.k, st.v = kpos, keys, vals
+            return o
+        # Keep what a later query can still see: under the window and fixed kinds visibility
+        # never comes back once lost, so that is what the last query sees.
         keep = allowed(self.cfg, torch.tensor(start + n - 1, device=kpos.device), kpos)
         st.pos, st.k, st.v = kpos[keep], keys[:, :, keep], vals[:, :, keep]
         return o

@@ -1,15 +1,17 @@
 // KV-cache attention kernels (algorithm.md section 2; semantics in kernels/backend.h).
-// Decode: per (sequence, head, key range) one pass over the kept rows in tiles of kDecodeTile
+// Decode: per (sequence, head, key range) one pass over the rows the query sees (every kept row;
+// sparse_strided: the visible runs, window + t / stride of the t + 1 rows) in tiles of kDecodeTile
 // keys: scores by vectorised dot products over h, one rescale of the running sum per tile (online
 // softmax), then the weighted value rows added with the accumulator held in registers. A cache
 // too long for B*H items to keep the pool busy is split into ranges of >= kMinSplitKeys keys whose
-// partial (max, sum, acc) are merged in double (flash-decoding). Bytes: the kept keys and values
-// once, 2 * rows * H * h * 4 per sequence; decode is bound by that stream.
+// partial (max, sum, acc) are merged in double (flash-decoding). Bytes: the attended keys and
+// values once, 2 * rows * H * h * 4 per sequence; decode is bound by that stream.
 // Prefill: per (head, tile of kQueryTile queries) the keys are walked in tiles of kKeyTile (cached
 // rows, then the chunk's own tokens up to the tile's last query). Each key tile is transposed once
 // so that Q K^T is broadcast FMAs over 64 key lanes, and P V runs two queries per pass over the
 // value rows (GEMM-style register blocking); scores are masked per pair, and a tile the mask hides
-// from every query of the query tile (window, stride, chunk) is skipped whole. The cache is
+// from every query of the query tile (window, chunk; stride only when the stride exceeds the
+// tiles, so a strided prefill costs about as much as a causal one) is skipped whole. The cache is
 // updated only after every output is computed. Never more than a 32 x 64 score block in memory.
 // Numerics: fp32 products and sums; exp by a degree-7 polynomial after range reduction (relative
 // error ~1e-7, vectorises); polynomial weights (x*x)*(x*x), normaliser 1 + sum w with the 1 exact.
@@ -257,9 +259,8 @@ inline bool Always(const KeyMask& mask, int64_t j) {
     case Kind::kCausal:
       return true;
     case Kind::kWindow:
-      return false;
     case Kind::kStrided:
-      return j % mask.stride == 0;
+      return false;
     case Kind::kFixed:
       return j % mask.chunk >= mask.chunk - mask.summary;
   }
@@ -276,26 +277,51 @@ inline bool Near(const KeyMask& mask, int64_t query_group, int64_t key_group) {
     case Kind::kCausal:
       return true;
     case Kind::kWindow:
-    case Kind::kStrided:
       return query_group - key_group < mask.window;
+    case Kind::kStrided:
+      return query_group - key_group < mask.window || (query_group - key_group) % mask.stride == 0;
     case Kind::kFixed:
       return query_group == key_group;
   }
   return true;
 }
 
+// Whether no query in [i_first, i_last] sees any key in [j_first, j_last] (j_last <= i_first is
+// required; keys in that range need not all be present).
+inline bool TileHidden(const KeyMask& mask, int64_t i_first, int64_t i_last, int64_t j_first,
+                       int64_t j_last) {
+  switch (mask.kind) {
+    case Kind::kCausal:
+      return false;
+    case Kind::kWindow:
+      return i_first - j_last >= mask.window;
+    case Kind::kStrided: {
+      // Distances i - j span [lo, hi]: hidden when all are past the window and none is a
+      // multiple of the stride.
+      const int64_t lo = i_first - j_last, hi = i_last - j_first;
+      return lo >= mask.window && hi / mask.stride == (lo - 1) / mask.stride;
+    }
+    case Kind::kFixed:
+      // Visibility is monotone here: keys of an earlier chunk than the first query's are hidden
+      // from the whole tile, summaries apart (the caller checks those).
+      return j_last / mask.chunk != i_first / mask.chunk;
+  }
+  return false;
+}
+
 // --- decode ----------------------------------------------------------------------------------
 
-// List cache: drops the rows query position t cannot see, keeping the rest in order. Causal
-// masks never drop; the others compare integers per row and move only what follows a gap.
-void DropInvisible(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
-  if (shape.mask.kind == Kind::kCausal) return;
+// List cache: drops the rows that neither query position t nor a later one sees, keeping the
+// rest in order. Causal and strided masks never drop; the others compare integers per row and
+// move only what follows a gap.
+void DropUnkept(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
+  if (shape.mask.KeepsEveryKey()) return;
   const int64_t row = shape.heads * shape.head_dim;
   const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
   const int64_t count = *slot.count;
   int64_t kept = 0;
   for (int64_t r = 0; r < count; ++r) {
-    if (!shape.mask.Visible(t, slot.positions[r])) continue;
+    if (!shape.mask.Kept(t, slot.positions[r])) continue;
     if (kept != r) {
       slot.positions[kept] = slot.positions[r];
       std::memcpy(slot.keys + kept * row, slot.keys + r * row, row_bytes);
@@ -306,7 +332,8 @@ void DropInvisible(const KvAttentionShape& shape, int64_t t, const KvSlotState& 
   *slot.count = kept;
 }
 
-// Appends (k_row, v_row) at position t to one sequence's cache and drops what t cannot see.
+// Appends (k_row, v_row) at position t to one sequence's cache and drops what no query from t on
+// sees.
 void AppendDecode(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot,
                   const float* k_row, const float* v_row) {
   const int64_t row = shape.heads * shape.head_dim;
@@ -326,7 +353,7 @@ void AppendDecode(const KvAttentionShape& shape, int64_t t, const KvSlotState& s
   std::memcpy(slot.values + count * row, v_row, row_bytes);
   slot.positions[count++] = t;
   *slot.count = count;
-  DropInvisible(shape, t, slot);
+  DropUnkept(shape, t, slot);
 }
 
 // Partial result of one key range for one (sequence, head): softmax: running max m, sum l and
@@ -336,9 +363,11 @@ struct Partial {
   float l = 0.0f;
 };
 
-// Attends query q [h] over cache rows [r0, r1) (keys/values of this head, `stride` floats apart).
+// Attends query q [h] over the cache rows rows.Key(v), v in [r0, r1) (keys/values of this head,
+// `stride` floats apart).
 Partial AttendRange(const KvAttentionShape& shape, const float* q, const float* keys,
-                    const float* values, int64_t stride, int64_t r0, int64_t r1, float* acc) {
+                    const float* values, int64_t stride, const VisibleRuns& rows, int64_t r0,
+                    int64_t r1, float* acc) {
   const int64_t h = shape.head_dim;
   std::fill(acc, acc + h, 0.0f);
   Partial part;
@@ -346,19 +375,24 @@ Partial AttendRange(const KvAttentionShape& shape, const float* q, const float* 
   const float scale = 1.0f / std::sqrt(static_cast<float>(h));
   float scores[kDecodeTile];
   const float* value_rows[kDecodeTile];
+  const float* key_rows[kDecodeTile];
   for (int64_t t0 = r0; t0 < r1; t0 += kDecodeTile) {
     const int64_t nt = std::min(kDecodeTile, r1 - t0);
-    for (int64_t j = 0; j < nt; ++j) value_rows[j] = values + (t0 + j) * stride;
+    for (int64_t j = 0; j < nt; ++j) {
+      const int64_t row = rows.Key(t0 + j);
+      key_rows[j] = keys + row * stride;
+      value_rows[j] = values + row * stride;
+    }
     if (polynomial) {
       for (int64_t j = 0; j < nt; ++j) {
-        const float x = Dot(q, keys + (t0 + j) * stride, h);
+        const float x = Dot(q, key_rows[j], h);
         scores[j] = (x * x) * (x * x);
       }
       part.l += Sum(scores, nt);
       AccumulateRows(scores, value_rows, nt, h, acc);
       continue;
     }
-    for (int64_t j = 0; j < nt; ++j) scores[j] = Dot(q, keys + (t0 + j) * stride, h) * scale;
+    for (int64_t j = 0; j < nt; ++j) scores[j] = Dot(q, key_rows[j], h) * scale;
     std::fill(scores + nt, scores + kDecodeTile, kNegInf);
     static_assert(kDecodeTile == 4 * kLanes);
     const float tile_max = MaxOfTile(scores);
@@ -380,6 +414,19 @@ void Finish(const KvAttentionShape& shape, const Partial& part, const float* acc
   const float inv =
       shape.weighting == KvWeighting::kPolynomial ? 1.0f / (1.0f + part.l) : 1.0f / part.l;
   for (int64_t i = 0; i < h; ++i) out[i] = acc[i] * inv;
+}
+
+// The cache rows query position t attends to after its step's append (and drop): every row, or
+// under sparse_strided (every key kept, so row r holds position r) the visible runs, window +
+// t / stride of the t + 1 rows.
+VisibleRuns RowsOf(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
+  if (!shape.ring && shape.mask.kind == Kind::kStrided) {
+    assert(*slot.count == t + 1);
+    return shape.mask.StridedRuns(t);
+  }
+  VisibleRuns every;
+  every.size = shape.ring ? std::min(*slot.count, shape.capacity) : *slot.count;
+  return every;
 }
 
 struct DecodeItem {
@@ -432,10 +479,11 @@ void PrefillKeyTile(const PrefillContext& ctx, int64_t head, int64_t i0, int64_t
     s.key_group[j] = Group(mask, s.key_pos[j]);
     any_always |= s.key_always[j];
   }
-  // Visibility is monotone: keys the first query of the tile cannot see (apart from the ones
-  // every query sees) are hidden from the whole tile.
+  // A tile no query of the query tile sees (apart from keys every query sees) is skipped whole.
   const int64_t last_key = s.key_pos[nk - 1];
-  if (!any_always && last_key <= i0 && !Near(mask, Group(mask, i0), s.key_group[nk - 1])) return;
+  if (!any_always && last_key <= i0 && TileHidden(mask, i0, i0 + nq - 1, s.key_pos[0], last_key)) {
+    return;
+  }
 
   // K^T of the tile, so that a query's scores are h broadcast FMAs over kKeyTile lanes (an
   // outer-product GEMM micro-kernel) instead of kKeyTile dot products with their reductions.
@@ -564,10 +612,10 @@ void UpdateAfterPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
     *slot.count += n;
     return;
   }
-  DropInvisible(shape, last, slot);
+  DropUnkept(shape, last, slot);
   int64_t count = *slot.count;
   for (int64_t p = start; p <= last; ++p) {
-    if (!shape.mask.Visible(last, p)) continue;
+    if (!shape.mask.Kept(last, p)) continue;
     assert(count < shape.capacity);
     std::memcpy(slot.keys + count * row, k + (p - start) * row, row_bytes);
     std::memcpy(slot.values + count * row, v + (p - start) * row, row_bytes);
@@ -603,7 +651,7 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
   items.clear();
   int64_t num_partials = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t rows = shape.ring ? std::min(*slots[b].count, shape.capacity) : *slots[b].count;
+    const int64_t rows = RowsOf(shape, positions[b], slots[b]).size;
     const int64_t splits =
         std::max<int64_t>(1, std::min(wanted, (rows + kMinSplitKeys - 1) / kMinSplitKeys));
     const int64_t per_split = (rows + splits - 1) / splits;
@@ -631,9 +679,9 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
       const DecodeItem& item = item_data[i];
       const KvSlotState& slot = slots[item.seq];
       const int64_t offset = item.seq * stride + item.head * h;
-      const Partial part =
-          AttendRange(shape, q + offset, slot.keys + item.head * h, slot.values + item.head * h,
-                      stride, item.r0, item.r1, acc.data());
+      const Partial part = AttendRange(
+          shape, q + offset, slot.keys + item.head * h, slot.values + item.head * h, stride,
+          RowsOf(shape, positions[item.seq], slot), item.r0, item.r1, acc.data());
       if (item.partial < 0) {
         Finish(shape, part, acc.data(), out + offset);
         continue;

@@ -20,9 +20,11 @@ namespace ps::kernels::cpu {
 
 // One decode step for B = positions.size() == slots.size() sequences. Sequence b appends its key
 // and value (rows b of k, v) at position positions[b] to slots[b], drops the cached rows that
-// position can no longer see (list caches; kept rows stay in position order), then attends over
-// the kept rows. q, k, v, out: [B, H, h] fp32 (k post-RoPE; kPolynomial: q, k already
-// qk-normalised). Cache rows are [H, h]: keys[row * H * h + head * h + i].
+// neither that position nor a later one sees (list caches, shape.mask.Kept; kept rows stay in
+// position order), then attends over the kept rows that position sees (shape.mask.Visible; all of
+// them except under sparse_strided, whose list cache keeps every key and whose query walks only
+// its window + t / stride visible rows). q, k, v, out: [B, H, h] fp32 (k post-RoPE; kPolynomial: q,
+// k already qk-normalised). Cache rows are [H, h]: keys[row * H * h + head * h + i].
 //   list (shape.ring false): rows 0 .. *count-1 hold positions[row] ascending; *count never
 //     exceeds shape.capacity (the engine sizes it with mask.MaxKept; checked by assert).
 //   ring (shape.ring true, capacity == window w): position t is row t % w, *count is the tokens
@@ -36,10 +38,10 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
               float* out);
 
 // Prefill of n >= 0 tokens of one sequence at positions start .. start+n-1; the cache holds what
-// position start-1 can see (ring: *count == start). Query i attends to the cached rows it sees
-// and to the new tokens j in [start, i] with shape.mask.Visible(i, j). All outputs are computed
-// first (tiles of queries x keys, online softmax), then the cache is updated: list: rows
-// start+n-1 cannot see are dropped and the new tokens it sees appended; ring: the last min(n, w)
+// it holds after position start-1 (ring: *count == start). Query i attends to the cached rows it
+// sees and to the new tokens j in [start, i] with shape.mask.Visible(i, j). All outputs are
+// computed first (tiles of queries x keys, online softmax), then the cache is updated: list: rows
+// not Kept(start+n-1, .) are dropped and the new tokens it keeps appended; ring: the last min(n, w)
 // tokens are written, *count += n. Outputs and final cache equal n KvDecode steps up to rounding
 // (the cache contents exactly). q, k, v, out: [n, H, h]. Work: (head, query tile) items.
 void KvPrefill(ThreadPool& pool, const KvAttentionShape& shape, int64_t start, int64_t n,

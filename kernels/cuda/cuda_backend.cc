@@ -515,14 +515,14 @@ void CudaBackend::KvDecode(const KvAttentionShape& shape, absl::Span<const int64
                                                  kMaxKvHeadDim, " is not supported")));
     return;
   }
-  // The rows kept before and after the step follow from the positions alone (the cache is
-  // exactly what the previous position sees), so no count is read back from the device.
+  // The rows kept before the step and attended after it follow from the positions alone (the
+  // cache is exactly what the previous position keeps), so no count is read back from the device.
   std::vector<int64_t> rows(static_cast<size_t>(2 * B));
   int64_t max_rows = 1;
   for (int64_t i = 0; i < B; ++i) {
     const int64_t t = positions[i];
     rows[i] = shape.ring ? std::min(t, shape.capacity) : shape.mask.KeptAfter(t);
-    rows[B + i] = shape.ring ? std::min(t + 1, shape.capacity) : shape.mask.KeptAfter(t + 1);
+    rows[B + i] = DecodeAttendedRows(shape.mask, shape.ring, shape.capacity, t);
     max_rows = std::max(max_rows, rows[B + i]);
   }
   const int64_t H = shape.heads, h = shape.head_dim;
@@ -563,7 +563,7 @@ void CudaBackend::KvPrefill(const KvAttentionShape& shape, int64_t start, int64_
   }
   const int64_t old_rows =
       shape.ring ? std::min(start, shape.capacity) : shape.mask.KeptAfter(start);
-  const int64_t kept_after_drop = CountVisible(shape.mask, start + n - 1, start);
+  const int64_t kept_after_drop = CountKept(shape.mask, start + n - 1, start);
   const KvSlotPtrs ptrs{slot.keys, slot.values, slot.positions, slot.count};
   LaunchKvPrefill(DimsOf(shape), start, n, ptrs, old_rows, kept_after_drop, q, k, v, out,
                   impl_->stream);

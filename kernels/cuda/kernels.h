@@ -92,35 +92,32 @@ struct KvDims {
 inline constexpr int64_t kMaxKvHeadDim = 256;
 
 // One decode step for B sequences (Backend::KvDecode). positions, slots, old_rows (kept rows
-// before the step), new_rows (kept rows after it) are device arrays [B]. Keys are split into
-// `splits` ranges of `per_split` rows; partial: scratch of B * H * splits * (h + 2) floats.
+// before the step), new_rows (rows the query attends to after it: the kept rows, or under
+// kStrided KeyMask::NumVisible(position), walked through VisibleKey) are device arrays [B]. Keys
+// are split into `splits` ranges of `per_split` rows; partial: B * H * splits * (h + 2) floats.
 void LaunchKvDecode(const KvDims& dims, int64_t B, const int64_t* positions,
                     const KvSlotPtrs* slots, const int64_t* old_rows, const int64_t* new_rows,
                     const float* q, const float* k, const float* v, float* out, int64_t splits,
                     int64_t per_split, float* partial, cudaStream_t stream);
 
 // Prefill of n tokens from `start` (Backend::KvPrefill); old_rows: rows cached before the call
-// (ring: min(start, w)); kept_after_drop: list caches, the old rows position start+n-1 still sees.
+// (ring: min(start, w)); kept_after_drop: list caches, the old rows kept after start+n-1.
 void LaunchKvPrefill(const KvDims& dims, int64_t start, int64_t n, const KvSlotPtrs& slot,
                      int64_t old_rows, int64_t kept_after_drop, const float* q, const float* k,
                      const float* v, float* out, cudaStream_t stream);
 
-// Keys of positions [0, j_end) that query position i sees (closed form, no loop over j).
-constexpr int64_t CountVisible(const KeyMask& mask, int64_t i, int64_t j_end) {
+// Keys of positions [0, j_end) a list cache keeps after query position i (KeyMask::Kept; closed
+// form, no loop over j): the row of a kept position p is CountKept(mask, i, p).
+constexpr int64_t CountKept(const KeyMask& mask, int64_t i, int64_t j_end) {
   const int64_t end = j_end < i + 1 ? j_end : i + 1;  // causal
   if (end <= 0) return 0;
   switch (mask.kind) {
     case KeyMask::Kind::kCausal:
+    case KeyMask::Kind::kStrided:  // every key stays reachable by a later query
       return end;
     case KeyMask::Kind::kWindow: {
       const int64_t first = i - mask.window + 1 > 0 ? i - mask.window + 1 : 0;
       return end > first ? end - first : 0;
-    }
-    case KeyMask::Kind::kStrided: {
-      const int64_t first = i - mask.window + 1 > 0 ? i - mask.window + 1 : 0;
-      const int64_t recent = end > first ? end - first : 0;
-      const int64_t older_end = end < first ? end : first;  // [0, older_end): j % stride == 0
-      return recent + (older_end + mask.stride - 1) / mask.stride;
     }
     case KeyMask::Kind::kFixed: {
       const int64_t chunk_start = i / mask.chunk * mask.chunk;
@@ -132,6 +129,14 @@ constexpr int64_t CountVisible(const KeyMask& mask, int64_t i, int64_t j_end) {
     }
   }
   return end;
+}
+
+// Rows a decode query at position t attends to after its step's append (LaunchKvDecode's
+// new_rows): ring: min(t + 1, capacity); list: the kept rows KeptAfter(t + 1), or under kStrided
+// only the ones it sees, NumVisible(t).
+constexpr int64_t DecodeAttendedRows(const KeyMask& mask, bool ring, int64_t capacity, int64_t t) {
+  if (ring) return t + 1 < capacity ? t + 1 : capacity;
+  return mask.kind == KeyMask::Kind::kStrided ? mask.NumVisible(t) : mask.KeptAfter(t + 1);
 }
 
 }  // namespace ps::kernels::cuda

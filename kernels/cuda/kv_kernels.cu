@@ -1,17 +1,19 @@
 // KV-cache attention on the GPU (algorithm.md section 2; contract in kernels/backend.h, oracle:
 // kernels/cpu/kv_attention.cc): the softmax and exact-polynomial baselines the polysketch kernels
 // are measured against, so they are done properly.
-//   Decode (flash-decoding): KvDecodeAppendKernel (block per sequence) drops the rows the new
-//   position no longer sees (list caches; the kept rows move down in order, staged through shared
+//   Decode (flash-decoding): KvDecodeAppendKernel (block per sequence) drops the rows no query from
+//   the new position on sees (list caches; the kept rows move down in order, staged through shared
 //   memory group by group because the moves overlap) and appends the new row; KvDecodeSplitKernel,
 //   grid (splits, H, B), 8 warps, each warp an online softmax over its share of a key range (lanes
-//   over h, four keys in flight), merged per block; KvDecodeMergeKernel merges the splits. Bytes:
-//   the kept keys and values once per step, 2 rows H h 4 per sequence. Prefill (flash-attention
+//   over h, four keys in flight), merged per block; KvDecodeMergeKernel merges the splits. The
+//   range is over the rows the query sees: every kept row, or under sparse_strided (which keeps
+//   every key, row r = position r) the KeyMask::VisibleKey runs, window + t / stride rows. Bytes:
+//   the attended keys and values once per step, 2 rows H h 4 per sequence. Prefill (flash-attention
 //   style, no n x n matrix): KvPrefillKernel, grid (query tiles of 16, H), 8 warps of two queries
 //   each; keys staged 32 at a time in shared memory (cached rows, then the chunk's own keys up to
 //   the tile's last query), scores per lane, online softmax per query. Then the cache update (ring:
-//   the last min(n, w) rows; list: drop, then append the new tokens the last position sees).
-// Row of a kept position after a drop: the closed form CountVisible (kernels.h), so no scan.
+//   the last min(n, w) rows; list: drop, then append the new tokens kept after the last position).
+// Row of a kept position after a drop: the closed form CountKept (kernels.h), so no scan.
 // Numerics: fp32 dots and sums, expf; polynomial weights (x*x)*(x*x), normaliser 1 + sum w.
 #include <cmath>
 #include <cstdint>
@@ -54,8 +56,8 @@ __device__ __forceinline__ int64_t GroupRows(int64_t row) {
   return g < 1 ? 1 : (g > kMaxGroup ? kMaxGroup : g);
 }
 
-// Drops the rows of a list cache that position t cannot see: each kept row moves to
-// CountVisible(t, its position). Moves only go down, so groups of rows are staged through shared
+// Drops the rows of a list cache that no query from position t on sees: each kept row moves to
+// CountKept(t, its position). Moves only go down, so groups of rows are staged through shared
 // memory (all reads of a group before any of its writes, groups in ascending order). One block.
 __device__ void CompactList(const KvDims& dims, int64_t t, int64_t rows, float* keys, float* values,
                             int64_t* positions, float* stage, int64_t* pos_stage, int64_t group) {
@@ -70,7 +72,7 @@ __device__ void CompactList(const KvDims& dims, int64_t t, int64_t rows, float* 
     for (int64_t i = tid; i < g; i += blockDim.x) {
       const int64_t pos = positions[base + i];
       pos_stage[i] = pos;
-      if (!dims.mask.Visible(t, pos) || CountVisible(dims.mask, t, pos) != base + i) any_move = 1;
+      if (!dims.mask.Kept(t, pos) || CountKept(dims.mask, t, pos) != base + i) any_move = 1;
     }
     __syncthreads();
     if (!any_move) continue;
@@ -78,8 +80,8 @@ __device__ void CompactList(const KvDims& dims, int64_t t, int64_t rows, float* 
       // One row: its destination is another row (moves go down), so no overlap; no staging
       // (this is also the path of rows wider than the staging buffer).
       const int64_t pos = pos_stage[0];
-      if (dims.mask.Visible(t, pos)) {
-        const int64_t dst = CountVisible(dims.mask, t, pos);
+      if (dims.mask.Kept(t, pos)) {
+        const int64_t dst = CountKept(dims.mask, t, pos);
         for (int64_t x = tid; x < row; x += blockDim.x) {
           keys[dst * row + x] = keys[base * row + x];
           values[dst * row + x] = values[base * row + x];
@@ -95,14 +97,13 @@ __device__ void CompactList(const KvDims& dims, int64_t t, int64_t rows, float* 
       __syncthreads();
       for (int64_t x = tid; x < g * row; x += blockDim.x) {
         const int64_t pos = pos_stage[x / row];
-        if (dims.mask.Visible(t, pos))
-          data[CountVisible(dims.mask, t, pos) * row + x % row] = stage[x];
+        if (dims.mask.Kept(t, pos)) data[CountKept(dims.mask, t, pos) * row + x % row] = stage[x];
       }
       __syncthreads();
     }
     for (int64_t i = tid; i < g; i += blockDim.x) {
       const int64_t pos = pos_stage[i];
-      if (dims.mask.Visible(t, pos)) positions[CountVisible(dims.mask, t, pos)] = pos;
+      if (dims.mask.Kept(t, pos)) positions[CountKept(dims.mask, t, pos)] = pos;
     }
     __syncthreads();
   }
@@ -122,12 +123,12 @@ __global__ void __launch_bounds__(kAppendThreads)
   if (dims.ring) {
     dst = t % dims.capacity;
   } else {
-    if (dims.mask.kind != KeyMask::Kind::kCausal) {
+    if (!dims.mask.KeepsEveryKey()) {
       const int64_t group = GroupRows(row);
       CompactList(dims, t, old_rows[seq], slot.keys, slot.values, slot.positions, stage, pos_stage,
                   group);
     }
-    dst = CountVisible(dims.mask, t, t);
+    dst = CountKept(dims.mask, t, t);
   }
   for (int64_t x = threadIdx.x; x < row; x += blockDim.x) {
     slot.keys[dst * row + x] = k[seq * row + x];
@@ -143,13 +144,14 @@ __global__ void __launch_bounds__(kAppendThreads)
   }
 }
 
-// One (split, head, sequence): online softmax (or polynomial sums) over rows [r0, r1). Each warp
-// takes kKeysPerStep consecutive keys per step (lanes over h): the loads and the shuffle
+// One (split, head, sequence): online softmax (or polynomial sums) over attended rows [r0, r1).
+// Each warp takes kKeysPerStep consecutive keys per step (lanes over h): the loads and the shuffle
 // reductions of those keys are independent, which hides their latency. Record: [m, l, acc[h]].
 __global__ void __launch_bounds__(32 * kSplitWarps)
-    KvDecodeSplitKernel(KvDims dims, const KvSlotPtrs* __restrict__ slots,
-                        const int64_t* __restrict__ new_rows, const float* __restrict__ q,
-                        int64_t splits, int64_t per_split, float* __restrict__ partial) {
+    KvDecodeSplitKernel(KvDims dims, const int64_t* __restrict__ positions,
+                        const KvSlotPtrs* __restrict__ slots, const int64_t* __restrict__ new_rows,
+                        const float* __restrict__ q, int64_t splits, int64_t per_split,
+                        float* __restrict__ partial) {
   __shared__ float rec[kSplitWarps][kMaxKvHeadDim + 2];
   const int64_t H = dims.heads, h = dims.head_dim, stride = H * h;
   const int64_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
@@ -158,6 +160,10 @@ __global__ void __launch_bounds__(32 * kSplitWarps)
   const int64_t r0 = split * per_split;
   const int64_t r1 = r0 + per_split < rows ? r0 + per_split : rows;
   const KvSlotPtrs slot = slots[seq];
+  // The rows this query attends to: every kept row (the identity runs), or under kStrided (every
+  // key kept, row r = position r) its visible runs.
+  VisibleRuns attended;
+  if (dims.mask.kind == KeyMask::Kind::kStrided) attended = dims.mask.StridedRuns(positions[seq]);
   const float* qv = q + seq * stride + head * h;
   const float scale = 1.0f / sqrtf(static_cast<float>(h));
   float qr[kMaxChunks], acc[kMaxChunks];
@@ -174,7 +180,7 @@ __global__ void __launch_bounds__(32 * kSplitWarps)
     for (int u = 0; u < kKeysPerStep; ++u) {
       dot[u] = 0.0f;
       if (j0 + u < r1) {
-        const float* key = slot.keys + (j0 + u) * stride + head * h;
+        const float* key = slot.keys + attended.Key(j0 + u) * stride + head * h;
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
           const int64_t d = lane + 32 * c;
@@ -211,7 +217,7 @@ __global__ void __launch_bounds__(32 * kSplitWarps)
     for (int u = 0; u < kKeysPerStep; ++u) {
       l += p[u];
       if (j0 + u < r1) {
-        const float* value = slot.values + (j0 + u) * stride + head * h;
+        const float* value = slot.values + attended.Key(j0 + u) * stride + head * h;
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
           const int64_t d = lane + 32 * c;
@@ -414,7 +420,7 @@ __global__ void __launch_bounds__(kAppendThreads)
   CompactList(dims, t, rows, slot.keys, slot.values, slot.positions, stage, pos_stage, group);
 }
 
-// List: appends the chunk's tokens that `last` sees at rows CountVisible(last, p).
+// List: appends the chunk's tokens kept after `last` at rows CountKept(last, p).
 __global__ void KvListAppendKernel(KvDims dims, int64_t start, int64_t last, KvSlotPtrs slot,
                                    const float* __restrict__ k, const float* __restrict__ v) {
   const int64_t row = dims.heads * dims.head_dim;
@@ -422,13 +428,13 @@ __global__ void KvListAppendKernel(KvDims dims, int64_t start, int64_t last, KvS
   for (int64_t x = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; x < total;
        x += int64_t{gridDim.x} * blockDim.x) {
     const int64_t p = start + x / row;
-    if (!dims.mask.Visible(last, p)) continue;
-    const int64_t dst_row = CountVisible(dims.mask, last, p);
+    if (!dims.mask.Kept(last, p)) continue;
+    const int64_t dst_row = CountKept(dims.mask, last, p);
     slot.keys[dst_row * row + x % row] = k[x];
     slot.values[dst_row * row + x % row] = v[x];
     if (x % row == 0) slot.positions[dst_row] = p;
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) *slot.count = CountVisible(dims.mask, last, last + 1);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *slot.count = CountKept(dims.mask, last, last + 1);
 }
 
 unsigned FlatBlocks(int64_t n) {
@@ -447,8 +453,8 @@ void LaunchKvDecode(const KvDims& dims, int64_t B, const int64_t* positions,
   KvDecodeAppendKernel<<<static_cast<unsigned>(B), kAppendThreads, 0, stream>>>(
       dims, positions, slots, old_rows, k, v);
   KvDecodeSplitKernel<<<dim3(static_cast<unsigned>(splits), H, static_cast<unsigned>(B)),
-                        32 * kSplitWarps, 0, stream>>>(dims, slots, new_rows, q, splits, per_split,
-                                                       partial);
+                        32 * kSplitWarps, 0, stream>>>(dims, positions, slots, new_rows, q, splits,
+                                                       per_split, partial);
   KvDecodeMergeKernel<<<dim3(H, static_cast<unsigned>(B)), 64, 0, stream>>>(dims, splits, partial,
                                                                             out);
 }
@@ -478,7 +484,7 @@ void LaunchKvPrefill(const KvDims& dims, int64_t start, int64_t n, const KvSlotP
                                                                                 last, slot, k, v);
     return;
   }
-  if (dims.mask.kind != KeyMask::Kind::kCausal && old_rows > kept_after_drop) {
+  if (!dims.mask.KeepsEveryKey() && old_rows > kept_after_drop) {
     KvListCompactKernel<<<1, kAppendThreads, 0, stream>>>(dims, last, old_rows, slot);
   }
   KvListAppendKernel<<<FlatBlocks(n * row), 256, 0, stream>>>(dims, start, last, slot, k, v);

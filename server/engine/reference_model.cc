@@ -184,14 +184,14 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
   }
   state.kv_values.insert(state.kv_values.end(), v.begin(), v.end());
   state.kv_positions.push_back(t);
-  // Drop what query t cannot see: visibility never comes back once lost, so what is left is
-  // exactly what t and every later query may attend to (train/model.py _kv_prefill keeps
-  // allowed(last position, kpos)), and the loops below need no mask.
+  // Drop what neither query t nor a later one sees (train/model.py _kv_prefill): under the
+  // window and fixed kinds that is what t cannot see; softmax, polynomial and sparse_strided keep
+  // every key. The loops below then skip the kept keys t does not see (sparse_strided).
   const kernels::KeyMask mask = AttentionKeyMask(lw.attn);
   size_t kept = 0;
   const size_t row = static_cast<size_t>(H) * h;
   for (size_t j = 0; j < state.kv_positions.size(); ++j) {
-    if (!mask.Visible(t, state.kv_positions[j])) continue;
+    if (!mask.Kept(t, state.kv_positions[j])) continue;
     if (kept != j) {
       state.kv_positions[kept] = state.kv_positions[j];
       std::copy_n(state.kv_keys.begin() + j * row, row, state.kv_keys.begin() + kept * row);
@@ -202,7 +202,11 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
   state.kv_positions.resize(kept);
   state.kv_keys.resize(kept * row);
   state.kv_values.resize(kept * row);
-  const size_t m = kept;
+  std::vector<size_t> seen;  // kept rows query t attends to
+  for (size_t j = 0; j < kept; ++j) {
+    if (mask.Visible(t, state.kv_positions[j])) seen.push_back(j);
+  }
+  const size_t m = seen.size();
   const absl::Span<const float> keys(state.kv_keys);
   const absl::Span<const float> values(state.kv_values);
   const double scale = 1.0 / std::sqrt(static_cast<double>(h));
@@ -213,7 +217,7 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
     if (polynomial) {
       double denominator = 1.0;  // part of the trained function (algorithm.md section 2)
       for (size_t j = 0; j < m; ++j) {
-        const size_t offset = (j * H + head) * h;
+        const size_t offset = (seen[j] * H + head) * h;
         const double w = ref::Pow4(ref::Dot(qh, keys.subspan(offset, h)));
         for (size_t i = 0; i < h; ++i) acc[i] += w * values[offset + i];
         denominator += w;
@@ -222,12 +226,13 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
       continue;
     }
     for (size_t j = 0; j < m; ++j) {
-      scores[j] = static_cast<float>(ref::Dot(qh, keys.subspan((j * H + head) * h, h)) * scale);
+      const size_t offset = (seen[j] * H + head) * h;
+      scores[j] = static_cast<float>(ref::Dot(qh, keys.subspan(offset, h)) * scale);
     }
     ref::Softmax(absl::Span<float>(scores));
     for (size_t j = 0; j < m; ++j) {
       for (size_t i = 0; i < h; ++i)
-        acc[i] += static_cast<double>(scores[j]) * values[(j * H + head) * h + i];
+        acc[i] += static_cast<double>(scores[j]) * values[(seen[j] * H + head) * h + i];
     }
     for (size_t i = 0; i < h; ++i) o[head * h + i] = static_cast<float>(acc[i]);
   }

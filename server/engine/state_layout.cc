@@ -96,7 +96,8 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64
     return absl::InvalidArgumentError(
         absl::StrCat("max_context: must be >= 0 (0: no limit), got ", max_context));
   }
-  // KeyMask::MaxKept adds up to window + 1 + stride - 1 (each <= kMaxConfigInt) to max_context.
+  // KeyMask::MaxKept adds up to chunk + 1 (chunk <= kMaxConfigInt) to max_context; the bound
+  // leaves room for two config integers.
   if (max_context > std::numeric_limits<int64_t>::max() - 2 * kMaxConfigInt - 2) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_context: ", max_context, " overflows the KV-cache sizes"));

@@ -81,12 +81,12 @@ struct LayerStateLayout {
   // softmax, polynomial, sparse_strided and sparse_fixed keep keys and values of (some of) the
   // tokens so far: memory that grows with the sequence. kv_bytes_per_token is what one kept
   // token costs in this layer: keys and values, H x h x 2 f32 (positions not counted). Which
-  // tokens a layer keeps is its kind's business (softmax and polynomial: all; sparse_strided: the
-  // last w and every s-th earlier one; sparse_fixed: the current chunk and k_sum per earlier
-  // chunk). Without a context limit (max_context 0) the cache is NOT in the slot (the kKv*
-  // regions are absent, kv_capacity 0) and the engine sizes a separate KV pool; with one, the
-  // slot holds kv_capacity rows (kKvKeys, kKvValues, kKvPositions, kKvCount). needs_kv_cache and
-  // kv_bytes_per_token describe the kind and do not depend on max_context.
+  // tokens a layer keeps is its kind's business (softmax, polynomial and sparse_strided: all,
+  // since every key of a strided layer is seen again by a later query; sparse_fixed: the current
+  // chunk and k_sum per earlier chunk). Without a context limit (max_context 0) the cache is NOT in
+  // the slot (the kKv* regions are absent, kv_capacity 0) and the engine sizes a separate KV pool;
+  // with one, the slot holds kv_capacity rows (kKvKeys, kKvValues, kKvPositions, kKvCount).
+  // needs_kv_cache and kv_bytes_per_token describe the kind and do not depend on max_context.
   bool needs_kv_cache = false;
   int64_t kv_bytes_per_token = 0;  // 0 unless needs_kv_cache
   // cap: the most rows the slot's cache holds, AttentionKeyMask(attn).MaxKept(max_context)

@@ -70,13 +70,14 @@ absl::Status ValidateStateBytes(const ModelConfig& config, const StateLayout& la
                            absl::StrCat("is ", count, ", but position ", position, " keeps ", want,
                                         " rows (capacity ", layer.kv_capacity, ")"));
           }
-          // The kept positions: ascending, each still visible from the last position. With the
-          // count equal to KeptAfter, that makes them exactly the rows the kernels would keep.
+          // The kept positions: ascending, each still kept after the last position (KeyMask::Kept:
+          // what it or a later query sees). With the count equal to KeptAfter, that makes them
+          // exactly the rows the kernels would keep.
           const StateRegion& rows = layer.region(StateComponent::kKvPositions);
           int64_t previous = -1;
           for (int64_t i = 0; i < count; ++i) {
             const int64_t p = ReadInt64(bytes, rows.offset_bytes + i * 8);
-            if (p <= previous || p >= position || !mask.Visible(position - 1, p)) {
+            if (p <= previous || p >= position || !mask.Kept(position - 1, p)) {
               return Corrupt(
                   l, StateComponent::kKvPositions,
                   absl::StrCat("row ", i, " holds position ", p, ", which a cache at position ",

@@ -32,7 +32,8 @@ struct StateSnapshot {
 // tokens, as far as the kernels' indexing depends on it, so that bytes from outside (an imported
 // state) can never make a kernel read or write out of bounds: every counter equals what the
 // position implies (ring: tokens written; KV list: KeyMask::KeptAfter(position) rows), the kept
-// KV positions ascend and are all visible from position - 1, and every float is finite.
+// KV positions ascend and are all kept after position - 1 (KeyMask::Kept), and every float is
+// finite.
 // DataLoss naming the layer and component otherwise; InvalidArgument for a size that is not the
 // layout's bytes_per_slot or a position outside [0, max_context].
 // `layout` must be StateLayout::Create(config, max_context) of the model.

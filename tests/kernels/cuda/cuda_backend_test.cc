@@ -2,7 +2,8 @@
 // kernels/reference/), on random inputs at awkward shapes (odd widths, size 1, block boundaries
 // +-1, long caches that split). Every test skips itself (GTEST_SKIP) when no CUDA device is
 // visible, so the same binary passes on CPU-only CI and checks the kernels on a GPU machine.
-// CountVisible (a host/device closed form used by the KV kernels) is tested on the CPU always.
+// CountKept and DecodeAttendedRows (host/device closed forms used by the KV kernels) are tested
+// on the CPU always.
 //
 // Tolerances: |gpu - cpu| <= atol + rtol |cpu|, with atol relative to the largest |cpu| of the
 // compared tensor:
@@ -102,7 +103,7 @@ class CudaBackendTest : public ::testing::Test {
   std::unique_ptr<CudaBackend> gpu_;
 };
 
-TEST(CountVisibleTest, MatchesCountingVisibleKeys) {
+TEST(CountKeptTest, MatchesCountingKeptKeys) {
   std::vector<KeyMask> masks;
   masks.push_back(KeyMask{});
   for (int64_t w : {1, 3, 8}) masks.push_back({.kind = KeyMask::Kind::kWindow, .window = w});
@@ -120,12 +121,17 @@ TEST(CountVisibleTest, MatchesCountingVisibleKeys) {
     for (int64_t i = 0; i < 40; ++i) {
       int64_t count = 0;
       for (int64_t j_end = 0; j_end <= i + 3; ++j_end) {
-        ASSERT_EQ(CountVisible(mask, i, j_end), count)
+        ASSERT_EQ(CountKept(mask, i, j_end), count)
             << "kind " << static_cast<int>(mask.kind) << " i " << i << " j_end " << j_end;
-        if (mask.Visible(i, j_end)) ++count;
+        if (mask.Kept(i, j_end)) ++count;
       }
-      // The rows a cache holds after position i: what i sees of [0, i].
-      EXPECT_EQ(CountVisible(mask, i, i + 1), mask.KeptAfter(i + 1));
+      // The rows a cache holds after position i: what it keeps of [0, i].
+      EXPECT_EQ(CountKept(mask, i, i + 1), mask.KeptAfter(i + 1));
+      // The rows a decode query at i walks: every one it sees, and no other.
+      int64_t seen = 0;
+      for (int64_t j = 0; j <= i; ++j) seen += mask.Visible(i, j) ? 1 : 0;
+      EXPECT_EQ(DecodeAttendedRows(mask, false, mask.MaxKept(100), i), seen)
+          << "kind " << static_cast<int>(mask.kind) << " i " << i;
     }
   }
 }

@@ -134,6 +134,33 @@ TEST_F(StateCodecTest, EditedCountersAreRefusedEvenWithAValidChecksum) {
               StatusIs(absl::StatusCode::kDataLoss, "kv_positions"));
 }
 
+// sparse_strided (w 5, s 4) keeps every key, also the ones the last query does not see (position
+// 29 does not see key 20; query 33 will): such a state is accepted, with exactly 30 rows in
+// position order, and the row count of the old rule (last w plus j % s == 0: 12) is refused.
+TEST_F(StateCodecTest, StridedStatesKeepEveryKey) {
+  Load("sparse-strided", 30);
+  const std::string bytes = EncodeState(state_, identity_);
+  PS_ASSERT_OK_AND_ASSIGN(const SequenceState back, DecodeState(bytes, identity_));
+  EXPECT_EQ(back.snapshot.bytes, state_.snapshot.bytes);
+  for (int64_t layer = 0; layer < model_->layout().num_layers(); ++layer) {
+    int64_t count = 0;
+    std::memcpy(&count, bytes.data() + PayloadOffset(bytes, StateComponent::kKvCount, layer), 8);
+    EXPECT_EQ(count, 30) << "layer " << layer;
+    for (int64_t row = 0; row < count; ++row) {
+      int64_t position = -1;
+      std::memcpy(
+          &position,
+          bytes.data() + PayloadOffset(bytes, StateComponent::kKvPositions, layer) + 8 * row, 8);
+      EXPECT_EQ(position, row) << "layer " << layer;
+    }
+  }
+  std::string edited = bytes;
+  const int64_t old_rule = 12;
+  std::memcpy(edited.data() + PayloadOffset(bytes, StateComponent::kKvCount), &old_rule, 8);
+  EXPECT_THAT(DecodeState(Reseal(edited), identity_),
+              StatusIs(absl::StatusCode::kDataLoss, "kv_count"));
+}
+
 TEST_F(StateCodecTest, NonFiniteValuesAndBadPendingTokensAreRefused) {
   Load("polysketch-random-local", 12);
   std::string bytes = EncodeState(state_, identity_);

@@ -187,31 +187,32 @@ TEST(StateLayoutTest, MaxContextSizesSparseCachesByTheirMask) {
   AttentionConfig fixed = Kind(AttentionKind::kSparseFixed);
   fixed.chunk = 4;
   fixed.summary = 1;
-  // max_context 100, rows of 64 bytes. strided: the last w 4, the new key, every 2nd of 100:
-  // 4 + 1 + 50 = 55 rows. fixed: the chunk 4, the new key, 1 summary per 25 chunks: 30 rows.
+  // max_context 100, rows of 64 bytes. strided: every key stays reachable by a later query (j is
+  // seen again by j + 2m), so all 100 rows, as softmax. fixed: the chunk 4, the new key, 1
+  // summary per 25 chunks: 30 rows.
   PS_ASSERT_OK_AND_ASSIGN(StateLayout layout,
                           StateLayout::Create(Config(16, 2, {strided, fixed, SlidingWindow(3)}),
                                               /*max_context=*/100));
   const LayerStateLayout& s = layout.layer(0);
-  EXPECT_EQ(s.kv_capacity, 55);
-  EXPECT_EQ(s.region(StateComponent::kKvKeys), (StateRegion{0, 3520}));
-  EXPECT_EQ(s.region(StateComponent::kKvValues), (StateRegion{3520, 3520}));
-  EXPECT_EQ(s.region(StateComponent::kKvPositions), (StateRegion{7040, 440}));
-  EXPECT_EQ(s.region(StateComponent::kKvCount), (StateRegion{7488, 8}));
+  EXPECT_EQ(s.kv_capacity, 100);
+  EXPECT_EQ(s.region(StateComponent::kKvKeys), (StateRegion{0, 6400}));
+  EXPECT_EQ(s.region(StateComponent::kKvValues), (StateRegion{6400, 6400}));
+  EXPECT_EQ(s.region(StateComponent::kKvPositions), (StateRegion{12800, 800}));
+  EXPECT_EQ(s.region(StateComponent::kKvCount), (StateRegion{13632, 8}));
   const LayerStateLayout& f = layout.layer(1);
   EXPECT_EQ(f.kv_capacity, 30);
-  EXPECT_EQ(f.region(StateComponent::kKvKeys), (StateRegion{7552, 1920}));
-  EXPECT_EQ(f.region(StateComponent::kKvValues), (StateRegion{9472, 1920}));
-  EXPECT_EQ(f.region(StateComponent::kKvPositions), (StateRegion{11392, 240}));
-  EXPECT_EQ(f.region(StateComponent::kKvCount), (StateRegion{11648, 8}));
+  EXPECT_EQ(f.region(StateComponent::kKvKeys), (StateRegion{13696, 1920}));
+  EXPECT_EQ(f.region(StateComponent::kKvValues), (StateRegion{15616, 1920}));
+  EXPECT_EQ(f.region(StateComponent::kKvPositions), (StateRegion{17536, 240}));
+  EXPECT_EQ(f.region(StateComponent::kKvCount), (StateRegion{17792, 8}));
   // The sliding window keeps its ring and gets no KV regions.
   const LayerStateLayout& w = layout.layer(2);
   EXPECT_EQ(w.kv_capacity, 0);
   EXPECT_FALSE(w.region(StateComponent::kKvKeys).present());
-  EXPECT_EQ(w.region(StateComponent::kRingKeys), (StateRegion{11712, 192}));
-  EXPECT_EQ(layout.bytes_per_slot(), 11712 + 448);
+  EXPECT_EQ(w.region(StateComponent::kRingKeys), (StateRegion{17856, 192}));
+  EXPECT_EQ(layout.bytes_per_slot(), 17856 + 448);
 
-  // A short limit caps every kind at max_context (strided would be 4 + 1 + 2 = 7).
+  // A short limit caps every kind at max_context (fixed would be 4 + 1 + 0 = 5).
   PS_ASSERT_OK_AND_ASSIGN(StateLayout short_context,
                           StateLayout::Create(Config(16, 2, {strided, fixed}), 3));
   EXPECT_EQ(short_context.layer(0).kv_capacity, 3);
@@ -243,7 +244,7 @@ TEST(StateLayoutTest, MaxContextRegionsAreAlignedAndDisjoint) {
     }
   }
   EXPECT_EQ(layout.bytes_per_slot(), expected_offset);
-  const int64_t caps[] = {37, 0, 5 + 1 + 13, 0, 7 + 1 + 3 * 5, 37};
+  const int64_t caps[] = {37, 0, 37, 0, 7 + 1 + 3 * 5, 37};  // strided keeps every key
   for (int64_t i = 0; i < layout.num_layers(); ++i) {
     const LayerStateLayout& layer = layout.layer(i);
     EXPECT_EQ(layer.kv_capacity, caps[i]) << i;

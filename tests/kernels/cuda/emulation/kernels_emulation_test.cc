@@ -230,6 +230,8 @@ std::vector<KvAttentionShape> KvShapes() {
        .ring = true,
        .capacity = 5},
       list(KvWeighting::kSoftmax, {.kind = KeyMask::Kind::kStrided, .window = 4, .stride = 3}, 8),
+      list(KvWeighting::kPolynomial, {.kind = KeyMask::Kind::kStrided, .window = 2, .stride = 5},
+           6),
       list(KvWeighting::kSoftmax, {.kind = KeyMask::Kind::kFixed, .chunk = 6, .summary = 2}, 8),
   };
 }
@@ -281,13 +283,13 @@ TEST_F(KvEmulationTest, DecodeMatchesCpu) {
         cpu_states.push_back(MakeState(sh, positions[i], 70 + i));
         emu_states.push_back(cpu_states.back());
       }
-      // CudaBackend::KvDecode's planning: rows before and after from the positions.
+      // CudaBackend::KvDecode's planning: rows kept before and attended after, from positions.
       std::vector<int64_t> rows(2 * B);
       int64_t max_rows = 1;
       for (int64_t i = 0; i < B; ++i) {
         const int64_t t = positions[i];
         rows[i] = sh.ring ? std::min(t, sh.capacity) : sh.mask.KeptAfter(t);
-        rows[B + i] = sh.ring ? std::min(t + 1, sh.capacity) : sh.mask.KeptAfter(t + 1);
+        rows[B + i] = DecodeAttendedRows(sh.mask, sh.ring, sh.capacity, t);
         max_rows = std::max(max_rows, rows[B + i]);
       }
       const int64_t per_split = (max_rows + splits - 1) / splits;
@@ -326,7 +328,7 @@ TEST_F(KvEmulationTest, PrefillMatchesCpu) {
       cpu_.KvPrefill(sh, start, n, cpu_state.Slot(), q.data(), k.data(), v.data(), want.data());
       const int64_t old_rows = sh.ring ? std::min(start, sh.capacity) : sh.mask.KeptAfter(start);
       LaunchKvPrefill(DimsOf(sh), start, n, emu_state.Ptrs(), old_rows,
-                      CountVisible(sh.mask, start + n - 1, start), q.data(), k.data(), v.data(),
+                      CountKept(sh.mask, start + n - 1, start), q.data(), k.data(), v.data(),
                       got.data(), nullptr);
       ExpectNear(got, want, "prefill output");
       ExpectSameCache(sh, emu_state, cpu_state);

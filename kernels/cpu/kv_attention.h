@@ -21,8 +21,9 @@ namespace ps::kernels::cpu {
 // One decode step for B = positions.size() == slots.size() sequences. Sequence b appends its key
 // and value (rows b of k, v) at position positions[b] to slots[b], drops the cached rows that
 // position can no longer see (list caches; kept rows stay in position order), then attends over
-// the kept rows. q, k, v, out: [B, H, h] fp32 (k post-RoPE; kPolynomial: q, k already
-// qk-normalised). Cache rows are [H, h]: keys[row * H * h + head * h + i].
+// the kept rows. q, k, v, out: [B, H, h] fp32 (k post-RoPE, unrotated for "local_rope" models;
+// kPolynomial: q, k already qk-normalised). Cache rows are [H, h]:
+// keys[row * H * h + head * h + i].
 //   list (shape.ring false): rows 0 .. *count-1 hold positions[row] ascending; *count never
 //     exceeds shape.capacity (the engine sizes it with mask.MaxKept; checked by assert).
 //   ring (shape.ring true, capacity == window w): position t is row t % w, *count is the tokens

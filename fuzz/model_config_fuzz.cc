@@ -32,6 +32,7 @@ nlohmann::json ToJson(const ModelConfig& c) {
                       {"max_seq_len", c.max_seq_len},
                       {"norm_eps", c.norm_eps}};
   if (!c.torch_dtype.empty()) j["torch_dtype"] = c.torch_dtype;
+  j["position_encoding"] = std::string(ps::engine::PositionEncodingName(c.position_encoding));
   nlohmann::json layers = nlohmann::json::array();
   for (const AttentionConfig& a : c.layers) {
     nlohmann::json l = {{"kind", std::string(ps::engine::AttentionKindName(a.kind))}};

@@ -157,14 +157,22 @@ class Backend {
   virtual void LayerNorm(const float* x, int64_t rows, int64_t n, const float* gamma,
                          const float* beta, float eps, float* y) = 0;
   // x[i, :] = table[tokens[i], :] + pe(positions[i]) (sinusoidal, algorithm.md section 1, angles
-  // in double). table [V, D]; x [m, D] with m = tokens.size() == positions.size().
+  // in double); without `sinusoidal`, x[i, :] = table[tokens[i], :] (positions unread). table
+  // [V, D]; x [m, D] with m = tokens.size() == positions.size().
   virtual void Embed(const float* table, int64_t d, absl::Span<const int32_t> tokens,
-                     absl::Span<const int64_t> positions, float* x) = 0;
-  // Splits qkv [m, 3D] = [q | k | v] into q, k, v [m, H, h], applying RoPE (algorithm.md
-  // section 1: interleaved pairs written de-interleaved, angles in double) to q and k at
-  // positions[i]; m = positions.size().
+                     absl::Span<const int64_t> positions, bool sinusoidal, float* x) = 0;
+  // Splits qkv [m, 3D] = [q | k | v] into q, k, v [m, H, h]. With `rope`, applies RoPE
+  // (algorithm.md section 1: interleaved pairs written de-interleaved, angles in double) to q and
+  // k at positions[i]; without, q and k are copied in the projection's order (positions unread).
+  // m = positions.size().
   virtual void SplitQkvRope(const float* qkv, int64_t heads, int64_t head_dim,
-                            absl::Span<const int64_t> positions, float* q, float* k, float* v) = 0;
+                            absl::Span<const int64_t> positions, bool rope, float* q, float* k,
+                            float* v) = 0;
+  // y = RoPE(x) at positions[i] for every head of row i, as SplitQkvRope's rotation: x, y
+  // [m, H, h] with m = positions.size(). For the local block of "local_rope" models, whose q and
+  // k stay unrotated for everything else. y must not alias x.
+  virtual void Rope(const float* x, int64_t heads, int64_t head_dim,
+                    absl::Span<const int64_t> positions, float* y) = 0;
   // out[i, j] = up[i, j] * gelu_tanh(up[i, F + j]); up [m, 2F], out [m, F].
   virtual void GeluGate(const float* up, int64_t m, int64_t f, float* out) = 0;
   // x = gelu_tanh(x) in place, n elements.
@@ -201,7 +209,8 @@ class Backend {
   // One decode step for B sequences: sequence i appends its key/value at positions[i] to its
   // cache (dropping rows that neither that position nor a later one sees: mask.Kept), then
   // attends over the kept rows that position sees (mask.Visible).
-  // q, k, v, out [B, H, h] (k post-RoPE; for kPolynomial q and k already qk-normalised).
+  // q, k, v, out [B, H, h] (k post-RoPE, or unrotated for "local_rope" models; for kPolynomial
+  // q and k already qk-normalised).
   virtual void KvDecode(const KvAttentionShape& shape, absl::Span<const int64_t> positions,
                         absl::Span<const KvSlotState> slots, const float* q, const float* k,
                         const float* v, float* out) = 0;

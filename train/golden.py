@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,6 +42,16 @@ TINY_KINDS: Dict[str, Any] = {
               {"kind": "softmax"},
               {"kind": "sparse_fixed", "chunk": 8, "summary": 3}],
 }
+# name -> (a TINY_KINDS entry, position_encoding): the same layers under the position encodings
+# other than the default (model.py POSITION_ENCODINGS). "local_rope" rotates only the local exact
+# block of local_exact layers, so these cover a layer whose sketch reads unrotated q, k while its
+# local block reads rotated ones, and KV-cache layers that hold unrotated keys.
+TINY_POSITION_ENCODINGS: Dict[str, Tuple[str, str]] = {
+    "local-rope-polysketch-learned-local": ("polysketch-learned-local", "local_rope"),
+    "local-rope-polysketch-random-local": ("polysketch-random-local", "local_rope"),
+    "local-rope-mixed": ("mixed", "local_rope"),
+    "rope-polysketch-learned-local": ("polysketch-learned-local", "rope"),
+}
 TINY_PROMPT = "In the beginning God created the heaven and the earth."  # 54 bytes
 SHIPPED_PROMPT = ("And God said, Let there be light: and there was light. And God saw the light, "
                   "that it was good: and God divided the light from the darkness. And God called "
@@ -50,11 +60,13 @@ SHIPPED_PROMPT = ("And God said, Let there be light: and there was light. And Go
                   "of the waters, and let it divide the waters from the waters.")
 
 
-def tiny_model(attn: Any, seed: int) -> PolySketchFormer:
+def tiny_model(attn: Any, seed: int, position_encoding: Optional[str] = None) -> PolySketchFormer:
     layers = attn if isinstance(attn, list) else [attn, attn]
-    cfg = ModelConfig.from_json({"architecture": "polysketchformer", "vocab_size": 256,
-                                 "d_model": 32, "n_heads": 2, "n_layers": len(layers),
-                                 "max_seq_len": 128, "layers": layers})
+    obj = {"architecture": "polysketchformer", "vocab_size": 256, "d_model": 32, "n_heads": 2,
+           "n_layers": len(layers), "max_seq_len": 128, "layers": layers}
+    if position_encoding is not None:  # absent: the default, and the configs stay as they were
+        obj["position_encoding"] = position_encoding
+    cfg = ModelConfig.from_json(obj)
     torch.manual_seed(seed)
     model = PolySketchFormer(cfg)
     with torch.no_grad():  # larger weights than training init: peaked, untied logits
@@ -109,9 +121,12 @@ def main() -> None:
                     help="model directories under models/ to make fixtures for")
     args = ap.parse_args()
 
-    for name, attn in TINY_KINDS.items():
+    tiny = [(name, attn, None) for name, attn in TINY_KINDS.items()]
+    tiny += [(name, TINY_KINDS[kind], encoding)
+             for name, (kind, encoding) in TINY_POSITION_ENCODINGS.items()]
+    for name, attn, encoding in tiny:
         for seed in range(100):
-            model = tiny_model(attn, seed)
+            model = tiny_model(attn, seed, encoding)
             prompt = list(TINY_PROMPT.encode())
             positions = [0, 1, 7, 8, 9, 23, 24, 40, len(prompt) - 1]
             fx = compute(model, prompt, positions, steps=40, chunk=13)
@@ -121,8 +136,9 @@ def main() -> None:
             sys.exit(f"golden: no seed gives greedy margins >= {MARGIN_MIN} for {name}")
         d = args.out / name
         save_model_dir(model, d)
+        what = name if encoding is None else f"{TINY_POSITION_ENCODINGS[name][0]} ({encoding})"
         write_fixture(d, fx, {"model_dir": ".", "seed": seed, "prefill_chunk": 13,
-                              "description": f"tiny random {name} model"})
+                              "description": f"tiny random {what} model"})
         print(f"{name}: seed {seed}, min greedy margin {float(fx['greedy_margins'].min()):.3g}")
 
     for name in args.shipped:

@@ -81,13 +81,19 @@ void CpuBackend::LayerNorm(const float* x, int64_t rows, int64_t n, const float*
 }
 
 void CpuBackend::Embed(const float* table, int64_t d, absl::Span<const int32_t> tokens,
-                       absl::Span<const int64_t> positions, float* x) {
-  cpu::Embed(pool_, table, d, tokens, positions, x);
+                       absl::Span<const int64_t> positions, bool sinusoidal, float* x) {
+  cpu::Embed(pool_, table, d, tokens, positions, sinusoidal, x);
 }
 
 void CpuBackend::SplitQkvRope(const float* qkv, int64_t heads, int64_t head_dim,
-                              absl::Span<const int64_t> positions, float* q, float* k, float* v) {
-  cpu::SplitQkvRope(pool_, qkv, heads, head_dim, positions, q, k, v);
+                              absl::Span<const int64_t> positions, bool rope, float* q, float* k,
+                              float* v) {
+  cpu::SplitQkvRope(pool_, qkv, heads, head_dim, positions, rope, q, k, v);
+}
+
+void CpuBackend::Rope(const float* x, int64_t heads, int64_t head_dim,
+                      absl::Span<const int64_t> positions, float* y) {
+  cpu::Rope(pool_, x, heads, head_dim, positions, y);
 }
 
 void CpuBackend::GeluGate(const float* up, int64_t m, int64_t f, float* out) {

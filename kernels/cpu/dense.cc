@@ -332,13 +332,20 @@ void LayerNorm(ThreadPool& pool, const float* x, int64_t rows, int64_t n, const 
   });
 }
 
-// ---- Embed, SplitQkvRope
-// --------------------------------------------------------------------------
+// ---- Embed, SplitQkvRope, Rope ------------------------------------------------------------------
 
 void Embed(ThreadPool& pool, const float* table, int64_t d, absl::Span<const int32_t> tokens,
-           absl::Span<const int64_t> positions, float* x) {
+           absl::Span<const int64_t> positions, bool sinusoidal, float* x) {
   assert(tokens.size() == positions.size() && d % 2 == 0);
   const int64_t m = static_cast<int64_t>(tokens.size());
+  if (!sinusoidal) {
+    pool.ParallelFor(m, GrainFor(d, kMinChunkElems), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        std::memcpy(x + row * d, table + static_cast<int64_t>(tokens[row]) * d, d * sizeof(float));
+      }
+    });
+    return;
+  }
   const int64_t half = d / 2;
   std::vector<double> freq(half);  // as reference::Sinusoidal
   for (int64_t i = 0; i < half; ++i) {
@@ -358,43 +365,88 @@ void Embed(ThreadPool& pool, const float* table, int64_t d, absl::Span<const int
   });
 }
 
+namespace {
+
+// theta_i = 10000^(-2i/h), i < h/2: as reference::Rope.
+std::vector<double> RopeTheta(int64_t h) {
+  std::vector<double> theta(static_cast<size_t>(h / 2));
+  for (int64_t i = 0; i < h / 2; ++i) {
+    theta[i] = std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(h));
+  }
+  return theta;
+}
+
+// cs[2i], cs[2i+1] = cos, sin of t * theta[i]: shared by every head of a row, q and k.
+void RopeAngles(const std::vector<double>& theta, int64_t t, double* cs) {
+  for (size_t i = 0; i < theta.size(); ++i) {
+    const double angle = static_cast<double>(t) * theta[i];
+    cs[2 * i] = std::cos(angle);
+    cs[2 * i + 1] = std::sin(angle);
+  }
+}
+
+// One head, as reference::Rope: y[i] = x[2i] c - x[2i+1] s, y[h/2 + i] = x[2i+1] c + x[2i] s.
+void RotateHead(const float* xh, const double* cs, int64_t half, float* yh) {
+  for (int64_t i = 0; i < half; ++i) {
+    const double c = cs[2 * i];
+    const double s = cs[2 * i + 1];
+    const double even = xh[2 * i];
+    const double odd = xh[2 * i + 1];
+    yh[i] = static_cast<float>(even * c - odd * s);
+    yh[half + i] = static_cast<float>(odd * c + even * s);
+  }
+}
+
+}  // namespace
+
 void SplitQkvRope(ThreadPool& pool, const float* qkv, int64_t heads, int64_t head_dim,
-                  absl::Span<const int64_t> positions, float* q, float* k, float* v) {
+                  absl::Span<const int64_t> positions, bool rope, float* q, float* k, float* v) {
   assert(head_dim % 2 == 0);
   const int64_t m = static_cast<int64_t>(positions.size());
   const int64_t h = head_dim;
   const int64_t half = h / 2;
   const int64_t D = heads * h;
-  std::vector<double> theta(half);  // as reference::Rope
-  for (int64_t i = 0; i < half; ++i) {
-    theta[i] = std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(h));
-  }
-  pool.ParallelFor(m, GrainFor(3 * D + 8 * half, kMinChunkElems), [&](int64_t begin, int64_t end) {
-    std::vector<double> cs(2 * half);  // cos, sin per pair: shared by all heads, q and k
-    for (int64_t row = begin; row < end; ++row) {
-      const double t = static_cast<double>(positions[row]);
-      for (int64_t i = 0; i < half; ++i) {
-        const double angle = t * theta[i];
-        cs[2 * i] = std::cos(angle);
-        cs[2 * i + 1] = std::sin(angle);
+  if (!rope) {
+    pool.ParallelFor(m, GrainFor(3 * D, kMinChunkElems), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const float* src = qkv + row * 3 * D;
+        std::memcpy(q + row * D, src, D * sizeof(float));
+        std::memcpy(k + row * D, src + D, D * sizeof(float));
+        std::memcpy(v + row * D, src + 2 * D, D * sizeof(float));
       }
+    });
+    return;
+  }
+  const std::vector<double> theta = RopeTheta(h);
+  pool.ParallelFor(m, GrainFor(3 * D + 8 * half, kMinChunkElems), [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(2 * half);
+    for (int64_t row = begin; row < end; ++row) {
+      RopeAngles(theta, positions[row], cs.data());
       const float* src = qkv + row * 3 * D;
-      for (int part = 0; part < 2; ++part) {
-        float* dst = (part == 0 ? q : k) + row * D;
-        for (int64_t head = 0; head < heads; ++head) {
-          const float* xh = src + part * D + head * h;
-          float* yh = dst + head * h;
-          for (int64_t i = 0; i < half; ++i) {
-            const double c = cs[2 * i];
-            const double s = cs[2 * i + 1];
-            const double even = xh[2 * i];
-            const double odd = xh[2 * i + 1];
-            yh[i] = static_cast<float>(even * c - odd * s);
-            yh[half + i] = static_cast<float>(odd * c + even * s);
-          }
-        }
+      for (int64_t head = 0; head < heads; ++head) {
+        RotateHead(src + head * h, cs.data(), half, q + row * D + head * h);
+        RotateHead(src + D + head * h, cs.data(), half, k + row * D + head * h);
       }
       std::memcpy(v + row * D, src + 2 * D, D * sizeof(float));
+    }
+  });
+}
+
+void Rope(ThreadPool& pool, const float* x, int64_t heads, int64_t head_dim,
+          absl::Span<const int64_t> positions, float* y) {
+  assert(head_dim % 2 == 0);
+  const int64_t m = static_cast<int64_t>(positions.size());
+  const int64_t h = head_dim;
+  const int64_t half = h / 2;
+  const int64_t D = heads * h;
+  const std::vector<double> theta = RopeTheta(h);
+  pool.ParallelFor(m, GrainFor(D + 8 * half, kMinChunkElems), [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(2 * half);
+    for (int64_t row = begin; row < end; ++row) {
+      RopeAngles(theta, positions[row], cs.data());
+      for (int64_t head = 0; head < heads; ++head) {
+        RotateHead(x + row * D + head * h, cs.data(), half, y + row * D + head * h);
+      }
     }
   });
 }

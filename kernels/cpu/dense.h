@@ -9,7 +9,7 @@
 //
 // Thread-safety: engine thread only (one call at a time per pool); each op parallelises over the
 // pool internally. Pointers are host memory owned by the caller. Linear allocates nothing;
-// Embed and SplitQkvRope allocate small per-call angle tables (d/2 and h/2 doubles).
+// Embed, SplitQkvRope and Rope allocate small per-call angle tables (d/2 and h/2 doubles).
 #ifndef POLYSKETCH_KERNELS_CPU_DENSE_H_
 #define POLYSKETCH_KERNELS_CPU_DENSE_H_
 
@@ -61,16 +61,23 @@ void LayerNorm(ThreadPool& pool, const float* x, int64_t rows, int64_t n, const 
                const float* beta, float eps, float* y);
 
 // x[i, :] = table[tokens[i], :] + pe(positions[i]), pe the sinusoidal encoding of algorithm.md
-// section 1 with angles, sin and cos in double, the sum rounded to fp32 once. table [V, d];
-// x [m, d], m = tokens.size() == positions.size(); d even.
+// section 1 with angles, sin and cos in double, the sum rounded to fp32 once; without
+// `sinusoidal`, a copy of the table rows. table [V, d]; x [m, d],
+// m = tokens.size() == positions.size(); d even.
 void Embed(ThreadPool& pool, const float* table, int64_t d, absl::Span<const int32_t> tokens,
-           absl::Span<const int64_t> positions, float* x);
+           absl::Span<const int64_t> positions, bool sinusoidal, float* x);
 
-// Splits qkv [m, 3D] = [q | k | v] (D = heads * head_dim) into q, k, v [m, H, h], applying RoPE
-// (algorithm.md section 1, reference::Rope: angles in double) to q and k at positions[i].
-// m = positions.size(); head_dim even. Outputs must not alias qkv.
+// Splits qkv [m, 3D] = [q | k | v] (D = heads * head_dim) into q, k, v [m, H, h]; with `rope`,
+// applying RoPE (algorithm.md section 1, reference::Rope: angles in double) to q and k at
+// positions[i], else copying them unrotated. m = positions.size(); head_dim even. Outputs must
+// not alias qkv.
 void SplitQkvRope(ThreadPool& pool, const float* qkv, int64_t heads, int64_t head_dim,
-                  absl::Span<const int64_t> positions, float* q, float* k, float* v);
+                  absl::Span<const int64_t> positions, bool rope, float* q, float* k, float* v);
+
+// y = RoPE(x) of every head of row i at positions[i], the rotation of SplitQkvRope. x, y
+// [m, H, h], m = positions.size(); head_dim even; y must not alias x.
+void Rope(ThreadPool& pool, const float* x, int64_t heads, int64_t head_dim,
+          absl::Span<const int64_t> positions, float* y);
 
 // out[i, j] = up[i, j] * gelu_tanh(up[i, F + j]); up [m, 2F], out [m, F]. gelu_tanh in fp32 as
 // x * sigmoid(2 u), u = sqrt(2/pi) (x + 0.044715 x^3) (the same function as reference::GeluTanh,

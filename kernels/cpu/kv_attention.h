@@ -23,8 +23,9 @@ namespace ps::kernels::cpu {
 // neither that position nor a later one sees (list caches, shape.mask.Kept; kept rows stay in
 // position order), then attends over the kept rows that position sees (shape.mask.Visible; all of
 // them except under sparse_strided, whose list cache keeps every key and whose query walks only
-// its window + t / stride visible rows). q, k, v, out: [B, H, h] fp32 (k post-RoPE; kPolynomial: q,
-// k already qk-normalised). Cache rows are [H, h]: keys[row * H * h + head * h + i].
+// its window + t / stride visible rows). q, k, v, out: [B, H, h] fp32 (k post-RoPE, unrotated for
+// "local_rope" models; kPolynomial: q, k already qk-normalised). Cache rows are [H, h]:
+// keys[row * H * h + head * h + i].
 //   list (shape.ring false): rows 0 .. *count-1 hold positions[row] ascending; *count never
 //     exceeds shape.capacity (the engine sizes it with mask.MaxKept; checked by assert).
 //   ring (shape.ring true, capacity == window w): position t is row t % w, *count is the tokens

@@ -416,26 +416,37 @@ void CudaBackend::LayerNorm(const float* x, int64_t rows, int64_t n, const float
 }
 
 void CudaBackend::Embed(const float* table, int64_t d, absl::Span<const int32_t> tokens,
-                        absl::Span<const int64_t> positions, float* x) {
+                        absl::Span<const int64_t> positions, bool sinusoidal, float* x) {
   const int64_t m = static_cast<int64_t>(tokens.size());
   if (m == 0) return;
   ReserveUploads(m * static_cast<int64_t>(sizeof(int32_t) + sizeof(int64_t)));
   const auto* tokens_dev =
       static_cast<const int32_t*>(Upload(tokens.data(), m * static_cast<int64_t>(sizeof(int32_t))));
-  const int64_t* positions_dev = UploadPositions(positions);
-  if (tokens_dev == nullptr || positions_dev == nullptr) return;
-  LaunchEmbed(table, d, tokens_dev, positions_dev, m, x, impl_->stream);
+  const int64_t* positions_dev = sinusoidal ? UploadPositions(positions) : nullptr;
+  if (tokens_dev == nullptr || (sinusoidal && positions_dev == nullptr)) return;
+  LaunchEmbed(table, d, tokens_dev, positions_dev, m, sinusoidal, x, impl_->stream);
   CheckLaunch("Embed");
 }
 
 void CudaBackend::SplitQkvRope(const float* qkv, int64_t heads, int64_t head_dim,
-                               absl::Span<const int64_t> positions, float* q, float* k, float* v) {
+                               absl::Span<const int64_t> positions, bool rope, float* q, float* k,
+                               float* v) {
+  const int64_t m = static_cast<int64_t>(positions.size());
+  if (m == 0) return;
+  const int64_t* positions_dev = rope ? UploadPositions(positions) : nullptr;
+  if (rope && positions_dev == nullptr) return;
+  LaunchSplitQkvRope(qkv, m, heads, head_dim, positions_dev, rope, q, k, v, impl_->stream);
+  CheckLaunch("SplitQkvRope");
+}
+
+void CudaBackend::Rope(const float* x, int64_t heads, int64_t head_dim,
+                       absl::Span<const int64_t> positions, float* y) {
   const int64_t m = static_cast<int64_t>(positions.size());
   if (m == 0) return;
   const int64_t* positions_dev = UploadPositions(positions);
   if (positions_dev == nullptr) return;
-  LaunchSplitQkvRope(qkv, m, heads, head_dim, positions_dev, q, k, v, impl_->stream);
-  CheckLaunch("SplitQkvRope");
+  LaunchRope(x, m, heads, head_dim, positions_dev, y, impl_->stream);
+  CheckLaunch("Rope");
 }
 
 void CudaBackend::GeluGate(const float* up, int64_t m, int64_t f, float* out) {

@@ -74,9 +74,12 @@ class CudaBackend final : public Backend {
   void LayerNorm(const float* x, int64_t rows, int64_t n, const float* gamma, const float* beta,
                  float eps, float* y) override;
   void Embed(const float* table, int64_t d, absl::Span<const int32_t> tokens,
-             absl::Span<const int64_t> positions, float* x) override;
+             absl::Span<const int64_t> positions, bool sinusoidal, float* x) override;
   void SplitQkvRope(const float* qkv, int64_t heads, int64_t head_dim,
-                    absl::Span<const int64_t> positions, float* q, float* k, float* v) override;
+                    absl::Span<const int64_t> positions, bool rope, float* q, float* k,
+                    float* v) override;
+  void Rope(const float* x, int64_t heads, int64_t head_dim, absl::Span<const int64_t> positions,
+            float* y) override;
   void GeluGate(const float* up, int64_t m, int64_t f, float* out) override;
   void Gelu(float* x, int64_t n) override;
   void Multiply(const float* a, const float* b, int64_t n, float* out) override;

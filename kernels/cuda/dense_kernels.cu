@@ -65,15 +65,22 @@ __global__ void LayerNormKernel(const float* __restrict__ x, int64_t rows, int64
   }
 }
 
+// sinusoidal false: a copy of the table rows (positions unread, may be null).
 __global__ void EmbedKernel(const float* __restrict__ table, int64_t d,
                             const int32_t* __restrict__ tokens,
-                            const int64_t* __restrict__ positions, int64_t m, float* x) {
+                            const int64_t* __restrict__ positions, int64_t m, bool sinusoidal,
+                            float* x) {
   const int64_t half = d / 2;
   for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < m * half;
        idx += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = idx / half;
     const int64_t i = idx % half;
     const float* e = table + static_cast<int64_t>(tokens[row]) * d;
+    if (!sinusoidal) {
+      x[row * d + 2 * i] = e[2 * i];
+      x[row * d + 2 * i + 1] = e[2 * i + 1];
+      continue;
+    }
     const double freq = pow(10000.0, -static_cast<double>(i) / static_cast<double>(half));
     const double angle = static_cast<double>(positions[row]) * freq;
     double s, c;
@@ -83,10 +90,26 @@ __global__ void EmbedKernel(const float* __restrict__ table, int64_t d,
   }
 }
 
-// One thread per (row, head, pair) rotates the pair of q and of k, and copies two v elements.
+// Pair i of one head: y[i] = x[2i] c - x[2i+1] s, y[h/2 + i] = x[2i+1] c + x[2i] s, the angle
+// t * 10000^(-2i/h) in double (reference::Rope).
+__device__ __forceinline__ void RotatePair(const float* __restrict__ x, int64_t i, int64_t half,
+                                           double s, double c, float* y) {
+  const double even = x[2 * i];
+  const double odd = x[2 * i + 1];
+  y[i] = static_cast<float>(even * c - odd * s);
+  y[half + i] = static_cast<float>(odd * c + even * s);
+}
+
+__device__ __forceinline__ void RopeSinCos(int64_t t, int64_t i, int64_t h, double* s, double* c) {
+  const double theta = pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(h));
+  sincos(static_cast<double>(t) * theta, s, c);
+}
+
+// One thread per (row, head, pair) rotates the pair of q and of k (rope) or copies it (!rope),
+// and copies two v elements.
 __global__ void SplitQkvRopeKernel(const float* __restrict__ qkv, int64_t m, int64_t heads,
-                                   int64_t h, const int64_t* __restrict__ positions, float* q,
-                                   float* k, float* v) {
+                                   int64_t h, const int64_t* __restrict__ positions, bool rope,
+                                   float* q, float* k, float* v) {
   const int64_t half = h / 2;
   const int64_t D = heads * h;
   const int64_t total = m * heads * half;
@@ -95,19 +118,36 @@ __global__ void SplitQkvRopeKernel(const float* __restrict__ qkv, int64_t m, int
     const int64_t i = idx % half;
     const int64_t head = (idx / half) % heads;
     const int64_t row = idx / (half * heads);
-    const double theta = pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(h));
-    double s, c;
-    sincos(static_cast<double>(positions[row]) * theta, &s, &c);
     const float* src = qkv + row * 3 * D + head * h;
-    for (int part = 0; part < 2; ++part) {
-      const double even = src[part * D + 2 * i];
-      const double odd = src[part * D + 2 * i + 1];
-      float* dst = (part == 0 ? q : k) + row * D + head * h;
-      dst[i] = static_cast<float>(even * c - odd * s);
-      dst[half + i] = static_cast<float>(odd * c + even * s);
+    const int64_t out = row * D + head * h;
+    if (rope) {
+      double s, c;
+      RopeSinCos(positions[row], i, h, &s, &c);
+      RotatePair(src, i, half, s, c, q + out);
+      RotatePair(src + D, i, half, s, c, k + out);
+    } else {
+      q[out + 2 * i] = src[2 * i];
+      q[out + 2 * i + 1] = src[2 * i + 1];
+      k[out + 2 * i] = src[D + 2 * i];
+      k[out + 2 * i + 1] = src[D + 2 * i + 1];
     }
-    v[row * D + head * h + 2 * i] = src[2 * D + 2 * i];
-    v[row * D + head * h + 2 * i + 1] = src[2 * D + 2 * i + 1];
+    v[out + 2 * i] = src[2 * D + 2 * i];
+    v[out + 2 * i + 1] = src[2 * D + 2 * i + 1];
+  }
+}
+
+// One thread per (row, head, pair) of x [m, H, h]: y = RoPE(x) at positions[row].
+__global__ void RopeKernel(const float* __restrict__ x, int64_t m, int64_t heads, int64_t h,
+                           const int64_t* __restrict__ positions, float* y) {
+  const int64_t half = h / 2;
+  const int64_t total = m * heads * half;
+  for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = idx % half;
+    const int64_t row_head = idx / half;  // row * heads + head
+    double s, c;
+    RopeSinCos(positions[row_head / heads], i, h, &s, &c);
+    RotatePair(x + row_head * h, i, half, s, c, y + row_head * h);
   }
 }
 
@@ -164,17 +204,25 @@ void LaunchLayerNorm(const float* x, int64_t rows, int64_t n, const float* gamma
 }
 
 void LaunchEmbed(const float* table, int64_t d, const int32_t* tokens, const int64_t* positions,
-                 int64_t m, float* x, cudaStream_t stream) {
+                 int64_t m, bool sinusoidal, float* x, cudaStream_t stream) {
   if (m <= 0) return;
-  EmbedKernel<<<BlocksFor(m * d / 2), kThreads, 0, stream>>>(table, d, tokens, positions, m, x);
+  EmbedKernel<<<BlocksFor(m * d / 2), kThreads, 0, stream>>>(table, d, tokens, positions, m,
+                                                             sinusoidal, x);
 }
 
 void LaunchSplitQkvRope(const float* qkv, int64_t m, int64_t heads, int64_t head_dim,
-                        const int64_t* positions, float* q, float* k, float* v,
+                        const int64_t* positions, bool rope, float* q, float* k, float* v,
                         cudaStream_t stream) {
   if (m <= 0) return;
   SplitQkvRopeKernel<<<BlocksFor(m * heads * head_dim / 2), kThreads, 0, stream>>>(
-      qkv, m, heads, head_dim, positions, q, k, v);
+      qkv, m, heads, head_dim, positions, rope, q, k, v);
+}
+
+void LaunchRope(const float* x, int64_t m, int64_t heads, int64_t head_dim,
+                const int64_t* positions, float* y, cudaStream_t stream) {
+  if (m <= 0) return;
+  RopeKernel<<<BlocksFor(m * heads * head_dim / 2), kThreads, 0, stream>>>(x, m, heads, head_dim,
+                                                                           positions, y);
 }
 
 void LaunchGeluGate(const float* up, int64_t m, int64_t f, float* out, cudaStream_t stream) {

@@ -22,12 +22,16 @@ namespace ps::kernels::cuda {
 void LaunchF32ToBf16(const float* x, int64_t n, void* y, cudaStream_t stream);
 void LaunchLayerNorm(const float* x, int64_t rows, int64_t n, const float* gamma, const float* beta,
                      float eps, float* y, cudaStream_t stream);
-// tokens [m] int32, positions [m] int64 (device copies of the host spans).
+// tokens [m] int32, positions [m] int64 (device copies of the host spans; positions may be null
+// when !sinusoidal, resp. !rope).
 void LaunchEmbed(const float* table, int64_t d, const int32_t* tokens, const int64_t* positions,
-                 int64_t m, float* x, cudaStream_t stream);
+                 int64_t m, bool sinusoidal, float* x, cudaStream_t stream);
 void LaunchSplitQkvRope(const float* qkv, int64_t m, int64_t heads, int64_t head_dim,
-                        const int64_t* positions, float* q, float* k, float* v,
+                        const int64_t* positions, bool rope, float* q, float* k, float* v,
                         cudaStream_t stream);
+// x, y [m, H, h]: y = RoPE(x) at positions[row] (Backend::Rope).
+void LaunchRope(const float* x, int64_t m, int64_t heads, int64_t head_dim,
+                const int64_t* positions, float* y, cudaStream_t stream);
 void LaunchGeluGate(const float* up, int64_t m, int64_t f, float* out, cudaStream_t stream);
 void LaunchGelu(float* x, int64_t n, cudaStream_t stream);
 void LaunchMultiply(const float* a, const float* b, int64_t n, float* out, cudaStream_t stream);

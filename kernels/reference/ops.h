@@ -79,7 +79,8 @@ struct LearnedSketchWeights {
   LearnedSketchLevel f2[2];
 };
 
-// Learned sketch feature map (algorithm.md section 2), applied to post-RoPE x directly:
+// Learned sketch feature map (algorithm.md section 2), applied to x (q or k: post-RoPE, or
+// unrotated for "local_rope" models) directly:
 // psi = sqrt(r) tanh(f1(x) f2(x) / sqrt(r)) elementwise. x: [h]; psi: [r], r the sketch size of
 // `weights` (rows of f1[1].down).
 void LearnedSketchPsi(absl::Span<const float> x, const LearnedSketchWeights& weights, double eps,

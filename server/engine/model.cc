@@ -435,13 +435,14 @@ void Model::Forward(absl::Span<const int32_t> tokens, absl::Span<const int64_t> 
   const int64_t R = static_cast<int64_t>(tokens.size());
   const int64_t D = config_.d_model, F = config_.d_ff, H = config_.n_heads;
   const float eps = static_cast<float>(config_.norm_eps);
-  backend_.Embed(embed_table_.f32(), D, tokens, positions, s.x.f32());
+  backend_.Embed(embed_table_.f32(), D, tokens, positions, config_.sinusoidal_embedding(),
+                 s.x.f32());
   for (size_t l = 0; l < layers_.size(); ++l) {
     const LayerParams& lp = layers_[l];
     backend_.LayerNorm(s.x.f32(), R, D, lp.ln1_weight.f32(), lp.ln1_bias.f32(), eps, s.xn.f32());
     backend_.Linear(s.xn.f32(), R, *lp.qkv, s.qkv.f32(), /*accumulate=*/false);
-    backend_.SplitQkvRope(s.qkv.f32(), H, config_.head_dim(), positions, s.qk.f32(),
-                          s.qk.f32() + R * D, s.v.f32());
+    backend_.SplitQkvRope(s.qkv.f32(), H, config_.head_dim(), positions, config_.rope_on_qk(),
+                          s.qk.f32(), s.qk.f32() + R * D, s.v.f32());
     Attention(static_cast<int64_t>(l), R, positions, slots, prefill);
     backend_.Linear(s.o.f32(), R, *lp.out, s.x.f32(), /*accumulate=*/true);
     backend_.LayerNorm(s.x.f32(), R, D, lp.ln2_weight.f32(), lp.ln2_bias.f32(), eps, s.xn.f32());
@@ -501,8 +502,20 @@ void Model::Attention(int64_t layer, int64_t rows, absl::Span<const int64_t> pos
     const float* q_local = nullptr;
     const float* k_local = nullptr;
     if (lp.attn.local_exact) {
-      backend_.LayerNorm(q, N, h, lp.local_q_weight.f32(), lp.local_q_bias.f32(), eps, s.qn.f32());
-      backend_.LayerNorm(k, N, h, lp.local_k_weight.f32(), lp.local_k_bias.f32(), eps, s.kn.f32());
+      const float* q_in = q;
+      const float* k_in = k;
+      if (config_.rope_on_local_block(lp.attn)) {
+        // "local_rope": only the local block sees position. Rotate into qn, kn and normalise
+        // there in place; psi above read the unrotated q and k.
+        backend_.Rope(q, H, h, positions, s.qn.f32());
+        backend_.Rope(k, H, h, positions, s.kn.f32());
+        q_in = s.qn.f32();
+        k_in = s.kn.f32();
+      }
+      backend_.LayerNorm(q_in, N, h, lp.local_q_weight.f32(), lp.local_q_bias.f32(), eps,
+                         s.qn.f32());
+      backend_.LayerNorm(k_in, N, h, lp.local_k_weight.f32(), lp.local_k_bias.f32(), eps,
+                         s.kn.f32());
       q_local = s.qn.f32();
       k_local = s.kn.f32();
     }

@@ -33,9 +33,16 @@ constexpr std::array<std::pair<absl::string_view, AttentionKind>, 6> kAttentionK
 // Top-level keys, in the order their absence is reported (train/model.py REQUIRED_KEYS + layers).
 constexpr std::array<absl::string_view, 7> kRequiredKeys = {
     "architecture", "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "layers"};
-constexpr std::array<absl::string_view, 6> kOptionalKeys = {
-    "d_ff", "norm_eps", "format_version", "tokenizer", "torch_dtype", "training"};
+constexpr std::array<absl::string_view, 7> kOptionalKeys = {
+    "d_ff",        "norm_eps", "format_version",   "tokenizer",
+    "torch_dtype", "training", "position_encoding"};
 constexpr std::array<absl::string_view, 3> kTorchDtypes = {"f32", "f16", "bf16"};
+// train/model.py POSITION_ENCODINGS, in its order (the error message lists them so).
+constexpr std::array<std::pair<absl::string_view, PositionEncoding>, 3> kPositionEncodings = {{
+    {"sinusoidal+rope", PositionEncoding::kSinusoidalRope},
+    {"rope", PositionEncoding::kRope},
+    {"local_rope", PositionEncoding::kLocalRope},
+}};
 
 // Attention keys besides "kind", each with the kinds it applies to.
 enum class AttnKey {
@@ -100,6 +107,13 @@ std::string KeyName(absl::string_view key) {
 
 absl::Status Invalid(absl::string_view key, absl::string_view problem) {
   return absl::InvalidArgumentError(absl::StrCat(key, ": ", problem));
+}
+
+// "\"sinusoidal+rope\", \"rope\", \"local_rope\"": the accepted position_encoding values.
+std::string PositionEncodingNames() {
+  std::vector<std::string> names;
+  for (const auto& entry : kPositionEncodings) names.push_back(Quoted(entry.first));
+  return absl::StrJoin(names, ", ");
 }
 
 // The problem with an integer that must lie in [1, kMaxConfigInt], or "" when there is none.
@@ -369,6 +383,19 @@ absl::StatusOr<ModelConfig> ParseConfigObject(const json& obj) {
     }
     config.norm_eps = it->get<double>();
   }
+  if (auto it = obj.find("position_encoding"); it != obj.end()) {
+    bool known = false;
+    for (const auto& [name, encoding] : kPositionEncodings) {
+      if (it->is_string() && it->get_ref<const std::string&>() == name) {
+        config.position_encoding = encoding;
+        known = true;
+      }
+    }
+    if (!known) {
+      return Invalid("position_encoding", absl::StrCat("must be one of ", PositionEncodingNames(),
+                                                       ", got ", JsonForError(*it)));
+    }
+  }
 
   const json& layers = obj.at("layers");
   if (!layers.is_array()) {
@@ -419,6 +446,13 @@ absl::string_view AttentionKindName(AttentionKind kind) {
   return "unknown";
 }
 
+absl::string_view PositionEncodingName(PositionEncoding encoding) {
+  for (const auto& [name, e] : kPositionEncodings) {
+    if (e == encoding) return name;
+  }
+  return "unknown";
+}
+
 absl::string_view SketchKindName(SketchKind kind) {
   switch (kind) {
     case SketchKind::kNone:
@@ -440,6 +474,11 @@ absl::Status ModelConfig::Validate() const {
   for (const auto& [name, value] : sizes) PS_RETURN_IF_ERROR(CheckPositiveInt(name, value));
   if (!(norm_eps > 0.0 && norm_eps < 1.0)) {  // also refuses NaN
     return Invalid("norm_eps", absl::StrCat("must be a number in (0, 1), got ", norm_eps));
+  }
+  if (PositionEncodingName(position_encoding) == "unknown") {
+    return Invalid("position_encoding",
+                   absl::StrCat("must be one of ", PositionEncodingNames(), ", got value ",
+                                static_cast<int>(position_encoding)));
   }
   if (d_model % n_heads != 0) {
     return Invalid("n_heads", absl::StrCat("must divide d_model ", d_model, ", got ", n_heads));

@@ -46,6 +46,23 @@ enum class SketchKind {
 };
 absl::string_view SketchKindName(SketchKind kind);  // "none", "random", "learned"
 
+// Where position enters the network (config key "position_encoding"; train/model.py
+// POSITION_ENCODINGS, algorithm.md section 1).
+enum class PositionEncoding {
+  // "sinusoidal+rope" (the default: what a config without the key computes): absolute sinusoidal
+  // encodings added to the embedding, RoPE on q and k of every layer.
+  kSinusoidalRope,
+  // "rope": RoPE on q and k of every layer, no absolute encoding.
+  kRope,
+  // "local_rope": no absolute encoding; RoPE only on what the exact local-block weights of
+  // polysketch local_exact layers read (q~ = local_q_norm(rope(q)), k~ = local_k_norm(rope(k))).
+  // Every other path (the sketch psi(q), psi(k), also of local_exact layers; softmax,
+  // polynomial, sliding-window and sparse kinds) sees q and k without rotation.
+  kLocalRope,
+};
+// The JSON spelling: "sinusoidal+rope", "rope", "local_rope".
+absl::string_view PositionEncodingName(PositionEncoding encoding);
+
 // One layer's attention. A field that does not apply to `kind` holds its zero value (0, false,
 // kNone); every integer that applies is >= 1, so 0 also means "not given" (block_size without
 // local_exact).
@@ -89,15 +106,28 @@ struct ModelConfig {
   std::vector<AttentionConfig> layers;
   // "f32", "f16", "bf16" or "" (absent). Informational: the safetensors header is authoritative.
   std::string torch_dtype;
+  PositionEncoding position_encoding = PositionEncoding::kSinusoidalRope;
 
   int64_t head_dim() const { return d_model / n_heads; }  // h
+  // Whether the embedding gets the absolute sinusoidal encoding added.
+  bool sinusoidal_embedding() const {
+    return position_encoding == PositionEncoding::kSinusoidalRope;
+  }
+  // Whether q and k of every layer are rotated (RoPE) before any attention reads them. When
+  // false, q and k stay in the projection's own (interleaved) order.
+  bool rope_on_qk() const { return position_encoding != PositionEncoding::kLocalRope; }
+  // Whether layer `attn`'s local exact block reads RoPE'd q and k that nothing else of the layer
+  // reads: polysketch local_exact layers under "local_rope".
+  bool rope_on_local_block(const AttentionConfig& attn) const {
+    return position_encoding == PositionEncoding::kLocalRope && attn.local_exact;
+  }
 
   // Checks every value rule of docs/model-format.md (the same as train/model.py
   // ModelConfig.validate and AttentionConfig.validate): positive sizes up to kMaxConfigInt,
-  // norm_eps in (0, 1), H divides D, D and h even, one layer entry per layer, the fields each
-  // attention kind needs and none it does not, summary <= chunk. Returns InvalidArgument naming the
-  // key, as "layers[2].window: must be a positive integer, got -3". ParseModelConfig calls it; call
-  // it on configs built in code.
+  // norm_eps in (0, 1), a known position_encoding, H divides D, D and h even, one layer entry per
+  // layer, the fields each attention kind needs and none it does not, summary <= chunk. Returns
+  // InvalidArgument naming the key, as "layers[2].window: must be a positive integer, got -3".
+  // ParseModelConfig calls it; call it on configs built in code.
   [[nodiscard]] absl::Status Validate() const;
 
   // Every tensor a model directory with this config holds, in PyTorch state_dict order (the
@@ -116,7 +146,9 @@ struct ModelConfig {
 //   "<source>: layers[0].stride: does not apply to attention kind \"sliding_window\""
 // Accepted top-level keys: those of ModelConfig plus architecture ("polysketchformer"),
 // format_version (optional, must be 1), tokenizer (optional, must be {"type": "bytes"}),
-// torch_dtype (optional, "f32" | "f16" | "bf16") and training (optional object, ignored).
+// torch_dtype (optional, "f32" | "f16" | "bf16"), position_encoding (optional,
+// "sinusoidal+rope" | "rope" | "local_rope"; absent: "sinusoidal+rope") and training (optional
+// object, ignored).
 // `layers` is required: the `attention` shorthand of training configs is refused here, as are
 // JSON nulls for optional keys (no exporter writes them).
 [[nodiscard]] absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,

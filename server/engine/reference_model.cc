@@ -110,7 +110,8 @@ void ReferenceModel::Psi(const LayerWeights& lw, absl::Span<const float> x, floa
 }
 
 void ReferenceModel::AttendSketch(const LayerWeights& lw, int64_t t, absl::Span<const float> q,
-                                  absl::Span<const float> k, absl::Span<const float> v,
+                                  absl::Span<const float> k, absl::Span<const float> q_local,
+                                  absl::Span<const float> k_local, absl::Span<const float> v,
                                   ReferenceLayerState& state, float* o) const {
   const int64_t H = config().n_heads;
   const size_t h = static_cast<size_t>(config().head_dim());
@@ -131,7 +132,8 @@ void ReferenceModel::AttendSketch(const LayerWeights& lw, int64_t t, absl::Span<
   if (local) {
     // Append this token's (k~, v) for every head first: a token attends to itself.
     for (int64_t head = 0; head < H; ++head) {
-      ref::LayerNorm(k.subspan(head * h, h), lw.local_k_weight, lw.local_k_bias, eps, k_loc.data());
+      ref::LayerNorm(k_local.subspan(head * h, h), lw.local_k_weight, lw.local_k_bias, eps,
+                     k_loc.data());
       state.local_keys.insert(state.local_keys.end(), k_loc.begin(), k_loc.end());
     }
     state.local_values.insert(state.local_values.end(), v.begin(), v.end());
@@ -147,7 +149,8 @@ void ReferenceModel::AttendSketch(const LayerWeights& lw, int64_t t, absl::Span<
                        absl::Span<const float>(state.s_prev).subspan(head * head_state, head_state),
                        absl::Span<double>(u));
     if (local) {
-      ref::LayerNorm(qh, lw.local_q_weight, lw.local_q_bias, eps, q_loc.data());
+      ref::LayerNorm(q_local.subspan(head * h, h), lw.local_q_weight, lw.local_q_bias, eps,
+                     q_loc.data());
       const size_t m = state.local_values.size() / (H * h);
       for (size_t j = 0; j < m; ++j) {
         const size_t offset = (j * H + head) * h;
@@ -239,10 +242,11 @@ void ReferenceModel::AttendKv(const LayerWeights& lw, int64_t t, absl::Span<cons
 }
 
 void ReferenceModel::Attend(const LayerWeights& lw, int64_t t, absl::Span<const float> q,
-                            absl::Span<const float> k, absl::Span<const float> v,
+                            absl::Span<const float> k, absl::Span<const float> q_local,
+                            absl::Span<const float> k_local, absl::Span<const float> v,
                             ReferenceLayerState& state, float* o) const {
   if (lw.attn.kind == AttentionKind::kPolysketch) {
-    AttendSketch(lw, t, q, k, v, state, o);
+    AttendSketch(lw, t, q, k, q_local, k_local, v, state, o);
   } else {
     AttendKv(lw, t, q, k, v, state, o);
   }
@@ -262,23 +266,35 @@ absl::StatusOr<std::vector<float>> ReferenceModel::Step(Sequence& seq, int32_t t
   const double eps = cfg.norm_eps;
   const int64_t t = seq.position;
 
-  // x = E[token] + pe(t), computed in double and stored fp32.
-  std::vector<double> pe(D);
-  ref::Sinusoidal(t, static_cast<int64_t>(D), pe.data());
+  // x = E[token] + pe(t), computed in double and stored fp32 (E[token] alone without the
+  // absolute encoding).
+  std::vector<double> pe(D, 0.0);
+  if (cfg.sinusoidal_embedding()) ref::Sinusoidal(t, static_cast<int64_t>(D), pe.data());
   std::vector<float> x(D);
   for (size_t i = 0; i < D; ++i) x[i] = static_cast<float>(embed_[token * D + i] + pe[i]);
 
-  std::vector<float> xn(D), qkv(3 * D), q(D), k(D), o(D), proj(D), up(2 * F), gated(F);
+  std::vector<float> xn(D), qkv(3 * D), q_rot(D), k_rot(D), o(D), proj(D), up(2 * F), gated(F);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const LayerWeights& lw = layers_[l];
     ref::LayerNorm(x, lw.ln1_weight, lw.ln1_bias, eps, xn.data());
     ref::MatVec(lw.qkv, xn, qkv.data());
     const absl::Span<const float> all(qkv);
-    for (int64_t head = 0; head < H; ++head) {
-      ref::Rope(all.subspan(head * h, h), t, q.data() + head * h);
-      ref::Rope(all.subspan(D + head * h, h), t, k.data() + head * h);
+    const bool rope_all = cfg.rope_on_qk();
+    const bool rope_local = cfg.rope_on_local_block(lw.attn);
+    if (rope_all || rope_local) {
+      for (int64_t head = 0; head < H; ++head) {
+        ref::Rope(all.subspan(head * h, h), t, q_rot.data() + head * h);
+        ref::Rope(all.subspan(D + head * h, h), t, k_rot.data() + head * h);
+      }
     }
-    Attend(lw, t, q, k, all.subspan(2 * D, D), seq.layers[l], o.data());
+    // q, k: what every path reads but the local block of a "local_rope" layer (rotated unless
+    // "local_rope"); q_local, k_local: what that local block reads.
+    const absl::Span<const float> q_plain = all.subspan(0, D), k_plain = all.subspan(D, D);
+    const absl::Span<const float> q_all = rope_all ? absl::Span<const float>(q_rot) : q_plain;
+    const absl::Span<const float> k_all = rope_all ? absl::Span<const float>(k_rot) : k_plain;
+    const absl::Span<const float> q_local = rope_local ? absl::Span<const float>(q_rot) : q_all;
+    const absl::Span<const float> k_local = rope_local ? absl::Span<const float>(k_rot) : k_all;
+    Attend(lw, t, q_all, k_all, q_local, k_local, all.subspan(2 * D, D), seq.layers[l], o.data());
     ref::MatVec(lw.out, o, proj.data());
     for (size_t i = 0; i < D; ++i) x[i] += proj[i];
 

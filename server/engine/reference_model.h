@@ -38,7 +38,7 @@ struct ReferenceLayerState {
   std::vector<float> local_values;
   // softmax, polynomial, sliding_window, sparse_*: the m kept tokens, exactly those some later
   // query can still see (train/model.py _kv_prefill): positions [m], keys and values [m, H, h].
-  // Keys are post-RoPE, and qk_norm'ed for the polynomial kind.
+  // Keys are post-RoPE (unrotated under "local_rope"), and qk_norm'ed for the polynomial kind.
   std::vector<int64_t> kv_positions;
   std::vector<float> kv_keys;
   std::vector<float> kv_values;
@@ -95,15 +95,20 @@ class ReferenceModel {
   explicit ReferenceModel(std::unique_ptr<const ModelWeights> weights)
       : weights_(std::move(weights)) {}
 
-  // One layer's attention for the token at position t: q, k, v [H, h] post-RoPE -> o [H, h].
+  // One layer's attention for the token at position t: q, k, v [H, h] -> o [H, h]. q and k are
+  // what every path reads (post-RoPE, but unrotated under "local_rope"); q_local, k_local [H, h]
+  // are what the exact local block of a local_exact layer reads before its norms: post-RoPE in
+  // every mode (ModelConfig::rope_on_local_block), unread by other layers.
   void Attend(const LayerWeights& lw, int64_t t, absl::Span<const float> q,
-              absl::Span<const float> k, absl::Span<const float> v, ReferenceLayerState& state,
-              float* o) const;
+              absl::Span<const float> k, absl::Span<const float> q_local,
+              absl::Span<const float> k_local, absl::Span<const float> v,
+              ReferenceLayerState& state, float* o) const;
   void AttendKv(const LayerWeights& lw, int64_t t, absl::Span<const float> q,
                 absl::Span<const float> k, absl::Span<const float> v, ReferenceLayerState& state,
                 float* o) const;
   void AttendSketch(const LayerWeights& lw, int64_t t, absl::Span<const float> q,
-                    absl::Span<const float> k, absl::Span<const float> v,
+                    absl::Span<const float> k, absl::Span<const float> q_local,
+                    absl::Span<const float> k_local, absl::Span<const float> v,
                     ReferenceLayerState& state, float* o) const;
   // psi of one head vector x [h] -> [r].
   void Psi(const LayerWeights& lw, absl::Span<const float> x, float* psi) const;

@@ -42,12 +42,14 @@ enum class StateComponent {
   kLocalKeys,    // polysketch + local_exact: [H, b, h] f32, post-LayerNorm keys k~ of the block
   kLocalValues,  // polysketch + local_exact: [H, b, h] f32, values of the current block
   kLocalCount,   // polysketch + local_exact: int64_t, entries in the local buffer, 0..b
-  kRingKeys,     // sliding_window: [H, w, h] f32, post-RoPE keys; token t at ring row t % w
+  kRingKeys,     // sliding_window: [H, w, h] f32, keys as attention reads them (post-RoPE unless
+                 // "local_rope"); token t at ring row t % w
   kRingValues,   // sliding_window: [H, w, h] f32, values, same rows as the keys
   kRingCount,    // sliding_window: int64_t, tokens written so far (rows filled: min(count, w))
   // softmax, polynomial, sparse_strided, sparse_fixed, only with max_context > 0: the KV cache as
   // kernels/backend.h KvSlotState describes it (a list of the kept tokens in position order).
-  kKvKeys,       // [cap, H, h] f32: keys (post-RoPE; polynomial: qk-normalised) of the kept rows
+  kKvKeys,       // [cap, H, h] f32: keys of the kept rows (post-RoPE unless "local_rope";
+                 // polynomial: qk-normalised)
   kKvValues,     // [cap, H, h] f32: values, same rows as the keys
   kKvPositions,  // [cap] int64_t: the position of each kept row, ascending
   kKvCount,      // int64_t: rows kept, 0..cap

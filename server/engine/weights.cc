@@ -47,6 +47,12 @@ uint64_t ModelFingerprint(const ModelWeights& weights) {
       h = Fingerprint64Combine(h, static_cast<uint64_t>(v));
     }
   }
+  // Mixed in only when it is not the default, so that a model whose config lacks the key keeps
+  // the fingerprint it had before the key existed (and the states exported with it).
+  if (c.position_encoding != PositionEncoding::kSinusoidalRope) {
+    h = Fingerprint64Combine(h, 0x706f73656e63ULL);  // "posenc"
+    h = Fingerprint64Combine(h, static_cast<uint64_t>(c.position_encoding));
+  }
   // std::map: tensors in name order, so the value does not depend on the file's order.
   for (const auto& [name, tensor] : weights.tensors) {
     h = Fingerprint64(name.data(), name.size(), h);

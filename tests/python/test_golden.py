@@ -44,6 +44,19 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 def test_every_tiny_kind_has_a_fixture() -> None:
     have = {p.name for p in FIXTURES}
     assert set(golden.TINY_KINDS) <= have, sorted(set(golden.TINY_KINDS) - have)
+    assert set(golden.TINY_POSITION_ENCODINGS) <= have, sorted(
+        set(golden.TINY_POSITION_ENCODINGS) - have)
+
+
+def test_fixture_configs_name_their_position_encoding() -> None:
+    """The default-encoding fixtures' configs lack the key (as every model made before it did);
+    the others carry theirs."""
+    for name in golden.TINY_KINDS:
+        assert "position_encoding" not in (GOLDEN_DIR / name / "config.json").read_text(), name
+    for name, (kind, encoding) in golden.TINY_POSITION_ENCODINGS.items():
+        cfg = modelio.load_config(GOLDEN_DIR / name)
+        assert cfg.position_encoding == encoding, name
+        assert cfg.layers == modelio.load_config(GOLDEN_DIR / kind).layers, name
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[p.name for p in FIXTURES])

@@ -2,6 +2,7 @@
 // 1, odd, tile +- 1) and with pools of 1 and 3 threads. Tolerances are atol + rtol * |ref|.
 #include "kernels/cpu/dense.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -152,7 +153,7 @@ TEST_P(DenseOpsTest, LayerNormMatchesReference) {
   }
 }
 
-// ---- Embed, SplitQkvRope ------------------------------------------------------------------------
+// ---- Embed, SplitQkvRope, Rope ------------------------------------------------------------------
 
 TEST_P(DenseOpsTest, EmbedMatchesSinusoidal) {
   ThreadPool pool(GetParam());
@@ -170,9 +171,16 @@ TEST_P(DenseOpsTest, EmbedMatchesSinusoidal) {
       }
     }
     std::vector<float> got(want.size());
-    Embed(pool, table.data(), d, tokens, positions, got.data());
+    Embed(pool, table.data(), d, tokens, positions, /*sinusoidal=*/true, got.data());
     // Same double computation rounded once: exact.
     EXPECT_EQ(CountMismatches(got, want, 0.0, 0.0, "d=" + std::to_string(d)), 0);
+    // Without the absolute encoding ("rope", "local_rope" models): the table rows, exactly.
+    std::vector<float> rows(want.size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      std::copy_n(table.data() + tokens[i] * d, d, rows.data() + i * d);
+    }
+    Embed(pool, table.data(), d, tokens, positions, /*sinusoidal=*/false, got.data());
+    EXPECT_EQ(CountMismatches(got, rows, 0.0, 0.0, "no pe, d=" + std::to_string(d)), 0);
   }
 }
 
@@ -195,12 +203,31 @@ TEST_P(DenseOpsTest, SplitQkvRopeMatchesReference) {
       }
     }
     std::vector<float> q(m * D), k(m * D), v(m * D);
-    SplitQkvRope(pool, qkv.data(), H, h, positions, q.data(), k.data(), v.data());
+    SplitQkvRope(pool, qkv.data(), H, h, positions, /*rope=*/true, q.data(), k.data(), v.data());
     const std::string what = "H=" + std::to_string(H) + " h=" + std::to_string(h);
     // Same double computation; FMA contraction of the two products may move the last bit.
     EXPECT_EQ(CountMismatches(q, want_q, 1e-7, 2e-7, what + " q"), 0);
     EXPECT_EQ(CountMismatches(k, want_k, 1e-7, 2e-7, what + " k"), 0);
     EXPECT_EQ(CountMismatches(v, want_v, 0.0, 0.0, what + " v"), 0);
+
+    // Without RoPE ("local_rope" models): q, k, v are the three thirds of each row, in order.
+    std::vector<float> plain_q(m * D), plain_k(m * D);
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy_n(qkv.data() + i * 3 * D, D, plain_q.data() + i * D);
+      std::copy_n(qkv.data() + i * 3 * D + D, D, plain_k.data() + i * D);
+    }
+    std::fill(v.begin(), v.end(), 0.0f);
+    SplitQkvRope(pool, qkv.data(), H, h, positions, /*rope=*/false, q.data(), k.data(), v.data());
+    EXPECT_EQ(CountMismatches(q, plain_q, 0.0, 0.0, what + " unrotated q"), 0);
+    EXPECT_EQ(CountMismatches(k, plain_k, 0.0, 0.0, what + " unrotated k"), 0);
+    EXPECT_EQ(CountMismatches(v, want_v, 0.0, 0.0, what + " v without rope"), 0);
+
+    // Rope of the unrotated rows equals the fused rotation of SplitQkvRope (same arithmetic).
+    std::vector<float> rq(m * D), rk(m * D);
+    Rope(pool, plain_q.data(), H, h, positions, rq.data());
+    Rope(pool, plain_k.data(), H, h, positions, rk.data());
+    EXPECT_EQ(CountMismatches(rq, want_q, 1e-7, 2e-7, what + " Rope q"), 0);
+    EXPECT_EQ(CountMismatches(rk, want_k, 1e-7, 2e-7, what + " Rope k"), 0);
   }
 }
 

@@ -236,21 +236,37 @@ TEST_F(CudaBackendTest, EmbedAndSplitQkvRopeMatchCpu) {
   const std::vector<float> table = Random(V * d, 10);
   const std::vector<int32_t> tokens = {0, 10, 3, 3, 7};
   const std::vector<int64_t> positions = {0, 1, 4095, 100000, 7};
-  std::vector<float> want(tokens.size() * d);
-  cpu_.Embed(table.data(), d, tokens, positions, want.data());
-  DeviceBuffer td = Up(table), xd = Up(std::vector<float>(want.size()));
-  gpu_->Embed(td.f32(), d, tokens, positions, xd.f32());
-  ExpectNear(Down(xd, want.size()), want, "Embed");
+  DeviceBuffer td = Up(table);
+  for (const bool sinusoidal : {true, false}) {
+    const std::string what = sinusoidal ? "Embed" : "Embed without pe";
+    std::vector<float> want(tokens.size() * d);
+    cpu_.Embed(table.data(), d, tokens, positions, sinusoidal, want.data());
+    DeviceBuffer xd = Up(std::vector<float>(want.size()));
+    gpu_->Embed(td.f32(), d, tokens, positions, sinusoidal, xd.f32());
+    ExpectNear(Down(xd, want.size()), want, what);
+  }
 
   const int64_t m = static_cast<int64_t>(positions.size()), D = H * h;
   const std::vector<float> qkv = Random(m * 3 * D, 11);
-  std::vector<float> q(m * D), k(m * D), v(m * D);
-  cpu_.SplitQkvRope(qkv.data(), H, h, positions, q.data(), k.data(), v.data());
-  DeviceBuffer qkvd = Up(qkv), qd = Up(q), kd = Up(k), vd = Up(v);
-  gpu_->SplitQkvRope(qkvd.f32(), H, h, positions, qd.f32(), kd.f32(), vd.f32());
-  ExpectNear(Down(qd, q.size()), q, "q");
-  ExpectNear(Down(kd, k.size()), k, "k");
-  ExpectNear(Down(vd, v.size()), v, "v");
+  DeviceBuffer qkvd = Up(qkv);
+  for (const bool rope : {true, false}) {
+    const std::string what = rope ? "" : " without rope";
+    std::vector<float> q(m * D), k(m * D), v(m * D);
+    cpu_.SplitQkvRope(qkv.data(), H, h, positions, rope, q.data(), k.data(), v.data());
+    DeviceBuffer qd = Up(std::vector<float>(q.size())), kd = Up(std::vector<float>(k.size())),
+                 vd = Up(std::vector<float>(v.size()));
+    gpu_->SplitQkvRope(qkvd.f32(), H, h, positions, rope, qd.f32(), kd.f32(), vd.f32());
+    ExpectNear(Down(qd, q.size()), q, "q" + what);
+    ExpectNear(Down(kd, k.size()), k, "k" + what);
+    ExpectNear(Down(vd, v.size()), v, "v" + what);
+    if (rope) continue;
+    // Rope of the unrotated q: the local block's input under "local_rope".
+    std::vector<float> rq(q.size());
+    cpu_.Rope(q.data(), H, h, positions, rq.data());
+    DeviceBuffer rqd = Up(std::vector<float>(q.size()));
+    gpu_->Rope(qd.f32(), H, h, positions, rqd.f32());
+    ExpectNear(Down(rqd, rq.size()), rq, "Rope");
+  }
 }
 
 // --- polysketch ----------------------------------------------------------------------------------

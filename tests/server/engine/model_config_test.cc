@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "server/engine/json_util.h"
 #include "tests/testing/files.h"
 #include "tests/testing/model_writer.h"
 #include "tests/testing/status_matchers.h"
@@ -125,6 +126,7 @@ TEST(ModelConfigTest, OptionalKeysAndDefaults) {
   EXPECT_EQ(parsed.norm_eps, 1e-5);
   EXPECT_EQ(parsed.torch_dtype, "");
   EXPECT_EQ(parsed.head_dim(), 24);
+  EXPECT_EQ(parsed.position_encoding, PositionEncoding::kSinusoidalRope);
 
   config["d_ff"] = 24;
   config["norm_eps"] = 0.5;
@@ -136,6 +138,68 @@ TEST(ModelConfigTest, OptionalKeysAndDefaults) {
   EXPECT_EQ(parsed.d_ff, 24);
   EXPECT_EQ(parsed.norm_eps, 0.5);
   EXPECT_EQ(parsed.torch_dtype, "bf16");
+}
+
+TEST(ModelConfigTest, PositionEncodingValues) {
+  // Absent: what the configs made before the key existed compute (train/model.py
+  // DEFAULT_POSITION_ENCODING): sinusoidal embedding and RoPE everywhere.
+  PS_ASSERT_OK_AND_ASSIGN(ModelConfig absent, Parse(Base()));
+  EXPECT_EQ(absent.position_encoding, PositionEncoding::kSinusoidalRope);
+  const std::vector<std::pair<std::string, PositionEncoding>> cases = {
+      {"sinusoidal+rope", PositionEncoding::kSinusoidalRope},
+      {"rope", PositionEncoding::kRope},
+      {"local_rope", PositionEncoding::kLocalRope},
+  };
+  for (const auto& [name, want] : cases) {
+    json config = Base();
+    config["position_encoding"] = name;
+    PS_ASSERT_OK_AND_ASSIGN(ModelConfig parsed, Parse(config));
+    EXPECT_EQ(parsed.position_encoding, want) << name;
+    EXPECT_EQ(PositionEncodingName(want), name);
+    if (want == PositionEncoding::kSinusoidalRope) {
+      EXPECT_EQ(parsed, absent);
+    } else {
+      EXPECT_NE(parsed, absent);
+    }
+  }
+}
+
+TEST(ModelConfigTest, PositionEncodingDecidesWhereRopeAndSinusoidsGo) {
+  PS_ASSERT_OK_AND_ASSIGN(ModelConfig config, Parse(Base()));  // layer 0 is local_exact
+  const AttentionConfig& local = config.layers[0];
+  const AttentionConfig& softmax = config.layers[1];
+  ASSERT_TRUE(local.local_exact);
+  EXPECT_TRUE(config.sinusoidal_embedding());
+  EXPECT_TRUE(config.rope_on_qk());
+  EXPECT_FALSE(config.rope_on_local_block(local));  // the local block reads the rotated q, k
+  config.position_encoding = PositionEncoding::kRope;
+  EXPECT_FALSE(config.sinusoidal_embedding());
+  EXPECT_TRUE(config.rope_on_qk());
+  EXPECT_FALSE(config.rope_on_local_block(local));
+  config.position_encoding = PositionEncoding::kLocalRope;
+  EXPECT_FALSE(config.sinusoidal_embedding());
+  EXPECT_FALSE(config.rope_on_qk());
+  EXPECT_TRUE(config.rope_on_local_block(local));
+  EXPECT_FALSE(config.rope_on_local_block(softmax));
+}
+
+TEST(ModelConfigTest, RefusesBadPositionEncodings) {
+  // The cases of tests/python/test_config.py test_bad_position_encoding, and near misses.
+  for (const json& bad :
+       {json("alibi"), json(""), json(3), json(nullptr), json("RoPE"), json("sinusoidal"),
+        json("sinusoidal+rope "), json(true), json::array({"rope"}), json::object()}) {
+    json config = Base();
+    config["position_encoding"] = bad;
+    ExpectRefused(config, {"position_encoding: must be one of \"sinusoidal+rope\", \"rope\", "
+                           "\"local_rope\", got ",
+                           JsonForError(bad)});
+  }
+  json config = Base();
+  config["position_encoding"] = "alibi";
+  EXPECT_THAT(Parse(config),
+              StatusIs(kInvalid,
+                       "models/x/config.json: position_encoding: must be one of "
+                       "\"sinusoidal+rope\", \"rope\", \"local_rope\", got \"alibi\""));
 }
 
 TEST(ModelConfigTest, MessageNamesFileKeyAndValue) {
@@ -448,6 +512,9 @@ TEST(ModelConfigTest, ValidateChecksConfigsBuiltInCode) {
   bad.norm_eps = std::nan("");
   EXPECT_THAT(bad.Validate(), StatusIs(kInvalid, "norm_eps"));
   bad = config;
+  bad.position_encoding = static_cast<PositionEncoding>(7);
+  EXPECT_THAT(bad.Validate(), StatusIs(kInvalid, "position_encoding: must be one of"));
+  bad = config;
   bad.torch_dtype = "f8";
   EXPECT_THAT(bad.Validate(), StatusIs(kInvalid, "torch_dtype"));
   bad = config;
@@ -460,6 +527,7 @@ TEST(ModelConfigTest, Names) {
   EXPECT_EQ(AttentionKindName(AttentionKind::kPolysketch), "polysketch");
   EXPECT_EQ(SketchKindName(SketchKind::kLearned), "learned");
   EXPECT_EQ(SketchKindName(SketchKind::kNone), "none");
+  EXPECT_EQ(PositionEncodingName(PositionEncoding::kLocalRope), "local_rope");
 }
 
 std::vector<std::string> Names(const std::vector<TensorSpec>& specs) {

@@ -57,10 +57,11 @@ class RecordingBackend final : public kernels::Backend {
   void Linear(const float*, int64_t, const kernels::LinearWeight&, float*, bool) override {}
   void LayerNorm(const float*, int64_t, int64_t, const float*, const float*, float,
                  float*) override {}
-  void Embed(const float*, int64_t, absl::Span<const int32_t>, absl::Span<const int64_t>,
+  void Embed(const float*, int64_t, absl::Span<const int32_t>, absl::Span<const int64_t>, bool,
              float*) override {}
-  void SplitQkvRope(const float*, int64_t, int64_t, absl::Span<const int64_t>, float*, float*,
+  void SplitQkvRope(const float*, int64_t, int64_t, absl::Span<const int64_t>, bool, float*, float*,
                     float*) override {}
+  void Rope(const float*, int64_t, int64_t, absl::Span<const int64_t>, float*) override {}
   void GeluGate(const float*, int64_t, int64_t, float*) override {}
   void Gelu(float*, int64_t) override {}
   void Multiply(const float*, const float*, int64_t, float*) override {}

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -64,23 +65,30 @@ void ExpectLoadsExactly(const std::string& dir) {
 }
 
 TEST(WeightsTest, LoadsEveryTinyGoldenFixture) {
-  // (fixture, number of tensors, number of weights): printed by PyTorch for each fixture,
-  // len(state_dict) and sum(numel), from the configs of train/golden.py.
+  // (fixture, number of tensors, number of weights, position encoding): printed by PyTorch for
+  // each fixture, len(state_dict) and sum(numel), from the configs of train/golden.py. The
+  // position encoding adds no weights.
+  constexpr PositionEncoding kDefault = PositionEncoding::kSinusoidalRope;
   const struct {
     const char* name;
     size_t num_tensors;
     int64_t num_weights;
+    PositionEncoding position_encoding;
   } kFixtures[] = {
-      {"softmax", 20, 32320},
-      {"polynomial", 24, 32384},
-      {"polysketch-random", 28, 32896},
-      {"polysketch-learned", 52, 42752},
-      {"polysketch-random-local", 36, 33024},
-      {"polysketch-learned-local", 60, 42880},
-      {"sliding-window", 20, 32320},
-      {"sparse-strided", 20, 32320},
-      {"sparse-fixed", 20, 32320},
-      {"mixed", 48, 49504},
+      {"softmax", 20, 32320, kDefault},
+      {"polynomial", 24, 32384, kDefault},
+      {"polysketch-random", 28, 32896, kDefault},
+      {"polysketch-learned", 52, 42752, kDefault},
+      {"polysketch-random-local", 36, 33024, kDefault},
+      {"polysketch-learned-local", 60, 42880, kDefault},
+      {"sliding-window", 20, 32320, kDefault},
+      {"sparse-strided", 20, 32320, kDefault},
+      {"sparse-fixed", 20, 32320, kDefault},
+      {"mixed", 48, 49504, kDefault},
+      {"local-rope-polysketch-learned-local", 60, 42880, PositionEncoding::kLocalRope},
+      {"local-rope-polysketch-random-local", 36, 33024, PositionEncoding::kLocalRope},
+      {"local-rope-mixed", 48, 49504, PositionEncoding::kLocalRope},
+      {"rope-polysketch-learned-local", 60, 42880, PositionEncoding::kRope},
   };
   for (const auto& fixture : kFixtures) {
     SCOPED_TRACE(fixture.name);
@@ -93,6 +101,7 @@ TEST(WeightsTest, LoadsEveryTinyGoldenFixture) {
     EXPECT_EQ(total, fixture.num_weights);
     EXPECT_EQ(weights.config.d_model, 32);
     EXPECT_EQ(weights.config.head_dim(), 16);
+    EXPECT_EQ(weights.config.position_encoding, fixture.position_encoding);
 
     // The expected outputs in golden.safetensors have the shapes the config implies.
     PS_ASSERT_OK_AND_ASSIGN(SafetensorsFile golden,
@@ -124,6 +133,22 @@ TEST(WeightsTest, LoadsTheShippedModelsWhenPresent) {
     EXPECT_EQ(golden.Find("decode_logits")->shape[1], weights.config.vocab_size);
   }
   if (found == 0) GTEST_SKIP() << "models/tiny-polysketch and models/tiny-softmax not there yet";
+}
+
+TEST(WeightsTest, FingerprintFollowsThePositionEncoding) {
+  PS_ASSERT_OK_AND_ASSIGN(ModelWeights weights,
+                          LoadWeights(test::SourcePath("tests/golden/mixed")));
+  ASSERT_EQ(weights.config.position_encoding, PositionEncoding::kSinusoidalRope);
+  // Pinned from before the position_encoding key existed: a config without the key keeps its
+  // fingerprint, so states exported by earlier servers still restore.
+  EXPECT_EQ(ModelFingerprint(weights), uint64_t{0x67a7e0aa26c54ff5});
+  // The same weights under another encoding compute another function: exported states and
+  // prefix-cache keys must not carry over.
+  std::set<uint64_t> seen = {ModelFingerprint(weights)};
+  for (const PositionEncoding encoding : {PositionEncoding::kRope, PositionEncoding::kLocalRope}) {
+    weights.config.position_encoding = encoding;
+    EXPECT_TRUE(seen.insert(ModelFingerprint(weights)).second) << PositionEncodingName(encoding);
+  }
 }
 
 TEST(WeightsTest, F32ValuesArriveExactly) {

@@ -85,19 +85,31 @@ TEST_F(KernelsEmulationTest, DenseKernels) {
   const std::vector<float> table = Random(7 * d, 5);
   const std::vector<int32_t> tokens = {0, 6, 3};
   const std::vector<int64_t> positions = {0, 5, 70000};
-  std::vector<float> e(3 * d), e_emu(3 * d);
-  cpu_.Embed(table.data(), d, tokens, positions, e.data());
-  LaunchEmbed(table.data(), d, tokens.data(), positions.data(), 3, e_emu.data(), nullptr);
-  ExpectNear(e_emu, e, "Embed");
+  for (const bool sinusoidal : {true, false}) {
+    std::vector<float> e(3 * d), e_emu(3 * d);
+    cpu_.Embed(table.data(), d, tokens, positions, sinusoidal, e.data());
+    // Without the encoding the kernel must not read positions: pass none.
+    LaunchEmbed(table.data(), d, tokens.data(), sinusoidal ? positions.data() : nullptr, 3,
+                sinusoidal, e_emu.data(), nullptr);
+    ExpectNear(e_emu, e, sinusoidal ? "Embed" : "Embed without pe");
+  }
   const std::vector<float> qkv = Random(3 * 3 * H * h, 6);
-  std::vector<float> q(3 * H * h), k(q.size()), v(q.size()), qe(q.size()), ke(q.size()),
-      ve(q.size());
-  cpu_.SplitQkvRope(qkv.data(), H, h, positions, q.data(), k.data(), v.data());
-  LaunchSplitQkvRope(qkv.data(), 3, H, h, positions.data(), qe.data(), ke.data(), ve.data(),
-                     nullptr);
-  ExpectNear(qe, q, "q");
-  ExpectNear(ke, k, "k");
-  ExpectNear(ve, v, "v");
+  for (const bool rope : {true, false}) {
+    const std::string what = rope ? "" : " without rope";
+    std::vector<float> q(3 * H * h), k(q.size()), v(q.size()), qe(q.size()), ke(q.size()),
+        ve(q.size());
+    cpu_.SplitQkvRope(qkv.data(), H, h, positions, rope, q.data(), k.data(), v.data());
+    LaunchSplitQkvRope(qkv.data(), 3, H, h, rope ? positions.data() : nullptr, rope, qe.data(),
+                       ke.data(), ve.data(), nullptr);
+    ExpectNear(qe, q, "q" + what);
+    ExpectNear(ke, k, "k" + what);
+    ExpectNear(ve, v, "v" + what);
+    if (rope) continue;
+    std::vector<float> rk(k.size()), rk_emu(k.size());
+    cpu_.Rope(k.data(), H, h, positions, rk.data());
+    LaunchRope(ke.data(), 3, H, h, positions.data(), rk_emu.data(), nullptr);
+    ExpectNear(rk_emu, rk, "Rope");
+  }
 
   const std::vector<float> small = {1.0f, -2.5f, 3.0e-3f, 65536.5f};
   std::vector<uint16_t> bf(small.size());

@@ -4,8 +4,8 @@ stubs generated from this tree's proto (clients/python/gen_stubs.sh, into a temp
 Without a server: an unreachable or silent server ends the run within its deadline (exit 1).
 With a server (models/tiny-polysketch, build/polysketch-server or $POLYSKETCH_BUILD_DIR): small
 perplexity and passkey runs, the perplexity figures checked against the PyTorch reference
-(train/eval.py) within 0.5%. That test is skipped while the proto lacks
-GenerateRequest.prompt_logprobs (the API of the promptlp branch), and only then.
+(train/eval.py) within 0.5%. The proto has GenerateRequest.prompt_logprobs (the promptlp merge), so
+stubs without it are a failure here, not a reason to skip.
 """
 from __future__ import annotations
 
@@ -97,16 +97,14 @@ def test_unreachable_server_fails_within_the_deadline(stubs: Path, text_file: Pa
     assert 2 <= elapsed < 30, elapsed
 
 
-def test_perplexity_names_what_the_client_lacks(stubs: Path, text_file: Path) -> None:
-    """Without the proto field the run stops before any call, saying so; with it, it gets as far
-    as the (absent) server."""
+def test_perplexity_gets_as_far_as_the_server(stubs: Path, text_file: Path) -> None:
+    """The stubs built from this tree's proto have the field, so the run is not stopped for the
+    client's sake (test_eval_tool.py checks that message) and gets as far as the absent server."""
+    assert stubs_have_prompt_logprobs(stubs), "proto/ lost GenerateRequest.prompt_logprobs"
     proc = run_eval(stubs, ["--target", f"127.0.0.1:{free_port()}", "perplexity", "--data",
                             str(text_file), "--lengths", "256"], timeout=60)
     assert proc.returncode == 1
-    if stubs_have_prompt_logprobs(stubs):
-        assert "GetModelInfo" in proc.stderr and "UNAVAILABLE" in proc.stderr, proc.stderr
-    else:
-        assert "without GenerateRequest.prompt_logprobs" in proc.stderr, proc.stderr
+    assert "GetModelInfo" in proc.stderr and "UNAVAILABLE" in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,9 +146,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(stubs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    if not stubs_have_prompt_logprobs(stubs):
-        pytest.skip("the proto has no GenerateRequest.prompt_logprobs yet (promptlp branch); "
-                    "this test runs once it does")
+    assert stubs_have_prompt_logprobs(stubs), "proto/ lost GenerateRequest.prompt_logprobs"
     binary = BUILD_DIR / "polysketch-server"
     assert binary.exists(), f"{binary} is missing: build it (scripts/build) or set " \
                             "POLYSKETCH_BUILD_DIR"

@@ -5,7 +5,8 @@
 // --auth_tokens_file (a bad file keeps the tokens in use). Errors at start (bad flag, model,
 // busy port, unreadable or mismatched TLS files, bad tokens file) print one line to stderr and
 // exit 1. docs/security.md describes the TLS, token and limit flags. An engine stuck in a step
-// for --watchdog_timeout turns liveness NOT_SERVING until it moves again (engine/watchdog.h).
+// for --watchdog_timeout turns liveness NOT_SERVING until it moves again
+// (engine/serving/watchdog.h).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -35,10 +36,10 @@
 
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
-#include "server/engine/model.h"
-#include "server/engine/scheduler.h"
-#include "server/engine/watchdog.h"
-#include "server/engine/weights.h"
+#include "server/engine/model/model.h"
+#include "server/engine/model_io/weights.h"
+#include "server/engine/serving/scheduler.h"
+#include "server/engine/serving/watchdog.h"
 #include "server/metrics/metrics.h"
 #include "server/service/auth.h"
 #include "server/service/generation_service.h"

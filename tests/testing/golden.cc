@@ -8,7 +8,7 @@
 #include <absl/strings/str_cat.h>
 
 #include "base/status_macros.h"
-#include "server/engine/safetensors.h"
+#include "server/engine/model_io/safetensors.h"
 #include "tests/testing/files.h"
 
 namespace ps::test {

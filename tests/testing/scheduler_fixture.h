@@ -10,8 +10,8 @@
 
 #include <gtest/gtest.h>
 
-#include "server/engine/scheduler.h"
-#include "server/engine/weights.h"
+#include "server/engine/model_io/weights.h"
+#include "server/engine/serving/scheduler.h"
 #include "tests/testing/files.h"
 
 namespace ps::test {

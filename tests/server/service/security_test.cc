@@ -21,7 +21,7 @@
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/cpu_backend.h"
-#include "server/engine/weights.h"
+#include "server/engine/model_io/weights.h"
 #include "server/service/auth.h"
 #include "server/service/generation_service.h"
 #include "server/service/tls.h"

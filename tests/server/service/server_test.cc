@@ -25,8 +25,8 @@
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/cpu_backend.h"
-#include "server/engine/watchdog.h"
-#include "server/engine/weights.h"
+#include "server/engine/model_io/weights.h"
+#include "server/engine/serving/watchdog.h"
 #include "server/service/generation_service.h"
 #include "server/service/watchdog_listener.h"
 #include "tests/testing/files.h"

@@ -38,7 +38,7 @@
 #include <absl/strings/string_view.h>
 #include <absl/time/time.h>
 
-#include "server/engine/serving/scheduler.h"
+#include "server/engine/serving/scheduler_reports.h"
 
 namespace ps::metrics {
 

@@ -16,7 +16,8 @@
 //   * sessions (session_store.h): a request naming a session starts from the state its previous
 //     request left, and leaves its own final state there when it completes;
 //   * export / import of a session's state as bytes (state_codec.h).
-// Outputs leave through each request's RequestObserver, called on the engine thread.
+// Outputs leave through each request's RequestObserver, called on the engine thread; what a step,
+// a finished request and the engine's gauges report is in scheduler_reports.h.
 //
 // Thread-safety: Submit, Cancel, CancelAll, StartDrain, Stats, Progress and the destructor may be
 // called from any thread. Observers are called on the engine thread only and must not block (hand
@@ -45,6 +46,7 @@
 
 #include "server/engine/model/model.h"
 #include "server/engine/serving/sampler.h"
+#include "server/engine/serving/scheduler_reports.h"
 #include "server/engine/serving/stop_checker.h"
 #include "server/engine/state_reuse/prefix_cache.h"
 #include "server/engine/state_reuse/session_store.h"
@@ -67,16 +69,7 @@ struct SchedulerOptions {
   // ModelFingerprint of the served weights: seeds the prefix-cache keys and marks exported states.
   uint64_t model_fingerprint = 0;
   // Called on the engine thread after every step that did work (metrics).
-  std::function<void(const struct StepStats&)> on_step;
-};
-
-// One engine step, for metrics.
-struct StepStats {
-  int64_t decode_batch = 0;    // sequences advanced by the decode step (0: none ran)
-  int64_t prefill_tokens = 0;  // prompt tokens prefilled in this step
-  absl::Duration decode_time;  // of the decode call (forward + sampling)
-  absl::Duration prefill_time;
-  absl::Duration step_time;  // the whole step
+  std::function<void(const StepStats&)> on_step;
 };
 
 // One generated token.
@@ -98,25 +91,6 @@ struct StreamDelta {
   // distribution, and top_logprobs the prompt_top_logprobs most likely tokens at position j
   // (most likely first, ties to the lower id).
   std::vector<TokenOutput> prompt_logprobs;
-};
-
-struct RequestTimings {
-  absl::Duration queue;        // submit -> admitted to a slot
-  absl::Duration prefill;      // admitted -> prompt fully prefilled
-  absl::Duration first_token;  // submit -> first token sent
-  absl::Duration total;        // submit -> finish
-};
-
-struct FinalResult {
-  FinishReason reason = FinishReason::kLength;
-  absl::Status error;  // kError only
-  int64_t prompt_tokens = 0;
-  // Tokens of the sequence that this request did not prefill: restored from the prefix cache, or
-  // held by its session from earlier requests.
-  int64_t cached_tokens = 0;
-  int64_t generated_tokens = 0;
-  uint64_t seed = 0;
-  RequestTimings timings;
 };
 
 // Receives one request's events, on the engine thread: OnDelta zero or more times, then OnFinish
@@ -156,20 +130,7 @@ struct EngineRequest {
   int32_t prompt_top_logprobs = 0;
 };
 
-// Counters and gauges, readable from any thread.
-struct SchedulerStats {
-  int64_t running = 0;  // requests holding a slot
-  int64_t waiting = 0;  // queued requests
-  int64_t waiting_tokens = 0;
-  int64_t slots_total = 0;
-  int64_t slots_used = 0;
-  int64_t steps = 0;  // engine steps that did work
-  bool draining = false;
-  PrefixCacheStats prefix_cache;
-  SessionStats sessions;
-};
-
-// What the engine thread is doing, for the progress watchdog (engine/watchdog.h).
+// What the engine thread is doing, for the progress watchdog (watchdog.h).
 enum class EnginePhase : uint8_t {
   kIdle = 0,        // between steps: waiting for work or about to start a step
   kEndingRequests,  // step 1: cancellations and deadlines (request observers run here)

@@ -40,24 +40,13 @@ namespace ps::engine {
 namespace {
 
 using kernels::cuda::GemmPrecision;
+using ::ps::test::Argmax;
 using ::ps::test::IsOk;
+using ::ps::test::MaxRelError;
 
 constexpr double kFp32RelTol = 1e-4;
 constexpr double kBf16RelTol = 0.25;
 constexpr double kBf16MinMargin = 0.1;
-
-double MaxRelError(const float* got, const float* want, size_t n) {
-  double worst = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    worst = std::max(
-        worst, std::fabs(double{got[i]} - want[i]) / std::max(1.0, std::fabs(double{want[i]})));
-  }
-  return worst;
-}
-
-int32_t Argmax(const float* logits, int64_t V) {
-  return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
-}
 
 // Top-1 minus top-2 of the golden logits.
 double Margin(const float* logits, int64_t V) {
@@ -98,13 +87,7 @@ TEST_P(ModelCudaGoldenTest, MatchesGoldenLogitsAndGreedyTokens) {
       std::vector<float> all, last(static_cast<size_t>(V));
       ASSERT_THAT(model->Prefill(a, 0, golden_.tokens, absl::MakeSpan(last), &all), IsOk());
       ASSERT_THAT(model->Prefill(b, 0, golden_.tokens, {}), IsOk());
-      double worst = 0.0;
-      for (size_t p = 0; p < golden_.positions.size(); ++p) {
-        const double e = MaxRelError(all.data() + golden_.positions[p] * V,
-                                     golden_.prefill.data() + p * V, static_cast<size_t>(V));
-        EXPECT_LE(e, tol) << "prefill position " << golden_.positions[p];
-        worst = std::max(worst, e);
-      }
+      double worst = test::ExpectPrefillMatchesGolden(all, golden_, tol);
       const int64_t n = static_cast<int64_t>(golden_.tokens.size());
       std::vector<float> logits(static_cast<size_t>(2 * V));
       const float* previous = last.data();  // logits that choose greedy[g]

@@ -26,26 +26,14 @@
 namespace ps::engine {
 namespace {
 
+using ::ps::test::Argmax;
 using ::ps::test::IsOk;
+using ::ps::test::MaxRelError;
 using ::ps::test::StatusIs;
 
 // The engine contract (issue 4): fp32 logits within 1e-4 of the float64 reference, relative to
 // max(1, |want|).
 constexpr double kRelTol = 1e-4;
-
-// Largest |got - want| / max(1, |want|) over n values; counts failures above kRelTol.
-double MaxRelError(const float* got, const float* want, size_t n) {
-  double worst = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    worst = std::max(
-        worst, std::fabs(double{got[i]} - want[i]) / std::max(1.0, std::fabs(double{want[i]})));
-  }
-  return worst;
-}
-
-int32_t Argmax(const float* logits, int64_t V) {
-  return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
-}
 
 ModelOptions TestOptions(int64_t prefill_chunk) {
   ModelOptions options;
@@ -81,13 +69,7 @@ TEST_P(ModelGoldenTest, MatchesGoldenLogitsAndGreedyTokens) {
     std::vector<float> all, last(static_cast<size_t>(V));
     ASSERT_THAT(model->Prefill(a, 0, golden_.tokens, absl::MakeSpan(last), &all), IsOk());
     ASSERT_THAT(model->Prefill(b, 0, golden_.tokens, {}), IsOk());
-    double worst = 0.0;
-    for (size_t p = 0; p < golden_.positions.size(); ++p) {
-      const double e = MaxRelError(all.data() + golden_.positions[p] * V,
-                                   golden_.prefill.data() + p * V, static_cast<size_t>(V));
-      EXPECT_LE(e, kRelTol) << "prefill position " << golden_.positions[p];
-      worst = std::max(worst, e);
-    }
+    double worst = test::ExpectPrefillMatchesGolden(all, golden_, kRelTol);
     // The last row's logits alone (a 1-row GEMM) equal that row of the all-rows pass up to
     // rounding.
     EXPECT_LE(MaxRelError(last.data(), all.data() + all.size() - V, static_cast<size_t>(V)), 1e-5);

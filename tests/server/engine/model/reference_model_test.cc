@@ -37,10 +37,6 @@ absl::StatusOr<ReferenceModel> LoadModel(const std::string& model_dir) {
   return ReferenceModel::Create(std::move(weights));
 }
 
-int32_t Argmax(const std::vector<float>& logits) {  // lowest id on ties
-  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-}
-
 struct ErrorStats {
   double max_abs = 0.0;
   double max_rel = 0.0;  // |got - want| / max(1, |want|)
@@ -87,7 +83,8 @@ TEST_P(ReferenceGoldenTest, MatchesPrefillLogitsAndGreedyDecode) {
     }
   }
   for (size_t g = 0; g < greedy.size(); ++g) {
-    ASSERT_EQ(Argmax(logits), greedy[g]) << "greedy step " << g;
+    ASSERT_EQ(test::Argmax(logits.data(), static_cast<int64_t>(logits.size())), greedy[g])
+        << "greedy step " << g;
     PS_ASSERT_OK_AND_ASSIGN(logits, model.Step(seq, greedy[g]));
     ExpectLogitsNear(logits, decode, g * V, V, stats, absl::StrCat("decode step ", g));
   }

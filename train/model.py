@@ -1,4 +1,4 @@
-"""PyTorch reference of the polysketch model function (docs: ../../shared/docs/algorithm.md).
+"""PyTorch reference of the polysketch model function (docs/algorithm.md).
 
 This file only computes: no I/O. It is the executable form of the contract that the C++ engine
 is tested against. Every attention kind exists in the forms the engine needs:

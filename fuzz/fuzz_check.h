@@ -1,6 +1,6 @@
 // The fuzz targets' assertion: an invariant of the code under test that failed. It prints what
 // broke and aborts, which libFuzzer reports as a crash and saves the input for. Harness code only:
-// the server never aborts on input (style.md, Errors).
+// the server never aborts on input (docs/architecture.md, "Errors").
 #ifndef POLYSKETCH_FUZZ_FUZZ_CHECK_H_
 #define POLYSKETCH_FUZZ_FUZZ_CHECK_H_
 

@@ -144,13 +144,33 @@ def sketch_attention(a: torch.Tensor, bk: torch.Tensor, c: torch.Tensor,
     return _SketchAttention.apply(a, bk, c, ql, kl, block_size, chunk)
 
 
+def _key_tiles(qs: int, qe: int, tile: int, window: Optional[int]) -> List[Tuple[int, int]]:
+    """The key tiles [ks, ke) that queries qs..qe-1 can see: causal, and within the window."""
+    lo = 0 if window is None else max(0, qs - window + 1) // tile * tile
+    return [(ks, min(ks + tile, qe)) for ks in range(lo, qe, tile)]
+
+
+def _mask_tile(sc: torch.Tensor, qs: int, qe: int, ks: int, ke: int, window: Optional[int],
+               device) -> torch.Tensor:
+    """-inf where key j is after query i, or (with a window) i - j >= window."""
+    far = window is not None and qe - 1 - ks >= window  # some pair in the tile is out of reach
+    if ke <= qs + 1 and not far:  # wholly visible (ke - 1 <= qs: every key at or before qs)
+        return sc
+    qpos = torch.arange(qs, qe, device=device)[:, None]
+    kpos = torch.arange(ks, ke, device=device)[None, :]
+    hidden = kpos > qpos
+    if window is not None:
+        hidden = hidden | (qpos - kpos >= window)
+    return sc.masked_fill(hidden, float("-inf"))
+
+
 class _TiledSoftmax(torch.autograd.Function):
     """o_i = sum_{j <= i} softmax_j(q_i.k_j * scale) v_j with FlashAttention's online softmax.
 
     Saves q, k, v, o and the log-sum-exp per query ([B, H, n]): linear memory."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, tile):
+    def forward(ctx, q, k, v, scale, tile, window):
         n = q.shape[2]
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[:3])
@@ -159,28 +179,28 @@ class _TiledSoftmax(torch.autograd.Function):
             m = q.new_full((*q.shape[:2], qe - qs, 1), float("-inf"))
             l = q.new_zeros((*q.shape[:2], qe - qs, 1))
             acc = q.new_zeros((*q.shape[:2], qe - qs, q.shape[-1]))
-            for ks, ke in _spans(qe, tile):
+            for ks, ke in _key_tiles(qs, qe, tile, window):
                 sc = Q @ k[:, :, ks:ke].transpose(-1, -2)
-                if ke > qs:  # the diagonal tile: mask keys after the query
-                    qpos = torch.arange(qs, qe, device=q.device)[:, None]
-                    kpos = torch.arange(ks, ke, device=q.device)[None, :]
-                    sc = sc.masked_fill(kpos > qpos, float("-inf"))
+                sc = _mask_tile(sc, qs, qe, ks, ke, window, q.device)
                 m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
-                p = torch.exp(sc - m_new)
-                corr = torch.exp(m - m_new)
+                # A window can hide a whole row of the first tiles a query sees (m_new -inf):
+                # shift by 0 there, so p and corr are exp(-inf) = 0 instead of nan.
+                m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
+                p = torch.exp(sc - m_safe)
+                corr = torch.exp(m - m_safe)
                 l = l * corr + p.sum(-1, keepdim=True)
                 acc = acc * corr + p @ v[:, :, ks:ke]
                 m = m_new
             out[:, :, qs:qe] = acc / l
             lse[:, :, qs:qe] = (m + torch.log(l))[..., 0]
-        ctx.scale, ctx.tile = scale, tile
+        ctx.scale, ctx.tile, ctx.window = scale, tile, window
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, tile = ctx.scale, ctx.tile
+        scale, tile, window = ctx.scale, ctx.tile, ctx.window
         n = q.shape[2]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         delta = (do * out).sum(-1, keepdim=True)  # [B, H, n, 1]
@@ -188,28 +208,29 @@ class _TiledSoftmax(torch.autograd.Function):
             Q, dO = q[:, :, qs:qe], do[:, :, qs:qe]
             L, Dl = lse[:, :, qs:qe, None], delta[:, :, qs:qe]
             dQ = torch.zeros_like(Q)
-            for ks, ke in _spans(qe, tile):
+            for ks, ke in _key_tiles(qs, qe, tile, window):
                 K, V = k[:, :, ks:ke], v[:, :, ks:ke]
-                sc = (Q @ K.transpose(-1, -2)) * scale
-                if ke > qs:
-                    qpos = torch.arange(qs, qe, device=q.device)[:, None]
-                    kpos = torch.arange(ks, ke, device=q.device)[None, :]
-                    sc = sc.masked_fill(kpos > qpos, float("-inf"))
+                sc = _mask_tile((Q @ K.transpose(-1, -2)) * scale, qs, qe, ks, ke, window,
+                                q.device)
                 p = torch.exp(sc - L)
                 dv[:, :, ks:ke] += p.transpose(-1, -2) @ dO
                 ds = p * (dO @ V.transpose(-1, -2) - Dl) * scale
                 dQ += ds @ K
                 dk[:, :, ks:ke] += ds.transpose(-1, -2) @ Q
             dq[:, :, qs:qe] = dQ
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def tiled_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  tile: int = 256) -> torch.Tensor:
-    """Causal softmax attention [B, H, n, h] in linear memory (FlashAttention's algorithm)."""
+                  tile: int = 256, window: Optional[int] = None) -> torch.Tensor:
+    """Causal softmax attention [B, H, n, h] in linear memory (FlashAttention's algorithm).
+    window w: query i sees only keys j with i - j < w (sliding_window); key tiles wholly outside
+    the window are skipped, so time is linear in n as well."""
     if tile < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
-    return _TiledSoftmax.apply(q, k, v, scale, tile)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return _TiledSoftmax.apply(q, k, v, scale, tile, window)
 
 
 class _TiledPolynomial(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""PyTorch reference of the polysketch model function (docs: ../../shared/docs/algorithm.md).
+"""PyTorch reference of the polysketch model function (docs/algorithm.md).
 
 This file only computes: no I/O. It is the executable form of the contract that the C++ engine
 is tested against. Every attention kind exists in the forms the engine needs:
@@ -442,8 +442,8 @@ class Attention(nn.Module):
                       local: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                       chunk: int = 256) -> torch.Tensor:
         """The dense form's values and gradients without any [n, n] tensor: the block algorithm
-        for polysketch, FlashAttention-style tiles for softmax and exact polynomial. The
-        sliding-window and sparse kinds fall back to the dense form (their masks are not tiled)."""
+        for polysketch, FlashAttention-style tiles for softmax, sliding window (only the tiles the
+        window reaches) and exact polynomial. The sparse kinds fall back to the dense form."""
         kind = self.cfg.kind
         if kind == "polysketch":
             ql = kl = None
@@ -460,6 +460,9 @@ class Attention(nn.Module):
             return u[..., :-1] / (1.0 + u[..., -1:])
         if kind == "softmax":
             return blockwise.tiled_softmax(q, k, v, 1.0 / math.sqrt(self.h), chunk)
+        if kind == "sliding_window":
+            return blockwise.tiled_softmax(q, k, v, 1.0 / math.sqrt(self.h), chunk,
+                                           window=self.cfg.window)
         return self.dense(q, k, v, local)
 
     def _poly_normalise(self, w, qpos, kpos, v):

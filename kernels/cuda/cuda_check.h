@@ -1,5 +1,5 @@
-// Status-returning checks for CUDA runtime and cuBLAS calls (style.md: "CUDA failure -> Internal
-// with the CUDA error"; nothing aborts on a failed call).
+// Status-returning checks for CUDA runtime and cuBLAS calls (docs/architecture.md, "Errors": a
+// CUDA failure is Internal with the CUDA error; nothing aborts on a failed call).
 #ifndef POLYSKETCH_KERNELS_CUDA_CUDA_CHECK_H_
 #define POLYSKETCH_KERNELS_CUDA_CUDA_CHECK_H_
 

@@ -84,6 +84,24 @@ def test_tiled_softmax_and_polynomial_equal_dense(n: int, tile: int) -> None:
     assert_forms_agree(model, make_tokens(2, n + 1), tile)
 
 
+# Windows narrower than, equal to and wider than the tile, and a window that reaches past the
+# start: whole key tiles are skipped, some rows of a visited tile see nothing (the online softmax
+# must not turn them into nan), and the sliding_window layer trains in linear time.
+@pytest.mark.parametrize("n,tile,window", [(23, 4, 3), (23, 4, 4), (23, 4, 9), (16, 8, 5),
+                                           (10, 1, 2), (9, 64, 4), (12, 4, 40)])
+def test_windowed_tiled_softmax_equals_dense(n: int, tile: int, window: int) -> None:
+    model = make_model([{"kind": "sliding_window", "window": window}, {"kind": "softmax"}],
+                       seed=n + window)
+    assert_forms_agree(model, make_tokens(2, n + 1), tile)
+
+
+def test_windowed_tiles_skip_what_the_window_cannot_reach() -> None:
+    # Queries 16..19 with window 3 reach keys 14..19: tiles [12, 16) and [16, 20) only.
+    assert blockwise._key_tiles(16, 20, 4, 3) == [(12, 16), (16, 20)]
+    assert blockwise._key_tiles(16, 20, 4, None) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]
+    assert blockwise._key_tiles(0, 3, 4, 2) == [(0, 3)]
+
+
 # ------------------------------------------------------------------------------------------------
 # The functions alone: torch's finite-difference gradient check, and large-valued inputs where
 # the online softmax must rescale (a naive exp would overflow).
@@ -111,6 +129,7 @@ def test_sketch_function_gradcheck(local: bool) -> None:
 def test_tiled_functions_gradcheck() -> None:
     q, k, v = rand(1, 2, 9, 4, seed=6), rand(1, 2, 9, 4, seed=7), rand(1, 2, 9, 4, seed=8)
     assert torch.autograd.gradcheck(lambda *x: blockwise.tiled_softmax(*x, 0.5, 4), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *x: blockwise.tiled_softmax(*x, 0.5, 2, 3), (q, k, v))
     assert torch.autograd.gradcheck(
         lambda a, b, c: blockwise.tiled_polynomial(a, b, with_ones(c), 4), (q, k, v))
 

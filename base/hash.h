@@ -2,7 +2,8 @@
 // build), for content identity: prefix-cache keys, the model fingerprint in exported states and
 // their checksum. Not cryptographic: it detects accidents (a state from another model, a
 // truncated or corrupted file), not an attacker, who can always compute a matching value; the
-// importer therefore validates a state's contents as well (server/engine/state_codec.h).
+// importer therefore validates a state's contents as well
+// (server/engine/state_reuse/state_codec.h).
 //
 // Construction: 16-byte blocks folded into the running value with 64x64->128-bit multiplies
 // (each product's halves xor-ed), the length mixed into the final round. About 5-10 GB/s.

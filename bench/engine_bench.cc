@@ -39,8 +39,8 @@
 #include "kernels/attention_mask.h"
 #include "kernels/backend_factory.h"
 #include "kernels/cpu/cpu_backend.h"
-#include "server/engine/model.h"
-#include "server/engine/weights.h"
+#include "server/engine/model/model.h"
+#include "server/engine/model_io/weights.h"
 
 ABSL_FLAG(std::string, model, "models/tiny-polysketch",
           "Model directory, or gpt2-small-polysketch, gpt2-small-softmax, 1b-polysketch, "

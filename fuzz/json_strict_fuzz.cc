@@ -11,8 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include "fuzz/fuzz_check.h"
-#include "server/engine/json_util.h"
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/json_util.h"
+#include "server/engine/model_io/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using ps::engine::IsValidUtf8;

@@ -12,8 +12,8 @@
 #include <nlohmann/json.hpp>
 
 #include "fuzz/fuzz_check.h"
-#include "server/engine/model_config.h"
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/model_config.h"
+#include "server/engine/model_io/tokenizer.h"
 
 namespace {
 

@@ -13,9 +13,9 @@
 
 #include "fuzz/fuzz_check.h"
 #include "fuzz/safetensors_invariants.h"
-#include "server/engine/model_config.h"
-#include "server/engine/safetensors.h"
-#include "server/engine/weights.h"
+#include "server/engine/model_io/model_config.h"
+#include "server/engine/model_io/safetensors.h"
+#include "server/engine/model_io/weights.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return 0;

@@ -16,9 +16,9 @@
 
 #include "fuzz/fuzz_check.h"
 #include "polysketch/v1/generation.pb.h"
-#include "server/engine/sampler.h"
-#include "server/engine/stop_checker.h"
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/tokenizer.h"
+#include "server/engine/serving/sampler.h"
+#include "server/engine/serving/stop_checker.h"
 #include "server/service/request_convert.h"
 
 namespace {

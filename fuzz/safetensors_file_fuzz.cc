@@ -7,7 +7,7 @@
 #include <absl/strings/string_view.h>
 
 #include "fuzz/safetensors_invariants.h"
-#include "server/engine/safetensors.h"
+#include "server/engine/model_io/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const absl::string_view bytes(reinterpret_cast<const char*>(data), size);

@@ -10,7 +10,7 @@
 #include <absl/strings/string_view.h>
 
 #include "fuzz/safetensors_invariants.h"
-#include "server/engine/safetensors.h"
+#include "server/engine/model_io/safetensors.h"
 
 namespace {
 // Data sections up to 64 KiB: room for many small tensors while each run stays cheap.

@@ -14,7 +14,7 @@
 #include <absl/strings/string_view.h>
 
 #include "fuzz/fuzz_check.h"
-#include "server/engine/safetensors.h"
+#include "server/engine/model_io/safetensors.h"
 
 namespace ps::fuzz {
 

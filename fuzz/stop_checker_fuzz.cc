@@ -15,8 +15,8 @@
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include "fuzz/fuzz_check.h"
-#include "server/engine/stop_checker.h"
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/tokenizer.h"
+#include "server/engine/serving/stop_checker.h"
 
 namespace {
 

@@ -15,7 +15,7 @@
 #include <absl/strings/string_view.h>
 
 #include "fuzz/fuzz_check.h"
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using ps::engine::IsValidUtf8;

@@ -1,5 +1,5 @@
 // The backend boundary: every op the model forward needs, on memory the backend owns. The model
-// code (server/engine/model.cc) only orchestrates: it allocates buffers here, passes their
+// code (server/engine/model/model.cc) only orchestrates: it allocates buffers here, passes their
 // pointers to these ops and copies results back; it never reads backend memory directly. The CPU
 // backend (kernels/cpu/) implements it on host memory; a CUDA backend implements the same ops on
 // device memory without touching the model code.

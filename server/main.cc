@@ -5,7 +5,8 @@
 // --auth_tokens_file (a bad file keeps the tokens in use). Errors at start (bad flag, model,
 // busy port, unreadable or mismatched TLS files, bad tokens file) print one line to stderr and
 // exit 1. docs/security.md describes the TLS, token and limit flags. An engine stuck in a step
-// for --watchdog_timeout turns liveness NOT_SERVING until it moves again (engine/watchdog.h).
+// for --watchdog_timeout turns liveness NOT_SERVING until it moves again
+// (engine/serving/watchdog.h).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -35,10 +36,10 @@
 
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
-#include "server/engine/model.h"
-#include "server/engine/scheduler.h"
-#include "server/engine/watchdog.h"
-#include "server/engine/weights.h"
+#include "server/engine/model/model.h"
+#include "server/engine/model_io/weights.h"
+#include "server/engine/serving/scheduler.h"
+#include "server/engine/serving/watchdog.h"
 #include "server/metrics/metrics.h"
 #include "server/service/auth.h"
 #include "server/service/generation_service.h"
@@ -227,7 +228,6 @@ absl::Status CheckFlags() {
   return absl::OkStatus();
 }
 
-// Attention memory per slot by kind name: what SetAttentionMemory reports times slots used.
 // What tells a changed tokens file apart: a Kubernetes Secret volume swaps a symlink (new inode),
 // an editor rewrites (new mtime / size).
 struct FileStamp {
@@ -277,14 +277,7 @@ void SetConnectionLimits(grpc::ServerBuilder& builder, int64_t max_receive_bytes
   }
 }
 
-// Readiness and liveness on the main server and, when there is one, the probe-only server.
-void SetServing(const std::vector<grpc::Server*>& servers, const std::string& service,
-                bool serving) {
-  for (grpc::Server* server : servers) {
-    server->GetHealthCheckService()->SetServingStatus(service, serving);
-  }
-}
-
+// Attention memory per slot by kind name: what SetAttentionMemory reports times slots used.
 std::map<std::string, int64_t> BytesPerSlotByKind(const engine::StateLayout& layout) {
   std::map<std::string, int64_t> bytes;
   for (const engine::LayerStateLayout& layer : layout.layers()) {
@@ -293,13 +286,10 @@ std::map<std::string, int64_t> BytesPerSlotByKind(const engine::StateLayout& lay
   return bytes;
 }
 
-absl::Status Serve(const sigset_t& signals) {
-  PS_RETURN_IF_ERROR(CheckFlags());
-  const std::string model_dir = absl::GetFlag(FLAGS_model);
-  const std::string host = absl::GetFlag(FLAGS_host);
-  const std::string metrics_host = absl::GetFlag(FLAGS_metrics_host);
+// --- The steps of Serve, in the order it takes them ---------------------------------------------
 
-  // The gRPC server first: liveness is SERVING and readiness NOT_SERVING while the model loads.
+// The model's name in the API (the directory's last component) and the request limits.
+service::ServiceOptions ServiceOptionsFromFlags(const std::string& model_dir) {
   service::ServiceOptions options;
   options.model_name = std::filesystem::path(model_dir).lexically_normal().filename().string();
   if (options.model_name.empty()) {
@@ -313,15 +303,24 @@ absl::Status Serve(const sigset_t& signals) {
   options.max_prompt_bytes = absl::GetFlag(FLAGS_max_prompt_bytes);
   options.max_inflight_prompt_bytes = absl::GetFlag(FLAGS_max_inflight_prompt_bytes);
   options.max_stream_buffer_bytes = absl::GetFlag(FLAGS_max_stream_buffer_bytes);
+  return options;
+}
 
-  // Security first: a bad TLS or tokens file stops the start before anything listens.
+// TLS and bearer tokens, from the flags.
+struct Security {
   service::TlsFiles tls_files;
-  tls_files.cert = absl::GetFlag(FLAGS_tls_cert);
-  tls_files.key = absl::GetFlag(FLAGS_tls_key);
-  tls_files.client_ca = absl::GetFlag(FLAGS_tls_client_ca);
-  PS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
-                      service::MakeServerCredentials(tls_files));
-  std::shared_ptr<service::Authenticator> authenticator;
+  std::shared_ptr<grpc::ServerCredentials> credentials;
+  std::shared_ptr<service::Authenticator> authenticator;  // null without --auth_tokens_file
+};
+
+// Reads the TLS and tokens files, warns about secrets every user can read and logs what the port
+// will speak. Runs before anything listens, so a bad file stops the start.
+absl::StatusOr<Security> LoadSecurity() {
+  Security security;
+  security.tls_files.cert = absl::GetFlag(FLAGS_tls_cert);
+  security.tls_files.key = absl::GetFlag(FLAGS_tls_key);
+  security.tls_files.client_ca = absl::GetFlag(FLAGS_tls_client_ca);
+  PS_ASSIGN_OR_RETURN(security.credentials, service::MakeServerCredentials(security.tls_files));
   if (const std::string tokens_file = absl::GetFlag(FLAGS_auth_tokens_file); !tokens_file.empty()) {
     absl::StatusOr<std::unique_ptr<service::Authenticator>> loaded =
         service::Authenticator::FromFile(tokens_file);
@@ -329,34 +328,24 @@ absl::Status Serve(const sigset_t& signals) {
       return absl::Status(loaded.status().code(),
                           absl::StrCat("--auth_tokens_file: ", loaded.status().message()));
     }
-    authenticator = *std::move(loaded);
-    options.authenticator = authenticator;
+    security.authenticator = *std::move(loaded);
   }
-  WarnIfWorldReadable("tls_key", tls_files.key);
+  WarnIfWorldReadable("tls_key", security.tls_files.key);
   WarnIfWorldReadable("auth_tokens_file", absl::GetFlag(FLAGS_auth_tokens_file));
   std::fprintf(stderr, "polysketch-server: %s, %s\n",
-               !service::TlsEnabled(tls_files) ? "plaintext (no TLS)"
-               : tls_files.client_ca.empty()   ? "TLS"
-                                               : "mutual TLS (client certificates required)",
-               authenticator == nullptr
+               !service::TlsEnabled(security.tls_files) ? "plaintext (no TLS)"
+               : security.tls_files.client_ca.empty()   ? "TLS"
+                                                      : "mutual TLS (client certificates required)",
+               security.authenticator == nullptr
                    ? "no authentication"
-                   : absl::StrCat("bearer tokens: ", authenticator->num_tokens()).c_str());
+                   : absl::StrCat("bearer tokens: ", security.authenticator->num_tokens()).c_str());
+  return security;
+}
 
-  const std::string metrics_address =
-      absl::StrCat(metrics_host, ":", absl::GetFlag(FLAGS_metrics_port));
-  PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::metrics::ServerMetrics> metrics,
-                      ps::metrics::ServerMetrics::Create(metrics_address));
-  service::GenerationService generation(options, metrics.get());
-
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  const std::string address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
-  int port = 0;
-  builder.AddListeningPort(address, credentials, &port);
-  // ImportState carries one whole state: let a message of that size in even when it is larger
-  // than --max_receive_message_bytes. The config alone sizes it; if it does not load, the model
-  // load below says why.
+// The largest request message the gRPC port accepts: --max_receive_message_bytes, raised to one
+// whole state + 1 MiB when sessions are on, because ImportState carries one. The config alone
+// sizes it; if it does not load, the model load says why later.
+int64_t MaxReceiveMessageBytes(const std::string& model_dir) {
   int64_t max_receive_bytes = absl::GetFlag(FLAGS_max_receive_message_bytes);
   if (absl::StatusOr<engine::ModelConfig> config = engine::LoadModelConfig(model_dir);
       config.ok() && absl::GetFlag(FLAGS_session_budget_bytes) > 0) {
@@ -367,81 +356,141 @@ absl::Status Serve(const sigset_t& signals) {
       max_receive_bytes = std::min<int64_t>(std::max(max_receive_bytes, import_bytes), INT32_MAX);
     }
   }
+  return max_receive_bytes;
+}
+
+// The gRPC server and, with --health_port, the probe-only server (grpc.health.v1 alone, in
+// plaintext, for probes that cannot speak TLS).
+struct Servers {
+  std::unique_ptr<grpc::Server> main;
+  std::unique_ptr<grpc::Server> health;  // null without --health_port
+  int port = 0;
+  int health_port = -1;
+
+  // Readiness or liveness on both.
+  void SetServing(const std::string& service, bool serving) const {
+    for (grpc::HealthCheckServiceInterface* health_service : HealthServices()) {
+      health_service->SetServingStatus(service, serving);
+    }
+  }
+  std::vector<grpc::HealthCheckServiceInterface*> HealthServices() const {
+    std::vector<grpc::HealthCheckServiceInterface*> services = {main->GetHealthCheckService()};
+    if (health != nullptr) services.push_back(health->GetHealthCheckService());
+    return services;
+  }
+  // Ends both, the probe server after the main one, so that probes see NOT_SERVING last.
+  void Shutdown(std::chrono::system_clock::time_point deadline) {
+    main->Shutdown(deadline);
+    if (health != nullptr) health->Shutdown(std::chrono::system_clock::now());
+  }
+};
+
+// Starts the servers before the model loads: liveness SERVING and readiness NOT_SERVING, so an
+// orchestrator sees the process up and not yet ready. Unavailable naming the address when a port
+// cannot be had.
+absl::StatusOr<Servers> StartServers(const std::string& model_dir, const Security& security,
+                                     service::GenerationService& generation) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  const std::string host = absl::GetFlag(FLAGS_host);
+  Servers servers;
+  grpc::ServerBuilder builder;
+  const std::string address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_port));
+  builder.AddListeningPort(address, security.credentials, &servers.port);
   builder.RegisterService(&generation);
-  SetConnectionLimits(builder, max_receive_bytes);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) {
+  SetConnectionLimits(builder, MaxReceiveMessageBytes(model_dir));
+  servers.main = builder.BuildAndStart();
+  if (servers.main == nullptr || servers.port == 0) {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", address, " (port in use or bad address)"));
   }
   // The probe-only server: no GenerationService, no reflection, plaintext.
-  std::unique_ptr<grpc::Server> health_server;
-  int health_port = -1;
   if (absl::GetFlag(FLAGS_health_port) >= 0) {
     grpc::ServerBuilder health_builder;
     const std::string health_address = absl::StrCat(host, ":", absl::GetFlag(FLAGS_health_port));
     health_builder.AddListeningPort(health_address, grpc::InsecureServerCredentials(),
-                                    &health_port);
+                                    &servers.health_port);
     SetConnectionLimits(health_builder, absl::GetFlag(FLAGS_max_receive_message_bytes));
-    health_server = health_builder.BuildAndStart();
-    if (health_server == nullptr || health_port <= 0) {
-      server->Shutdown(std::chrono::system_clock::now());
+    servers.health = health_builder.BuildAndStart();
+    if (servers.health == nullptr || servers.health_port <= 0) {
+      servers.main->Shutdown(std::chrono::system_clock::now());
       return absl::UnavailableError(absl::StrCat("--health_port: cannot listen on ", health_address,
                                                  " (port in use or bad address)"));
     }
   }
-  std::vector<grpc::Server*> health_servers = {server.get()};
-  if (health_server != nullptr) health_servers.push_back(health_server.get());
-  SetServing(health_servers, "", true);
-  SetServing(health_servers, service::kReadinessServiceName, false);
-  // Ends both servers (the probe server after the main one, so probes see NOT_SERVING last).
-  auto shutdown = [&](std::chrono::system_clock::time_point deadline) {
-    server->Shutdown(deadline);
-    if (health_server != nullptr) health_server->Shutdown(std::chrono::system_clock::now());
-  };
+  servers.SetServing("", true);
+  servers.SetServing(service::kReadinessServiceName, false);
+  return servers;
+}
 
-  // The model and the engine.
+// Keeps the scheduler's gauges in the metrics up to date: after every engine step (on the engine
+// thread, through SchedulerOptions::on_step, which exists before the scheduler does), at start and
+// at stop.
+class EngineGauges {
+ public:
+  EngineGauges(ps::metrics::ServerMetrics* metrics, std::map<std::string, int64_t> bytes_per_slot)
+      : metrics_(metrics), bytes_per_slot_(std::move(bytes_per_slot)) {}
+
+  // The scheduler to read; nullptr before it exists and once it is gone.
+  void SetScheduler(engine::Scheduler* scheduler) { scheduler_.store(scheduler); }
+
+  void Refresh() {
+    engine::Scheduler* scheduler = scheduler_.load();
+    if (scheduler == nullptr) return;
+    const engine::SchedulerStats stats = scheduler->Stats();
+    metrics_->SetScheduler(stats);
+    for (const auto& [kind, bytes] : bytes_per_slot_) {
+      metrics_->SetAttentionMemory(kind, bytes * stats.slots_used);
+    }
+  }
+
+ private:
+  ps::metrics::ServerMetrics* const metrics_;
+  const std::map<std::string, int64_t> bytes_per_slot_;
+  std::atomic<engine::Scheduler*> scheduler_{nullptr};
+};
+
+// The model on its backend, run by the scheduler. Members are destroyed bottom up: the scheduler
+// (and with it the model) before the gauges that read it and the backend it runs on.
+struct LoadedEngine {
+  std::unique_ptr<ps::kernels::Backend> backend;
+  engine::ModelWeights weights;
+  std::unique_ptr<EngineGauges> gauges;
+  std::unique_ptr<engine::Scheduler> scheduler;
+};
+
+// Loads the weights of `model_dir`, creates the --device backend, the model and the scheduler
+// (its engine thread starts), whose steps feed `metrics`. Errors name the model directory or the
+// flag at fault.
+absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
+                                         ps::metrics::ServerMetrics* metrics) {
+  LoadedEngine loaded;
   absl::StatusOr<engine::ModelWeights> weights = engine::LoadWeights(model_dir);
   if (!weights.ok()) {
-    shutdown(std::chrono::system_clock::now());
     return absl::Status(weights.status().code(), absl::StrCat("cannot load model ", model_dir, ": ",
                                                               weights.status().message()));
   }
-  absl::StatusOr<std::unique_ptr<ps::kernels::Backend>> backend_or =
+  loaded.weights = *std::move(weights);
+  absl::StatusOr<std::unique_ptr<ps::kernels::Backend>> backend =
       ps::kernels::CreateBackend(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_threads));
-  if (!backend_or.ok()) {
-    server->Shutdown(std::chrono::system_clock::now());
-    return absl::Status(backend_or.status().code(),
-                        absl::StrCat("--device: ", backend_or.status().message()));
+  if (!backend.ok()) {
+    return absl::Status(backend.status().code(),
+                        absl::StrCat("--device: ", backend.status().message()));
   }
-  ps::kernels::Backend& backend = **backend_or;
+  loaded.backend = *std::move(backend);
   std::fprintf(stderr, "polysketch-server: kernels on the %s backend\n",
-               std::string(backend.name()).c_str());
+               std::string(loaded.backend->name()).c_str());
+
   engine::ModelOptions model_options;
   model_options.num_slots = absl::GetFlag(FLAGS_slots);
   model_options.max_batch =
       absl::GetFlag(FLAGS_max_batch) > 0 ? absl::GetFlag(FLAGS_max_batch) : model_options.num_slots;
   model_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   model_options.max_context = absl::GetFlag(FLAGS_max_context);
-  absl::StatusOr<std::unique_ptr<engine::Model>> model =
-      engine::Model::Create(*weights, backend, model_options);
-  if (!model.ok()) {
-    shutdown(std::chrono::system_clock::now());
-    return model.status();
-  }
-  const std::map<std::string, int64_t> bytes_per_slot = BytesPerSlotByKind((*model)->layout());
+  PS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model,
+                      engine::Model::Create(loaded.weights, *loaded.backend, model_options));
+  loaded.gauges = std::make_unique<EngineGauges>(metrics, BytesPerSlotByKind(model->layout()));
 
-  std::atomic<engine::Scheduler*> scheduler_ptr{nullptr};
-  ps::metrics::ServerMetrics* const metrics_raw = metrics.get();
-  auto refresh_gauges = [&scheduler_ptr, metrics_raw, &bytes_per_slot] {
-    engine::Scheduler* scheduler = scheduler_ptr.load();
-    if (scheduler == nullptr) return;
-    const engine::SchedulerStats stats = scheduler->Stats();
-    metrics_raw->SetScheduler(stats);
-    for (const auto& [kind, bytes] : bytes_per_slot) {
-      metrics_raw->SetAttentionMemory(kind, bytes * stats.slots_used);
-    }
-  };
   engine::SchedulerOptions scheduler_options;
   scheduler_options.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   scheduler_options.max_waiting_tokens = absl::GetFlag(FLAGS_max_waiting_tokens);
@@ -450,46 +499,38 @@ absl::Status Serve(const sigset_t& signals) {
   scheduler_options.prefix_cache.granularity = absl::GetFlag(FLAGS_prefix_cache_granularity);
   scheduler_options.sessions.budget_bytes = absl::GetFlag(FLAGS_session_budget_bytes);
   scheduler_options.sessions.ttl = absl::GetFlag(FLAGS_session_ttl);
-  scheduler_options.model_fingerprint = engine::ModelFingerprint(*weights);
-  scheduler_options.on_step = [metrics_raw, &refresh_gauges](const engine::StepStats& step) {
-    metrics_raw->EngineStep(step);
-    refresh_gauges();
+  scheduler_options.model_fingerprint = engine::ModelFingerprint(loaded.weights);
+  scheduler_options.on_step = [metrics,
+                               gauges = loaded.gauges.get()](const engine::StepStats& step) {
+    metrics->EngineStep(step);
+    gauges->Refresh();
   };
-  absl::StatusOr<std::unique_ptr<engine::Scheduler>> scheduler =
-      engine::Scheduler::Create(std::move(*model), scheduler_options);
-  if (!scheduler.ok()) {
-    shutdown(std::chrono::system_clock::now());
-    return scheduler.status();
-  }
-  scheduler_ptr.store(scheduler->get());
-  refresh_gauges();
-  std::unique_ptr<engine::EngineWatchdog> watchdog;
-  if (absl::GetFlag(FLAGS_watchdog_timeout) > absl::ZeroDuration()) {
-    engine::WatchdogOptions watchdog_options;
-    watchdog_options.timeout = absl::GetFlag(FLAGS_watchdog_timeout);
-    std::vector<grpc::HealthCheckServiceInterface*> health;
-    for (grpc::Server* s : health_servers) health.push_back(s->GetHealthCheckService());
-    absl::StatusOr<std::unique_ptr<engine::EngineWatchdog>> created =
-        engine::EngineWatchdog::Create(scheduler->get(), watchdog_options,
-                                       service::MakeWatchdogListener(health, metrics_raw));
-    if (!created.ok()) {
-      shutdown(std::chrono::system_clock::now());
-      return created.status();
-    }
-    watchdog = *std::move(created);
-    watchdog->Start();
-  }
-  generation.SetScheduler(scheduler->get());
-  SetServing(health_servers, service::kReadinessServiceName, true);
-  const std::string health_note =
-      health_server == nullptr ? "" : absl::StrCat(", health on ", host, ":", health_port);
-  std::fprintf(stderr, "polysketch-server: serving %s on %s:%d, metrics on %s:%d%s\n",
-               model_dir.c_str(), host.c_str(), port, metrics_host.c_str(), metrics->port(),
-               health_note.c_str());
-  std::fflush(stderr);
+  PS_ASSIGN_OR_RETURN(loaded.scheduler,
+                      engine::Scheduler::Create(std::move(model), scheduler_options));
+  loaded.gauges->SetScheduler(loaded.scheduler.get());
+  loaded.gauges->Refresh();
+  return loaded;
+}
 
-  // Wait for SIGTERM / SIGINT (blocked in every thread, so only sigwait sees them); SIGHUP, or a
-  // changed tokens file with --auth_tokens_reload_interval, reloads the tokens and waits again.
+// The engine progress watchdog (--watchdog_timeout; nullptr when 0): a stall turns liveness
+// NOT_SERVING on both servers, sets the stalled gauge and logs a line (watchdog_listener.h).
+absl::StatusOr<std::unique_ptr<engine::EngineWatchdog>> StartWatchdog(
+    engine::Scheduler* scheduler, const Servers& servers, ps::metrics::ServerMetrics* metrics) {
+  if (absl::GetFlag(FLAGS_watchdog_timeout) <= absl::ZeroDuration()) return nullptr;
+  engine::WatchdogOptions watchdog_options;
+  watchdog_options.timeout = absl::GetFlag(FLAGS_watchdog_timeout);
+  PS_ASSIGN_OR_RETURN(std::unique_ptr<engine::EngineWatchdog> watchdog,
+                      engine::EngineWatchdog::Create(
+                          scheduler, watchdog_options,
+                          service::MakeWatchdogListener(servers.HealthServices(), metrics)));
+  watchdog->Start();
+  return watchdog;
+}
+
+// Waits for SIGTERM / SIGINT (blocked in every thread, so only sigwait sees them) and returns it.
+// SIGHUP, or a changed tokens file with --auth_tokens_reload_interval, reloads the tokens of
+// `authenticator` (null: none) and waits again; a bad file keeps the tokens in use.
+int WaitForStopSignal(const sigset_t& signals, service::Authenticator* authenticator) {
   const std::string tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
   FileStamp tokens_stamp = Stamp(tokens_file);
   auto reload = [&](const char* why) {
@@ -520,36 +561,82 @@ absl::Status Serve(const sigset_t& signals) {
     } else {
       sigwait(&signals, &signal_number);
     }
-    if (signal_number != SIGHUP) break;
+    if (signal_number != SIGHUP) return signal_number;
     reload("SIGHUP");
   }
-  std::fprintf(stderr, "polysketch-server: %s: draining (up to %s)\n", strsignal(signal_number),
-               absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)).c_str());
+}
 
-  SetServing(health_servers, service::kReadinessServiceName, false);
-  (*scheduler)->StartDrain();
+// Readiness NOT_SERVING and no new requests (UNAVAILABLE); running ones get --drain_timeout to
+// finish, then the rest are cancelled. True when everything finished in time.
+bool Drain(engine::Scheduler& scheduler, const Servers& servers) {
+  servers.SetServing(service::kReadinessServiceName, false);
+  scheduler.StartDrain();
   const absl::Time drain_end = absl::Now() + absl::GetFlag(FLAGS_drain_timeout);
-  while (!(*scheduler)->Idle() && absl::Now() < drain_end) absl::SleepFor(absl::Milliseconds(20));
-  const bool drained = (*scheduler)->Idle();
+  while (!scheduler.Idle() && absl::Now() < drain_end) absl::SleepFor(absl::Milliseconds(20));
+  const bool drained = scheduler.Idle();
   if (!drained) {
     // End what is left in the engine first, so that each call still sends its final message
     // (finish reason CANCELLED) and status CANCELLED before the transport closes; cutting the
     // calls with Shutdown alone left clients with UNAVAILABLE and no final message (fault test).
-    (*scheduler)->CancelAll();
+    scheduler.CancelAll();
     const absl::Time cancel_end = absl::Now() + absl::Seconds(2);
-    while (!(*scheduler)->Idle() && absl::Now() < cancel_end) {
-      absl::SleepFor(absl::Milliseconds(10));
-    }
+    while (!scheduler.Idle() && absl::Now() < cancel_end) absl::SleepFor(absl::Milliseconds(10));
   }
-  // Shutdown lets the calls flush their last messages for up to a second, then cancels those
-  // still open (a client that stopped reading); each cancelled call cancels its engine request
-  // (done within a step), so Shutdown returns once they have ended. The scheduler outlives every
-  // call; destroying it then ends anything left.
-  shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
-  refresh_gauges();
+  return drained;
+}
+
+// Ends the servers, then the engine. Shutdown lets the calls flush their last messages for up to
+// a second, then cancels those still open (a client that stopped reading); each cancelled call
+// cancels its engine request (done within a step), so Shutdown returns once they have ended. The
+// scheduler outlives every call; destroying it then ends anything left.
+void Stop(Servers& servers, LoadedEngine& loaded,
+          std::unique_ptr<engine::EngineWatchdog>& watchdog) {
+  servers.Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  loaded.gauges->Refresh();
   watchdog.reset();  // it reads the scheduler
-  scheduler_ptr.store(nullptr);
-  scheduler->reset();
+  loaded.gauges->SetScheduler(nullptr);
+  loaded.scheduler.reset();
+}
+
+absl::Status Serve(const sigset_t& signals) {
+  PS_RETURN_IF_ERROR(CheckFlags());
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  PS_ASSIGN_OR_RETURN(Security security, LoadSecurity());
+  service::ServiceOptions options = ServiceOptionsFromFlags(model_dir);
+  options.authenticator = security.authenticator;
+  const std::string metrics_address =
+      absl::StrCat(absl::GetFlag(FLAGS_metrics_host), ":", absl::GetFlag(FLAGS_metrics_port));
+  PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::metrics::ServerMetrics> metrics,
+                      ps::metrics::ServerMetrics::Create(metrics_address));
+  service::GenerationService generation(options, metrics.get());
+
+  PS_ASSIGN_OR_RETURN(Servers servers, StartServers(model_dir, security, generation));
+  absl::StatusOr<LoadedEngine> loaded = BuildEngine(model_dir, metrics.get());
+  if (!loaded.ok()) {
+    servers.Shutdown(std::chrono::system_clock::now());
+    return loaded.status();
+  }
+  absl::StatusOr<std::unique_ptr<engine::EngineWatchdog>> watchdog =
+      StartWatchdog(loaded->scheduler.get(), servers, metrics.get());
+  if (!watchdog.ok()) {
+    servers.Shutdown(std::chrono::system_clock::now());
+    return watchdog.status();
+  }
+  generation.SetScheduler(loaded->scheduler.get());
+  servers.SetServing(service::kReadinessServiceName, true);
+  const std::string host = absl::GetFlag(FLAGS_host);
+  const std::string health_note =
+      servers.health == nullptr ? "" : absl::StrCat(", health on ", host, ":", servers.health_port);
+  std::fprintf(stderr, "polysketch-server: serving %s on %s:%d, metrics on %s:%d%s\n",
+               model_dir.c_str(), host.c_str(), servers.port,
+               absl::GetFlag(FLAGS_metrics_host).c_str(), metrics->port(), health_note.c_str());
+  std::fflush(stderr);
+
+  const int signal_number = WaitForStopSignal(signals, security.authenticator.get());
+  std::fprintf(stderr, "polysketch-server: %s: draining (up to %s)\n", strsignal(signal_number),
+               absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)).c_str());
+  const bool drained = Drain(*loaded->scheduler, servers);
+  Stop(servers, *loaded, *watchdog);
   std::fprintf(stderr, "polysketch-server: stopped (%s)\n",
                drained ? "drained" : "drain timeout: remaining requests cancelled");
   return absl::OkStatus();

@@ -29,12 +29,12 @@
 
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
-#include "server/engine/model.h"
-#include "server/engine/sampler.h"
-#include "server/engine/scheduler.h"
-#include "server/engine/stop_checker.h"
-#include "server/engine/tokenizer.h"
-#include "server/engine/weights.h"
+#include "server/engine/model/model.h"
+#include "server/engine/model_io/tokenizer.h"
+#include "server/engine/model_io/weights.h"
+#include "server/engine/serving/sampler.h"
+#include "server/engine/serving/scheduler.h"
+#include "server/engine/serving/stop_checker.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory (config.json + model.safetensors). Required.");
 ABSL_FLAG(std::string, prompt, "", "Prompt text. Exactly one of --prompt and --prompt_file.");

@@ -40,24 +40,12 @@
 #include <grpcpp/support/stub_options.h>
 
 #include "clients/common/connection.h"
+#include "clients/common/connection_flags.h"
 #include "polysketch/v1/generation.grpc.pb.h"
 
-// --- Connection --------------------------------------------------------------------------------
-ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
+// --- Connection: --target, TLS and token flags in clients/common/connection_flags.h -------------
 ABSL_FLAG(absl::Duration, timeout, absl::ZeroDuration(),
           "gRPC deadline for each call (e.g. 30s, 500ms); 0 means none.");
-
-// --- Security (docs/security.md) -----------------------------------------------------------------
-ABSL_FLAG(bool, tls, false, "Connect with TLS, trusting the system's CAs (see --tls_ca).");
-ABSL_FLAG(std::string, tls_ca, "",
-          "PEM CA bundle that signed the server's certificate; turns TLS on.");
-ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for mutual TLS (with --tls_key).");
-ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
-ABSL_FLAG(std::string, server_name, "",
-          "Name to check the server's certificate against instead of the --target host.");
-ABSL_FLAG(std::string, token, "",
-          "Bearer token sent with every call (visible in the process list: prefer --token_file).");
-ABSL_FLAG(std::string, token_file, "", "File whose first non-blank line is the bearer token.");
 
 // --- Prompt (generate, tokenize) ----------------------------------------------------------------
 ABSL_FLAG(std::string, prompt, "", "Prompt text (generate, tokenize).");
@@ -629,11 +617,11 @@ int RunSession(pb::GenerationService::Stub& stub, const std::string& command) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  // --help lists the flags of this file (Abseil's default matches the binary's name, which has a
-  // '-' where the file name has '_').
+  // --help lists the flags of this file and the connection's (Abseil's default matches the
+  // binary's name, which has a '-' where the file name has '_').
   absl::FlagsUsageConfig usage_config;
   usage_config.contains_help_flags = [](absl::string_view path) {
-    return absl::StrContains(path, "polysketch_cli");
+    return absl::StrContains(path, "polysketch_cli") || ps::clients::IsConnectionFlagsFile(path);
   };
   usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
   absl::SetFlagsUsageConfig(usage_config);
@@ -646,15 +634,7 @@ int main(int argc, char** argv) {
   }
   const std::string command = args[1];
   try {
-    ps::clients::ConnectionOptions options;
-    options.target = absl::GetFlag(FLAGS_target);
-    options.tls = absl::GetFlag(FLAGS_tls);
-    options.tls_ca = absl::GetFlag(FLAGS_tls_ca);
-    options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
-    options.tls_key = absl::GetFlag(FLAGS_tls_key);
-    options.server_name = absl::GetFlag(FLAGS_server_name);
-    options.token = absl::GetFlag(FLAGS_token);
-    options.token_file = absl::GetFlag(FLAGS_token_file);
+    ps::clients::ConnectionOptions options = ps::clients::ConnectionOptionsFromFlags();
     // An exported state arrives as one message of the state's size (megabytes).
     options.max_receive_message_bytes = -1;
     absl::StatusOr<ps::clients::Connection> connection = ps::clients::Connect(options);

@@ -38,10 +38,11 @@
 #include <grpcpp/grpcpp.h>
 
 #include "clients/common/connection.h"
+#include "clients/common/connection_flags.h"
 #include "clients/loadgen/scenarios.h"
 #include "polysketch/v1/generation.grpc.pb.h"
 
-ABSL_FLAG(std::string, target, "localhost:50051", "Server address, host:port.");
+// --target and the TLS and token flags: clients/common/connection_flags.h.
 ABSL_FLAG(int32_t, concurrency, 0,
           "Fixed concurrency: keep this many streams open (default 1 when --rate is not set).");
 ABSL_FLAG(double, rate, 0.0,
@@ -86,17 +87,6 @@ ABSL_FLAG(bool, sessions, false,
 ABSL_FLAG(int32_t, requests, 32, "shared_prefix: requests.");
 ABSL_FLAG(int32_t, system_bytes, 16000, "shared_prefix: bytes of the shared system prompt.");
 ABSL_FLAG(int32_t, user_bytes, 200, "shared_prefix: bytes of each request's own text.");
-// Security (docs/security.md): as polysketch-cli's.
-ABSL_FLAG(bool, tls, false, "Connect with TLS, trusting the system's CAs (see --tls_ca).");
-ABSL_FLAG(std::string, tls_ca, "",
-          "PEM CA bundle that signed the server's certificate; turns TLS on.");
-ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for mutual TLS (with --tls_key).");
-ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
-ABSL_FLAG(std::string, server_name, "",
-          "Name to check the server's certificate against instead of the --target host.");
-ABSL_FLAG(std::string, token, "",
-          "Bearer token sent with every call (visible in the process list: prefer --token_file).");
-ABSL_FLAG(std::string, token_file, "", "File whose first non-blank line is the bearer token.");
 
 namespace {
 
@@ -368,7 +358,8 @@ int main(int argc, char** argv) {
       "--expected_codes), 1 when any other failed, 2 on usage errors.");
   absl::FlagsUsageConfig usage_config;
   usage_config.contains_help_flags = [](absl::string_view path) {
-    return absl::StrContains(path, "polysketch_loadgen");
+    return absl::StrContains(path, "polysketch_loadgen") ||
+           ps::clients::IsConnectionFlagsFile(path);
   };
   usage_config.contains_helpshort_flags = usage_config.contains_help_flags;
   absl::SetFlagsUsageConfig(usage_config);
@@ -429,16 +420,8 @@ int main(int argc, char** argv) {
     return Usage("--temperature: cannot parse " + temperature_text);
   }
 
-  ps::clients::ConnectionOptions connection_options;
-  connection_options.target = absl::GetFlag(FLAGS_target);
-  connection_options.tls = absl::GetFlag(FLAGS_tls);
-  connection_options.tls_ca = absl::GetFlag(FLAGS_tls_ca);
-  connection_options.tls_cert = absl::GetFlag(FLAGS_tls_cert);
-  connection_options.tls_key = absl::GetFlag(FLAGS_tls_key);
-  connection_options.server_name = absl::GetFlag(FLAGS_server_name);
-  connection_options.token = absl::GetFlag(FLAGS_token);
-  connection_options.token_file = absl::GetFlag(FLAGS_token_file);
-  absl::StatusOr<ps::clients::Connection> connection = ps::clients::Connect(connection_options);
+  absl::StatusOr<ps::clients::Connection> connection =
+      ps::clients::Connect(ps::clients::ConnectionOptionsFromFlags());
   if (!connection.ok()) return Usage(std::string(connection.status().message()));
   std::shared_ptr<grpc::Channel> channel = connection->channel;
   auto stub = pb::GenerationService::NewStub(channel);

@@ -1,6 +1,6 @@
 // Polysketch decode and prefill on the CPU (algorithm.md sections 3 and 4; contract in
 // kernels/backend.h). All arithmetic is fp32 (section 5); the oracle is reference::SketchUpdate /
-// SketchReadout and server/engine/reference_model.cc AttendSketch.
+// SketchReadout and server/engine/model/reference_model.cc AttendSketch.
 //
 // Decode (memory-bound): one pass over the rows [p0, p1) of a head's packed state fuses the update
 // and the readout, so S is read once and written once (plain), or S read once and S_cur

@@ -38,7 +38,7 @@
 #include <absl/strings/string_view.h>
 #include <absl/time/time.h>
 
-#include "server/engine/scheduler.h"
+#include "server/engine/serving/scheduler_reports.h"
 
 namespace ps::metrics {
 
@@ -90,8 +90,8 @@ class ServerMetrics {
   // A stream ended with RESOURCE_EXHAUSTED because its client stopped reading and its unsent
   // output passed the per-stream bound.
   virtual void StreamBufferOverflow() {}
-  // The progress watchdog's verdict changed (engine/watchdog.h): sets the stalled gauge, and
-  // counts a stall when it begins.
+  // The progress watchdog's verdict changed (engine/serving/watchdog.h): sets the stalled gauge,
+  // and counts a stall when it begins.
   virtual void EngineStalled(bool /*stalled*/) {}
 };
 

@@ -18,7 +18,7 @@
 #include <absl/strings/str_cat.h>
 #include <absl/time/clock.h>
 
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/tokenizer.h"
 
 namespace ps::service {
 namespace {

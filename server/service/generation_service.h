@@ -18,7 +18,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "polysketch/v1/generation.grpc.pb.h"
-#include "server/engine/scheduler.h"
+#include "server/engine/serving/scheduler.h"
 #include "server/metrics/metrics.h"
 #include "server/service/auth.h"
 #include "server/service/request_convert.h"

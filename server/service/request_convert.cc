@@ -11,7 +11,7 @@
 #include <absl/strings/str_cat.h>
 
 #include "base/status_macros.h"
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/tokenizer.h"
 
 namespace ps::service {
 namespace {

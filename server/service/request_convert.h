@@ -14,9 +14,9 @@
 #include <absl/time/time.h>
 
 #include "polysketch/v1/generation.pb.h"
-#include "server/engine/model_config.h"
-#include "server/engine/scheduler.h"
-#include "server/engine/tokenizer.h"
+#include "server/engine/model_io/model_config.h"
+#include "server/engine/model_io/tokenizer.h"
+#include "server/engine/serving/scheduler.h"
 
 namespace ps::service {
 

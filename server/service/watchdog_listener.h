@@ -1,8 +1,8 @@
-// What the server does when the engine progress watchdog (engine/watchdog.h) changes its verdict:
-// liveness (the "" service of grpc.health.v1) turns NOT_SERVING on a stall and SERVING again on
-// recovery, so an orchestrator's liveness probe restarts a server whose engine is stuck; the
-// polysketch_engine_stalled gauge and stall counter follow; one line on stderr says how long the
-// engine made no progress, in which phase, with how many requests running.
+// What the server does when the engine progress watchdog (engine/serving/watchdog.h) changes its
+// verdict: liveness (the "" service of grpc.health.v1) turns NOT_SERVING on a stall and SERVING
+// again on recovery, so an orchestrator's liveness probe restarts a server whose engine is stuck;
+// the polysketch_engine_stalled gauge and stall counter follow; one line on stderr says how long
+// the engine made no progress, in which phase, with how many requests running.
 //
 // Thread-safety: the returned listener may be called from any one thread at a time (the
 // watchdog's).
@@ -14,7 +14,7 @@
 
 #include <grpcpp/health_check_service_interface.h>
 
-#include "server/engine/watchdog.h"
+#include "server/engine/serving/watchdog.h"
 #include "server/metrics/metrics.h"
 
 namespace ps::service {

@@ -7,14 +7,8 @@
 set -euo pipefail
 server="$1"
 root="$2"
-tmp="$(mktemp -d)"
-pid=""
-cleanup() {
-  if [[ -n "${pid}" ]]; then kill -9 "${pid}" 2> /dev/null || true; fi
-  rm -rf "${tmp}"
-}
-trap cleanup EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+# shellcheck source=tests/testing/server_process.sh
+source "${root}/tests/testing/server_process.sh"
 
 # --help documents every flag.
 help="$("${server}" --help 2>&1 || true)"
@@ -43,19 +37,8 @@ grep -q -- "--watchdog_timeout" <<< "${out}" || fail "bad --watchdog_timeout mes
 
 # Start on free ports; the ready line gives them.
 log="${tmp}/server.log"
-"${server}" --model "${root}/tests/golden/polysketch-random" --host 127.0.0.1 --port 0 \
-  --metrics_host 127.0.0.1 --metrics_port 0 --threads 2 --drain_timeout 2s \
-  --max_new_tokens_limit 1000000 2> "${log}" &
-pid=$!
-for _ in $(seq 1 200); do
-  grep -q "^polysketch-server: serving" "${log}" && break
-  kill -0 "${pid}" 2> /dev/null || { cat "${log}" >&2; fail "server exited at start"; }
-  sleep 0.1
-done
-line="$(grep "^polysketch-server: serving" "${log}")" || fail "no ready line"
-port="$(sed -E 's/.* on [^ ]+:([0-9]+), metrics on .*/\1/' <<< "${line}")"
-metrics_port="$(sed -E 's/.*, metrics on [^ ]+:([0-9]+).*/\1/' <<< "${line}")"
-echo "ready: ${line} (port ${port})"
+start_server "${root}/tests/golden/polysketch-random" --threads 2 --drain_timeout 2s \
+  --max_new_tokens_limit 1000000
 
 if /usr/bin/python3 -c "import grpc" 2> /dev/null; then
   mkdir -p "${tmp}/py/grpc_health_stub"
@@ -146,6 +129,6 @@ wait "${pid}"
 rc=$?
 set -e
 pid=""
-[[ ${rc} -eq 0 ]] || { cat "${log}" >&2; fail "server exited ${rc} after SIGTERM, want 0"; }
+[[ ${rc} -eq 0 ]] || fail "server exited ${rc} after SIGTERM, want 0"
 cat "${log}"
 echo "PASS"

@@ -6,9 +6,10 @@
 
 #include <absl/status/status.h>
 #include <absl/strings/str_cat.h>
+#include <gtest/gtest.h>
 
 #include "base/status_macros.h"
-#include "server/engine/safetensors.h"
+#include "server/engine/model_io/safetensors.h"
 #include "tests/testing/files.h"
 
 namespace ps::test {
@@ -66,6 +67,32 @@ std::string GoldenTestName(const std::string& name) {
   std::string out = name;
   std::replace(out.begin(), out.end(), '-', '_');
   return out;
+}
+
+double MaxRelError(const float* got, const float* want, size_t n) {
+  double worst = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    worst = std::max(
+        worst, std::fabs(double{got[i]} - want[i]) / std::max(1.0, std::fabs(double{want[i]})));
+  }
+  return worst;
+}
+
+int32_t Argmax(const float* logits, int64_t V) {
+  return static_cast<int32_t>(std::max_element(logits, logits + V) - logits);
+}
+
+double ExpectPrefillMatchesGolden(const std::vector<float>& all, const GoldenFixture& golden,
+                                  double tol) {
+  const int64_t V = golden.vocab_size;
+  double worst = 0.0;
+  for (size_t p = 0; p < golden.positions.size(); ++p) {
+    const double e = MaxRelError(all.data() + golden.positions[p] * V,
+                                 golden.prefill.data() + p * V, static_cast<size_t>(V));
+    EXPECT_LE(e, tol) << "prefill position " << golden.positions[p];
+    worst = std::max(worst, e);
+  }
+  return worst;
 }
 
 }  // namespace ps::test

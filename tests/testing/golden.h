@@ -1,8 +1,9 @@
 // The PyTorch golden fixtures of tests/golden/ (format: tests/golden/README.md), loaded for the
-// engine's parity tests.
+// engine's parity tests, and the measures those tests compare logits with.
 #ifndef POLYSKETCH_TESTS_TESTING_GOLDEN_H_
 #define POLYSKETCH_TESTS_TESTING_GOLDEN_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -34,6 +35,19 @@ std::vector<double> GoldenPrefillLogSoftmax(const GoldenFixture& golden, size_t 
 
 // A fixture name as a GoogleTest parameter name ('-' -> '_').
 std::string GoldenTestName(const std::string& name);
+
+// Largest |got[i] - want[i]| / max(1, |want[i]|) over n values: how the engine's logits are
+// measured against the fixtures' (relative for large logits, absolute near zero).
+double MaxRelError(const float* got, const float* want, size_t n);
+
+// The id of the largest of `V` logits, the lowest id on ties (greedy decoding).
+int32_t Argmax(const float* logits, int64_t V);
+
+// A model's prefill logits of the fixture's prompt, `all` [n, V] (one row per prompt token),
+// against the rows the fixture recorded: expects each within `tol` (MaxRelError), naming the
+// position when not; returns the largest error.
+double ExpectPrefillMatchesGolden(const std::vector<float>& all, const GoldenFixture& golden,
+                                  double tol);
 
 }  // namespace ps::test
 

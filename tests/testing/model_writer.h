@@ -11,7 +11,7 @@
 
 #include <absl/strings/string_view.h>
 
-#include "server/engine/model_config.h"
+#include "server/engine/model_io/model_config.h"
 
 namespace ps::test {
 

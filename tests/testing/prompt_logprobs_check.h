@@ -14,7 +14,7 @@
 
 #include <gtest/gtest.h>
 
-#include "server/engine/scheduler.h"
+#include "server/engine/serving/scheduler.h"
 #include "tests/testing/golden.h"
 
 namespace ps::test {

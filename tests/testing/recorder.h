@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "server/engine/scheduler.h"
+#include "server/engine/serving/scheduler.h"
 
 namespace ps::test {
 

@@ -1,6 +1,6 @@
-// A Scheduler over a golden fixture model on a given backend, for engine tests. Header-only
-// (tests that use it link the scheduler). Failures are reported as test failures; the result is
-// null when anything failed.
+// A Scheduler over a golden fixture model on a given backend, for engine and service tests, and a
+// wait for its slots to come back. Header-only (tests that use it link the scheduler). Failures are
+// reported as test failures; the result is null when anything failed.
 #ifndef POLYSKETCH_TESTS_TESTING_SCHEDULER_FIXTURE_H_
 #define POLYSKETCH_TESTS_TESTING_SCHEDULER_FIXTURE_H_
 
@@ -8,10 +8,12 @@
 #include <string>
 #include <utility>
 
+#include <absl/time/clock.h>
+#include <absl/time/time.h>
 #include <gtest/gtest.h>
 
-#include "server/engine/scheduler.h"
-#include "server/engine/weights.h"
+#include "server/engine/model_io/weights.h"
+#include "server/engine/serving/scheduler.h"
 #include "tests/testing/files.h"
 
 namespace ps::test {
@@ -45,6 +47,18 @@ inline std::unique_ptr<engine::Scheduler> MakeFixtureScheduler(
     engine::ModelConfig* config = nullptr) {
   return MakeModelScheduler(SourcePath("tests/golden/" + fixture), backend, model_options,
                             std::move(options), config);
+}
+
+// Waits up to `timeout` until `scheduler` has no slot in use (every request it ran has ended and
+// given its slot back); false when some slot is still in use then.
+inline bool WaitSlotsFree(const engine::Scheduler& scheduler,
+                          absl::Duration timeout = absl::Seconds(10)) {
+  const absl::Time end = absl::Now() + timeout;
+  while (scheduler.Stats().slots_used != 0) {
+    if (absl::Now() >= end) return false;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return true;
 }
 
 }  // namespace ps::test

@@ -6,9 +6,13 @@
 #                                sets pid, line, port, metrics_port, health_port (empty without
 #                                --health_port)
 #   stop_server                  SIGTERM, up to 10 s to drain, then SIGKILL
+# A script that starts more processes defines `cleanup_more` (called at exit with the exit status,
+# before the server is killed and tmp removed) to stop them.
 tmp="$(mktemp -d)"
 pid=""
 cleanup() {
+  local rc=$?
+  if declare -F cleanup_more > /dev/null; then cleanup_more "${rc}" || true; fi
   if [[ -n "${pid}" ]]; then kill -9 "${pid}" 2> /dev/null || true; fi
   rm -rf "${tmp}"
 }

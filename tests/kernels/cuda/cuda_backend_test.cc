@@ -413,12 +413,9 @@ std::vector<KvCase> KvCases(int64_t max_positions) {
 }
 
 // One sequence's KV cache on both backends.
-struct KvState {
-  std::vector<float> keys, values;
-  std::vector<int64_t> positions;
-  int64_t count = 0;
+struct KvState : test::HostKvState {
   DeviceBuffer dkeys, dvalues, dpositions, dcount;
-  KvSlotState CpuSlot() { return {keys.data(), values.data(), positions.data(), &count}; }
+  KvSlotState CpuSlot() { return Slot(); }
   KvSlotState GpuSlot() {
     return {dkeys.f32(), dvalues.f32(), reinterpret_cast<int64_t*>(dpositions.data()),
             reinterpret_cast<int64_t*>(dcount.data())};
@@ -429,16 +426,7 @@ class CudaKvTest : public CudaBackendTest {
  protected:
   KvState MakeState(const KvAttentionShape& sh, int64_t start, uint32_t seed) {
     KvState st;
-    const int64_t row = sh.heads * sh.head_dim;
-    st.keys.assign(sh.capacity * row, 0.0f);
-    st.values.assign(sh.capacity * row, 0.0f);
-    st.positions.assign(sh.capacity, 0);
-    if (start > 0) {
-      const std::vector<float> q = Random(start * row, seed), k = Random(start * row, seed + 1),
-                               v = Random(start * row, seed + 2);
-      std::vector<float> out(start * row);
-      cpu_.KvPrefill(sh, 0, start, st.CpuSlot(), q.data(), k.data(), v.data(), out.data());
-    }
+    static_cast<test::HostKvState&>(st) = test::MakeHostKvState(cpu_, sh, start, seed);
     st.dkeys = Up(st.keys);
     st.dvalues = Up(st.values);
     st.dpositions = UpBytes(st.positions.data(), st.positions.size() * 8);

@@ -1,7 +1,7 @@
 // What the CUDA kernel tests (cuda_backend_test.cc on a GPU or the emulated backend, and the
-// emulator's own kernels_emulation_test.cc) share: random inputs, and a polysketch state holding
-// `start` random tokens built by the CPU backend, the reference every GPU result is compared to.
-// Header-only, test code.
+// emulator's own kernels_emulation_test.cc) share: random inputs, and a polysketch state or a KV
+// cache holding `start` random tokens built by the CPU backend, the reference every GPU result is
+// compared to. Header-only, test code.
 #ifndef POLYSKETCH_TESTS_KERNELS_CUDA_SKETCH_TEST_UTIL_H_
 #define POLYSKETCH_TESTS_KERNELS_CUDA_SKETCH_TEST_UTIL_H_
 
@@ -61,6 +61,31 @@ inline HostSketchState MakeHostSketchState(cpu::CpuBackend& cpu, const SketchAtt
     cpu.SketchPrefill(sh, 0, start, st.Slot(), in.psi_q.data(), in.psi_k.data(), in.v.data(),
                       sh.local_exact ? in.ql.data() : nullptr,
                       sh.local_exact ? in.kl.data() : nullptr, out.data());
+  }
+  return st;
+}
+
+// One sequence's KV cache in host memory (the CPU backend's layout).
+struct HostKvState {
+  std::vector<float> keys, values;  // [capacity, H, h]
+  std::vector<int64_t> positions;   // [capacity]
+  int64_t count = 0;
+  KvSlotState Slot() { return {keys.data(), values.data(), positions.data(), &count}; }
+};
+
+// A KV cache of shape `sh` holding `start` random tokens (seeded), prefilled by the CPU backend.
+inline HostKvState MakeHostKvState(cpu::CpuBackend& cpu, const KvAttentionShape& sh, int64_t start,
+                                   uint32_t seed) {
+  HostKvState st;
+  const int64_t row = sh.heads * sh.head_dim;
+  st.keys.assign(sh.capacity * row, 0.0f);
+  st.values.assign(sh.capacity * row, 0.0f);
+  st.positions.assign(sh.capacity, 0);
+  if (start > 0) {
+    const std::vector<float> q = Random(start * row, seed), k = Random(start * row, seed + 1),
+                             v = Random(start * row, seed + 2);
+    std::vector<float> out(start * row);
+    cpu.KvPrefill(sh, 0, start, st.Slot(), q.data(), k.data(), v.data(), out.data());
   }
   return st;
 }

@@ -22,8 +22,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "server/engine/scheduler.h"
-#include "server/engine/stop_checker.h"
+#include "server/engine/serving/scheduler.h"
+#include "server/engine/serving/stop_checker.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::metrics {

@@ -12,73 +12,41 @@ if [[ $# -ne 2 ]]; then
   echo "usage: $0 <polysketch-server binary> <repo root>" >&2
   exit 2
 fi
-server_bin=$1
+server=$1
 root=$2
 python=/usr/bin/python3  # Debian's, with python3-grpcio and python3-protobuf
 model=$root/tests/golden/polysketch-random
 timeout_s=60
+# shellcheck source=tests/testing/server_process.sh
+source "$root/tests/testing/server_process.sh"
 
-fail() {
-  echo "FAIL: $*" >&2
-  exit 1
-}
-
-for tool in "$server_bin" /usr/bin/prometheus /usr/bin/promtool /usr/bin/protoc \
+for tool in "$server" /usr/bin/prometheus /usr/bin/promtool /usr/bin/protoc \
   /usr/bin/grpc_python_plugin "$python"; do
   [[ -x $tool ]] || fail "$tool is missing (scripts/setup-deps installs it)"
 done
 [[ -d $model ]] || fail "no model at $model"
 
-tmp=$(mktemp -d)
-server_pid=
 prometheus_pid=
-# Stops what this script started, by pid: TERM, then KILL after 10 s.
-stop() {
-  local pid=$1
-  [[ -n $pid ]] || return 0
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for _ in $(seq 100); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local rc=$?
-  stop "$prometheus_pid"
-  stop "$server_pid"
-  if [[ $rc -ne 0 ]]; then
-    for log in server.log prometheus.log; do
-      if [[ -f $tmp/$log ]]; then
-        echo "--- last lines of $log" >&2
-        tail -n 30 "$tmp/$log" >&2
-      fi
+# At exit (server_process.sh): Prometheus gets TERM, then KILL after 10 s; on failure its log's
+# last lines are shown.
+cleanup_more() {
+  local rc=$1
+  if [[ -n $prometheus_pid ]] && kill -TERM "$prometheus_pid" 2>/dev/null; then
+    for _ in $(seq 100); do
+      kill -0 "$prometheus_pid" 2>/dev/null || break
+      sleep 0.1
     done
+    kill -KILL "$prometheus_pid" 2>/dev/null || true
+    wait "$prometheus_pid" 2>/dev/null || true
   fi
-  rm -rf "$tmp"
+  if [[ $rc -ne 0 && -f $tmp/prometheus.log ]]; then
+    echo "--- last lines of prometheus.log" >&2
+    tail -n 30 "$tmp/prometheus.log" >&2
+  fi
 }
-trap cleanup EXIT
 
 # --- polysketch-server on free ports --------------------------------------------------------
-"$server_bin" --model "$model" --host 127.0.0.1 --port 0 \
-  --metrics_host 127.0.0.1 --metrics_port 0 2>"$tmp/server.log" &
-server_pid=$!
-ready_re='serving .* on .*:([0-9]+), metrics on .*:([0-9]+)'
-grpc_port=
-metrics_port=
-for _ in $(seq $((timeout_s * 10))); do
-  kill -0 "$server_pid" 2>/dev/null || fail "polysketch-server exited before it was ready"
-  if line=$(grep -m1 -E "^polysketch-server: $ready_re" "$tmp/server.log"); then
-    [[ $line =~ $ready_re ]]
-    grpc_port=${BASH_REMATCH[1]}
-    metrics_port=${BASH_REMATCH[2]}
-    break
-  fi
-  sleep 0.1
-done
-[[ -n $metrics_port ]] || fail "polysketch-server printed no ready line within ${timeout_s}s"
-echo "polysketch-server: gRPC on 127.0.0.1:$grpc_port, metrics on 127.0.0.1:$metrics_port"
+start_server "$model"
 
 # --- a Python gRPC client -------------------------------------------------------------------
 mkdir -p "$tmp/py"
@@ -106,7 +74,7 @@ with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
 print(f"{count} Generate requests answered")
 EOF
 generate() {
-  PYTHONPATH=$tmp/py "$python" "$tmp/generate.py" "$grpc_port" "$1"
+  PYTHONPATH=$tmp/py "$python" "$tmp/generate.py" "$port" "$1"
 }
 
 # The query answer's first value, "" when the result is empty (Prometheus HTTP API, instant

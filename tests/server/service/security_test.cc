@@ -7,7 +7,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,18 +14,18 @@
 #include <absl/strings/str_cat.h>
 #include <absl/time/clock.h>
 #include <gmock/gmock.h>
-#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/cpu_backend.h"
-#include "server/engine/weights.h"
 #include "server/service/auth.h"
 #include "server/service/generation_service.h"
 #include "server/service/tls.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
+#include "tests/testing/health_check.h"
+#include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::service {
@@ -80,17 +79,15 @@ class SecurityTest : public ::testing::Test {
   // A server with `options` (model fields filled in here) and `credentials`.
   void Start(ServiceOptions options, std::shared_ptr<grpc::ServerCredentials> credentials) {
     PS_ASSERT_OK_AND_ASSIGN(golden_, test::LoadGoldenFixture(kFixture));
-    PS_ASSERT_OK_AND_ASSIGN(engine::ModelWeights weights, engine::LoadWeights(golden_.model_dir));
     backend_ = std::make_unique<kernels::cpu::CpuBackend>(2);
     engine::ModelOptions model_options;
     model_options.num_slots = 2;
     model_options.max_batch = 2;
-    PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<engine::Model> model,
-                            engine::Model::Create(weights, *backend_, model_options));
     engine::SchedulerOptions scheduler_options;
     scheduler_options.sessions.budget_bytes = int64_t{64} << 20;  // session calls are checked too
-    PS_ASSERT_OK_AND_ASSIGN(scheduler_,
-                            engine::Scheduler::Create(std::move(model), scheduler_options));
+    scheduler_ =
+        test::MakeModelScheduler(golden_.model_dir, *backend_, model_options, scheduler_options);
+    ASSERT_NE(scheduler_, nullptr);
     options.model_name = kFixture;
     options.max_prompt_tokens = 4096;
     options.max_new_tokens_limit = kLong;
@@ -147,33 +144,6 @@ class SecurityTest : public ::testing::Test {
     return stub->Generate(&context, request, &response);
   }
 
-  // grpc.health.v1.Health/Check of "" (liveness) without any credentials: 1 is SERVING.
-  int Health(const std::shared_ptr<grpc::Channel>& channel) {
-    grpc::GenericStub stub(channel);
-    grpc::Slice empty("");  // an empty HealthCheckRequest: service "" (a ByteBuffer needs a slice)
-    grpc::ByteBuffer request(&empty, 1), response;
-    grpc::ClientContext context;
-    std::promise<grpc::Status> done;
-    stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                   &response, [&done](grpc::Status s) { done.set_value(s); });
-    const grpc::Status status = done.get_future().get();
-    if (!status.ok()) return -static_cast<int>(status.error_code());
-    std::vector<grpc::Slice> slices;
-    EXPECT_TRUE(response.Dump(&slices).ok());
-    std::string bytes;
-    for (const grpc::Slice& s : slices)
-      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
-    return bytes.size() >= 2 ? bytes[1] : 0;
-  }
-
-  bool WaitSlotsFree() {
-    for (int i = 0; i < 500; ++i) {
-      if (scheduler_->Stats().slots_used == 0) return true;
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
-  }
-
   static test::TempDir* certs_;
   test::GoldenFixture golden_;
   CountingMetrics metrics_;
@@ -213,7 +183,7 @@ TEST_F(SecurityTest, TlsEndToEndAndPlaintextClientRefused) {
   Start(ServiceOptions(), credentials);
   const grpc::Status ok = Generate(Tls(), Request(8));
   EXPECT_TRUE(ok.ok()) << ok.error_message();
-  EXPECT_EQ(Health(Tls()), 1);
+  EXPECT_EQ(test::HealthStatus(Tls()), 1);
   EXPECT_EQ(Generate(Plaintext(), Request(8)).error_code(), grpc::StatusCode::UNAVAILABLE);
 }
 
@@ -227,7 +197,7 @@ TEST_F(SecurityTest, MutualTlsNeedsAClientCertificateFromTheClientCa) {
   EXPECT_EQ(Generate(Tls(), Request(8)).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(Generate(Tls("rogue-client.crt", "rogue-client.key"), Request(8)).error_code(),
             grpc::StatusCode::UNAVAILABLE);
-  EXPECT_NE(Health(Tls()), 1);  // no certificate, no connection at all
+  EXPECT_NE(test::HealthStatus(Tls()), 1);  // no certificate, no connection at all
 }
 
 TEST_F(SecurityTest, TokensMissingWrongAndRightAndHealthWithoutToken) {
@@ -279,7 +249,7 @@ TEST_F(SecurityTest, TokensMissingWrongAndRightAndHealthWithoutToken) {
     EXPECT_EQ(stub->Cancel(&context, request, &response).error_code(),
               grpc::StatusCode::UNAUTHENTICATED);
   }
-  EXPECT_EQ(Health(channel), 1);  // probes need no token
+  EXPECT_EQ(test::HealthStatus(channel), 1);  // probes need no token
 }
 
 TEST_F(SecurityTest, RequestIdsArePerIdentity) {
@@ -325,7 +295,7 @@ TEST_F(SecurityTest, RequestIdsArePerIdentity) {
   while (alice_stream->Read(&message)) {
   }
   EXPECT_EQ(alice_stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
 }
 
 TEST_F(SecurityTest, SessionCallsNeedATokenAndSessionsBelongToTheirIdentity) {
@@ -423,7 +393,7 @@ TEST_F(SecurityTest, PromptBytesPerRequestAndInFlight) {
   while (reader->Read(&message)) {
   }
   reader->Finish().IgnoreError();
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
   for (int i = 0; i < 250 && service_->inflight_prompt_bytes() != 0; ++i) {
     absl::SleepFor(absl::Milliseconds(20));
   }
@@ -448,7 +418,7 @@ TEST_F(SecurityTest, StreamClientThatNeverReadsIsCancelledAndCounted) {
     absl::SleepFor(absl::Milliseconds(20));
   }
   ASSERT_EQ(metrics_.stream_overflows.load(), 1) << "the server kept buffering";
-  EXPECT_TRUE(WaitSlotsFree());  // the engine request was cancelled
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));  // the engine request was cancelled
   // The client finally reads: what was in flight, then the status naming the limit.
   v1::GenerateStreamResponse message;
   while (reader->Read(&message)) {

@@ -8,7 +8,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
-#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -19,19 +18,19 @@
 #include <absl/time/clock.h>
 #include <gmock/gmock.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/cpu_backend.h"
-#include "server/engine/watchdog.h"
-#include "server/engine/weights.h"
+#include "server/engine/serving/watchdog.h"
 #include "server/service/generation_service.h"
 #include "server/service/watchdog_listener.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
+#include "tests/testing/health_check.h"
 #include "tests/testing/prompt_logprobs_check.h"
+#include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
 
 namespace ps::service {
@@ -53,25 +52,22 @@ class ServerTest : public ::testing::Test {
 
   void Start(int64_t slots, int64_t max_waiting, int64_t prefill_chunk = 512) {
     PS_ASSERT_OK_AND_ASSIGN(golden_, test::LoadGoldenFixture(kFixture));
-    PS_ASSERT_OK_AND_ASSIGN(engine::ModelWeights weights, engine::LoadWeights(golden_.model_dir));
     backend_ = std::make_unique<kernels::cpu::CpuBackend>(2);
     engine::ModelOptions model_options;
     model_options.num_slots = slots;
     model_options.max_batch = slots;
     model_options.prefill_chunk = prefill_chunk;
-    PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<engine::Model> model,
-                            engine::Model::Create(weights, *backend_, model_options));
     engine::SchedulerOptions options;
     options.max_waiting = max_waiting;
     options.sessions.budget_bytes = int64_t{64} << 20;
     options.prefix_cache.budget_bytes = int64_t{64} << 20;
-    options.model_fingerprint = engine::ModelFingerprint(weights);
     // The step callback waits while a test holds the engine (the watchdog test's stuck step).
     options.on_step = [this](const engine::StepStats&) {
       std::unique_lock<std::mutex> lock(hold_mu_);
       hold_cv_.wait(lock, [this] { return !hold_engine_; });
     };
-    PS_ASSERT_OK_AND_ASSIGN(scheduler_, engine::Scheduler::Create(std::move(model), options));
+    scheduler_ = test::MakeModelScheduler(golden_.model_dir, *backend_, model_options, options);
+    ASSERT_NE(scheduler_, nullptr);
     ServiceOptions service_options;
     service_options.model_name = kFixture;
     service_options.max_prompt_tokens = 4096;
@@ -117,42 +113,6 @@ class ServerTest : public ::testing::Test {
     request.set_max_new_tokens(max_new_tokens > 0 ? max_new_tokens
                                                   : static_cast<int>(golden_.greedy.size()));
     return request;
-  }
-
-  // Waits (up to 10 s) until no slot is in use.
-  bool WaitSlotsFree() {
-    for (int i = 0; i < 500; ++i) {
-      if (scheduler_->Stats().slots_used == 0) return true;
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
-  }
-
-  // grpc.health.v1.Health/Check through a generic stub (Debian ships no C++ health stub):
-  // HealthCheckRequest {string service = 1}, HealthCheckResponse {enum status = 1}: 1 SERVING,
-  // 2 NOT_SERVING.
-  int HealthStatus(const std::string& service_name) {
-    std::string request_bytes;
-    request_bytes.push_back(0x0A);
-    request_bytes.push_back(static_cast<char>(service_name.size()));
-    request_bytes += service_name;
-    grpc::Slice slice(request_bytes);
-    grpc::ByteBuffer request(&slice, 1), response;
-    grpc::GenericStub stub(channel_);
-    grpc::ClientContext context;
-    std::promise<grpc::Status> done;
-    stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                   &response, [&done](grpc::Status s) { done.set_value(s); });
-    const grpc::Status status = done.get_future().get();
-    if (!status.ok()) return -static_cast<int>(status.error_code());
-    std::vector<grpc::Slice> slices;
-    EXPECT_TRUE(response.Dump(&slices).ok());
-    std::string bytes;
-    for (const grpc::Slice& s : slices)
-      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
-    if (bytes.empty()) return 0;  // UNKNOWN (default value, not on the wire)
-    EXPECT_EQ(bytes[0], 0x08);
-    return bytes.size() >= 2 ? bytes[1] : 0;
   }
 
   // Reads a stream; returns its status, collects tokens and text, counts finals.
@@ -287,7 +247,7 @@ TEST_F(ServerTest, CancelRpcEndsStreamAndFreesSlot) {
   EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_LT(stream.tokens.size(), static_cast<size_t>(kLong));
   EXPECT_EQ(stream.final.finish_reason(), v1::FINISH_REASON_CANCELLED);
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
   // Cancel of an unknown id: NOT_FOUND.
   grpc::ClientContext cancel_context;
   v1::CancelRequest cancel;
@@ -303,7 +263,7 @@ TEST_F(ServerTest, VanishedClientFreesSlot) {
     if (messages == 2) context.TryCancel();
   });
   EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::CANCELLED);
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
   EXPECT_EQ(scheduler_->Stats().running, 0);
 }
 
@@ -313,7 +273,7 @@ TEST_F(ServerTest, GrpcDeadlineEndsRequestAndFreesSlot) {
   v1::GenerateResponse response;
   const grpc::Status status = stub_->Generate(&context, GreedyRequest(kLong), &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
 }
 
 TEST_F(ServerTest, TimeLimitEndsStreamWithDeadlineExceeded) {
@@ -323,7 +283,7 @@ TEST_F(ServerTest, TimeLimitEndsStreamWithDeadlineExceeded) {
   const StreamResult stream = ReadStream(&context, request);
   EXPECT_EQ(stream.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_EQ(stream.final.finish_reason(), v1::FINISH_REASON_DEADLINE);
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
 }
 
 TEST_F(ServerTest, FullQueueIsResourceExhausted) {
@@ -351,7 +311,7 @@ TEST_F(ServerTest, FullQueueIsResourceExhausted) {
   }
   s1->Finish().IgnoreError();
   s2->Finish().IgnoreError();
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
 }
 
 TEST_F(ServerTest, InvalidFieldsAreInvalidArgumentOverTheWire) {
@@ -567,13 +527,13 @@ TEST_F(ServerTest, TokenizeAndModelInfo) {
 }
 
 TEST_F(ServerTest, HealthAndReadinessTransitions) {
-  EXPECT_EQ(HealthStatus(""), 1);
-  EXPECT_EQ(HealthStatus(kReadinessServiceName), 1);
+  EXPECT_EQ(test::HealthStatus(channel_), 1);
+  EXPECT_EQ(test::HealthStatus(channel_, kReadinessServiceName), 1);
   // Drain as the server binary does: readiness NOT_SERVING, new requests UNAVAILABLE.
   server_->GetHealthCheckService()->SetServingStatus(kReadinessServiceName, false);
   scheduler_->StartDrain();
-  EXPECT_EQ(HealthStatus(kReadinessServiceName), 2);
-  EXPECT_EQ(HealthStatus(""), 1);
+  EXPECT_EQ(test::HealthStatus(channel_, kReadinessServiceName), 2);
+  EXPECT_EQ(test::HealthStatus(channel_), 1);
   grpc::ClientContext context;
   v1::GenerateResponse response;
   EXPECT_EQ(stub_->Generate(&context, GreedyRequest(4), &response).error_code(),
@@ -600,23 +560,23 @@ TEST_F(ServerTest, AStuckEngineTurnsLivenessNotServingUntilItMoves) {
   ASSERT_EQ(scheduler_->Progress().phase, engine::EnginePhase::kStepCallback);
   const absl::Time t0 = absl::Now();
   EXPECT_FALSE(watchdog->Check(t0));
-  EXPECT_EQ(HealthStatus(""), 1);
+  EXPECT_EQ(test::HealthStatus(channel_), 1);
   EXPECT_TRUE(watchdog->Check(t0 + absl::Seconds(30)));
-  EXPECT_EQ(HealthStatus(""), 2);                     // liveness NOT_SERVING
-  EXPECT_EQ(HealthStatus(kReadinessServiceName), 1);  // readiness is the drain's
+  EXPECT_EQ(test::HealthStatus(channel_), 2);                         // liveness NOT_SERVING
+  EXPECT_EQ(test::HealthStatus(channel_, kReadinessServiceName), 1);  // readiness is the drain's
   const uint64_t stuck_at = scheduler_->Progress().sequence;
   HoldEngine(false);
   for (int i = 0; i < 3000 && scheduler_->Progress().sequence == stuck_at; ++i) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   EXPECT_FALSE(watchdog->Check(t0 + absl::Seconds(31)));
-  EXPECT_EQ(HealthStatus(""), 1);
+  EXPECT_EQ(test::HealthStatus(channel_), 1);
   context.TryCancel();
   v1::GenerateStreamResponse message;
   while (stream->Read(&message)) {
   }
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
 }
 
 TEST(WatchdogLogLineTest, SaysHowLongWhereAndWhat) {
@@ -746,7 +706,7 @@ TEST_F(ServerTest, SessionsExportAndImportOverTheWire) {
   EXPECT_EQ(info.state_reuse().model_fingerprint().size(), 16u);
   EXPECT_EQ(info.state_reuse().session_budget_bytes(), uint64_t{64} << 20);
   EXPECT_GT(info.state_reuse().session_bytes(), info.state_bytes_per_request());
-  EXPECT_TRUE(WaitSlotsFree());
+  EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
 }
 
 }  // namespace

@@ -214,11 +214,7 @@ TEST_F(SketchEmulationTest, PrefillMatchesCpu) {
 
 // --- KV ------------------------------------------------------------------------------------------
 
-struct KvState {
-  std::vector<float> keys, values;
-  std::vector<int64_t> positions;
-  int64_t count = 0;
-  KvSlotState Slot() { return {keys.data(), values.data(), positions.data(), &count}; }
+struct KvState : test::HostKvState {
   KvSlotPtrs Ptrs() { return {keys.data(), values.data(), positions.data(), &count}; }
 };
 
@@ -256,16 +252,7 @@ class KvEmulationTest : public KernelsEmulationTest {
  protected:
   KvState MakeState(const KvAttentionShape& sh, int64_t start, uint32_t seed) {
     KvState st;
-    const int64_t row = sh.heads * sh.head_dim;
-    st.keys.assign(sh.capacity * row, 0.0f);
-    st.values.assign(sh.capacity * row, 0.0f);
-    st.positions.assign(sh.capacity, 0);
-    if (start > 0) {
-      const std::vector<float> q = Random(start * row, seed), k = Random(start * row, seed + 1),
-                               v = Random(start * row, seed + 2);
-      std::vector<float> out(start * row);
-      cpu_.KvPrefill(sh, 0, start, st.Slot(), q.data(), k.data(), v.data(), out.data());
-    }
+    static_cast<test::HostKvState&>(st) = test::MakeHostKvState(cpu_, sh, start, seed);
     return st;
   }
   void ExpectSameCache(const KvAttentionShape& sh, const KvState& got, const KvState& want) {

@@ -1,0 +1,68 @@
+// The byte format of an exported sequence state (the ExportState / ImportState RPCs): a header
+// that says what the state is, the slot's bytes, and a checksum. Import trusts nothing: it checks
+// the checksum, then that the state belongs to this very model (fingerprint of config and
+// weights, attention kind of every layer, state size, dtype), then the contents themselves
+// (ValidateStateBytes), because a checksum stops accidents, not someone who edits the bytes.
+//
+// Layout (little-endian):
+//   "PSKSTATE"                       8 bytes, magic
+//   u32 format_version               kStateFormatVersion
+//   u64 model_fingerprint            ModelFingerprint of the exporting server's model
+//   u32 num_layers, u8 kind[num_layers]   AttentionKind of each layer
+//   u8  dtype                        0: fp32 (the only one)
+//   i64 position                     tokens the state holds
+//   u32 num_pending, i32 pending[num_pending]   tokens produced but not yet fed to the state
+//   i64 state_bytes, state_bytes bytes          the slot (StateLayout::bytes_per_slot)
+//   u64 checksum                     Fingerprint64 of everything before it
+#ifndef POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
+#define POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
+
+#include "server/engine/model/state_layout.h"
+#include "server/engine/model/state_snapshot.h"
+#include "server/engine/model_io/model_config.h"
+
+namespace ps::engine {
+
+inline constexpr uint32_t kStateFormatVersion = 1;
+// The Fingerprint64 seed of the checksum.
+inline constexpr uint64_t kStateChecksumSeed = 0x5053'4b53'5441'5445ULL;  // "PSKSTATE"
+// Most pending tokens a state may carry (a finished turn leaves one).
+inline constexpr int64_t kMaxPendingTokens = 64;
+
+// A sequence as a session keeps it: its state, and the tokens it produced that the state has not
+// seen yet (the last sampled token of a turn, fed first when the sequence continues).
+struct SequenceState {
+  StateSnapshot snapshot;
+  std::vector<int32_t> pending;
+
+  // Tokens the sequence holds in all: the position its next new token gets.
+  int64_t length() const { return snapshot.position + static_cast<int64_t>(pending.size()); }
+};
+
+// What a state must match to be imported.
+struct ModelIdentity {
+  uint64_t fingerprint = 0;
+  const ModelConfig* config = nullptr;  // not owned
+  const StateLayout* layout = nullptr;  // not owned; StateLayout::Create(*config, max_context)
+  int64_t max_context = 0;
+};
+
+std::string EncodeState(const SequenceState& state, const ModelIdentity& model);
+
+// Decodes and validates. DataLoss for a truncated or corrupted state (bad magic, size or
+// checksum, or contents ValidateStateBytes refuses); FailedPrecondition for a state of another
+// model or format version (naming both values); InvalidArgument for pending tokens outside the
+// vocabulary or a length past max_context.
+[[nodiscard]] absl::StatusOr<SequenceState> DecodeState(absl::string_view bytes,
+                                                        const ModelIdentity& model);
+
+}  // namespace ps::engine
+
+#endif  // POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_

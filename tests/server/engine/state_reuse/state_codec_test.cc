@@ -1,0 +1,181 @@
+// The exported-state format: round trip, and every kind of damage refused with a clear error,
+// including edits that keep the checksum valid (a counter or a float changed and the checksum
+// recomputed), which ValidateStateBytes must catch because kernels index by those counters.
+#include "server/engine/state_reuse/state_codec.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "base/hash.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "server/engine/model/model.h"
+#include "server/engine/model_io/weights.h"
+#include "tests/testing/files.h"
+#include "tests/testing/status_matchers.h"
+
+namespace ps::engine {
+namespace {
+
+using ::ps::test::IsOk;
+using ::ps::test::StatusIs;
+
+class StateCodecTest : public ::testing::Test {
+ protected:
+  // A model of `fixture` with one slot that has seen `n` tokens; its state and identity.
+  void Load(const std::string& fixture, int64_t n) {
+    absl::StatusOr<ModelWeights> weights = LoadWeights(test::SourcePath("tests/golden/" + fixture));
+    ASSERT_THAT(weights.status(), IsOk());
+    ModelOptions options;
+    options.num_slots = 1;
+    options.max_context = 128;
+    auto model = Model::Create(*weights, backend_, options);
+    ASSERT_THAT(model.status(), IsOk());
+    model_ = *std::move(model);
+    PS_ASSERT_OK_AND_ASSIGN(const SlotId slot, model_->AcquireSlot());
+    std::vector<int32_t> tokens;
+    for (int64_t i = 0; i < n; ++i) tokens.push_back(static_cast<int32_t>((i * 7) % 50));
+    ASSERT_THAT(model_->Prefill(slot, 0, tokens, {}), IsOk());
+    ASSERT_THAT(model_->SaveSlot(slot, &state_.snapshot), IsOk());
+    state_.pending = {3};
+    identity_ = {ModelFingerprint(*weights), &model_->config(), &model_->layout(),
+                 model_->max_context()};
+  }
+
+  // `bytes` with its checksum recomputed, as an attacker would.
+  static std::string Reseal(std::string bytes) {
+    const uint64_t sum = Fingerprint64(bytes.data(), bytes.size() - 8, kStateChecksumSeed);
+    std::memcpy(bytes.data() + bytes.size() - 8, &sum, 8);
+    return bytes;
+  }
+
+  // Offset in the encoded bytes of a component of layer 0.
+  int64_t PayloadOffset(const std::string& bytes, StateComponent component, int64_t layer = 0) {
+    const int64_t payload_start =
+        static_cast<int64_t>(bytes.size()) - 8 - model_->layout().bytes_per_slot();
+    return payload_start + model_->layout().layer(layer).region(component).offset_bytes;
+  }
+
+  kernels::cpu::CpuBackend backend_{1};
+  std::unique_ptr<Model> model_;
+  SequenceState state_;
+  ModelIdentity identity_;
+};
+
+TEST_F(StateCodecTest, RoundTripKeepsEverything) {
+  Load("mixed", 37);
+  const std::string bytes = EncodeState(state_, identity_);
+  PS_ASSERT_OK_AND_ASSIGN(const SequenceState back, DecodeState(bytes, identity_));
+  EXPECT_EQ(back.snapshot.position, 37);
+  EXPECT_EQ(back.pending, state_.pending);
+  EXPECT_EQ(back.snapshot.bytes, state_.snapshot.bytes);
+}
+
+TEST_F(StateCodecTest, TheEmptyStateRoundTrips) {
+  Load("polysketch-random-local", 1);
+  const std::string bytes = EncodeState(SequenceState{}, identity_);
+  PS_ASSERT_OK_AND_ASSIGN(const SequenceState back, DecodeState(bytes, identity_));
+  EXPECT_EQ(back.snapshot.position, 0);
+  EXPECT_TRUE(back.pending.empty());
+}
+
+TEST_F(StateCodecTest, DamageIsRefused) {
+  Load("polysketch-learned-local", 20);
+  const std::string bytes = EncodeState(state_, identity_);
+  for (size_t at : {size_t{0}, size_t{9}, bytes.size() / 2, bytes.size() - 1}) {
+    std::string damaged = bytes;
+    damaged[at] ^= 0x01;
+    EXPECT_THAT(DecodeState(damaged, identity_), StatusIs(absl::StatusCode::kDataLoss))
+        << "byte " << at;
+  }
+  EXPECT_THAT(DecodeState(bytes.substr(0, 100), identity_), StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_THAT(DecodeState("", identity_), StatusIs(absl::StatusCode::kDataLoss, "magic"));
+}
+
+TEST_F(StateCodecTest, AnotherModelOrVersionIsRefused) {
+  Load("polysketch-random", 5);
+  ModelIdentity other = identity_;
+  other.fingerprint ^= 1;
+  EXPECT_THAT(DecodeState(EncodeState(state_, other), identity_),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "another model"));
+  std::string bytes = EncodeState(state_, identity_);
+  bytes[8] = 2;  // format version 2
+  EXPECT_THAT(DecodeState(Reseal(bytes), identity_),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "format version 2"));
+}
+
+TEST_F(StateCodecTest, EditedCountersAreRefusedEvenWithAValidChecksum) {
+  Load("sliding-window", 30);
+  std::string bytes = EncodeState(state_, identity_);
+  const int64_t at = PayloadOffset(bytes, StateComponent::kRingCount);
+  const int64_t huge = int64_t{1} << 40;
+  std::memcpy(bytes.data() + at, &huge, 8);
+  EXPECT_THAT(DecodeState(Reseal(bytes), identity_),
+              StatusIs(absl::StatusCode::kDataLoss, "ring_count"));
+
+  Load("softmax", 30);
+  bytes = EncodeState(state_, identity_);
+  const int64_t count_at = PayloadOffset(bytes, StateComponent::kKvCount);
+  const int64_t too_many = 31;
+  std::string edited = bytes;
+  std::memcpy(edited.data() + count_at, &too_many, 8);
+  EXPECT_THAT(DecodeState(Reseal(edited), identity_),
+              StatusIs(absl::StatusCode::kDataLoss, "kv_count"));
+  // A kept position swapped for one the cache cannot hold.
+  edited = bytes;
+  const int64_t future = 99;
+  std::memcpy(edited.data() + PayloadOffset(bytes, StateComponent::kKvPositions) + 8, &future, 8);
+  EXPECT_THAT(DecodeState(Reseal(edited), identity_),
+              StatusIs(absl::StatusCode::kDataLoss, "kv_positions"));
+}
+
+// sparse_strided (w 5, s 4) keeps every key, also the ones the last query does not see (position
+// 29 does not see key 20; query 33 will): such a state is accepted, with exactly 30 rows in
+// position order, and the row count of the old rule (last w plus j % s == 0: 12) is refused.
+TEST_F(StateCodecTest, StridedStatesKeepEveryKey) {
+  Load("sparse-strided", 30);
+  const std::string bytes = EncodeState(state_, identity_);
+  PS_ASSERT_OK_AND_ASSIGN(const SequenceState back, DecodeState(bytes, identity_));
+  EXPECT_EQ(back.snapshot.bytes, state_.snapshot.bytes);
+  for (int64_t layer = 0; layer < model_->layout().num_layers(); ++layer) {
+    int64_t count = 0;
+    std::memcpy(&count, bytes.data() + PayloadOffset(bytes, StateComponent::kKvCount, layer), 8);
+    EXPECT_EQ(count, 30) << "layer " << layer;
+    for (int64_t row = 0; row < count; ++row) {
+      int64_t position = -1;
+      std::memcpy(
+          &position,
+          bytes.data() + PayloadOffset(bytes, StateComponent::kKvPositions, layer) + 8 * row, 8);
+      EXPECT_EQ(position, row) << "layer " << layer;
+    }
+  }
+  std::string edited = bytes;
+  const int64_t old_rule = 12;
+  std::memcpy(edited.data() + PayloadOffset(bytes, StateComponent::kKvCount), &old_rule, 8);
+  EXPECT_THAT(DecodeState(Reseal(edited), identity_),
+              StatusIs(absl::StatusCode::kDataLoss, "kv_count"));
+}
+
+TEST_F(StateCodecTest, NonFiniteValuesAndBadPendingTokensAreRefused) {
+  Load("polysketch-random-local", 12);
+  std::string bytes = EncodeState(state_, identity_);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(bytes.data() + PayloadOffset(bytes, StateComponent::kSketch) + 4, &nan, 4);
+  EXPECT_THAT(DecodeState(Reseal(bytes), identity_),
+              StatusIs(absl::StatusCode::kDataLoss, "not finite"));
+  state_.pending = {static_cast<int32_t>(model_->config().vocab_size)};
+  EXPECT_THAT(DecodeState(EncodeState(state_, identity_), identity_),
+              StatusIs(absl::StatusCode::kInvalidArgument, "vocabulary"));
+  state_.pending.clear();
+  state_.snapshot.position = 129;  // past max_context
+  EXPECT_THAT(DecodeState(EncodeState(state_, identity_), identity_),
+              StatusIs(absl::StatusCode::kInvalidArgument, "context limit"));
+}
+
+}  // namespace
+}  // namespace ps::engine

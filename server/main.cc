@@ -39,6 +39,7 @@
 #include "server/engine/scheduler.h"
 #include "server/engine/watchdog.h"
 #include "server/engine/weights.h"
+#include "server/http/http_server.h"
 #include "server/metrics/metrics.h"
 #include "server/service/auth.h"
 #include "server/service/generation_service.h"
@@ -130,6 +131,12 @@ ABSL_FLAG(absl::Duration, keepalive_min_client_ping_interval, absl::Seconds(10),
 ABSL_FLAG(int32_t, keepalive_max_ping_strikes, 2,
           "Strikes (too frequent pings) before the connection is closed with GOAWAY; 0 = no "
           "limit.");
+// --- OpenAI-compatible HTTP API (server/http/, docs/serving.md "HTTP API") ---------------------
+ABSL_FLAG(int32_t, http_port, 8000,
+          "Port of the OpenAI-compatible HTTP API on --host (/v1/completions, "
+          "/v1/chat/completions, /v1/models, /health, /tokenize, /detokenize), with the gRPC "
+          "port's TLS, tokens and limits; 0 picks a free one (logged); -1 = off.");
+ABSL_FLAG(int32_t, http_threads, 2, "I/O threads of the HTTP API.");
 ABSL_FLAG(absl::Duration, max_connection_idle, absl::Minutes(30),
           "A connection without a call for this long is closed (GOAWAY); 0 = never.");
 
@@ -195,6 +202,15 @@ absl::Status CheckFlags() {
   }
   if (absl::GetFlag(FLAGS_keepalive_max_ping_strikes) < 0) {
     return absl::InvalidArgumentError("--keepalive_max_ping_strikes: must be >= 0");
+  }
+  if (const int32_t http_port = absl::GetFlag(FLAGS_http_port);
+      http_port < -1 || http_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--http_port: must be -1 (off) or in [0, 65535], got ", http_port));
+  }
+  if (const int32_t threads = absl::GetFlag(FLAGS_http_threads); threads < 1 || threads > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--http_threads: must be in [1, 64], got ", threads));
   }
   if (const int32_t health_port = absl::GetFlag(FLAGS_health_port);
       health_port < -1 || health_port > 65535) {
@@ -390,6 +406,20 @@ absl::Status Serve(const sigset_t& signals) {
                                                  " (port in use or bad address)"));
     }
   }
+  // The HTTP API, answering 503 until the model is loaded (server/http/http_server.h).
+  std::unique_ptr<ps::http::HttpServer> http_server;
+  if (absl::GetFlag(FLAGS_http_port) >= 0) {
+    absl::StatusOr<std::unique_ptr<ps::http::HttpServer>> started = ps::http::StartHttpServer(
+        model_dir, options.model_name, host, absl::GetFlag(FLAGS_http_port),
+        absl::GetFlag(FLAGS_http_threads), tls_files,
+        absl::GetFlag(FLAGS_max_receive_message_bytes), &generation);
+    if (!started.ok()) {
+      server->Shutdown(std::chrono::system_clock::now());
+      if (health_server != nullptr) health_server->Shutdown(std::chrono::system_clock::now());
+      return started.status();
+    }
+    http_server = *std::move(started);
+  }
   std::vector<grpc::Server*> health_servers = {server.get()};
   if (health_server != nullptr) health_servers.push_back(health_server.get());
   SetServing(health_servers, "", true);
@@ -545,6 +575,7 @@ absl::Status Serve(const sigset_t& signals) {
   // still open (a client that stopped reading); each cancelled call cancels its engine request
   // (done within a step), so Shutdown returns once they have ended. The scheduler outlives every
   // call; destroying it then ends anything left.
+  if (http_server != nullptr) http_server->Shutdown(absl::Now() + absl::Seconds(1));
   shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   refresh_gauges();
   watchdog.reset();  // it reads the scheduler

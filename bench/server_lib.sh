@@ -9,7 +9,7 @@ start_server() {
   local model="$1"
   shift
   "${root}/build/polysketch-server" --model "${model}" --host 127.0.0.1 --port 0 \
-    --metrics_host 127.0.0.1 --metrics_port 0 "$@" 2> "${tmp}/server.log" &
+    --metrics_host 127.0.0.1 --metrics_port 0 --http_port 0 "$@" 2> "${tmp}/server.log" &
   pid=$!
   for _ in $(seq 1 600); do
     grep -q "^polysketch-server: serving" "${tmp}/server.log" && break

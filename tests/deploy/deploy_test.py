@@ -705,10 +705,11 @@ def main():
                                         server_container(deployment))
                 args = [f"--{n}={v}" if v is not None else f"--{n}" for n, v in flags
                         if n in valid_flags - {"model", "host", "port", "metrics_host",
-                                               "metrics_port", "flagfile"}]
+                                               "metrics_port", "http_port", "flagfile"}]
         local = ["--model", os.path.join(root, "tests", "golden", "polysketch-random"),
                  "--host", "127.0.0.1", "--port", "0",
-                 "--metrics_host", "127.0.0.1", "--metrics_port", "0"]
+                 "--metrics_host", "127.0.0.1", "--metrics_port", "0",
+                 "--http_port", "0"]
         generate_stubs(root, tmp)
         try:
             live = Server(server, args + local, tmp)

@@ -85,7 +85,8 @@ class Server:
         self.log_path = os.path.join(log_dir, f"server-{time.monotonic_ns()}.log")
         self.log = open(self.log_path, "w")
         args = [SERVER, "--model", MODEL, "--host", "127.0.0.1", "--port", str(port),
-                "--metrics_host", "127.0.0.1", "--metrics_port", "0", "--threads", "2",
+                "--metrics_host", "127.0.0.1", "--metrics_port", "0", "--http_port", "0",
+                "--threads", "2",
                 "--slots", str(slots), "--max_waiting", str(max_waiting),
                 "--max_new_tokens_limit", "100000", "--drain_timeout", "2s"]
         self.proc = subprocess.Popen(args, stderr=self.log, stdout=subprocess.DEVNULL)

@@ -26,7 +26,7 @@ done
 
 # A bad model directory: exit 1 and a message naming it.
 set +e
-out="$("${server}" --model "${tmp}/no-such-model" --port 0 --metrics_port 0 2>&1)"
+out="$("${server}" --model "${tmp}/no-such-model" --port 0 --metrics_port 0 --http_port 0 2>&1)"
 rc=$?
 set -e
 [[ ${rc} -eq 1 ]] || fail "bad --model exited ${rc}, want 1"
@@ -35,7 +35,7 @@ grep -q "${tmp}/no-such-model" <<< "${out}" || fail "bad --model message does no
 # A negative --watchdog_timeout is refused (0 disables the watchdog).
 set +e
 out="$("${server}" --model "${root}/tests/golden/polysketch-random" --port 0 --metrics_port 0 \
-  --watchdog_timeout=-1s 2>&1)"
+  --http_port 0 --watchdog_timeout=-1s 2>&1)"
 rc=$?
 set -e
 [[ ${rc} -eq 1 ]] || fail "--watchdog_timeout=-1s exited ${rc}, want 1"
@@ -44,7 +44,7 @@ grep -q -- "--watchdog_timeout" <<< "${out}" || fail "bad --watchdog_timeout mes
 # Start on free ports; the ready line gives them.
 log="${tmp}/server.log"
 "${server}" --model "${root}/tests/golden/polysketch-random" --host 127.0.0.1 --port 0 \
-  --metrics_host 127.0.0.1 --metrics_port 0 --threads 2 --drain_timeout 2s \
+  --metrics_host 127.0.0.1 --metrics_port 0 --http_port 0 --threads 2 --drain_timeout 2s \
   --max_new_tokens_limit 1000000 2> "${log}" &
 pid=$!
 for _ in $(seq 1 200); do

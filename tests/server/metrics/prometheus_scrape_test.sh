@@ -62,7 +62,7 @@ trap cleanup EXIT
 
 # --- polysketch-server on free ports --------------------------------------------------------
 "$server_bin" --model "$model" --host 127.0.0.1 --port 0 \
-  --metrics_host 127.0.0.1 --metrics_port 0 2>"$tmp/server.log" &
+  --metrics_host 127.0.0.1 --metrics_port 0 --http_port 0 2>"$tmp/server.log" &
 server_pid=$!
 ready_re='serving .* on .*:([0-9]+), metrics on .*:([0-9]+)'
 grpc_port=

@@ -49,8 +49,6 @@ constexpr absl::Duration kMaxBacklogWait = absl::Seconds(30);
 // After an error answer that closes the connection, unread request bytes are drained for this
 // long, so that closing does not reset the connection before the client has read the answer.
 constexpr std::chrono::seconds kLingerTime{2};
-// While a request runs, bytes the client sends ahead (a pipelined request) are kept up to this.
-constexpr size_t kMaxReadAhead = 64 << 10;
 
 // The engine's events for one request, from the engine thread to the connection's strand.
 // Accounting that must happen whatever became of the connection (metrics, the prompt-bytes
@@ -180,6 +178,23 @@ const char* RouteName(Route route) {
 
 constexpr char kSessionsPath[] = "/v1/sessions";
 
+// The route of a request target (its path; a query string is ignored).
+Route RouteOf(std::string_view target) {
+  if (const size_t query = target.find('?'); query != std::string_view::npos) {
+    target = target.substr(0, query);
+  }
+  if (target == "/health") return Route::kHealth;
+  if (target == "/v1/completions") return Route::kCompletions;
+  if (target == "/v1/chat/completions") return Route::kChatCompletions;
+  if (target == "/v1/models") return Route::kModels;
+  if (target == "/tokenize") return Route::kTokenize;
+  if (target == "/detokenize") return Route::kDetokenize;
+  if (target == kSessionsPath || target.starts_with(std::string(kSessionsPath) + "/")) {
+    return Route::kSessions;
+  }
+  return Route::kUnknown;
+}
+
 // Debian's Abseil has its own string_view (not std's, which Beast uses).
 absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
@@ -308,6 +323,8 @@ class Connection final : public ConnectionBase {
   void OnReadError(const error_code& ec) {
     Disarm();
     keep_alive_ = false;
+    // The route, for the metrics, when the headers were read.
+    route_ = parser_.has_value() ? RouteOf(parser_->get().target()) : Route::kUnknown;
     if (ec == bhttp::error::body_limit) {
       return RespondError(ErrorResponse(
           413, "invalid_request_error",
@@ -339,39 +356,40 @@ class Connection final : public ConnectionBase {
     if (const size_t query = target.find('?'); query != std::string_view::npos) {
       target = target.substr(0, query);
     }
-    const bhttp::verb method = request_.method();
-    auto only = [&](Route r, bhttp::verb allowed) {
-      route_ = r;
-      if (method == allowed) return true;
-      RespondError(ErrorResponse(405, "invalid_request_error",
-                                 absl::StrCat("method ", std::string(request_.method_string()),
-                                              " is not allowed on ", std::string(target))));
-      return false;
-    };
-    if (target == "/health") {
-      if (only(Route::kHealth, bhttp::verb::get)) Health();
-      return;
+    route_ = RouteOf(target);
+    if (route_ == Route::kUnknown) {
+      return RespondError(ErrorResponse(404, "not_found_error",
+                                        absl::StrCat("no such endpoint: ", std::string(target))));
     }
-    if (target == "/v1/completions") {
-      if (only(Route::kCompletions, bhttp::verb::post)) Generate(ApiKind::kCompletion);
-    } else if (target == "/v1/chat/completions") {
-      if (only(Route::kChatCompletions, bhttp::verb::post)) Generate(ApiKind::kChat);
-    } else if (target == "/v1/models") {
-      if (only(Route::kModels, bhttp::verb::get)) Models();
-    } else if (target == "/tokenize") {
-      if (only(Route::kTokenize, bhttp::verb::post)) Tokenize();
-    } else if (target == "/detokenize") {
-      if (only(Route::kDetokenize, bhttp::verb::post)) Detokenize();
-    } else if (target == kSessionsPath) {
-      if (only(Route::kSessions, bhttp::verb::post)) OpenSession();
-    } else if (absl::StartsWith(Sv(target), absl::StrCat(kSessionsPath, "/"))) {
-      if (only(Route::kSessions, bhttp::verb::delete_)) {
-        CloseSession(target.substr(sizeof(kSessionsPath)));
-      }
-    } else {
-      route_ = Route::kUnknown;
-      RespondError(ErrorResponse(404, "not_found_error",
-                                 absl::StrCat("no such endpoint: ", std::string(target))));
+    const bool session_path = route_ == Route::kSessions && target != kSessionsPath;
+    allowed_ = route_ == Route::kHealth || route_ == Route::kModels ? bhttp::verb::get
+               : session_path                                       ? bhttp::verb::delete_
+                                                                    : bhttp::verb::post;
+    if (request_.method() != allowed_) {
+      return RespondError(
+          ErrorResponse(405, "invalid_request_error",
+                        absl::StrCat("method ", std::string(request_.method_string()),
+                                     " is not allowed on ", std::string(target), " (use ",
+                                     std::string(bhttp::to_string(allowed_)), ")")));
+    }
+    switch (route_) {
+      case Route::kHealth:
+        return Health();
+      case Route::kCompletions:
+        return Generate(ApiKind::kCompletion);
+      case Route::kChatCompletions:
+        return Generate(ApiKind::kChat);
+      case Route::kModels:
+        return Models();
+      case Route::kTokenize:
+        return Tokenize();
+      case Route::kDetokenize:
+        return Detokenize();
+      case Route::kSessions:
+        if (!session_path) return OpenSession();
+        return CloseSession(target.substr(sizeof(kSessionsPath)));
+      case Route::kUnknown:
+        break;
     }
   }
 
@@ -535,6 +553,9 @@ class Connection final : public ConnectionBase {
       return RespondError(ErrorResponse(submitted));
     }
     in_request_ = true;
+    // Alive until the answer is written or the connection closes, even with no I/O pending (the
+    // engine's events only hold a weak reference).
+    self_ = shared_from_this();
     core_->active_requests.fetch_add(1);
     engine_done_ = false;
     builder_.emplace(std::move(info));
@@ -546,7 +567,9 @@ class Connection final : public ConnectionBase {
   // Keeps a read open while a request runs: its failure means the client went away (cancel the
   // request now); bytes that arrive are a pipelined next request, kept in buffer_.
   void WatchClient() {
-    if (watching_ || closed_ || buffer_.size() >= kMaxReadAhead) return;
+    // Bytes already buffered are a pipelined request: its client is there, and a read now would
+    // wait for bytes it will not send before it has its answers.
+    if (watching_ || closed_ || buffer_.size() > 0) return;
     watching_ = true;
     stream_.async_read_some(buffer_.prepare(4096), [self = Self()](const error_code& ec, size_t n) {
       self->watching_ = false;
@@ -649,10 +672,7 @@ class Connection final : public ConnectionBase {
     response->set(bhttp::field::content_type, "application/json");
     if (!response_id_.empty()) response->set("X-Request-Id", response_id_);
     if (status == 405) {
-      response->set(bhttp::field::allow, route_ == Route::kSessions ? "POST, DELETE"
-                                         : route_ == Route::kHealth || route_ == Route::kModels
-                                             ? "GET"
-                                             : "POST");
+      response->set(bhttp::field::allow, bhttp::to_string(allowed_));
     }
     response->keep_alive(keep_alive_);
     response->body() = std::move(body);
@@ -673,6 +693,8 @@ class Connection final : public ConnectionBase {
       in_request_ = false;
       core_->active_requests.fetch_sub(1);
     }
+    // The handler running this holds the connection; the reads and timers started below do next.
+    self_.reset();
     bridge_.reset();
     builder_.reset();
     stream_serializer_.reset();
@@ -734,6 +756,8 @@ class Connection final : public ConnectionBase {
     linger_timer_.cancel();
     error_code ignored;
     socket().close(ignored);
+    // Pending handlers (they fail now) hold the connection until they have run.
+    self_.reset();
   }
 
   HttpServer::Core* const core_;
@@ -745,6 +769,7 @@ class Connection final : public ConnectionBase {
   std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
   bhttp::request<bhttp::string_body> request_;
   Route route_ = Route::kUnknown;
+  bhttp::verb allowed_ = bhttp::verb::post;  // the method of route_ (405's Allow)
   bool keep_alive_ = true;
   bool closed_ = false;
   bool writing_ = false;
@@ -757,6 +782,7 @@ class Connection final : public ConnectionBase {
   std::string engine_id_;
   std::string response_id_;
   std::shared_ptr<Bridge> bridge_;
+  std::shared_ptr<ConnectionBase> self_;  // set while a request is in progress
   std::optional<ResponseBuilder> builder_;
   std::optional<bhttp::response<bhttp::empty_body>> stream_head_;
   std::optional<bhttp::response_serializer<bhttp::empty_body>> stream_serializer_;

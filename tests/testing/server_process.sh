@@ -4,7 +4,8 @@
 #   fail MESSAGE                 prints FAIL and the tail of the server log, exits 1
 #   start_server MODEL [flags]   starts the server on free ports and waits for its ready line;
 #                                sets pid, line, port, metrics_port, health_port (empty without
-#                                --health_port)
+#                                --health_port), http_port (the HTTP API's; empty with
+#                                --http_port=-1)
 #   stop_server                  SIGTERM, up to 10 s to drain, then SIGKILL
 tmp="$(mktemp -d)"
 pid=""
@@ -39,6 +40,7 @@ start_server() {
   [[ "${port}" =~ ^[0-9]+$ ]] || fail "cannot read the port from: ${line}"
   metrics_port="$(sed -E 's/.*, metrics on [^ ]+:([0-9]+).*/\1/' <<< "${line}")"
   health_port="$(sed -nE 's/.*, health on [^ ]+:([0-9]+).*/\1/p' <<< "${line}")"
+  http_port="$(sed -nE 's/^polysketch-server: HTTP on [^ ]+:([0-9]+) .*/\1/p' "${tmp}/server.log")"
   echo "server ready: ${line}"
 }
 

@@ -575,7 +575,10 @@ absl::Status Serve(const sigset_t& signals) {
   // still open (a client that stopped reading); each cancelled call cancels its engine request
   // (done within a step), so Shutdown returns once they have ended. The scheduler outlives every
   // call; destroying it then ends anything left.
-  if (http_server != nullptr) http_server->Shutdown(absl::Now() + absl::Seconds(1));
+  if (http_server != nullptr) {
+    http_server->Shutdown(absl::Now() + absl::Seconds(1));
+    http_server.reset();  // before the scheduler: its connections may cancel engine requests
+  }
   shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   refresh_gauges();
   watchdog.reset();  // it reads the scheduler

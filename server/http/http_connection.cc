@@ -55,8 +55,14 @@ constexpr std::chrono::seconds kLingerTime{2};
 // budget) is done here, on the engine thread, as the gRPC calls do.
 class Bridge final : public engine::RequestObserver {
  public:
-  Bridge(HttpServer::Core* core, std::weak_ptr<ConnectionBase> connection, int64_t prompt_bytes)
-      : core_(core), connection_(std::move(connection)), prompt_bytes_(prompt_bytes) {}
+  // Holds no pointer to the server (it may be gone before the last event): the service, which
+  // outlives the scheduler, and the server's lifeline.
+  Bridge(service::GenerationService* service, std::shared_ptr<Lifeline> lifeline,
+         std::weak_ptr<ConnectionBase> connection, int64_t prompt_bytes)
+      : service_(service),
+        lifeline_(std::move(lifeline)),
+        connection_(std::move(connection)),
+        prompt_bytes_(prompt_bytes) {}
 
   void OnDelta(engine::StreamDelta delta) override {
     RecordTokens(static_cast<int64_t>(delta.tokens.size()));
@@ -68,7 +74,7 @@ class Bridge final : public engine::RequestObserver {
   }
 
   void OnFinish(engine::FinalResult result) override {
-    if (metrics::ServerMetrics* m = core_->service->metrics(); m != nullptr) {
+    if (metrics::ServerMetrics* m = service_->metrics(); m != nullptr) {
       m->RequestFinished(result);
     }
     ReleasePromptBytes();
@@ -104,7 +110,7 @@ class Bridge final : public engine::RequestObserver {
   // when it was never submitted.
   void ReleasePromptBytes() {
     const int64_t bytes = prompt_bytes_.exchange(0);
-    if (bytes > 0) core_->service->ReleasePromptBytes(bytes);
+    if (bytes > 0) service_->ReleasePromptBytes(bytes);
   }
 
   // Output of this request not yet written to the client (set by the connection).
@@ -117,21 +123,22 @@ class Bridge final : public engine::RequestObserver {
       if (wake_pending_) return;
       wake_pending_ = true;
     }
-    core_->Wake(connection_);
+    WakeConnection(*lifeline_, connection_);
   }
 
   // Inter-token latency between deltas (engine thread only).
   void RecordTokens(int64_t num_tokens) {
     if (num_tokens == 0) return;
     const absl::Time now = absl::Now();
-    metrics::ServerMetrics* m = core_->service->metrics();
+    metrics::ServerMetrics* m = service_->metrics();
     if (m != nullptr && last_tokens_ != absl::InfinitePast()) {
       m->InterTokenLatency(now - last_tokens_, num_tokens);
     }
     last_tokens_ = now;
   }
 
-  HttpServer::Core* const core_;
+  service::GenerationService* const service_;
+  const std::shared_ptr<Lifeline> lifeline_;
   const std::weak_ptr<ConnectionBase> connection_;
   std::atomic<int64_t> prompt_bytes_;
   absl::Time last_tokens_ = absl::InfinitePast();         // engine thread
@@ -540,7 +547,7 @@ class Connection final : public ConnectionBase {
     engine_id_ = service::EngineRequestId(*identity, request.id);
     request.id = engine_id_;
     request.owner = *identity;
-    bridge_ = std::make_shared<Bridge>(core_, weak_from_this(), prompt_bytes);
+    bridge_ = std::make_shared<Bridge>(service, core_->lifeline, weak_from_this(), prompt_bytes);
     request.observer = bridge_;
     engine::Scheduler* scheduler = service->scheduler();
     absl::Status submitted = scheduler == nullptr ? absl::UnavailableError("the model is loading")
@@ -792,9 +799,9 @@ class Connection final : public ConnectionBase {
 
 }  // namespace
 
-void HttpServer::Core::Wake(const std::weak_ptr<ConnectionBase>& connection) {
-  std::lock_guard<std::mutex> lock(mu);
-  if (!alive) return;
+void WakeConnection(Lifeline& lifeline, const std::weak_ptr<ConnectionBase>& connection) {
+  std::lock_guard<std::mutex> lock(lifeline.mu);
+  if (!lifeline.alive) return;
   std::shared_ptr<ConnectionBase> target = connection.lock();
   if (target == nullptr) return;
   net::any_io_executor executor = target->executor();

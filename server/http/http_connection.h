@@ -35,6 +35,19 @@ class ConnectionBase : public std::enable_shared_from_this<ConnectionBase> {
   virtual boost::asio::any_io_executor executor() = 0;
 };
 
+// Whether the server's I/O threads still take posts. Shared with the engine's observers of HTTP
+// requests (Bridge in http_connection.cc), which may outlive the server: a request still in the
+// scheduler when the server is destroyed gets its last events after, and they must find this,
+// not a destroyed server. While `alive`, posting to the server's io_context is safe (posters hold
+// `mu`); Shutdown clears it before it stops the io_context.
+struct Lifeline {
+  std::mutex mu;
+  bool alive = true;
+};
+
+// Posts `connection`'s OnEngineEvents to its strand unless the server has stopped. Any thread.
+void WakeConnection(Lifeline& lifeline, const std::weak_ptr<ConnectionBase>& connection);
+
 // What the server and every connection share. Owned by HttpServer; connections point at it and
 // never outlive it: they are owned by handlers of `io`, which is declared last and so destroyed
 // first, with every handler still queued.
@@ -46,14 +59,10 @@ struct HttpServer::Core {
   std::atomic<int64_t> open_connections{0};
   std::atomic<int64_t> active_requests{0};
 
-  // Guards `alive` and `connections`. While `alive`, engine threads may post to `io` (they hold
-  // the mutex while they do); Shutdown clears it before it stops `io`.
+  std::shared_ptr<Lifeline> lifeline = std::make_shared<Lifeline>();
+  // The connections, for Shutdown (guarded by mu).
   std::mutex mu;
-  bool alive = true;
   std::vector<std::weak_ptr<ConnectionBase>> connections;
-
-  // Posts `connection`'s OnEngineEvents to its strand unless the server has stopped. Any thread.
-  void Wake(const std::weak_ptr<ConnectionBase>& connection);
   void Register(const std::shared_ptr<ConnectionBase>& connection);
 
   boost::asio::io_context io;

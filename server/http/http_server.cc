@@ -213,10 +213,13 @@ void HttpServer::Shutdown(absl::Time deadline) {
   while (core_->active_requests.load() > 0 && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(5));
   }
+  {
+    std::lock_guard<std::mutex> lock(core_->lifeline->mu);
+    core_->lifeline->alive = false;  // no more posts from engine threads
+  }
   std::vector<std::shared_ptr<ConnectionBase>> open;
   {
     std::lock_guard<std::mutex> lock(core_->mu);
-    core_->alive = false;  // no more posts from engine threads
     for (const std::weak_ptr<ConnectionBase>& weak : core_->connections) {
       if (std::shared_ptr<ConnectionBase> c = weak.lock()) open.push_back(std::move(c));
     }

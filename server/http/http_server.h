@@ -16,8 +16,10 @@
 // so nothing throws across this interface.
 //
 // Thread-safety: Start, port and Shutdown may be called from any thread (Shutdown once at a
-// time). The GenerationService must outlive the server, and its scheduler must outlive Shutdown
-// (the observers of running requests post to this server's threads until it has stopped).
+// time). Lifetimes: the GenerationService must outlive the server and the scheduler; destroy the
+// server before the scheduler (a connection still open cancels its engine request). The
+// scheduler's observers of HTTP requests hold nothing of the server, so requests may end after
+// the server is gone.
 #ifndef POLYSKETCH_SERVER_HTTP_HTTP_SERVER_H_
 #define POLYSKETCH_SERVER_HTTP_HTTP_SERVER_H_
 

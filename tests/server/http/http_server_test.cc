@@ -606,5 +606,23 @@ TEST_F(HttpServerTest, ShutdownWithAStreamOpenDoesNotHang) {
   EXPECT_THAT(client.ReadUntil("[DONE]"), HasSubstr("\"finish_reason\":\"cancelled\""));
 }
 
+TEST_F(HttpServerTest, RequestsMayOutliveTheServer) {
+  Start({});
+  HoldEngine(true);  // the request stays in the engine past the server's end
+  Client client(port_);
+  client.SendRequest("POST", "/v1/completions",
+                     json{{"prompt", "x"}, {"max_tokens", kLong}, {"stream", true}}.dump());
+  ASSERT_TRUE(WaitSlots(1));
+  server_->Shutdown(absl::Now());
+  server_.reset();  // its connection cancels the request; the engine ends it after
+  HoldEngine(false);
+  EXPECT_TRUE(WaitSlots(0));
+  for (int i = 0; i < 1000 && metrics_.Count(metrics_.finished, "cancelled") == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(metrics_.Count(metrics_.finished, "cancelled"), 1);
+  EXPECT_EQ(service_->inflight_prompt_bytes(), 0);
+}
+
 }  // namespace
 }  // namespace ps::http

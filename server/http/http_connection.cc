@@ -26,7 +26,7 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl/ssl_stream.hpp>
 
-#include "server/engine/tokenizer.h"
+#include "server/http/endpoints.h"
 #include "server/http/openai_request.h"
 #include "server/http/openai_response.h"
 
@@ -379,22 +379,30 @@ class Connection final : public ConnectionBase {
                                      " is not allowed on ", std::string(target), " (use ",
                                      std::string(bhttp::to_string(allowed_)), ")")));
     }
+    EndpointContext context;
+    context.service = core_->service;
+    context.model_name = core_->options.model_name;
+    context.created_unix_seconds = core_->created_unix_seconds;
+    context.chat_template = &core_->options.chat_template;
+    if (route_ == Route::kHealth) return Answer(ps::http::Health(context));  // no token needed
+    if (route_ == Route::kCompletions) return Generate(ApiKind::kCompletion);
+    if (route_ == Route::kChatCompletions) return Generate(ApiKind::kChat);
+    std::optional<std::string> identity = Authenticate();
+    if (!identity) return;
     switch (route_) {
-      case Route::kHealth:
-        return Health();
-      case Route::kCompletions:
-        return Generate(ApiKind::kCompletion);
-      case Route::kChatCompletions:
-        return Generate(ApiKind::kChat);
       case Route::kModels:
-        return Models();
+        return Answer(ps::http::Models(context));
       case Route::kTokenize:
-        return Tokenize();
+        return Answer(ps::http::Tokenize(context, Sv(request_.body())));
       case Route::kDetokenize:
-        return Detokenize();
+        return Answer(ps::http::Detokenize(context, Sv(request_.body())));
       case Route::kSessions:
-        if (!session_path) return OpenSession();
-        return CloseSession(target.substr(sizeof(kSessionsPath)));
+        if (!session_path) return Answer(ps::http::OpenSession(context, *identity));
+        return Answer(
+            ps::http::CloseSession(context, *identity, Sv(target.substr(sizeof(kSessionsPath)))));
+      case Route::kHealth:
+      case Route::kCompletions:
+      case Route::kChatCompletions:
       case Route::kUnknown:
         break;
     }
@@ -414,14 +422,6 @@ class Connection final : public ConnectionBase {
     return *std::move(identity);
   }
 
-  // The scheduler, or an answer (503 while the model loads) and null.
-  engine::Scheduler* SchedulerOrAnswer() {
-    engine::Scheduler* scheduler = core_->service->scheduler();
-    if (scheduler == nullptr)
-      RespondError(ErrorResponse(absl::UnavailableError("the model is loading")));
-    return scheduler;
-  }
-
   // A model named in the body must be the served one (404 model_not_found otherwise).
   bool CheckModel(const std::string& model) {
     if (model.empty() || model == core_->options.model_name) return true;
@@ -433,85 +433,7 @@ class Connection final : public ConnectionBase {
     return false;
   }
 
-  void Health() {
-    engine::Scheduler* scheduler = core_->service->scheduler();
-    if (scheduler == nullptr) {
-      return Respond(503, R"({"status":"loading"})");
-    }
-    if (scheduler->Stats().draining) return Respond(503, R"({"status":"draining"})");
-    Respond(200, R"({"status":"ok"})");
-  }
-
-  void Models() {
-    if (!Authenticate()) return;
-    engine::Scheduler* scheduler = SchedulerOrAnswer();
-    if (scheduler == nullptr) return;
-    Respond(200, ModelsJson(core_->options.model_name, core_->created_unix_seconds,
-                            scheduler->model().max_context()));
-  }
-
-  void Tokenize() {
-    if (!Authenticate()) return;
-    engine::Scheduler* scheduler = SchedulerOrAnswer();
-    if (scheduler == nullptr) return;
-    std::string model;
-    absl::StatusOr<std::string> text =
-        ParseTokenizeRequest(request_.body(), core_->options.chat_template, &model);
-    if (!text.ok()) return RespondError(ErrorResponse(text.status()));
-    if (!CheckModel(model)) return;
-    const int64_t limit = core_->service->options().max_prompt_bytes;
-    if (static_cast<int64_t>(text->size()) > limit) {
-      return RespondError(ErrorResponse(absl::InvalidArgumentError(absl::StrCat(
-          "prompt: must be at most ", limit, " bytes (--max_prompt_bytes), got ", text->size()))));
-    }
-    // The byte tokenizer: one id per byte (ByteTokenizer::Encode).
-    std::vector<int32_t> tokens(text->begin(), text->end());
-    for (int32_t& t : tokens) t = static_cast<unsigned char>(t);
-    Respond(200, TokenizeJson(tokens, scheduler->model().max_context()));
-  }
-
-  void Detokenize() {
-    if (!Authenticate()) return;
-    engine::Scheduler* scheduler = SchedulerOrAnswer();
-    if (scheduler == nullptr) return;
-    std::string model;
-    absl::StatusOr<std::vector<int32_t>> ids =
-        ParseDetokenizeRequest(request_.body(), scheduler->config().vocab_size, &model);
-    if (!ids.ok()) return RespondError(ErrorResponse(ids.status()));
-    if (!CheckModel(model)) return;
-    absl::StatusOr<engine::ByteTokenizer> tokenizer =
-        engine::ByteTokenizer::Create(scheduler->config().vocab_size);
-    absl::StatusOr<std::string> text =
-        tokenizer.ok() ? tokenizer->Decode(*ids) : absl::StatusOr<std::string>(tokenizer.status());
-    if (!text.ok()) return RespondError(ErrorResponse(text.status()));
-    Respond(200, DetokenizeJson(*text));
-  }
-
-  void OpenSession() {
-    std::optional<std::string> identity = Authenticate();
-    if (!identity) return;
-    engine::Scheduler* scheduler = SchedulerOrAnswer();
-    if (scheduler == nullptr) return;
-    absl::StatusOr<std::string> id = scheduler->OpenSession(*identity);
-    if (!id.ok()) return RespondError(ErrorResponse(id.status()));
-    Respond(200, absl::StrCat(R"({"id":")", *id, R"(","object":"session"})"));
-  }
-
-  void CloseSession(std::string_view id) {
-    std::optional<std::string> identity = Authenticate();
-    if (!identity) return;
-    engine::Scheduler* scheduler = SchedulerOrAnswer();
-    if (scheduler == nullptr) return;
-    if (absl::Status valid = service::ValidateId("session_id", Sv(id)); !valid.ok() || id.empty()) {
-      return RespondError(ErrorResponse(
-          valid.ok() ? absl::InvalidArgumentError("session_id: must not be empty") : valid));
-    }
-    absl::Status closed = scheduler->CloseSession(Sv(id), *identity);
-    if (!closed.ok()) return RespondError(ErrorResponse(closed));
-    // Session ids are printable ASCII without quotes or backslashes (SessionStore): no escaping.
-    Respond(200,
-            absl::StrCat(R"({"id":")", std::string(id), R"(","object":"session","deleted":true})"));
-  }
+  void Answer(ps::http::Answer answer) { Respond(answer.status, std::move(answer.body)); }
 
   // --- Generation: one request path into the scheduler, shared with gRPC.
   void Generate(ApiKind kind) {

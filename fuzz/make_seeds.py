@@ -25,6 +25,25 @@ from modelio import save_model_dir  # noqa: E402
 
 CORPUS = ROOT / "fuzz" / "corpus"
 
+OPENAI_SEEDS = {
+    "completion": '{"model": "tiny-polysketch", "prompt": "And God said", "max_tokens": 16}',
+    "everything": '{"prompt": "In the beginning", "max_tokens": 100, "temperature": 0.7, '
+                  '"top_p": 0.9, "top_k": 40, "min_p": 0.05, "presence_penalty": 0.5, '
+                  '"frequency_penalty": -0.5, "repetition_penalty": 1.1, "seed": 42, '
+                  '"stop": ["\\n\\n", "Amen"], "stop_token_ids": [10], "min_tokens": 2, '
+                  '"logprobs": 5, "echo": true, "stream": true, '
+                  '"stream_options": {"include_usage": true}, "user": "u", "n": 1}',
+    "token-ids": '{"prompt": [65, 110, 100], "max_tokens": 0, "echo": true, "logprobs": 1}',
+    "chat": '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", '
+            '"content": [{"type": "text", "text": "Who?"}]}, {"role": "assistant", '
+            '"content": null}], "logprobs": true, "top_logprobs": 2, "max_completion_tokens": 9}',
+    "session": '{"prompt": "x", "session_id": "s-1"}',
+    "bad-type": '{"prompt": "x", "temperature": "hot"}',
+    "bad-range": '{"prompt": "x", "top_p": 0}',
+    "bad-json": '{"prompt": "x",',
+    "unsupported": '{"prompt": "x", "logit_bias": {"1": 2}, "n": 2}',
+}
+
 # One tiny model per attention kind: V=8, D=4, one head of width 4, so each file is ~1 KB.
 TINY_LAYERS = {
     "softmax": {"kind": "softmax"},
@@ -146,6 +165,10 @@ def main() -> None:
              "--encode=polysketch.v1.GenerateRequest", str(proto)],
             input=text.encode(), capture_output=True, check=True).stdout
         write("request_fuzz", name, wire)
+
+    # OpenAI-compatible request bodies (completions and chat; the target runs both).
+    for name, body in OPENAI_SEEDS.items():
+        write("openai_request_fuzz", name, body.encode())
 
 
 if __name__ == "__main__":

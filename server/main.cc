@@ -40,6 +40,7 @@
 #include "server/engine/model_io/weights.h"
 #include "server/engine/serving/scheduler.h"
 #include "server/engine/serving/watchdog.h"
+#include "server/http/http_server.h"
 #include "server/metrics/metrics.h"
 #include "server/service/auth.h"
 #include "server/service/generation_service.h"
@@ -131,6 +132,12 @@ ABSL_FLAG(absl::Duration, keepalive_min_client_ping_interval, absl::Seconds(10),
 ABSL_FLAG(int32_t, keepalive_max_ping_strikes, 2,
           "Strikes (too frequent pings) before the connection is closed with GOAWAY; 0 = no "
           "limit.");
+// --- OpenAI-compatible HTTP API (server/http/, docs/serving.md "HTTP API") ---------------------
+ABSL_FLAG(int32_t, http_port, 8000,
+          "Port of the OpenAI-compatible HTTP API on --host (/v1/completions, "
+          "/v1/chat/completions, /v1/models, /health, /tokenize, /detokenize), with the gRPC "
+          "port's TLS, tokens and limits; 0 picks a free one (logged); -1 = off.");
+ABSL_FLAG(int32_t, http_threads, 2, "I/O threads of the HTTP API.");
 ABSL_FLAG(absl::Duration, max_connection_idle, absl::Minutes(30),
           "A connection without a call for this long is closed (GOAWAY); 0 = never.");
 
@@ -196,6 +203,15 @@ absl::Status CheckFlags() {
   }
   if (absl::GetFlag(FLAGS_keepalive_max_ping_strikes) < 0) {
     return absl::InvalidArgumentError("--keepalive_max_ping_strikes: must be >= 0");
+  }
+  if (const int32_t http_port = absl::GetFlag(FLAGS_http_port);
+      http_port < -1 || http_port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--http_port: must be -1 (off) or in [0, 65535], got ", http_port));
+  }
+  if (const int32_t threads = absl::GetFlag(FLAGS_http_threads); threads < 1 || threads > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--http_threads: must be in [1, 64], got ", threads));
   }
   if (const int32_t health_port = absl::GetFlag(FLAGS_health_port);
       health_port < -1 || health_port > 65535) {
@@ -363,7 +379,8 @@ int64_t MaxReceiveMessageBytes(const std::string& model_dir) {
 // plaintext, for probes that cannot speak TLS).
 struct Servers {
   std::unique_ptr<grpc::Server> main;
-  std::unique_ptr<grpc::Server> health;  // null without --health_port
+  std::unique_ptr<grpc::Server> health;        // null without --health_port
+  std::unique_ptr<ps::http::HttpServer> http;  // null with --http_port=-1
   int port = 0;
   int health_port = -1;
 
@@ -378,8 +395,14 @@ struct Servers {
     if (health != nullptr) services.push_back(health->GetHealthCheckService());
     return services;
   }
-  // Ends both, the probe server after the main one, so that probes see NOT_SERVING last.
+  // Ends them all: the HTTP API first (destroyed here, as its connections may cancel engine
+  // requests and so must end before the scheduler), then the gRPC server, then the probe server,
+  // so that probes see NOT_SERVING last.
   void Shutdown(std::chrono::system_clock::time_point deadline) {
+    if (http != nullptr) {
+      http->Shutdown(absl::FromChrono(deadline));
+      http.reset();
+    }
     main->Shutdown(deadline);
     if (health != nullptr) health->Shutdown(std::chrono::system_clock::now());
   }
@@ -417,6 +440,18 @@ absl::StatusOr<Servers> StartServers(const std::string& model_dir, const Securit
       return absl::UnavailableError(absl::StrCat("--health_port: cannot listen on ", health_address,
                                                  " (port in use or bad address)"));
     }
+  }
+  // The HTTP API, answering 503 until the model is loaded (server/http/http_server.h).
+  if (absl::GetFlag(FLAGS_http_port) >= 0) {
+    absl::StatusOr<std::unique_ptr<ps::http::HttpServer>> http = ps::http::StartHttpServer(
+        model_dir, generation.options().model_name, host, absl::GetFlag(FLAGS_http_port),
+        absl::GetFlag(FLAGS_http_threads), security.tls_files,
+        absl::GetFlag(FLAGS_max_receive_message_bytes), &generation);
+    if (!http.ok()) {
+      servers.Shutdown(std::chrono::system_clock::now());
+      return http.status();
+    }
+    servers.http = *std::move(http);
   }
   servers.SetServing("", true);
   servers.SetServing(service::kReadinessServiceName, false);

@@ -39,10 +39,16 @@
 
 #include "clients/common/connection.h"
 #include "clients/common/connection_flags.h"
+#include "clients/loadgen/http_stream.h"
 #include "clients/loadgen/scenarios.h"
 #include "polysketch/v1/generation.grpc.pb.h"
 
 // --target and the TLS and token flags: clients/common/connection_flags.h.
+ABSL_FLAG(std::string, api, "grpc",
+          "grpc: GenerateStream on --target; http: streamed POST /v1/completions (the "
+          "OpenAI-compatible API) on --http_target, one keep-alive connection per concurrent "
+          "request (--concurrency only; plaintext; tokens from --token / --token_file).");
+ABSL_FLAG(std::string, http_target, "localhost:8000", "The HTTP API's address (--api http).");
 ABSL_FLAG(int32_t, concurrency, 0,
           "Fixed concurrency: keep this many streams open (default 1 when --rate is not set).");
 ABSL_FLAG(double, rate, 0.0,
@@ -341,6 +347,78 @@ std::string DistributionText(const char* name, const Distribution& d) {
                          d.count);
 }
 
+// The gRPC code an HTTP answer corresponds to (the report counts statuses by gRPC code).
+grpc::StatusCode HttpCode(const ps::loadgen::HttpStreamResult& r) {
+  switch (r.status) {
+    case 200:
+      return r.error.empty() ? grpc::StatusCode::OK : grpc::StatusCode::INTERNAL;
+    case 0:
+    case 503:
+      return grpc::StatusCode::UNAVAILABLE;
+    case 400:
+    case 413:
+      return grpc::StatusCode::INVALID_ARGUMENT;
+    case 401:
+      return grpc::StatusCode::UNAUTHENTICATED;
+    case 404:
+      return grpc::StatusCode::NOT_FOUND;
+    case 429:
+      return grpc::StatusCode::RESOURCE_EXHAUSTED;
+    case 504:
+      return grpc::StatusCode::DEADLINE_EXCEEDED;
+    default:
+      return grpc::StatusCode::INTERNAL;
+  }
+}
+
+// --api http: `concurrency` workers, each on its own keep-alive connection, send streamed
+// completions one after another until `num_requests` (0: no limit) or `end_by`. Returns how many
+// were sent.
+int RunHttp(const std::string& host, int port, const std::string& authorization, int concurrency,
+            int num_requests, std::chrono::steady_clock::time_point end_by,
+            const PromptSource& prompts, int max_new_tokens, const std::string& temperature,
+            uint64_t seed, Collector* collector) {
+  std::atomic<int> next{0};
+  std::vector<std::thread> workers;
+  for (int w = 0; w < concurrency; ++w) {
+    workers.emplace_back([&, w] {
+      std::mt19937_64 rng(seed * 1000003 + static_cast<uint64_t>(w));
+      ps::loadgen::HttpConnection connection(host, port, authorization);
+      for (;;) {
+        const int i = next.fetch_add(1);
+        if ((num_requests > 0 && i >= num_requests) || Clock::now() >= end_by) {
+          next.fetch_sub(1);
+          return;
+        }
+        const std::string body = absl::StrCat(
+            "{\"prompt\": ", ps::loadgen::JsonString(prompts.Next(rng)),
+            ", \"max_tokens\": ", max_new_tokens,
+            temperature.empty() ? "" : absl::StrCat(", \"temperature\": ", temperature),
+            ", \"stream\": true, \"stream_options\": {\"include_usage\": true}}");
+        collector->Started();
+        const ps::loadgen::HttpStreamResult r = connection.StreamCompletion(body);
+        Outcome o;
+        o.code = HttpCode(r);
+        if (o.code != grpc::StatusCode::OK && i == 0) {
+          std::cerr << "polysketch-loadgen: HTTP " << r.status << ": " << r.error << "\n";
+        }
+        o.got_first_token = r.got_first_event;
+        o.ttft_seconds = r.ttft_seconds;
+        o.e2e_seconds = r.e2e_seconds;
+        o.tokens = r.completion_tokens;
+        o.prompt_tokens = r.prompt_tokens;
+        o.itl_seconds = r.event_gaps_seconds;
+        if (r.completion_tokens >= 2) {
+          o.tpot_seconds = r.first_to_last_seconds / static_cast<double>(r.completion_tokens - 1);
+        }
+        collector->Finished(std::move(o));
+      }
+    });
+  }
+  for (std::thread& t : workers) t.join();
+  return next.load();
+}
+
 int Usage(const std::string& message) {
   std::cerr << "polysketch-loadgen: " << message << " (see --help)\n";
   return 2;
@@ -420,12 +498,37 @@ int main(int argc, char** argv) {
     return Usage("--temperature: cannot parse " + temperature_text);
   }
 
-  absl::StatusOr<ps::clients::Connection> connection =
-      ps::clients::Connect(ps::clients::ConnectionOptionsFromFlags());
+  const std::string api = absl::GetFlag(FLAGS_api);
+  if (api != "grpc" && api != "http") return Usage("--api: grpc or http, got " + api);
+  const ps::clients::ConnectionOptions connection_options =
+      ps::clients::ConnectionOptionsFromFlags();
+  std::string http_host;
+  int http_port = 0;
+  if (api == "http") {
+    if (rate > 0 || cancel_fraction > 0 || !absl::GetFlag(FLAGS_scenario).empty() ||
+        absl::GetFlag(FLAGS_timeout) > absl::ZeroDuration()) {
+      return Usage(
+          "--api http takes --concurrency, not --rate, --cancel_fraction, --scenario "
+          "or --timeout");
+    }
+    if (connection_options.tls || !connection_options.tls_ca.empty()) {
+      return Usage("--api http is plaintext only");
+    }
+    const std::string target = absl::GetFlag(FLAGS_http_target);
+    const size_t colon = target.rfind(':');
+    if (colon == std::string::npos || !absl::SimpleAtoi(target.substr(colon + 1), &http_port) ||
+        http_port <= 0 || http_port > 65535) {
+      return Usage("--http_target: host:port, got " + target);
+    }
+    http_host = target.substr(0, colon);
+  }
+
+  absl::StatusOr<ps::clients::Connection> connection = ps::clients::Connect(connection_options);
   if (!connection.ok()) return Usage(std::string(connection.status().message()));
   std::shared_ptr<grpc::Channel> channel = connection->channel;
   auto stub = pb::GenerationService::NewStub(channel);
-  if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
+  if (api == "grpc" &&
+      !channel->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10)))) {
     std::cerr << "polysketch-loadgen: cannot connect to " << absl::GetFlag(FLAGS_target) << "\n";
     return 1;
   }
@@ -466,7 +569,12 @@ int main(int argc, char** argv) {
   Clock::time_point next_arrival = begin;
   int sent = 0;
   uint64_t id_counter = 0;
-  while ((num_requests == 0 || sent < num_requests) && Clock::now() < end_by) {
+  if (api == "http") {
+    sent =
+        RunHttp(http_host, http_port, connection->authorization, concurrency, num_requests, end_by,
+                prompts, max_new_tokens, temperature_text, absl::GetFlag(FLAGS_seed), &collector);
+  }
+  while (api == "grpc" && (num_requests == 0 || sent < num_requests) && Clock::now() < end_by) {
     if (rate > 0) {
       next_arrival +=
           std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(gap(rng)));
@@ -526,6 +634,7 @@ int main(int argc, char** argv) {
 
   std::string mode = rate > 0 ? absl::StrFormat("rate %.3g/s (Poisson)", rate)
                               : absl::StrFormat("concurrency %d", concurrency);
+  if (api == "http") mode += ", HTTP API (inter-token latency: between events)";
   const std::string prompt_text =
       prompt_bytes_max > 0
           ? absl::StrFormat("%d..%d (log-uniform)", prompt_bytes_min, prompt_bytes_max)
@@ -556,18 +665,19 @@ int main(int argc, char** argv) {
       absl::StrAppend(&statuses_json, statuses_json.empty() ? "" : ", ", "\"", code, "\": ", count);
     }
     std::cout << absl::StrFormat(
-        "{\"mode\": \"%s\", \"concurrency\": %d, \"rate\": %.6f, \"prompt_bytes\": %d, "
+        "{\"api\": \"%s\", \"mode\": \"%s\", \"concurrency\": %d, \"rate\": %.6f, "
+        "\"prompt_bytes\": %d, "
         "\"prompt_bytes_min\": %d, \"prompt_bytes_max\": %d, "
         "\"max_new_tokens\": %d, \"sent\": %d, \"ok\": %d, \"cancelled\": %d, \"errors\": %d, "
         "\"expected_errors\": %d, \"errors_by_code\": {%s}, \"statuses_by_code\": {%s}, "
         "\"wall_seconds\": %.6f, \"requests_per_second\": %.6f, "
         "\"generated_tokens\": %d, \"prompt_tokens\": %d, \"generated_tokens_per_second\": %.6f, "
         "\"ttft_seconds\": %s, \"itl_seconds\": %s, \"tpot_seconds\": %s, \"e2e_seconds\": %s}\n",
-        rate > 0 ? "rate" : "concurrency", concurrency, rate, absl::GetFlag(FLAGS_prompt_bytes),
-        prompt_bytes_min, prompt_bytes_max, max_new_tokens, sent, ok, cancelled, num_errors,
-        expected, errors_json, statuses_json, wall, rps, tokens, prompt_tokens, tps,
-        DistributionJson(ttft_d), DistributionJson(itl_d), DistributionJson(tpot_d),
-        DistributionJson(e2e_d));
+        api, rate > 0 ? "rate" : "concurrency", concurrency, rate,
+        absl::GetFlag(FLAGS_prompt_bytes), prompt_bytes_min, prompt_bytes_max, max_new_tokens, sent,
+        ok, cancelled, num_errors, expected, errors_json, statuses_json, wall, rps, tokens,
+        prompt_tokens, tps, DistributionJson(ttft_d), DistributionJson(itl_d),
+        DistributionJson(tpot_d), DistributionJson(e2e_d));
   }
   return num_errors > expected ? 1 : 0;
 }

@@ -315,6 +315,12 @@ class PrometheusMetrics final : public ServerMetrics {
                                  "--max_stream_buffer_bytes.")
                              .Register(r)
                              .Add({});
+    api_requests_ = &BuildCounter()
+                         .Name("polysketch_api_requests_total")
+                         .Help(
+                             "Requests answered, by API (grpc, http), endpoint (gRPC method or "
+                             "HTTP route) and code (gRPC status name or HTTP status).")
+                         .Register(r);
     collector_ = std::make_shared<ScrapeCollector>(registry_, &resident);
   }
 
@@ -397,6 +403,16 @@ class PrometheusMetrics final : public ServerMetrics {
   void RequestRefused(FailureReason reason) override { Failure(reason); }
   void AuthFailure() override { auth_failures_->Increment(); }
   void StreamBufferOverflow() override { stream_overflows_->Increment(); }
+  void ApiRequest(absl::string_view api, absl::string_view endpoint,
+                  absl::string_view code) override {
+    // Family::Add returns the existing counter for labels it has seen (callers pass names from
+    // fixed sets, never raw request data).
+    api_requests_
+        ->Add({{"api", std::string(api)},
+               {"endpoint", std::string(endpoint)},
+               {"code", std::string(code)}})
+        .Increment();
+  }
 
   void EngineStalled(bool stalled) override {
     stalled_->Set(stalled ? 1.0 : 0.0);
@@ -477,6 +493,7 @@ class PrometheusMetrics final : public ServerMetrics {
   Family<Gauge>* attention_memory_ = nullptr;
   Counter* auth_failures_ = nullptr;
   Counter* stream_overflows_ = nullptr;
+  Family<Counter>* api_requests_ = nullptr;
   Counter *cache_hits_ = nullptr, *cache_misses_ = nullptr, *cache_hit_tokens_ = nullptr,
           *cache_insertions_ = nullptr, *cache_evictions_ = nullptr;
   Gauge *cache_bytes_ = nullptr, *cache_entries_ = nullptr;

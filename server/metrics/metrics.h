@@ -23,6 +23,8 @@
 //   polysketch_stream_buffer_overflow_total                   counter (streams ended because the
 //                                                             client did not read: output past
 //                                                             --max_stream_buffer_bytes)
+//   polysketch_api_requests_total{api,endpoint,code}          counter (requests by API: grpc or
+//                                                             http, endpoint, status code)
 //   polysketch_engine_stalled                                 gauge: 1 while the progress
 //                                                             watchdog sees the engine stuck
 //   polysketch_engine_stalls_total                            counter: stalls seen
@@ -90,6 +92,11 @@ class ServerMetrics {
   // A stream ended with RESOURCE_EXHAUSTED because its client stopped reading and its unsent
   // output passed the per-stream bound.
   virtual void StreamBufferOverflow() {}
+  // A request answered: `api` "grpc" or "http"; `endpoint` the gRPC method ("Generate") or HTTP
+  // route ("completions"); `code` the gRPC status name ("OK", "RESOURCE_EXHAUSTED") or the HTTP
+  // status ("200", "429"). Each from a fixed set (label cardinality).
+  virtual void ApiRequest(absl::string_view /*api*/, absl::string_view /*endpoint*/,
+                          absl::string_view /*code*/) {}
   // The progress watchdog's verdict changed (engine/serving/watchdog.h): sets the stalled gauge,
   // and counts a stall when it begins.
   virtual void EngineStalled(bool /*stalled*/) {}

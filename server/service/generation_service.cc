@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <deque>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -36,6 +37,29 @@ constexpr absl::Duration kDeadlineCancelWindow = absl::Seconds(1);
 // most kMaxBacklogWait without its client reading anything.
 constexpr size_t kBackloggedMessages = 8;
 constexpr absl::Duration kMaxBacklogWait = absl::Seconds(30);
+
+// The name of a gRPC status code, as polysketch_api_requests_total{code} shows it.
+const char* StatusCodeName(grpc::StatusCode code) {
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < static_cast<int>(std::size(kNames)) ? kNames[i] : "UNKNOWN";
+}
 
 // The gRPC status a request that finished with `result` ends with.
 grpc::Status FinalStatus(const engine::FinalResult& result) {
@@ -164,6 +188,13 @@ class CallBase {
     if (service_->metrics() != nullptr) service_->metrics()->RequestFinished(result);
   }
 
+  // polysketch_api_requests_total{api="grpc"} for the call ending with `status`.
+  void CountCall(const char* method, const grpc::Status& status) {
+    if (service_->metrics() != nullptr) {
+      service_->metrics()->ApiRequest("grpc", method, StatusCodeName(status.error_code()));
+    }
+  }
+
   GenerationService* const service_;
   grpc::CallbackServerContext* const context_;
   std::string id_;         // the request id the client sees
@@ -184,7 +215,10 @@ class UnaryCall final : public grpc::ServerUnaryReactor, public CallBase {
                                          v1::GenerateResponse* response) {
     auto call = std::make_shared<UnaryCall>(service, context, response);
     call->self_ = call;
-    if (std::optional<grpc::Status> error = call->Submit(*request, call)) call->Finish(*error);
+    if (std::optional<grpc::Status> error = call->Submit(*request, call)) {
+      call->CountCall("Generate", *error);
+      call->Finish(*error);
+    }
     return call.get();
   }
 
@@ -211,7 +245,9 @@ class UnaryCall final : public grpc::ServerUnaryReactor, public CallBase {
       response_->set_request_id(id_);
       FillFinalInfo(result, response_->mutable_final());
     }
-    Finish(FinalStatus(result));
+    const grpc::Status status = FinalStatus(result);
+    CountCall("Generate", status);
+    Finish(status);
   }
 
   void OnCancel() override { CancelEngineRequest(); }
@@ -350,11 +386,13 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
     if (service_->metrics() != nullptr) service_->metrics()->StreamBufferOverflow();
     CancelEngineRequest();
     if (finish_now) {
-      Finish(grpc::Status(
+      const grpc::Status status(
           grpc::StatusCode::RESOURCE_EXHAUSTED,
           absl::StrCat("the client is not reading: more than ", limit,
                        " bytes of output waited to be sent (--max_stream_buffer_bytes); the "
-                       "request was cancelled")));
+                       "request was cancelled"));
+      CountCall("GenerateStream", status);
+      Finish(status);
     }
   }
 
@@ -384,6 +422,7 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
       finished_ = true;
       const grpc::Status status = *final_status_;
       lock.unlock();
+      CountCall("GenerateStream", status);
       Finish(status);
     }
   }
@@ -507,8 +546,25 @@ void GenerationService::ReleasePromptBytes(int64_t bytes) {
   inflight_prompt_bytes_.fetch_sub(bytes);
 }
 
+absl::StatusOr<std::string> GenerationService::AuthenticateHeader(
+    std::optional<absl::string_view> authorization) {
+  if (options_.authenticator == nullptr) return std::string(kAnonymousIdentity);
+  absl::StatusOr<std::string> identity = options_.authenticator->AuthenticateValue(authorization);
+  if (!identity.ok() && metrics_ != nullptr) metrics_->AuthFailure();
+  return identity;
+}
+
 absl::StatusOr<ConvertedRequest> GenerationService::Prepare(grpc::CallbackServerContext* context,
                                                             const v1::GenerateRequest& request) {
+  absl::Time deadline = absl::InfiniteFuture();
+  if (context->deadline() != std::chrono::system_clock::time_point::max()) {
+    deadline = absl::FromChrono(context->deadline());
+  }
+  return Prepare(request, deadline);
+}
+
+absl::StatusOr<ConvertedRequest> GenerationService::Prepare(const v1::GenerateRequest& request,
+                                                            absl::Time deadline) {
   engine::Scheduler* sched = scheduler();
   if (sched == nullptr) {
     absl::Status status = absl::UnavailableError("the model is loading");
@@ -536,10 +592,6 @@ absl::StatusOr<ConvertedRequest> GenerationService::Prepare(grpc::CallbackServer
   engine::EngineRequest& engine_request = converted->request;
   if (engine_request.id.empty()) {
     engine_request.id = absl::StrCat("ps-", absl::Hex(id_salt_), "-", next_id_.fetch_add(1));
-  }
-  absl::Time deadline = absl::InfiniteFuture();
-  if (context->deadline() != std::chrono::system_clock::time_point::max()) {
-    deadline = absl::FromChrono(context->deadline());
   }
   if (converted->time_limit != absl::InfiniteDuration()) {
     deadline = std::min(deadline, absl::Now() + converted->time_limit);

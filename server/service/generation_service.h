@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <absl/status/status.h>
@@ -114,11 +115,18 @@ class GenerationService final : public polysketch::v1::GenerationService::Callba
   // reflection do not (probes need no token). Sessions and engine requests are owned by this
   // identity (EngineRequest::owner, EngineRequestId).
   absl::StatusOr<std::string> Authenticate(const grpc::ServerContextBase& context);
+  // The same from the value of an `authorization` header (nullopt: none), for the HTTP API
+  // (server/http/), which shares the tokens, the identities and the metric.
+  absl::StatusOr<std::string> AuthenticateHeader(std::optional<absl::string_view> authorization);
 
   // For the calls: validates `request` and prepares the engine request (id, deadline from the
   // gRPC deadline and time_limit_ms). On error the refusal is counted in the metrics.
   absl::StatusOr<ConvertedRequest> Prepare(grpc::CallbackServerContext* context,
                                            const polysketch::v1::GenerateRequest& request);
+  // The same without a gRPC call (the HTTP API): `deadline` is the caller's (InfiniteFuture for
+  // none); the request's time_limit_ms applies as well.
+  absl::StatusOr<ConvertedRequest> Prepare(const polysketch::v1::GenerateRequest& request,
+                                           absl::Time deadline);
   // Takes `bytes` from the in-flight prompt budget (max_inflight_prompt_bytes); give them back
   // with ReleasePromptBytes when the call ends. ResourceExhausted (counted) when they do not fit.
   absl::Status ReservePromptBytes(int64_t bytes);

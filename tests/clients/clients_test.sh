@@ -2,9 +2,9 @@
 # The clients against a real polysketch-server over loopback: polysketch-cli (generate streaming
 # and --unary agree at temperature 0; info, health, tokenize, cancel; exit 2 on a bad flag, 1 with
 # INVALID_ARGUMENT on a bad field; scoring a prompt with --prompt_logprobs), polysketch-loadgen
-# (16 requests at concurrency 4, all ok, with latency percentiles), the Python client package
-# built into <build dir>/python (prompt log-probabilities included), and the eval tool built
-# beside it (python3 -m polysketch_eval passkey; its perplexity is
+# (16 requests at concurrency 4, all ok, with latency percentiles; the same over --api http),
+# the Python client package built into <build dir>/python (prompt log-probabilities included),
+# and the eval tool built beside it (python3 -m polysketch_eval passkey; its perplexity is
 # tests/python/test_eval_server.py).
 # Usage: clients_test.sh <polysketch-server> <polysketch-cli> <polysketch-loadgen> <repo root>
 #        <build dir>
@@ -143,6 +143,31 @@ PY
 grep -q "time to first token .*p50.*p90.*p99" "${tmp}/load.txt" || fail "no TTFT percentiles"
 grep -q "inter-token latency .*p50.*p90.*p99" "${tmp}/load.txt" || fail "no ITL percentiles"
 echo "ok: loadgen 16 requests at concurrency 4"
+
+# The same load through the HTTP API (streamed /v1/completions).
+[[ "${http_port}" =~ ^[0-9]+$ ]] || fail "no HTTP port in the server log"
+"${loadgen}" --api http --http_target "127.0.0.1:${http_port}" --concurrency 4 --num_requests 16 \
+  --prompt_bytes 64 --max_new_tokens 16 --json > "${tmp}/http.json" 2> "${tmp}/http.txt" \
+  || fail "loadgen --api http failed: $(cat "${tmp}/http.txt")"
+"${python}" - "${tmp}/http.json" << 'PY' || fail "loadgen --api http: $(cat "${tmp}/http.json")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["api"] == "http" and r["sent"] == 16 and r["ok"] == 16 and r["errors"] == 0, r
+assert r["generated_tokens"] == 16 * 16 and r["prompt_tokens"] == 16 * 64, r
+for key in ("ttft_seconds", "tpot_seconds", "e2e_seconds"):
+    d = r[key]
+    # TPOT may be 0 when a stream's events all arrive in one read.
+    low = 0 if key == "tpot_seconds" else 1e-9
+    assert d["count"] == 16 and low <= d["p50"] <= d["p90"] <= d["p99"], (key, d)
+assert r["ttft_seconds"]["max"] <= r["e2e_seconds"]["max"], r
+PY
+set +e
+"${loadgen}" --api http --rate 2 > /dev/null 2> "${tmp}/usage.txt"
+rc=$?
+set -e
+[[ ${rc} -eq 2 ]] && grep -q -- "--api http takes --concurrency" "${tmp}/usage.txt" \
+  || fail "loadgen --api http --rate: rc ${rc}: $(cat "${tmp}/usage.txt")"
+echo "ok: loadgen --api http: 16 requests at concurrency 4, every figure"
 
 # The soak mode: a duration, mixed prompt lengths, cancels at random points, deadlines that some
 # requests miss, and codes that do not fail the run; every final status is counted by code.

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import yaml
@@ -167,6 +168,7 @@ def parse_flag_tokens(tokens):
 # --- the server -----------------------------------------------------------------------------
 class Server:
     READY = re.compile(r"^polysketch-server: serving .* on .*:(\d+), metrics on .*:(\d+)$", re.M)
+    HTTP = re.compile(r"^polysketch-server: HTTP on [^ ]+:(\d+) ", re.M)
 
     def __init__(self, server, args, tmp):
         self.log_path = os.path.join(tmp, "server.log")
@@ -180,9 +182,12 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"polysketch-server exited ({self.proc.returncode}) before it "
                                    f"was ready:\n{self.tail()}")
-            m = self.READY.search(open(self.log_path).read())
+            log = open(self.log_path).read()
+            m = self.READY.search(log)
             if m:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+                http = self.HTTP.search(log)
+                self.http_port = int(http.group(1)) if http else None
                 return
             time.sleep(0.1)
         raise RuntimeError(f"polysketch-server printed no ready line within 60 s:\n{self.tail()}")
@@ -494,6 +499,8 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
               f"{where}: --{flag} listens on loopback only: probes and Services cannot reach it")
 
     # Ports.
+    http_port = int(given.get("http_port", help_defaults.get("http_port", "-1")))
+    tls = "tls_cert" in given
     container_ports = {p["containerPort"]: p.get("name") for p in container.get("ports", [])}
     port_names = {v: k for k, v in container_ports.items() if v}
     check(port in container_ports, f"{where}: no container port {port} (gRPC, --port)")
@@ -502,6 +509,9 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
     check(container_ports.get(metrics_port) == "metrics",
           f"{where}: container port {metrics_port} is not named \"metrics\" "
           "(prometheus-kubernetes.yml scrapes the port named metrics)")
+    if http_port >= 0:
+        check(http_port in container_ports,
+              f"{where}: no container port {http_port} (the HTTP API, --http_port)")
 
     def target(svc_port):
         t = svc_port.get("targetPort", svc_port["port"])
@@ -524,6 +534,8 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
                   f"{p.get('targetPort')}, not a container port")
             targets.append(t)
         check(port in targets, f"{sname}: no port for gRPC ({port})")
+        if http_port >= 0:
+            check(http_port in targets, f"{sname}: no port for the HTTP API ({http_port})")
         if svc in normal:
             check(metrics_port in targets, f"{sname}: no port for metrics ({metrics_port})")
 
@@ -540,6 +552,24 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
             "startupProbe": None}
     for kind, probe in probes.items():
         if kind == "startupProbe" and probe is None:
+            continue
+        # Readiness may instead be the HTTP API's GET /health (503 while loading or draining,
+        # like the gRPC readiness service): on the HTTP port, HTTPS when TLS is on.
+        if kind == "readinessProbe" and probe and "httpGet" in probe:
+            get = probe["httpGet"]
+            get_port = get.get("port")
+            get_port = port_names.get(get_port) if isinstance(get_port, str) else get_port
+            check(http_port >= 0 and get_port == http_port,
+                  f"{where}: readiness httpGet port {get.get('port')} is not the HTTP API's "
+                  f"port {http_port} (--http_port)")
+            check(get.get("path") == "/health", f"{where}: readiness httpGet path "
+                  f"{get.get('path')!r}, want /health")
+            scheme = get.get("scheme", "HTTP")
+            check(scheme == ("HTTPS" if tls else "HTTP"),
+                  f"{where}: readiness scheme {scheme} on a port {'with' if tls else 'without'} "
+                  "TLS")
+            check(statuses.get("http /health") == 200,
+                  f"{where}: readiness: the server's /health answers {statuses.get('http /health')}")
             continue
         if not check(probe and "grpc" in probe, f"{where}: {kind} is not a native grpc probe"):
             continue
@@ -688,7 +718,8 @@ def main():
 
         print("--- polysketch-server", flush=True)
         help_defaults, all_flags = help_flags(server)
-        for flag in ("port", "metrics_port", "host", "metrics_host", "drain_timeout", "model"):
+        for flag in ("port", "metrics_port", "http_port", "host", "metrics_host", "drain_timeout",
+                     "model"):
             if flag not in help_defaults:
                 sys.exit(f"FAIL: polysketch-server --help lists no --{flag}")
         check(help_defaults["port"] == "50051" and help_defaults["metrics_port"] == "9464",
@@ -705,10 +736,11 @@ def main():
                                         server_container(deployment))
                 args = [f"--{n}={v}" if v is not None else f"--{n}" for n, v in flags
                         if n in valid_flags - {"model", "host", "port", "metrics_host",
-                                               "metrics_port", "flagfile"}]
+                                               "metrics_port", "http_port", "flagfile"}]
         local = ["--model", os.path.join(root, "tests", "golden", "polysketch-random"),
                  "--host", "127.0.0.1", "--port", "0",
-                 "--metrics_host", "127.0.0.1", "--metrics_port", "0"]
+                 "--metrics_host", "127.0.0.1", "--metrics_port", "0",
+                 "--http_port", "0"]
         generate_stubs(root, tmp)
         try:
             live = Server(server, args + local, tmp)
@@ -723,6 +755,15 @@ def main():
         print(f"health: {statuses}", flush=True)
         for service, status in statuses.items():
             check(status == "SERVING", f"health service {service!r} answers {status}")
+        check(live.http_port is not None, "the server logged no HTTP port")
+        if live.http_port is not None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{live.http_port}/health",
+                                            timeout=10) as r:
+                    statuses["http /health"] = r.status
+            except urllib.error.HTTPError as e:
+                statuses["http /health"] = e.code
+            print(f"HTTP /health: {statuses['http /health']}", flush=True)
         samples, histograms = scrape(live.metrics_port)
         print(f"/metrics: {len(samples)} sample names, {len(histograms)} histograms", flush=True)
 

@@ -118,7 +118,8 @@ class Server:
         with open(log, "w") as stderr:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [str(binary), "--model", str(MODEL), "--host", "127.0.0.1", "--port", "0",
-                 "--metrics_host", "127.0.0.1", "--metrics_port", "0", "--threads", "1", *flags],
+                 "--metrics_host", "127.0.0.1", "--metrics_port", "0", "--http_port", "0",
+                 "--threads", "1", *flags],
                 stdout=subprocess.DEVNULL, stderr=stderr)
         ready = re.compile(r"^polysketch-server: serving .* on [^ ]+:(\d+), metrics on ")
         for _ in range(600):

@@ -2,8 +2,10 @@
 
 Injects, each many times: clients that vanish at random points of a stream (cancel the call,
 close the channel), cancel storms (the Cancel RPC and client-side cancel), deadline storms (tiny
-deadlines), a request flood against a small queue, a slow reader, SIGTERM during load, SIGKILL
-during load and a restart. After each fault it checks:
+deadlines), a request flood against a small queue, a slow reader, the same over the HTTP API
+(malformed JSON, wrong types, unknown model, huge bodies, clients that vanish mid-body or
+mid-answer, clients that send a byte at a time, clients that never read their stream), SIGTERM
+during load, SIGKILL during load and a restart. After each fault it checks:
   * every RPC the test started ended, with OK or a code the fault allows (counted client-side;
     a hung RPC fails the test at the phase's bound instead of hanging it);
   * polysketch_state_slots_used, _num_requests_running and _num_requests_waiting return to 0
@@ -85,16 +87,20 @@ class Server:
         self.log_path = os.path.join(log_dir, f"server-{time.monotonic_ns()}.log")
         self.log = open(self.log_path, "w")
         args = [SERVER, "--model", MODEL, "--host", "127.0.0.1", "--port", str(port),
-                "--metrics_host", "127.0.0.1", "--metrics_port", "0", "--threads", "2",
+                "--metrics_host", "127.0.0.1", "--metrics_port", "0", "--http_port", "0",
+                "--threads", "2",
                 "--slots", str(slots), "--max_waiting", str(max_waiting),
                 "--max_new_tokens_limit", "100000", "--drain_timeout", "2s"]
         self.proc = subprocess.Popen(args, stderr=self.log, stdout=subprocess.DEVNULL)
         ready = re.compile(r"^polysketch-server: serving .* on [^ ]+:(\d+), metrics on [^ ]+:(\d+)")
+        http = re.compile(r"^polysketch-server: HTTP on [^ ]+:(\d+) ")
         for _ in range(600):
             if self.proc.poll() is not None:
                 fail(f"server exited at start ({self.proc.returncode}): {self.tail()}")
             with open(self.log_path) as f:
                 for line in f:
+                    if http.match(line):
+                        self.http_port = int(http.match(line).group(1))
                     m = ready.match(line)
                     if m:
                         self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
@@ -236,6 +242,128 @@ def check_after(server: Server, what: str, tally: Tally, baseline_rss: int, inje
 
 
 # --- The faults ----------------------------------------------------------------------------------
+
+
+def http_exchange(port: int, raw: bytes, read: bool = True, timeout: float = PHASE_BOUND_S) -> int:
+    """Sends `raw` on a new connection; returns the answer's HTTP status (0 when not read)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        if not read:
+            return 0
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                fail(f"HTTP: connection closed without an answer to {raw[:80]!r}")
+            data += chunk
+        return int(data.split(b" ", 2)[1])
+
+
+def http_request(body: bytes, path: str = "/v1/completions", extra: bytes = b"") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n").encode() \
+        + extra + b"\r\n" + body
+
+
+# Bodies a broken or hostile client sends, and the status each must get.
+HTTP_BAD_BODIES = [
+    (b'{"prompt": "x", ', 400), (b"\xff\xfe{}", 400), (b"[1, 2, 3]", 400), (b"", 400),
+    (b'{"prompt": 5}', 400), (b'{"prompt": "x", "temperature": "hot"}', 400),
+    (b'{"prompt": "x", "max_tokens": -1}', 400), (b'{"prompt": "x", "top_p": 0}', 400),
+    (b'{"prompt": [1, 99999]}', 400), (b'{"prompt": "x", "stop": [""]}', 400),
+    (b'{"prompt": "x", "n": 3}', 400), (b"[" * 100000, 400),
+    (b'{"prompt": "x", "model": "gpt-4"}', 404),
+    (b'{"messages": [{"role": "robot", "content": "x"}]}', 400),
+]
+
+
+def http_faults(server: Server, n: int, tally: Tally) -> None:
+    """n HTTP clients that misbehave: a malformed or refused body (each must get its status), a
+    body over --max_receive_message_bytes (413), a client that vanishes after part of its body,
+    while its request waits or generates, or after part of its stream, and a few that send their
+    request a byte at a time (others are served meanwhile)."""
+    port = server.http_port
+    long_body = b'{"prompt": "In the beginning", "max_tokens": 100000, "stream": %s}'
+
+    def one(i: int) -> Callable[[], None]:
+        kind = i % 6
+
+        def job() -> None:
+            tally.start()
+            if kind == 0:
+                body, want = HTTP_BAD_BODIES[RNG.randrange(len(HTTP_BAD_BODIES))]
+                path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+                got = http_exchange(port, http_request(body, path))
+                if got != want:
+                    fail(f"HTTP {body[:60]!r}: status {got}, want {want}")
+                tally.end(CODE.INVALID_ARGUMENT if got == 400 else CODE.NOT_FOUND)
+            elif kind == 1:
+                head = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\n"
+                        b"Content-Length: 9437184\r\n\r\n")
+                got = http_exchange(port, head + b"a" * RNG.randrange(0, 65536))
+                if got != 413:
+                    fail(f"HTTP huge body: status {got}, want 413")
+                tally.end(CODE.RESOURCE_EXHAUSTED)
+            elif kind == 2:  # vanishes after part of its body
+                raw = http_request(long_body % b"false")
+                http_exchange(port, raw[:RNG.randrange(1, len(raw))], read=False)
+                tally.end(CODE.CANCELLED)
+            else:  # vanishes while its request runs, or after part of its stream
+                stream = kind >= 4
+                with socket.create_connection(("127.0.0.1", port), timeout=PHASE_BOUND_S) as sock:
+                    sock.sendall(http_request(long_body % (b"true" if stream else b"false")))
+                    if stream:
+                        received = 0
+                        want = RNG.randrange(0, 4096)
+                        while received < want:
+                            chunk = sock.recv(4096)
+                            if not chunk:
+                                fail("HTTP stream ended early")
+                            received += len(chunk)
+                    else:
+                        time.sleep(RNG.uniform(0, 0.2))
+                tally.end(CODE.CANCELLED)
+        return job
+
+    def slow() -> None:
+        tally.start()
+        raw = http_request(b'{"prompt": "And God said", "max_tokens": 4}')
+        with socket.create_connection(("127.0.0.1", port), timeout=PHASE_BOUND_S) as sock:
+            for b in raw:
+                sock.send(bytes([b]))
+                time.sleep(0.005)
+            status = int(sock.recv(4096).split(b" ", 2)[1])
+        if status != 200:
+            fail(f"HTTP byte-at-a-time client: status {status}")
+        tally.end(CODE.OK)
+
+    jobs = [one(i) for i in range(n)] + [slow for _ in range(4)]
+    RNG.shuffle(jobs)
+    run_all(jobs, 8, "HTTP faults")
+    # The server still answers.
+    if http_exchange(port, http_request(b'{"prompt": "x", "max_tokens": 2}')) != 200:
+        fail("HTTP: no answer after the faults")
+
+
+def http_slow_reader(server: Server, tally: Tally) -> None:
+    """HTTP streams whose clients never read (small receive buffers): the server cancels them
+    past --max_stream_buffer_bytes while serving others."""
+    socks = []
+    for _ in range(2):
+        tally.start()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.http_port))
+        sock.sendall(http_request(b'{"prompt": "x", "max_tokens": 100000, "stream": true, '
+                                  b'"logprobs": 20}'))
+        socks.append(sock)
+    if http_exchange(server.http_port, http_request(b'{"prompt": "x", "max_tokens": 8}')) != 200:
+        fail("HTTP slow reader: another client was not served")
+    # The clients are still connected and still not reading: only the bound frees the slots.
+    server.wait_engine_empty("HTTP slow reader")
+    for sock in socks:
+        sock.close()
+        tally.end(CODE.RESOURCE_EXHAUSTED)
 
 
 def vanishing_clients(server: Server, n: int, tally: Tally) -> None:
@@ -515,6 +643,20 @@ def main() -> None:
         slow_reader(server, tally)
         check_after(server, "slow reader (stops reading a 20000-token stream)", tally, baseline, 2,
                     "others served meanwhile, stream complete when read, slots 0, RSS")
+
+        tally = Tally()
+        http_faults(server, 300, tally)
+        check_after(server, "HTTP: malformed / refused bodies, huge bodies, clients vanishing "
+                    "mid-body, mid-request and mid-stream, byte-at-a-time clients", tally,
+                    baseline, 304, "each its status (400/404/413), others served, slots 0, RSS")
+
+        tally = Tally()
+        overflows = server.metrics().get("polysketch_stream_buffer_overflow_total", 0)
+        http_slow_reader(server, tally)
+        check_after(server, "HTTP slow reader (2 streams never read)", tally, baseline, 2,
+                    "others served, cancelled at --max_stream_buffer_bytes, slots 0, RSS")
+        if server.metrics().get("polysketch_stream_buffer_overflow_total", 0) < overflows + 2:
+            fail("HTTP slow reader: the streams were not cancelled for not reading")
 
         tally = Tally()
         sigterm_during_load(server, tally)

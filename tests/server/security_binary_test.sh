@@ -56,7 +56,7 @@ refuse() {  # refuse <expected message> <flags...>
   shift
   set +e
   out="$(timeout 30 "${server}" --model "${model}" --host 127.0.0.1 --port 0 --metrics_port 0 \
-    "$@" 2>&1)"
+    --http_port 0 "$@" 2>&1)"
   rc=$?
   set -e
   [[ ${rc} -eq 1 ]] || fail "server with $* exited ${rc}, want 1: ${out}"

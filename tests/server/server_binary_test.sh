@@ -20,7 +20,7 @@ done
 
 # A bad model directory: exit 1 and a message naming it.
 set +e
-out="$("${server}" --model "${tmp}/no-such-model" --port 0 --metrics_port 0 2>&1)"
+out="$("${server}" --model "${tmp}/no-such-model" --port 0 --metrics_port 0 --http_port 0 2>&1)"
 rc=$?
 set -e
 [[ ${rc} -eq 1 ]] || fail "bad --model exited ${rc}, want 1"
@@ -29,7 +29,7 @@ grep -q "${tmp}/no-such-model" <<< "${out}" || fail "bad --model message does no
 # A negative --watchdog_timeout is refused (0 disables the watchdog).
 set +e
 out="$("${server}" --model "${root}/tests/golden/polysketch-random" --port 0 --metrics_port 0 \
-  --watchdog_timeout=-1s 2>&1)"
+  --http_port 0 --watchdog_timeout=-1s 2>&1)"
 rc=$?
 set -e
 [[ ${rc} -eq 1 ]] || fail "--watchdog_timeout=-1s exited ${rc}, want 1"

@@ -4,7 +4,8 @@
 #   fail MESSAGE                 prints FAIL and the tail of the server log, exits 1
 #   start_server MODEL [flags]   starts the server on free ports and waits for its ready line;
 #                                sets pid, line, port, metrics_port, health_port (empty without
-#                                --health_port)
+#                                --health_port), http_port (the HTTP API's; empty with
+#                                --http_port=-1)
 #   stop_server                  SIGTERM, up to 10 s to drain, then SIGKILL
 # A script that starts more processes defines `cleanup_more` (called at exit with the exit status,
 # before the server is killed and tmp removed) to stop them.
@@ -31,7 +32,7 @@ start_server() {
   shift
   : > "${tmp}/server.log"
   "${server}" --model "${model}" --host 127.0.0.1 --port 0 --metrics_host 127.0.0.1 \
-    --metrics_port 0 "$@" 2> "${tmp}/server.log" &
+    --metrics_port 0 --http_port 0 "$@" 2> "${tmp}/server.log" &
   pid=$!
   for _ in $(seq 1 300); do
     grep -q "^polysketch-server: serving" "${tmp}/server.log" && break
@@ -43,6 +44,7 @@ start_server() {
   [[ "${port}" =~ ^[0-9]+$ ]] || fail "cannot read the port from: ${line}"
   metrics_port="$(sed -E 's/.*, metrics on [^ ]+:([0-9]+).*/\1/' <<< "${line}")"
   health_port="$(sed -nE 's/.*, health on [^ ]+:([0-9]+).*/\1/p' <<< "${line}")"
+  http_port="$(sed -nE 's/^polysketch-server: HTTP on [^ ]+:([0-9]+) .*/\1/p' "${tmp}/server.log")"
   echo "server ready: ${line}"
 }
 

@@ -508,9 +508,15 @@ void GenerationService::CountRefusal(const absl::Status& status) {
     case absl::StatusCode::kUnavailable:
       metrics_->RequestRefused(metrics::FailureReason::kRejected);
       break;
+    // The caller's errors, not the server's: a bad field, an id in use, and a session the
+    // caller named that this server does not know (NotFound: unknown, expired, closed or
+    // another identity's) or cannot use now (FailedPrecondition: a turn of it in progress,
+    // sessions off). Counting them as internal would page whoever watches that alert.
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kOutOfRange:
     case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kFailedPrecondition:
       metrics_->RequestRefused(metrics::FailureReason::kValidation);
       break;
     default:

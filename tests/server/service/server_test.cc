@@ -45,6 +45,28 @@ constexpr char kFixture[] = "polysketch-learned-local";
 // (the fixture model generates thousands of tokens per second).
 constexpr int kLong = 1 << 20;
 
+// Counts refusals by reason (polysketch_request_failure_total{reason}); the rest is not under
+// test here.
+class RefusalMetrics final : public metrics::ServerMetrics {
+ public:
+  int port() const override { return 0; }
+  void RequestFinished(const engine::FinalResult&) override {}
+  void InterTokenLatency(absl::Duration, int64_t) override {}
+  void RequestRefused(metrics::FailureReason reason) override {
+    std::lock_guard<std::mutex> lock(mu);
+    ++refused[static_cast<int>(reason)];
+  }
+  void EngineStep(const engine::StepStats&) override {}
+  void SetScheduler(const engine::SchedulerStats&) override {}
+  void SetAttentionMemory(absl::string_view, int64_t) override {}
+  int Refused(metrics::FailureReason reason) {
+    std::lock_guard<std::mutex> lock(mu);
+    return refused[static_cast<int>(reason)];
+  }
+  std::mutex mu;
+  int refused[5] = {};
+};
+
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override { Start(/*slots=*/4, /*max_waiting=*/256); }
@@ -72,7 +94,7 @@ class ServerTest : public ::testing::Test {
     service_options.model_name = kFixture;
     service_options.max_prompt_tokens = 4096;
     service_options.max_new_tokens_limit = kLong;
-    service_ = std::make_unique<GenerationService>(service_options, nullptr);
+    service_ = std::make_unique<GenerationService>(service_options, &metrics_);
     service_->SetScheduler(scheduler_.get());
     grpc::EnableDefaultHealthCheckService(true);
     grpc::ServerBuilder builder;
@@ -89,6 +111,7 @@ class ServerTest : public ::testing::Test {
     stub_ = v1::GenerationService::NewStub(channel_);
   }
 
+  RefusalMetrics metrics_;  // declared before service_, so it outlives it
   void HoldEngine(bool hold) {
     {
       std::lock_guard<std::mutex> lock(hold_mu_);
@@ -707,6 +730,30 @@ TEST_F(ServerTest, SessionsExportAndImportOverTheWire) {
   EXPECT_EQ(info.state_reuse().session_budget_bytes(), uint64_t{64} << 20);
   EXPECT_GT(info.state_reuse().session_bytes(), info.state_bytes_per_request());
   EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
+}
+
+// A session the server does not know is the caller's error: the refusal counts as validation
+// (polysketch_request_failure_total{reason="validation"}), never as internal, which pages.
+TEST_F(ServerTest, UnknownSessionIsCountedAsAClientErrorNotInternal) {
+  v1::GenerateRequest request = GreedyRequest(2);
+  request.set_session_id("0123456789abcdef0123456789abcdef");
+  v1::GenerateResponse response;
+  {
+    grpc::ClientContext context;
+    const grpc::Status status = stub_->Generate(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_THAT(status.error_message(), HasSubstr("not found"));
+  }
+  {
+    grpc::ClientContext context;
+    auto stream = stub_->GenerateStream(&context, request);
+    v1::GenerateStreamResponse message;
+    while (stream->Read(&message)) {
+    }
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  EXPECT_EQ(metrics_.Refused(metrics::FailureReason::kValidation), 2);
+  EXPECT_EQ(metrics_.Refused(metrics::FailureReason::kInternal), 0);
 }
 
 }  // namespace

@@ -101,6 +101,13 @@ Scheduler::Scheduler(std::unique_ptr<Model> model, SchedulerOptions options)
       sessions_(options_.sessions, SessionBytes(*model_)),
       prefix_cache_(ResolvePrefixCache(options_.prefix_cache, model_->config()),
                     options_.model_fingerprint) {
+  if (options_.shared_tier != nullptr && sessions_.enabled()) {
+    SessionTierOptions tier_options = options_.shared_tier_options;
+    tier_options.ttl = options_.sessions.ttl;
+    session_tier_ =
+        std::make_unique<SessionTier>(options_.shared_tier, &identity_, std::move(tier_options));
+    sessions_.SetTier(session_tier_.get());
+  }
   logits_.resize(static_cast<size_t>(model_->options().max_batch * model_->config().vocab_size));
   engine_ = std::thread([this] { EngineLoop(); });
 }
@@ -124,6 +131,14 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<Mod
     return absl::InvalidArgumentError(
         absl::StrCat("prefix_cache: budget_bytes and granularity must be >= 0, got ",
                      options.prefix_cache.budget_bytes, " and ", options.prefix_cache.granularity));
+  }
+  if (options.shared_tier != nullptr &&
+      (options.shared_tier_options.replica.empty() ||
+       options.shared_tier_options.lease <= absl::ZeroDuration() ||
+       options.shared_tier_options.lease_wait < absl::ZeroDuration() ||
+       options.shared_tier_options.max_queued_bytes < 0)) {
+    return absl::InvalidArgumentError(
+        "shared tier: replica must be named, lease > 0, lease_wait >= 0, max_queued_bytes >= 0");
   }
   if (options.sessions.budget_bytes < 0 || options.sessions.ttl <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -246,6 +261,11 @@ absl::Status Scheduler::CloseSession(absl::string_view id, absl::string_view own
   return sessions_.Close(id, owner);
 }
 
+absl::Status Scheduler::FlushSessions(absl::Time deadline) {
+  if (session_tier_ == nullptr) return absl::OkStatus();
+  return session_tier_->Flush(deadline);
+}
+
 absl::StatusOr<Scheduler::SessionState> Scheduler::ExportSession(absl::string_view id,
                                                                  absl::string_view owner) {
   PS_ASSIGN_OR_RETURN(SequenceState state, sessions_.Copy(id, owner, absl::Now()));
@@ -296,6 +316,10 @@ SchedulerStats Scheduler::Stats() const {
   stats.steps = steps_.load();
   stats.prefix_cache = prefix_cache_.stats();
   stats.sessions = sessions_.stats();
+  if (session_tier_ != nullptr) {
+    stats.shared_tier = true;
+    stats.tier = session_tier_->stats();
+  }
   return stats;
 }
 
@@ -387,8 +411,8 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
     // A completed turn leaves its state in the session: the state holds every token but the
     // last one sampled, which stays pending (fed first by the next request) unless the context
     // is full. A turn that did not complete leaves the session as it was.
-    const bool completed = reason == FinishReason::kLength || reason == FinishReason::kStopString ||
-                           reason == FinishReason::kStopToken;
+    bool completed = reason == FinishReason::kLength || reason == FinishReason::kStopString ||
+                     reason == FinishReason::kStopToken;
     if (completed) {
       SequenceState& state = *active.session;
       const absl::Status saved = model_->SaveSlot(active.slot, &state.snapshot);
@@ -398,11 +422,12 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
         if (active.last_token >= 0 && state.snapshot.position < model_->max_context()) {
           state.pending.push_back(active.last_token);
         }
-      } else if (result.error.ok()) {
-        result.error = saved;
+      } else {
+        completed = false;
+        if (result.error.ok()) result.error = saved;
       }
     }
-    sessions_.Return(active.request.session_id, *std::move(active.session), now);
+    sessions_.Return(active.request.session_id, *std::move(active.session), now, completed);
     active.session.reset();
   }
   // The slot goes back in the same step (architecture.md step 5).

@@ -66,6 +66,11 @@ struct SchedulerOptions {
       .budget_bytes = 0, .granularity = 0, .max_remembered = 1 << 20};
   // Sessions (off when budget_bytes is 0).
   SessionOptions sessions;
+  // The shared state tier (docs/sessions.md, "Shared tier"): not owned, outlives the scheduler;
+  // null: sessions live in this process only. Needs sessions on. shared_tier_options.ttl is
+  // taken from sessions.ttl.
+  StateTier* shared_tier = nullptr;
+  SessionTierOptions shared_tier_options;
   // ModelFingerprint of the served weights: seeds the prefix-cache keys and marks exported states.
   uint64_t model_fingerprint = 0;
   // Called on the engine thread after every step that did work (metrics).
@@ -197,6 +202,10 @@ class Scheduler {
   const ModelIdentity& identity() const { return identity_; }
   const SchedulerOptions& options() const { return options_; }
   const SessionStore& sessions() const { return sessions_; }
+  // Waits until every session write to the shared tier is done, or `deadline` (the end of a
+  // drain: held sessions reach the tier before the process exits). OK at once without a tier;
+  // DeadlineExceeded naming how many writes are left.
+  [[nodiscard]] absl::Status FlushSessions(absl::Time deadline);
   int64_t prefix_cache_granularity() const { return prefix_cache_.granularity(); }
 
   // Refuses new requests from now on (Unavailable); queued and running ones continue.
@@ -275,6 +284,9 @@ class Scheduler {
 
   ModelIdentity identity_;
   SessionStore sessions_;  // thread-safe
+  // The sessions' shared tier (null without one): after identity_, which its writer reads, and
+  // destroyed before it.
+  std::unique_ptr<SessionTier> session_tier_;
 
   // Engine thread only.
   PrefixCache prefix_cache_;

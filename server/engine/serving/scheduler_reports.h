@@ -55,6 +55,8 @@ struct SchedulerStats {
   bool draining = false;
   PrefixCacheStats prefix_cache;
   SessionStats sessions;
+  bool shared_tier = false;  // a shared state tier is configured (then `tier` is meaningful)
+  SessionTierStats tier;
 };
 
 }  // namespace ps::engine

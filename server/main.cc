@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -18,6 +19,7 @@
 #include <signal.h>
 #include <string>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <vector>
 
 #include <absl/flags/flag.h>
@@ -40,6 +42,7 @@
 #include "server/engine/model_io/weights.h"
 #include "server/engine/serving/scheduler.h"
 #include "server/engine/serving/watchdog.h"
+#include "server/engine/state_reuse/redis_state_tier.h"
 #include "server/http/http_server.h"
 #include "server/metrics/metrics.h"
 #include "server/service/auth.h"
@@ -90,6 +93,28 @@ ABSL_FLAG(int64_t, session_budget_bytes, int64_t{512} << 20,
           "Memory all sessions may reserve (each reserves one state); 0 turns sessions off.");
 ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(30),
           "A session unused for this long expires.");
+// --- Shared state tier (docs/sessions.md, "Shared tier") ------------------------------------
+ABSL_FLAG(std::string, state_tier, "",
+          "host:port of a Redis server (6.2 or later) shared by the replicas of this model: "
+          "sessions are written there after each turn and any replica continues them. Empty: "
+          "sessions stay in this process. Password (AUTH) from $POLYSKETCH_STATE_TIER_PASSWORD.");
+ABSL_FLAG(absl::Duration, state_tier_timeout, absl::Seconds(1),
+          "Connect and reply timeout of each call to --state_tier.");
+ABSL_FLAG(absl::Duration, state_tier_lease, absl::Seconds(15),
+          "A session turn's lease in --state_tier (renewed while it runs): how long a replica "
+          "that died mid-turn keeps its sessions from the others.");
+ABSL_FLAG(absl::Duration, state_tier_lease_wait, absl::Seconds(2),
+          "How long a turn waits for another replica's lease on its session before "
+          "FAILED_PRECONDITION.");
+ABSL_FLAG(int64_t, state_tier_chunk_bytes, int64_t{1} << 20,
+          "States are stored in Redis values of at most this many bytes.");
+ABSL_FLAG(int64_t, state_tier_queue_bytes, int64_t{256} << 20,
+          "Most state bytes waiting to be written to --state_tier; past it the oldest writes "
+          "are dropped (counted).");
+ABSL_FLAG(absl::Duration, state_tier_flush_timeout, absl::Seconds(10),
+          "At SIGTERM, after the drain: how long to wait for session writes to --state_tier.");
+ABSL_FLAG(std::string, replica_id, "",
+          "This replica's name in --state_tier leases; empty: <hostname>-<pid>.");
 
 // --- Security (docs/security.md) ---------------------------------------------------------------
 ABSL_FLAG(std::string, tls_cert, "",
@@ -180,6 +205,7 @@ absl::Status CheckFlags() {
            {"prefix_cache_bytes", absl::GetFlag(FLAGS_prefix_cache_bytes)},
            {"prefix_cache_granularity", absl::GetFlag(FLAGS_prefix_cache_granularity)},
            {"session_budget_bytes", absl::GetFlag(FLAGS_session_budget_bytes)},
+           {"state_tier_queue_bytes", absl::GetFlag(FLAGS_state_tier_queue_bytes)},
            {"threads", absl::GetFlag(FLAGS_threads)}}) {
     if (value < 0) {
       return absl::InvalidArgumentError(absl::StrCat("--", name, ": must be >= 0, got ", value));
@@ -234,6 +260,28 @@ absl::Status CheckFlags() {
   }
   if (absl::GetFlag(FLAGS_session_ttl) <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--session_ttl: must be positive");
+  }
+  for (const auto& [name, value] : std::vector<std::pair<const char*, absl::Duration>>{
+           {"state_tier_timeout", absl::GetFlag(FLAGS_state_tier_timeout)},
+           {"state_tier_lease", absl::GetFlag(FLAGS_state_tier_lease)}}) {
+    if (value <= absl::ZeroDuration()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, ": must be positive, got ", absl::FormatDuration(value)));
+    }
+  }
+  if (absl::GetFlag(FLAGS_state_tier_lease_wait) < absl::ZeroDuration() ||
+      absl::GetFlag(FLAGS_state_tier_flush_timeout) < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "--state_tier_lease_wait, --state_tier_flush_timeout: must not be negative");
+  }
+  if (absl::GetFlag(FLAGS_state_tier_chunk_bytes) < 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--state_tier_chunk_bytes: must be >= 1024, got ",
+                     absl::GetFlag(FLAGS_state_tier_chunk_bytes)));
+  }
+  if (!absl::GetFlag(FLAGS_state_tier).empty() && absl::GetFlag(FLAGS_session_budget_bytes) == 0) {
+    return absl::InvalidArgumentError(
+        "--state_tier: needs sessions on (--session_budget_bytes > 0)");
   }
   if (absl::GetFlag(FLAGS_drain_timeout) < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_timeout: must not be negative");
@@ -491,8 +539,42 @@ struct LoadedEngine {
   std::unique_ptr<ps::kernels::Backend> backend;
   engine::ModelWeights weights;
   std::unique_ptr<EngineGauges> gauges;
+  std::unique_ptr<engine::RedisStateTier> tier;  // --state_tier; outlives the scheduler
   std::unique_ptr<engine::Scheduler> scheduler;
 };
+
+// The --state_tier connection (null without the flag). A Redis that does not answer at start is
+// not fatal: the server serves sessions from memory and the tier reconnects by itself.
+absl::StatusOr<std::unique_ptr<engine::RedisStateTier>> ConnectStateTier() {
+  const std::string address = absl::GetFlag(FLAGS_state_tier);
+  if (address.empty()) return nullptr;
+  engine::RedisTierOptions options;
+  PS_RETURN_IF_ERROR(engine::ParseRedisAddress(address, "--state_tier", &options));
+  options.timeout = absl::GetFlag(FLAGS_state_tier_timeout);
+  options.chunk_bytes = absl::GetFlag(FLAGS_state_tier_chunk_bytes);
+  if (const char* password = std::getenv("POLYSKETCH_STATE_TIER_PASSWORD")) {
+    options.password = password;
+  }
+  PS_ASSIGN_OR_RETURN(std::unique_ptr<engine::RedisStateTier> tier,
+                      engine::RedisStateTier::Create(std::move(options)));
+  if (const absl::Status ping = tier->Ping(); ping.ok()) {
+    std::fprintf(stderr, "polysketch-server: state tier %s reachable\n", tier->Describe().c_str());
+  } else {
+    std::fprintf(stderr,
+                 "polysketch-server: state tier not reachable, serving sessions from memory "
+                 "until it is: %s\n",
+                 std::string(ping.message()).c_str());
+  }
+  return tier;
+}
+
+std::string ReplicaId() {
+  std::string id = absl::GetFlag(FLAGS_replica_id);
+  if (!id.empty()) return id;
+  char host[256] = {};
+  if (gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "replica");
+  return absl::StrCat(host, "-", getpid());
+}
 
 // Loads the weights of `model_dir`, creates the --device backend, the model and the scheduler
 // (its engine thread starts), whose steps feed `metrics`. Errors name the model directory or the
@@ -535,6 +617,13 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
   scheduler_options.sessions.budget_bytes = absl::GetFlag(FLAGS_session_budget_bytes);
   scheduler_options.sessions.ttl = absl::GetFlag(FLAGS_session_ttl);
   scheduler_options.model_fingerprint = engine::ModelFingerprint(loaded.weights);
+  PS_ASSIGN_OR_RETURN(loaded.tier, ConnectStateTier());
+  scheduler_options.shared_tier = loaded.tier.get();
+  scheduler_options.shared_tier_options.replica = ReplicaId();
+  scheduler_options.shared_tier_options.lease = absl::GetFlag(FLAGS_state_tier_lease);
+  scheduler_options.shared_tier_options.lease_wait = absl::GetFlag(FLAGS_state_tier_lease_wait);
+  scheduler_options.shared_tier_options.max_queued_bytes =
+      absl::GetFlag(FLAGS_state_tier_queue_bytes);
   scheduler_options.on_step = [metrics,
                                gauges = loaded.gauges.get()](const engine::StepStats& step) {
     metrics->EngineStep(step);
@@ -658,6 +747,7 @@ absl::Status Serve(const sigset_t& signals) {
     return watchdog.status();
   }
   generation.SetScheduler(loaded->scheduler.get());
+  metrics->SetScrapeHook([gauges = loaded->gauges.get()] { gauges->Refresh(); });
   servers.SetServing(service::kReadinessServiceName, true);
   const std::string host = absl::GetFlag(FLAGS_host);
   const std::string health_note =
@@ -671,6 +761,14 @@ absl::Status Serve(const sigset_t& signals) {
   std::fprintf(stderr, "polysketch-server: %s: draining (up to %s)\n", strsignal(signal_number),
                absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)).c_str());
   const bool drained = Drain(*loaded->scheduler, servers);
+  if (loaded->tier != nullptr) {
+    // Every completed turn was queued for the tier; wait for the writes before exiting.
+    const absl::Status flushed = loaded->scheduler->FlushSessions(
+        absl::Now() + absl::GetFlag(FLAGS_state_tier_flush_timeout));
+    std::fprintf(stderr, "polysketch-server: session writes to the state tier: %s\n",
+                 flushed.ok() ? "all done" : std::string(flushed.message()).c_str());
+  }
+  metrics->SetScrapeHook({});  // the gauges go with `loaded`
   Stop(servers, *loaded, *watchdog);
   std::fprintf(stderr, "polysketch-server: stopped (%s)\n",
                drained ? "drained" : "drain timeout: remaining requests cancelled");

@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -120,10 +121,21 @@ class ScrapeCollector : public prometheus::Collectable {
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     resident_bytes_->Set(ResidentBytes());
+    {
+      std::lock_guard<std::mutex> lock(hook_mu_);
+      if (hook_) hook_();
+    }
     return registry_->Collect();
   }
 
+  void SetHook(std::function<void()> hook) {
+    std::lock_guard<std::mutex> lock(hook_mu_);
+    hook_ = std::move(hook);
+  }
+
  private:
+  mutable std::mutex hook_mu_;
+  std::function<void()> hook_;
   std::shared_ptr<prometheus::Registry> registry_;
   Gauge* resident_bytes_;  // owned by registry_
 };
@@ -283,6 +295,72 @@ class PrometheusMetrics final : public ServerMetrics {
     sessions_opened_ = &session_events.Add({{"event", "opened"}});
     sessions_closed_ = &session_events.Add({{"event", "closed"}});
     sessions_expired_ = &session_events.Add({{"event", "expired"}});
+    sessions_evicted_ = &session_events.Add({{"event", "evicted"}});
+    // The shared state tier (--state_tier; docs/sessions.md, "Shared tier"). Zero without one.
+    auto& tier_lookups = BuildCounter()
+                             .Name("polysketch_state_tier_lookups_total")
+                             .Help(
+                                 "Session turns that asked the shared state tier, by result: hit "
+                                 "(the tier has the session) or miss (it does not).")
+                             .Register(r);
+    tier_hits_ = &tier_lookups.Add({{"result", "hit"}});
+    tier_misses_ = &tier_lookups.Add({{"result", "miss"}});
+    tier_loads_ = &BuildCounter()
+                       .Name("polysketch_state_tier_loads_total")
+                       .Help(
+                           "Session states read from the shared tier (another replica ran the "
+                           "last turn, or this one did not hold the session).")
+                       .Register(r)
+                       .Add({});
+    tier_writes_ = &BuildCounter()
+                        .Name("polysketch_state_tier_writes_total")
+                        .Help("Session states written to the shared tier.")
+                        .Register(r)
+                        .Add({});
+    auto& tier_bytes = BuildCounter()
+                           .Name("polysketch_state_tier_bytes_total")
+                           .Help("Bytes of session records moved to and from the shared tier.")
+                           .Register(r);
+    tier_bytes_read_ = &tier_bytes.Add({{"direction", "read"}});
+    tier_bytes_written_ = &tier_bytes.Add({{"direction", "written"}});
+    auto& tier_errors = BuildCounter()
+                            .Name("polysketch_state_tier_errors_total")
+                            .Help(
+                                "Shared-tier failures by kind: unreachable, timeout, full, "
+                                "damaged, foreign (another model's state), dropped (write queue "
+                                "full), other. The server serves from memory meanwhile.")
+                            .Register(r);
+    for (int i = 0; i < engine::kNumTierErrors; ++i) {
+      tier_errors_[i] = &tier_errors.Add(
+          {{"kind", std::string(engine::TierErrorName(static_cast<engine::TierError>(i)))}});
+    }
+    tier_lease_busy_ = &BuildCounter()
+                            .Name("polysketch_state_tier_lease_busy_total")
+                            .Help(
+                                "Session turns refused because another replica held the "
+                                "session's lease.")
+                            .Register(r)
+                            .Add({});
+    tier_queued_ = &BuildGauge()
+                        .Name("polysketch_state_tier_queued_writes")
+                        .Help("Session writes waiting for the shared tier.")
+                        .Register(r)
+                        .Add({});
+    tier_queued_bytes_ = &BuildGauge()
+                              .Name("polysketch_state_tier_queued_bytes")
+                              .Help("State bytes waiting to be written to the shared tier.")
+                              .Register(r)
+                              .Add({});
+    auto& tier_latency = BuildHistogram()
+                             .Name("polysketch_state_tier_operation_seconds")
+                             .Help("Latency of shared-tier calls, by op (read, write, lease).")
+                             .Register(r);
+    const Histogram::BucketBoundaries tier_buckets(engine::kTierLatencyBuckets.begin(),
+                                                   engine::kTierLatencyBuckets.end());
+    for (int i = 0; i < engine::kNumTierOps; ++i) {
+      tier_latency_[i] = &tier_latency.Add(
+          {{"op", std::string(engine::TierOpName(static_cast<engine::TierOp>(i)))}}, tier_buckets);
+    }
     stalled_ = &BuildGauge()
                     .Name("polysketch_engine_stalled")
                     .Help(
@@ -446,7 +524,35 @@ class PrometheusMetrics final : public ServerMetrics {
     Advance(sessions_opened_, se.opened, last_sessions_.opened);
     Advance(sessions_closed_, se.closed, last_sessions_.closed);
     Advance(sessions_expired_, se.expired, last_sessions_.expired);
+    Advance(sessions_evicted_, se.evicted, last_sessions_.evicted);
+    if (!stats.shared_tier) return;
+    const engine::SessionTierStats& t = stats.tier;
+    tier_queued_->Set(static_cast<double>(t.queued));
+    tier_queued_bytes_->Set(static_cast<double>(t.queued_bytes));
+    Advance(tier_hits_, t.hits, last_tier_.hits);
+    Advance(tier_misses_, t.misses, last_tier_.misses);
+    Advance(tier_loads_, t.loads, last_tier_.loads);
+    Advance(tier_writes_, t.writes, last_tier_.writes);
+    Advance(tier_bytes_read_, t.bytes_read, last_tier_.bytes_read);
+    Advance(tier_bytes_written_, t.bytes_written, last_tier_.bytes_written);
+    Advance(tier_lease_busy_, t.lease_busy, last_tier_.lease_busy);
+    for (int i = 0; i < engine::kNumTierErrors; ++i) {
+      Advance(tier_errors_[i], t.errors[i], last_tier_.errors[i]);
+    }
+    for (int i = 0; i < engine::kNumTierOps; ++i) {
+      const engine::TierLatency& now = t.latency[i];
+      engine::TierLatency& last = last_tier_.latency[i];
+      if (now.count <= last.count) continue;
+      std::vector<double> increments(now.buckets.size());
+      for (size_t b = 0; b < now.buckets.size(); ++b) {
+        increments[b] = static_cast<double>(now.buckets[b] - last.buckets[b]);
+      }
+      tier_latency_[i]->ObserveMultiple(increments, now.sum_seconds - last.sum_seconds);
+      last = now;
+    }
   }
+
+  void SetScrapeHook(std::function<void()> hook) override { collector_->SetHook(std::move(hook)); }
 
   void SetAttentionMemory(absl::string_view kind, int64_t bytes) override {
     try {
@@ -498,7 +604,15 @@ class PrometheusMetrics final : public ServerMetrics {
           *cache_insertions_ = nullptr, *cache_evictions_ = nullptr;
   Gauge *cache_bytes_ = nullptr, *cache_entries_ = nullptr;
   Gauge *sessions_active_ = nullptr, *sessions_bytes_ = nullptr;
-  Counter *sessions_opened_ = nullptr, *sessions_closed_ = nullptr, *sessions_expired_ = nullptr;
+  Counter *sessions_opened_ = nullptr, *sessions_closed_ = nullptr, *sessions_expired_ = nullptr,
+          *sessions_evicted_ = nullptr;
+  Counter *tier_hits_ = nullptr, *tier_misses_ = nullptr, *tier_loads_ = nullptr,
+          *tier_writes_ = nullptr, *tier_bytes_read_ = nullptr, *tier_bytes_written_ = nullptr,
+          *tier_lease_busy_ = nullptr;
+  Counter* tier_errors_[engine::kNumTierErrors] = {};
+  Gauge *tier_queued_ = nullptr, *tier_queued_bytes_ = nullptr;
+  Histogram* tier_latency_[engine::kNumTierOps] = {};
+  engine::SessionTierStats last_tier_;
   std::mutex totals_mu_;
   engine::PrefixCacheStats last_cache_;
   engine::SessionStats last_sessions_;

@@ -28,11 +28,14 @@
 //   polysketch_engine_stalled                                 gauge: 1 while the progress
 //                                                             watchdog sees the engine stuck
 //   polysketch_engine_stalls_total                            counter: stalls seen
+//   polysketch_state_tier_*                                   the shared state tier
+//                                                             (docs/sessions.md, "Metrics")
 // Thread-safe: every method may be called from any thread.
 #ifndef POLYSKETCH_SERVER_METRICS_METRICS_H_
 #define POLYSKETCH_SERVER_METRICS_METRICS_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -46,7 +49,8 @@ namespace ps::metrics {
 
 // Why a request failed without finishing normally (polysketch_request_failure_total{reason}).
 enum class FailureReason {
-  kValidation,  // INVALID_ARGUMENT / OUT_OF_RANGE before it was queued
+  kValidation,  // the caller's error before it was queued: INVALID_ARGUMENT, OUT_OF_RANGE,
+                //   ALREADY_EXISTS, NOT_FOUND (a session it does not know), FAILED_PRECONDITION
   kRejected,    // RESOURCE_EXHAUSTED (queue full) or UNAVAILABLE (draining)
   kCancelled,   // client cancel or disconnect
   kDeadline,    // deadline or time limit
@@ -100,6 +104,10 @@ class ServerMetrics {
   // The progress watchdog's verdict changed (engine/serving/watchdog.h): sets the stalled gauge,
   // and counts a stall when it begins.
   virtual void EngineStalled(bool /*stalled*/) {}
+  // Runs `hook` at the start of every scrape, before the metrics are read (the server refreshes
+  // the gauges of work done off the engine thread: the shared state tier's writes). An empty
+  // function removes it; returns only when no scrape runs the old hook.
+  virtual void SetScrapeHook(std::function<void()> /*hook*/) {}
 };
 
 }  // namespace ps::metrics

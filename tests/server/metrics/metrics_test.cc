@@ -150,6 +150,15 @@ constexpr Declared kDeclared[] = {
     {"polysketch_stream_buffer_overflow_total", "counter"},
     {"polysketch_engine_stalled", "gauge"},
     {"polysketch_engine_stalls_total", "counter"},
+    {"polysketch_state_tier_lookups_total", "counter"},
+    {"polysketch_state_tier_loads_total", "counter"},
+    {"polysketch_state_tier_writes_total", "counter"},
+    {"polysketch_state_tier_bytes_total", "counter"},
+    {"polysketch_state_tier_errors_total", "counter"},
+    {"polysketch_state_tier_lease_busy_total", "counter"},
+    {"polysketch_state_tier_queued_writes", "gauge"},
+    {"polysketch_state_tier_queued_bytes", "gauge"},
+    {"polysketch_state_tier_operation_seconds", "histogram"},
 };
 
 TEST(FailureReasonNameTest, NamesEveryReason) {
@@ -414,6 +423,59 @@ TEST(MetricsCreateTest, BadAddressIsUnavailable) {
 
 TEST_F(MetricsTest, OtherPathsAreNotFound) {
   EXPECT_EQ(HttpGet(metrics_->port(), "/nothing"), std::nullopt);
+}
+
+// The shared state tier's totals advance by what is new; its latency buckets become a histogram;
+// the scrape hook runs at each scrape.
+TEST_F(MetricsTest, StateTierTotalsLatencyAndScrapeHook) {
+  engine::SchedulerStats stats;
+  stats.shared_tier = true;
+  stats.tier.hits = 4;
+  stats.tier.misses = 1;
+  stats.tier.loads = 2;
+  stats.tier.writes = 5;
+  stats.tier.bytes_read = 8'000'000;
+  stats.tier.bytes_written = 20'000'000;
+  stats.tier.errors[static_cast<int>(engine::TierError::kUnreachable)] = 3;
+  stats.tier.queued = 1;
+  stats.tier.queued_bytes = 4'000'000;
+  engine::TierLatency& read = stats.tier.latency[static_cast<int>(engine::TierOp::kRead)];
+  read.buckets[2] = 2;  // <= 2.5 ms
+  read.buckets[5] = 1;  // <= 25 ms
+  read.count = 3;
+  read.sum_seconds = 0.03;
+  metrics_->SetScheduler(stats);
+  metrics_->SetScheduler(stats);  // the same totals again: no change
+  int hooks = 0;
+  metrics_->SetScrapeHook([&hooks] { ++hooks; });
+  std::string text = Scrape();
+  EXPECT_EQ(hooks, 1);
+  metrics_->SetScrapeHook({});
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_lookups_total{result=\"hit\"}"), 4.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_lookups_total{result=\"miss\"}"), 1.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_loads_total"), 2.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_writes_total"), 5.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_bytes_total{direction=\"read\"}"), 8e6);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_bytes_total{direction=\"written\"}"), 2e7);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_errors_total{kind=\"unreachable\"}"), 3.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_errors_total{kind=\"damaged\"}"), 0.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_queued_bytes"), 4e6);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_operation_seconds_count{op=\"read\"}"), 3.0);
+  EXPECT_EQ(
+      Sample(text, "polysketch_state_tier_operation_seconds_bucket{op=\"read\",le=\"0.0025\"}"),
+      2.0);
+  EXPECT_EQ(
+      Sample(text, "polysketch_state_tier_operation_seconds_bucket{op=\"read\",le=\"0.025\"}"),
+      3.0);
+  stats.tier.hits = 6;
+  read.buckets[0] = 1;
+  read.count = 4;
+  read.sum_seconds = 0.0302;
+  metrics_->SetScheduler(stats);
+  text = Scrape();
+  EXPECT_EQ(hooks, 1);  // removed
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_lookups_total{result=\"hit\"}"), 6.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_operation_seconds_count{op=\"read\"}"), 4.0);
 }
 
 }  // namespace

@@ -225,6 +225,11 @@ ps::clients::Connection* g_connection = nullptr;
 std::unique_ptr<grpc::ClientContext> MakeContext() {
   auto context = std::make_unique<grpc::ClientContext>();
   if (g_connection != nullptr) ps::clients::Authorize(*g_connection, context.get());
+  // Session-aware routing: a proxy in front of several replicas (docs/deploy.md, "Shared
+  // sessions") hashes this header, so every turn of a session reaches the pod that holds it.
+  if (const std::string session = absl::GetFlag(FLAGS_session); !session.empty()) {
+    context->AddMetadata("x-polysketch-session", session);
+  }
   const absl::Duration timeout = absl::GetFlag(FLAGS_timeout);
   if (timeout < absl::ZeroDuration()) throw UsageError("--timeout must not be negative");
   if (timeout > absl::ZeroDuration()) {

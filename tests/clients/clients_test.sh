@@ -271,6 +271,10 @@ with PolysketchClient(sys.argv[1], timeout=60) as client:
         raise AssertionError("garbage imported")
     except PolysketchError as error:
         assert error.code == "INVALID_ARGUMENT", error
+    # Session calls carry the session header (session-aware routing by a proxy); others do not.
+    from polysketch_client.client import SESSION_HEADER
+    assert (SESSION_HEADER, "abc") in client._metadata_for("abc")
+    assert all(k != SESSION_HEADER for k, _ in client._metadata_for(""))
 print("ok: Python client sessions: continuation == whole conversation, export/import, errors")
 PY
 # Prompt log-probabilities: scoring only (max_new_tokens=0) through **params, unary == stream,

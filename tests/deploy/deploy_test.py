@@ -5,8 +5,8 @@ Usage: deploy_test.py <polysketch-server binary> <repo root> [<k8s dir>]
 
 1. `promtool check config` (deploy/prometheus/prometheus.yml, prometheus-kubernetes.yml),
    `promtool check rules` (rules.yml) and `promtool test rules` (rules_test.yml) pass.
-2. `kubectl kustomize` renders <k8s dir>/overlays/cpu, .../gpu and .../secure (default
-   <repo root>/deploy/k8s).
+2. `kubectl kustomize` renders <k8s dir>/overlays/cpu, .../gpu, .../secure and .../sessions
+   (default <repo root>/deploy/k8s).
 3. A real polysketch-server on free ports (run with the cpu overlay's flags, model, hosts and ports
    replaced) answers a Generate request and both health service names with SERVING; its /metrics
    is scraped. The rendered objects are checked against it: container, Service and probe ports
@@ -15,6 +15,12 @@ Usage: deploy_test.py <polysketch-server binary> <repo root> [<k8s dir>]
    terminationGracePeriodSeconds >= preStop sleep + --drain_timeout, selectors match the pod
    labels, the ServiceMonitor's port is on a Service, the HPA / KEDA targets and queries, non-root
    and read-only root filesystem, GPU request and tolerations in the gpu overlay only.
+   With --state_tier (the sessions overlay): its host:port is a Service of the overlay whose
+   selector and target port reach a StatefulSet's Redis container with a PersistentVolumeClaim
+   mounted at its --dir, readiness and liveness probes, a --maxmemory under the memory limit and a
+   TTL-only eviction policy, Redis 6.2 or later, non-root; the grace period also covers
+   --state_tier_flush_timeout; and a real polysketch-server with the overlay's flags (--state_tier
+   pointed at a redis-server this test starts) reaches it and continues a session.
 4. Every metric named by rules.yml, the HPA / prometheus-adapter / KEDA queries and the Grafana
    dashboard (deploy/grafana/polysketch-dashboard.json, which must parse) is in the live scrape.
 
@@ -37,7 +43,11 @@ import yaml
 
 READINESS_SERVICE = "polysketch.v1.GenerationService"
 LIVENESS_SERVICE = ""
-OVERLAYS = ("cpu", "gpu", "secure")  # secure: cpu + TLS and tokens (docs/security.md)
+# secure: cpu + TLS and tokens (docs/security.md); sessions: cpu + the shared state tier in Redis
+# (docs/sessions.md "Shared tier").
+OVERLAYS = ("cpu", "gpu", "secure", "sessions")
+# Redis maxmemory policies that evict only keys with a TTL (every key polysketch writes has one).
+REDIS_TTL_POLICIES = ("volatile-lru", "volatile-lfu", "volatile-ttl", "volatile-random")
 GPU_RESOURCE = "nvidia.com/gpu"
 # Series Prometheus makes itself for every target.
 SYNTHETIC_METRICS = {"up", "scrape_duration_seconds", "scrape_samples_scraped",
@@ -461,6 +471,131 @@ def prestop_seconds(container):
     return float(m.group(1)) if m else 0.0
 
 
+def memory_bytes(text):
+    """A Kubernetes quantity ("1536Mi", "2G") or Redis size ("1gb", "512mb") in bytes; None if
+    neither."""
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", str(text).strip())
+    factors = {"": 1, "b": 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
+               "k": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "kb": 1 << 10, "mb": 1 << 20,
+               "gb": 1 << 30}
+    if not m or m.group(2) not in factors:
+        return None
+    return int(m.group(1)) * factors[m.group(2)]
+
+
+def check_state_tier(where, by_kind, address):
+    """--state_tier=host:port reaches a Redis StatefulSet of the overlay, sized and kept right."""
+    m = re.fullmatch(r"(?:redis://)?([^:]+):(\d+)", address)
+    if not check(m, f"{where}: --state_tier={address} is not host:port"):
+        return
+    host, port = m.group(1).split(".")[0], int(m.group(2))
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    svc = services.get(host)
+    if not check(svc, f"{where}: --state_tier host {host} is not a Service of the overlay "
+                 "(an external Redis: leave this overlay's Redis out and skip this check)"):
+        return
+    svc_port = next((p for p in svc["spec"].get("ports", []) if p["port"] == port), None)
+    if not check(svc_port, f"{where}: Service {host} has no port {port} (--state_tier)"):
+        return
+    sets = [st for st in by_kind.get("StatefulSet", [])
+            if matches(svc["spec"].get("selector"), st["spec"]["template"]["metadata"]
+                       .get("labels", {}))]
+    if not check(len(sets) == 1, f"{where}: Service {host} selects {len(sets)} StatefulSets, "
+                 "want 1 (Redis)"):
+        return
+    st = sets[0]
+    sname = f"{where}: StatefulSet {st['metadata']['name']}"
+    check(st["spec"].get("serviceName") in services,
+          f"{sname}: serviceName {st['spec'].get('serviceName')} is not a Service of the overlay")
+    pod = st["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    ports = {p["containerPort"]: p.get("name") for p in c.get("ports", [])}
+    t = svc_port.get("targetPort", port)
+    check(t in ports or t in ports.values(),
+          f"{sname}: Service {host} targets {t}, not a port of container {c['name']}")
+    m = re.search(r":(\d+)\.(\d+)", c.get("image", ""))
+    check(m and (int(m.group(1)), int(m.group(2))) >= (6, 2),
+          f"{sname}: image {c.get('image')} is not Redis 6.2 or later (SET ... GET)")
+    args = dict(parse_flag_tokens(c.get("command", []) + c.get("args", [])))
+    claims = [t["metadata"]["name"] for t in st["spec"].get("volumeClaimTemplates", [])]
+    check(claims, f"{sname}: no volumeClaimTemplates (sessions would not survive a restart)")
+    mounts = {v["name"]: v["mountPath"] for v in c.get("volumeMounts", [])}
+    check(any(mounts.get(claim) == args.get("dir") for claim in claims),
+          f"{sname}: Redis --dir {args.get('dir')} is not a mounted PersistentVolumeClaim")
+    check(args.get("appendonly") == "yes" or args.get("save") not in (None, ""),
+          f"{sname}: neither --appendonly yes nor --save: a restart loses every session")
+    check(args.get("maxmemory-policy") in REDIS_TTL_POLICIES,
+          f"{sname}: --maxmemory-policy {args.get('maxmemory-policy')}, want one of "
+          f"{REDIS_TTL_POLICIES} (evict expiring keys only)")
+    maxmemory = memory_bytes(args.get("maxmemory", ""))
+    limit = memory_bytes(c.get("resources", {}).get("limits", {}).get("memory", ""))
+    check(maxmemory and limit and maxmemory < limit,
+          f"{sname}: --maxmemory {args.get('maxmemory')} is not below the memory limit "
+          f"{c.get('resources', {}).get('limits', {}).get('memory')}")
+    for kind in ("readinessProbe", "livenessProbe"):
+        check(kind in c, f"{sname}: no {kind}")
+    sc = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+    check(sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0,
+          f"{sname}: Redis does not run as non-root")
+    print(f"{where}: state tier {address} -> StatefulSet {st['metadata']['name']} "
+          f"(claims {claims}, maxmemory {args.get('maxmemory')}, "
+          f"{args.get('maxmemory-policy')})", flush=True)
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_state_tier_live(server, root, objects, valid_flags, tmp):
+    """A server with the sessions overlay's flags, its --state_tier pointed at a local
+    redis-server, reaches Redis and runs a session turn."""
+    deployment = next((o for o in objects if o["kind"] == "Deployment"), None)
+    redis_server = shutil.which("redis-server")
+    if not check(redis_server, "redis-server is missing (scripts/setup-deps installs it)"):
+        return
+    flags = container_flags(objects, deployment["spec"]["template"]["spec"],
+                            server_container(deployment))
+    redis_port = free_port()
+    redis = subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", tmp],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    live = None
+    try:
+        time.sleep(0.5)
+        args = [f"--{n}={v}" if v is not None else f"--{n}" for n, v in flags
+                if n in valid_flags - {"model", "host", "port", "metrics_host", "metrics_port",
+                                       "http_port", "flagfile", "state_tier"}]
+        args += ["--state_tier", f"127.0.0.1:{redis_port}",
+                 "--model", os.path.join(root, "tests", "golden", "polysketch-random"),
+                 "--host", "127.0.0.1", "--port", "0", "--metrics_host", "127.0.0.1",
+                 "--metrics_port", "0", "--http_port", "0"]
+        sub = os.path.join(tmp, "sessions")
+        os.makedirs(sub, exist_ok=True)
+        live = Server(server, args, sub)
+        check("state tier redis 127.0.0.1" in live.tail(),
+              f"the sessions overlay's server did not reach Redis:\n{live.tail()}")
+        import grpc
+        from polysketch.v1 import generation_pb2 as gpb  # generated by generate_stubs
+        from polysketch.v1 import generation_pb2_grpc as gpbg
+        with grpc.insecure_channel(f"127.0.0.1:{live.port}") as channel:
+            stub = gpbg.GenerationServiceStub(channel)
+            session = stub.OpenSession(gpb.OpenSessionRequest(), timeout=30).session_id.encode()
+            stub.Generate(gpb.GenerateRequest(text=b"abc", session_id=session, max_new_tokens=2),
+                          timeout=30)
+        print("sessions overlay: a server with its flags reached Redis and ran a session turn",
+              flush=True)
+    except RuntimeError as e:
+        problem(f"the sessions overlay's flags: {e}")
+    finally:
+        if live:
+            live.stop()
+        redis.kill()
+        redis.wait()
+
+
 def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
     """Checks one rendered overlay; returns (its server flags, its PromQL queries)."""
     where = f"overlay {overlay}"
@@ -517,7 +652,10 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
         t = svc_port.get("targetPort", svc_port["port"])
         return port_names.get(t) if isinstance(t, str) else t
 
-    services = by_kind.get("Service", [])
+    stateful_labels = [st["spec"]["template"]["metadata"].get("labels", {})
+                       for st in by_kind.get("StatefulSet", [])]
+    services = [svc for svc in by_kind.get("Service", [])
+                if not any(matches(svc["spec"].get("selector"), lb) for lb in stateful_labels)]
     headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
     normal = [s for s in services if s["spec"].get("clusterIP") != "None"]
     check(headless, f"{where}: no headless Service (clusterIP: None) for client-side balancing")
@@ -583,10 +721,19 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
         check(statuses.get(service) == "SERVING",
               f"{where}: {kind} service {service!r}: the server answers {statuses.get(service)}")
 
-    # Graceful shutdown.
+    # Graceful shutdown (with a state tier, the drain is followed by the sessions' flush).
     grace = pod.get("terminationGracePeriodSeconds", 30)
     pre = prestop_seconds(container)
-    if drain is not None:
+    if "state_tier" in given:
+        flush = duration_seconds(given.get("state_tier_flush_timeout",
+                                           help_defaults.get("state_tier_flush_timeout", "10s")))
+        check(flush is not None, f"{where}: --state_tier_flush_timeout is not a duration")
+        if drain is not None and flush is not None:
+            check(grace >= pre + drain + flush,
+                  f"{where}: terminationGracePeriodSeconds {grace} < preStop {pre:g} s + "
+                  f"--drain_timeout {drain:g} s + --state_tier_flush_timeout {flush:g} s")
+        check_state_tier(where, by_kind, given["state_tier"])
+    elif drain is not None:
         check(grace >= pre + drain, f"{where}: terminationGracePeriodSeconds {grace} < preStop "
               f"{pre:g} s + --drain_timeout {drain:g} s")
     print(f"{where}: ports {port}/{metrics_port}, grace {grace} s >= preStop {pre:g} s + drain "
@@ -772,6 +919,10 @@ def main():
                 print(f"--- overlay {overlay}", flush=True)
                 queries += check_overlay(overlay, objects, help_defaults, valid_flags,
                                          statuses)[1]
+
+        if rendered.get("sessions"):
+            print("--- overlay sessions: a live server on its flags and a local Redis", flush=True)
+            check_state_tier_live(server, root, rendered["sessions"], valid_flags, tmp)
 
         # A ScaledObject kept out of the kustomization (KEDA as an alternative to the HPA) is still
         # checked: its scale target and its queries.

@@ -21,6 +21,8 @@ except ImportError as error:  # pragma: no cover - only without generated stubs
     ) from error
 
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+# The metadata header of session calls: a proxy hashes it to keep a session on one replica.
+SESSION_HEADER = "x-polysketch-session"
 SERVICE_NAME = "polysketch.v1.GenerationService"
 _HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
@@ -267,10 +269,19 @@ class PolysketchClient:
     def _deadline(self, timeout: Optional[float]) -> Optional[float]:
         return self.timeout if timeout is None else timeout
 
-    def _call(self, method, request, timeout: Optional[float]):
+    def _metadata_for(self, session_id: str) -> Tuple[Tuple[str, str], ...]:
+        """The call's metadata: the token, and for a session call the session header, which a
+        proxy in front of several replicas hashes so that every turn of a session reaches the
+        pod holding it (docs/deploy.md, "Shared sessions")."""
+        if not session_id:
+            return self._metadata
+        return self._metadata + ((SESSION_HEADER, session_id),)
+
+    def _call(self, method, request, timeout: Optional[float], session_id: str = ""):
         """One unary call; a gRPC error becomes PolysketchError(code name, details)."""
         try:
-            return method(request, timeout=self._deadline(timeout), metadata=self._metadata)
+            return method(request, timeout=self._deadline(timeout),
+                          metadata=self._metadata_for(session_id))
         except grpc.RpcError as error:
             raise PolysketchError(error.code().name, error.details()) from None
 
@@ -345,7 +356,8 @@ class PolysketchClient:
         prompt_logprobs=True scores the prompt without generating. The unary response carries
         every prompt log-probability in one message: use generate_stream for long prompts.
         """
-        response = self._call(self._stub.Generate, self._request(prompt, **params), timeout)
+        response = self._call(self._stub.Generate, self._request(prompt, **params), timeout,
+                              params.get("session_id", ""))
         return GenerateResult(
             request_id=response.request_id,
             text=response.text,
@@ -363,7 +375,8 @@ class PolysketchClient:
         """
         request = self._request(prompt, **params)
         call = self._stub.GenerateStream(
-            request, timeout=self._deadline(timeout), metadata=self._metadata
+            request, timeout=self._deadline(timeout),
+            metadata=self._metadata_for(params.get("session_id", ""))
         )
         try:
             for message in call:
@@ -429,11 +442,11 @@ class PolysketchClient:
 
     def close_session(self, session_id: str, *, timeout: Optional[float] = None) -> None:
         request = pb.CloseSessionRequest(session_id=session_id.encode("utf-8"))
-        self._call(self._stub.CloseSession, request, timeout)
+        self._call(self._stub.CloseSession, request, timeout, session_id)
 
     def export_state(self, session_id: str, *, timeout: Optional[float] = None) -> ExportedState:
         request = pb.ExportStateRequest(session_id=session_id.encode("utf-8"))
-        response = self._call(self._stub.ExportState, request, timeout)
+        response = self._call(self._stub.ExportState, request, timeout, session_id)
         return ExportedState(state=response.state, tokens=response.tokens)
 
     def import_state(self, state: bytes, *, timeout: Optional[float] = None) -> str:

@@ -86,6 +86,11 @@ ABSL_FLAG(int64_t, prefix_cache_bytes, int64_t{256} << 20,
 ABSL_FLAG(int64_t, prefix_cache_granularity, 0,
           "Cached prefixes are multiples of this many tokens; 0 = the model's local_exact block "
           "size (64 without one).");
+ABSL_FLAG(bool, prefix_cache_shared, false,
+          "Share cached prefixes across caller identities (tokens). Off (default): a prefix is "
+          "reused only by requests of the identity that sent it, so cached_tokens and response "
+          "times tell no caller about another's prompts (docs/security.md). Requests with "
+          "different cache_salt values never share either way.");
 ABSL_FLAG(int64_t, session_budget_bytes, int64_t{512} << 20,
           "Memory all sessions may reserve (each reserves one state); 0 turns sessions off.");
 ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(30),
@@ -532,6 +537,7 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
   scheduler_options.prefill_tokens_per_step = absl::GetFlag(FLAGS_prefill_tokens_per_step);
   scheduler_options.prefix_cache.budget_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
   scheduler_options.prefix_cache.granularity = absl::GetFlag(FLAGS_prefix_cache_granularity);
+  scheduler_options.prefix_cache.shared_across_owners = absl::GetFlag(FLAGS_prefix_cache_shared);
   scheduler_options.sessions.budget_bytes = absl::GetFlag(FLAGS_session_budget_bytes);
   scheduler_options.sessions.ttl = absl::GetFlag(FLAGS_session_ttl);
   scheduler_options.model_fingerprint = engine::ModelFingerprint(loaded.weights);

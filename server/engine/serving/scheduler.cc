@@ -51,6 +51,7 @@ struct Scheduler::Active {
   // Prefix cache: keys of the feed's whole blocks, and the feed positions to snapshot at
   // (ascending).
   std::vector<uint64_t> prefix_hashes;
+  PrefixCache::Scope prefix_scope;  // the owner's (unless shared) and the salt's
   std::deque<int64_t> snapshot_at;
   absl::Time submitted, admitted, prefill_done, first_token;
 
@@ -173,6 +174,11 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   }
   if (request.prompt_logprobs && !request.session_id.empty()) {
     return absl::InvalidArgumentError(kPromptLogprobsWithSession);
+  }
+  if (request.prefix_cache_salt.size() > kMaxCacheSaltBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cache_salt: must be at most ",
+                                                   kMaxCacheSaltBytes, " bytes, got ",
+                                                   request.prefix_cache_salt.size()));
   }
   const absl::Time now = absl::Now();
   Queued queued;
@@ -532,12 +538,14 @@ absl::Status Scheduler::PrepareState(Active& active) {
   // At least the last prompt token is prefilled: its logits give the first generated token.
   const int64_t n = active.feed_size();
   const int64_t g = prefix_cache_.granularity();
-  active.prefix_hashes = prefix_cache_.Hashes(active.feed());
+  active.prefix_scope =
+      prefix_cache_.MakeScope(active.request.owner, active.request.prefix_cache_salt);
+  active.prefix_hashes = prefix_cache_.Hashes(active.feed(), active.prefix_scope);
   // Prompt log-probabilities need the logits of every prompt token: no hit may skip any.
   const PrefixCache::Hit hit =
       active.request.prompt_logprobs
           ? PrefixCache::Hit{}
-          : prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1);
+          : prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1, active.prefix_scope);
   if (hit.state != nullptr) {
     PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, *hit.state));
     active.prefilled = hit.length;
@@ -564,7 +572,8 @@ void Scheduler::MaybeSnapshot(Active& active) {
   if (!model_->SaveSlot(active.slot, &snapshot).ok()) return;  // the slot is ours: cannot fail
   const int64_t g = prefix_cache_.granularity();
   prefix_cache_.Insert(active.feed().subspan(0, static_cast<size_t>(at)),
-                       active.prefix_hashes[static_cast<size_t>(at / g - 1)], std::move(snapshot));
+                       active.prefix_hashes[static_cast<size_t>(at / g - 1)], std::move(snapshot),
+                       active.prefix_scope);
 }
 
 void Scheduler::RunDecode(StepStats& stats) {

@@ -54,6 +54,9 @@
 
 namespace ps::engine {
 
+// Longest EngineRequest::prefix_cache_salt.
+inline constexpr size_t kMaxCacheSaltBytes = 256;
+
 struct SchedulerOptions {
   // Queue bounds: past either, Submit answers ResourceExhausted at once.
   int64_t max_waiting = 256;                      // requests admitted to the queue, not yet running
@@ -120,8 +123,12 @@ struct EngineRequest {
   // session stays as it was before the request.
   std::string session_id;
   // The authenticated identity making the request ("" without authentication): sessions are
-  // visible to their owner only.
+  // visible to their owner only, and so are the prefixes it leaves in the prefix cache (unless
+  // PrefixCacheOptions::shared_across_owners).
   std::string owner;
+  // Separates prefix-cache entries (vLLM's cache_salt): the request finds only prefixes cached by
+  // requests with the same salt (and owner). Empty: none. At most kMaxCacheSaltBytes.
+  std::string prefix_cache_salt;
   // Prompt log-probabilities (StreamDelta::prompt_logprobs) of every prompt token after the
   // first, with the prompt_top_logprobs [0, kMaxTopLogprobs] most likely alternatives (> 0 needs
   // prompt_logprobs). Not with a session (its earlier tokens are not re-scored). Such a request

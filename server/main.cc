@@ -6,7 +6,8 @@
 // busy port, unreadable or mismatched TLS files, bad tokens file) print one line to stderr and
 // exit 1. docs/security.md describes the TLS, token and limit flags. An engine stuck in a step
 // for --watchdog_timeout turns liveness NOT_SERVING until it moves again
-// (engine/serving/watchdog.h).
+// (engine/serving/watchdog.h); a backend that fails for good (a CUDA error) turns liveness and
+// readiness NOT_SERVING for good (engine/serving/scheduler.h, Scheduler::failure).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -500,9 +501,10 @@ struct LoadedEngine {
 };
 
 // Loads the weights of `model_dir`, creates the --device backend, the model and the scheduler
-// (its engine thread starts), whose steps feed `metrics`. Errors name the model directory or the
-// flag at fault.
-absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
+// (its engine thread starts), whose steps feed `metrics`. A backend failure that stops the engine
+// turns liveness and readiness of `servers` NOT_SERVING (watchdog_listener.h). Errors name the
+// model directory or the flag at fault.
+absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir, const Servers& servers,
                                          ps::metrics::ServerMetrics* metrics) {
   LoadedEngine loaded;
   absl::StatusOr<engine::ModelWeights> weights = engine::LoadWeights(model_dir);
@@ -546,6 +548,8 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
     metrics->EngineStep(step);
     gauges->Refresh();
   };
+  scheduler_options.on_failure =
+      service::MakeEngineFailureListener(servers.HealthServices(), metrics);
   PS_ASSIGN_OR_RETURN(loaded.scheduler,
                       engine::Scheduler::Create(std::move(model), scheduler_options));
   loaded.gauges->SetScheduler(loaded.scheduler.get());
@@ -652,7 +656,7 @@ absl::Status Serve(const sigset_t& signals) {
   service::GenerationService generation(options, metrics.get());
 
   PS_ASSIGN_OR_RETURN(Servers servers, StartServers(model_dir, security, generation));
-  absl::StatusOr<LoadedEngine> loaded = BuildEngine(model_dir, metrics.get());
+  absl::StatusOr<LoadedEngine> loaded = BuildEngine(model_dir, servers, metrics.get());
   if (!loaded.ok()) {
     servers.Shutdown(std::chrono::system_clock::now());
     return loaded.status();
@@ -664,7 +668,8 @@ absl::Status Serve(const sigset_t& signals) {
     return watchdog.status();
   }
   generation.SetScheduler(loaded->scheduler.get());
-  servers.SetServing(service::kReadinessServiceName, true);
+  // Not when the engine already failed (its listener turned both NOT_SERVING for good).
+  if (loaded->scheduler->failure().ok()) servers.SetServing(service::kReadinessServiceName, true);
   const std::string host = absl::GetFlag(FLAGS_host);
   const std::string health_note =
       servers.health == nullptr ? "" : absl::StrCat(", health on ", host, ":", servers.health_port);

@@ -200,7 +200,11 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   absl::Status refused;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (draining_ || stopping_) {
+    if (!failure_.ok()) {
+      refused = absl::UnavailableError(
+          absl::StrCat("the engine failed and serves no more requests (restart the server): ",
+                       failure_.message()));
+    } else if (draining_ || stopping_) {
       refused = absl::UnavailableError("the server is draining: no new requests");
     } else if (ids_.contains(request.id)) {
       refused = absl::AlreadyExistsError(
@@ -283,6 +287,31 @@ void Scheduler::StartDrain() {
   draining_ = true;
 }
 
+absl::Status Scheduler::failure() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failure_;
+}
+
+void Scheduler::FailEngine(const absl::Status& error) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!failure_.ok()) return;
+    failure_ = error;
+  }
+  // Every state slot is suspect: end everything, queued requests too (they would never run).
+  std::deque<Queued> queue;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue.swap(queue_);
+    queued_tokens_ = 0;
+  }
+  for (Queued& q : queue) FinishQueued(q, FinishReason::kError, error);
+  for (auto& active : active_) {
+    if (!active->finished) Finish(*active, FinishReason::kError, error);
+  }
+  if (options_.on_failure) options_.on_failure(error);
+}
+
 bool Scheduler::Idle() const {
   std::lock_guard<std::mutex> lock(mu_);
   return ids_.empty();
@@ -295,6 +324,7 @@ SchedulerStats Scheduler::Stats() const {
     stats.waiting = static_cast<int64_t>(queue_.size());
     stats.waiting_tokens = queued_tokens_;
     stats.draining = draining_;
+    stats.failed = !failure_.ok();
   }
   stats.running = running_.load();
   stats.slots_total = model_->pool().num_slots();
@@ -351,10 +381,11 @@ void Scheduler::EngineLoop() {
   active_.clear();
 }
 
-void Scheduler::FinishQueued(Queued& queued, FinishReason reason) {
+void Scheduler::FinishQueued(Queued& queued, FinishReason reason, absl::Status error) {
   EngineRequest& request = queued.request;
   FinalResult result;
   result.reason = reason;
+  result.error = std::move(error);
   result.prompt_tokens = static_cast<int64_t>(request.prompt.size());
   result.seed = request.sampling.seed;
   result.timings.queue = result.timings.total = absl::Now() - queued.submitted;
@@ -514,6 +545,7 @@ void Scheduler::Admit(absl::Time now) {
     running_.fetch_add(1);
     if (absl::Status status = PrepareState(*active); !status.ok()) {
       Finish(*active, FinishReason::kError, status);
+      if (model_->backend_failed()) return FailEngine(status);
       continue;
     }
     active_.push_back(std::move(active));
@@ -601,6 +633,7 @@ void Scheduler::RunDecode(StepStats& stats) {
   }
   stats.decode_batch = static_cast<int64_t>(items.size());
   stats.decode_time = absl::Now() - start;
+  if (!status.ok() && model_->backend_failed()) FailEngine(status);
 }
 
 void Scheduler::RunPrefill(StepStats& stats) {
@@ -640,6 +673,10 @@ void Scheduler::RunPrefill(StepStats& stats) {
     stats.prefill_tokens += n;
     if (!status.ok()) {
       Finish(*active, FinishReason::kError, status);
+      if (model_->backend_failed()) {
+        FailEngine(status);
+        break;
+      }
       continue;
     }
     active->prefilled += n;

@@ -73,6 +73,9 @@ struct SchedulerOptions {
   uint64_t model_fingerprint = 0;
   // Called on the engine thread after every step that did work (metrics).
   std::function<void(const StepStats&)> on_step;
+  // Called once, on the engine thread, when the backend fails for good (Model::backend_failed),
+  // after every queued and running request has ended with kError: the server turns unhealthy.
+  std::function<void(const absl::Status&)> on_failure;
 };
 
 // One generated token.
@@ -171,11 +174,12 @@ class Scheduler {
   // Validates and queues a request; its events then go to request.observer. Errors (nothing is
   // queued, the observer is never called): InvalidArgument naming the field (empty id or
   // prompt, token ids outside the vocabulary, sampling or stop values, prompt_top_logprobs out of
-  // range or without prompt_logprobs, prompt_logprobs with a session, no observer);
+  // range or without prompt_logprobs, prompt_logprobs with a session, no observer,
+  // prefix_cache_salt longer than kMaxCacheSaltBytes);
   // OutOfRange when the prompt does not fit the context limit (generation that reaches the limit
   // ends there with kLength); AlreadyExists for an id in use;
   // ResourceExhausted when the queue is full (by count or by prompt tokens); Unavailable while
-  // draining or shutting down.
+  // draining or shutting down, and once the engine failed (failure()).
   [[nodiscard]] absl::Status Submit(EngineRequest request);
 
   // Ends request `id` (queued or running) within one engine step, with `reason`: kCancelled, or
@@ -205,6 +209,12 @@ class Scheduler {
   const SchedulerOptions& options() const { return options_; }
   const SessionStore& sessions() const { return sessions_; }
   int64_t prefix_cache_granularity() const { return prefix_cache_.granularity(); }
+
+  // OK, or the backend failure that stopped the engine for good. A forward whose backend fails
+  // ends the requests of that forward with kError and the failure (Internal); a failure that
+  // is sticky (Model::backend_failed) also ends every other queued and running request the same
+  // way, calls SchedulerOptions::on_failure, and from then on Submit answers Unavailable.
+  absl::Status failure() const;
 
   // Refuses new requests from now on (Unavailable); queued and running ones continue.
   void StartDrain();
@@ -242,7 +252,9 @@ class Scheduler {
   absl::Status EmitPromptLogprobs(Active& active, int64_t first, int64_t rows,
                                   absl::Span<const float> logits);
   void Finish(Active& active, FinishReason reason, absl::Status error = absl::OkStatus());
-  void FinishQueued(Queued& queued, FinishReason reason);
+  void FinishQueued(Queued& queued, FinishReason reason, absl::Status error = absl::OkStatus());
+  // The backend failed for good: see failure().
+  void FailEngine(const absl::Status& error);
   // Restores the request's starting state into its slot (session or cached prefix) and plans
   // the prefix-cache snapshots of its prefill.
   absl::Status PrepareState(Active& active);
@@ -270,6 +282,7 @@ class Scheduler {
   int64_t queued_tokens_ = 0;
   bool draining_ = false;
   bool stopping_ = false;
+  absl::Status failure_;  // failure()
 
   // Gauges for Stats(), written by the engine thread. running_ (== slots in use) changes when a
   // slot is taken or returned, before the observer hears of it.

@@ -551,6 +551,8 @@ TEST_F(ServerTest, TokenizeAndModelInfo) {
   EXPECT_EQ(info.limits().state_slots(), 4u);
   EXPECT_EQ(info.limits().max_new_tokens(), static_cast<uint32_t>(kLong));
   EXPECT_EQ(info.tokenizer(), "bytes");
+  // The backend the model runs on, not a default.
+  EXPECT_EQ(info.device(), "faulty-cpu");
 }
 
 TEST_F(ServerTest, HealthAndReadinessTransitions) {

@@ -13,9 +13,9 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 
-#include <absl/container/flat_hash_map.h>
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
 #include <absl/strings/str_cat.h>
@@ -198,7 +198,7 @@ class FaultyBackend final : public kernels::Backend {
   absl::Status sticky_;
   absl::Status pending_;
   int64_t ops_run_ = 0;
-  absl::flat_hash_map<void*, kernels::DeviceBuffer> owned_;
+  std::unordered_map<void*, kernels::DeviceBuffer> owned_;
 };
 
 }  // namespace ps::test

@@ -298,6 +298,9 @@ void Scheduler::FailEngine(const absl::Status& error) {
     if (!failure_.ok()) return;
     failure_ = error;
   }
+  // Unhealthy first, so that whoever hears of a request ending this way (the queued ones below)
+  // already finds the server NOT_SERVING.
+  if (options_.on_failure) options_.on_failure(error);
   // Every state slot is suspect: end everything, queued requests too (they would never run).
   std::deque<Queued> queue;
   {
@@ -309,7 +312,6 @@ void Scheduler::FailEngine(const absl::Status& error) {
   for (auto& active : active_) {
     if (!active->finished) Finish(*active, FinishReason::kError, error);
   }
-  if (options_.on_failure) options_.on_failure(error);
 }
 
 bool Scheduler::Idle() const {

@@ -73,8 +73,9 @@ struct SchedulerOptions {
   uint64_t model_fingerprint = 0;
   // Called on the engine thread after every step that did work (metrics).
   std::function<void(const StepStats&)> on_step;
-  // Called once, on the engine thread, when the backend fails for good (Model::backend_failed),
-  // after every queued and running request has ended with kError: the server turns unhealthy.
+  // Called once, on the engine thread, when the backend fails for good (Model::backend_failed):
+  // the server turns unhealthy. The requests of the failed pass have ended by then; every other
+  // queued and running request ends (kError) right after the call.
   std::function<void(const absl::Status&)> on_failure;
 };
 
@@ -212,8 +213,8 @@ class Scheduler {
 
   // OK, or the backend failure that stopped the engine for good. A forward whose backend fails
   // ends the requests of that forward with kError and the failure (Internal); a failure that
-  // is sticky (Model::backend_failed) also ends every other queued and running request the same
-  // way, calls SchedulerOptions::on_failure, and from then on Submit answers Unavailable.
+  // is sticky (Model::backend_failed) also calls SchedulerOptions::on_failure, ends every other
+  // queued and running request the same way, and from then on Submit answers Unavailable.
   absl::Status failure() const;
 
   // Refuses new requests from now on (Unavailable); queued and running ones continue.

@@ -255,6 +255,7 @@ TEST_F(SchedulerTest, StickyBackendFailureStopsTheEngine) {
   while (running->tokens().size() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   ASSERT_THAT(scheduler->Submit(Request("queued", {4, 5}, 3, queued)), IsOk());
   faulty.InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
+  // The queued request ends after on_failure was called: its end is the test's sync point.
   for (auto& recorder : {running, queued}) {
     ASSERT_TRUE(recorder->Wait());
     EXPECT_EQ(recorder->result().reason, FinishReason::kError);

@@ -13,10 +13,11 @@
 // and reported by TakeStatus (which the model calls once per forward pass), status() and
 // Synchronize(). Such a failure is sticky (failed() turns true, the first one is kept and printed
 // once to stderr): a CUDA error may poison the context, and the device memory the failed work
-// wrote, every request's state slot included, holds unknown values. Only a scratch buffer that
-// cannot grow is a passing failure (ResourceExhausted, reported once by TakeStatus). Shapes the
-// kernels do not support (head_dim above kMaxKvHeadDim for KV layers) are refused by CheckShape
-// at load. Allocation failures are returned as ResourceExhausted.
+// wrote, every request's state slot included, holds unknown values. Two failures, where nothing
+// ran, are passing (reported once by TakeStatus): a scratch buffer that cannot grow
+// (ResourceExhausted) and a KV op called with a head width its kernels do not support
+// (Unimplemented; CheckShape refuses such models at load, head_dim above kMaxKvHeadDim).
+// Allocation failures are returned as ResourceExhausted.
 //
 // Thread-compatibility: engine thread only, like every backend. The current CUDA device is set to
 // this backend's device on creation; callers that use several devices must keep it set.

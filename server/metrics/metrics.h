@@ -28,6 +28,10 @@
 //   polysketch_engine_stalled                                 gauge: 1 while the progress
 //                                                             watchdog sees the engine stuck
 //   polysketch_engine_stalls_total                            counter: stalls seen
+//   polysketch_engine_failed                                  gauge: 1 once the backend failed
+//                                                             for good (requests that a backend
+//                                                             failure ended count as
+//                                                             request_failure_total{internal})
 // Thread-safe: every method may be called from any thread.
 #ifndef POLYSKETCH_SERVER_METRICS_METRICS_H_
 #define POLYSKETCH_SERVER_METRICS_METRICS_H_
@@ -100,6 +104,8 @@ class ServerMetrics {
   // The progress watchdog's verdict changed (engine/serving/watchdog.h): sets the stalled gauge,
   // and counts a stall when it begins.
   virtual void EngineStalled(bool /*stalled*/) {}
+  // The backend failed for good (Scheduler::failure): sets the failed gauge to 1.
+  virtual void EngineFailed() {}
 };
 
 }  // namespace ps::metrics

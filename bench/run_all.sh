@@ -6,6 +6,8 @@
 # Run on an otherwise idle machine: the figures are wall-clock times.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
+# Models are named relative to the repository root, so that the recorded outputs name no machine path.
+cd "${root}"
 out="${1:-${root}/bench/results}"
 mkdir -p "${out}" "${root}/docs/img"
 bench="${root}/build/bench/polysketch-bench"
@@ -13,14 +15,14 @@ bench="${root}/build/bench/polysketch-bench"
 
 {
   echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
-  "${root}/bench/vs_torch.sh" "${root}/models/tiny-polysketch" 2 200
-  "${root}/bench/vs_torch.sh" "${root}/models/tiny-softmax" 2 200
+  "${root}/bench/vs_torch.sh" models/tiny-polysketch 2 200
+  "${root}/bench/vs_torch.sh" models/tiny-softmax 2 200
 } | tee "${out}/vs_torch.txt"
 
 contexts=1024,4096,16384,65536
-"${bench}" --model "${root}/models/tiny-polysketch" --contexts "${contexts}" \
+"${bench}" --model models/tiny-polysketch --contexts "${contexts}" \
   --csv "${out}/tiny-polysketch.csv" | tee "${out}/tiny-polysketch.txt"
-"${bench}" --model "${root}/models/tiny-softmax" --contexts "${contexts}" --budget_gib 14 \
+"${bench}" --model models/tiny-softmax --contexts "${contexts}" --budget_gib 14 \
   --csv "${out}/tiny-softmax.csv" | tee "${out}/tiny-softmax.txt"
 "${bench}" --model gpt2-small-polysketch --contexts "${contexts}" \
   --csv "${out}/gpt2-small-polysketch.csv" | tee "${out}/gpt2-small-polysketch.txt"

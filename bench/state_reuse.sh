@@ -30,7 +30,7 @@ run() {
   stop_server
 }
 
-echo "model: ${model}; $(nproc) cores; $(date -u +%FT%TZ)"
+echo "model: ${model#"${root}/"}; $(nproc) cores; $(date -u +%FT%TZ)"
 off=(--prefix_cache_bytes 0 --session_budget_bytes 0)
 chat=(--scenario chat --turns 10 --turn_bytes 4000)
 shared=(--scenario shared_prefix --requests 32 --system_bytes 16000 --user_bytes 200)

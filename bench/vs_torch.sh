@@ -19,7 +19,7 @@ if [[ $(wc -c < "${tmp}/prompt.txt") -lt 1000 ]]; then
   exit 1
 fi
 
-echo "model ${model}, ${threads} threads, 1000-byte prompt, ${tokens} greedy tokens"
+echo "model ${model#"${root}/"}, ${threads} threads, 1000-byte prompt, ${tokens} greedy tokens"
 /usr/bin/python3 "${root}/train/generate.py" --model "${model}" --prompt-file "${tmp}/prompt.txt" \
   --max-tokens "${tokens}" --temperature 0 --threads "${threads}" > /dev/null 2> "${tmp}/torch.err"
 "${root}/build/polysketch-generate" --model "${model}" --prompt_file "${tmp}/prompt.txt" \

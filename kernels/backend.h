@@ -13,8 +13,13 @@
 //     [tokens, H, h] == [tokens * H, h].
 //   * Ops are synchronous from the caller's point of view: a later op (or a copy to host) sees
 //     an earlier op's results. Outputs never alias inputs unless an op says so.
-//   * Sizes are the caller's invariants (checked with assert in debug builds); nothing here
-//     returns an error except allocation.
+//   * Sizes are the caller's invariants (checked with assert in debug builds). Allocation and
+//     PrepareLinear return their errors; the other ops return nothing, because a device runs
+//     them asynchronously and learns of a failure later. A backend records such a failure and
+//     reports it through TakeStatus, which the model reads once per forward pass (and after each
+//     state copy), so a failed op ends the requests it served instead of streaming garbage.
+//   * A shape a backend cannot run is refused at load (CheckShape, called by Model::Create), not
+//     met later by an op.
 //
 // Thread-compatibility: a Backend is used by one thread at a time (the engine thread); the CPU
 // backend parallelises each op internally over its own thread pool.
@@ -28,6 +33,7 @@
 #include <cstdint>
 #include <memory>
 
+#include <absl/status/status.h>
 #include <absl/status/statusor.h>
 #include <absl/strings/string_view.h>
 #include <absl/types/span.h>
@@ -135,6 +141,29 @@ class Backend {
   // too (the CPU backend): the engine then keeps its state pool in plain host memory. False
   // (device backends): the engine asks Allocate for the pool and never dereferences it.
   virtual bool host_memory() const { return false; }
+
+  // --- failures (see "Conventions" above) ----------------------------------------------------
+  // The first failure of an op since the previous call, or OK when every op since then ran. Not
+  // OK: the outputs and the state slots those ops wrote hold unspecified values, and the caller
+  // must not use them (Internal with the CUDA / cuBLAS error, ResourceExhausted when scratch
+  // memory could not grow, ...). A call forgets a failure, unless the failure is sticky: the
+  // backend can compute nothing trustworthy any more (a CUDA error that poisons the context,
+  // device memory of unknown contents); then failed() is true and every later call returns the
+  // same status again.
+  virtual absl::Status TakeStatus() { return absl::OkStatus(); }
+  // True once a sticky failure happened (TakeStatus).
+  virtual bool failed() const { return false; }
+
+  // --- what the backend can run ------------------------------------------------------------
+  // OK when attention of this shape runs on this backend; otherwise Unimplemented naming the
+  // limit and the value (e.g. the CUDA KV kernels' head_dim limit of 256). Model::Create checks
+  // every layer, so a model a backend cannot run is refused at load.
+  virtual absl::Status CheckShape(const SketchAttentionShape& /*shape*/) const {
+    return absl::OkStatus();
+  }
+  virtual absl::Status CheckShape(const KvAttentionShape& /*shape*/) const {
+    return absl::OkStatus();
+  }
 
   // --- memory ------------------------------------------------------------------------------
   // `bytes` of zeroed backend memory. ResourceExhausted when it cannot be had.

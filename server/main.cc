@@ -6,7 +6,8 @@
 // busy port, unreadable or mismatched TLS files, bad tokens file) print one line to stderr and
 // exit 1. docs/security.md describes the TLS, token and limit flags. An engine stuck in a step
 // for --watchdog_timeout turns liveness NOT_SERVING until it moves again
-// (engine/serving/watchdog.h).
+// (engine/serving/watchdog.h); a backend that fails for good (a CUDA error) turns liveness and
+// readiness NOT_SERVING for good (engine/serving/scheduler.h, Scheduler::failure).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -89,6 +90,11 @@ ABSL_FLAG(int64_t, prefix_cache_bytes, int64_t{256} << 20,
 ABSL_FLAG(int64_t, prefix_cache_granularity, 0,
           "Cached prefixes are multiples of this many tokens; 0 = the model's local_exact block "
           "size (64 without one).");
+ABSL_FLAG(bool, prefix_cache_shared, false,
+          "Share cached prefixes across caller identities (tokens). Off (default): a prefix is "
+          "reused only by requests of the identity that sent it, so cached_tokens and response "
+          "times tell no caller about another's prompts (docs/security.md). Requests with "
+          "different cache_salt values never share either way.");
 ABSL_FLAG(int64_t, session_budget_bytes, int64_t{512} << 20,
           "Memory all sessions may reserve (each reserves one state); 0 turns sessions off.");
 ABSL_FLAG(absl::Duration, session_ttl, absl::Minutes(30),
@@ -577,9 +583,10 @@ std::string ReplicaId() {
 }
 
 // Loads the weights of `model_dir`, creates the --device backend, the model and the scheduler
-// (its engine thread starts), whose steps feed `metrics`. Errors name the model directory or the
-// flag at fault.
-absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
+// (its engine thread starts), whose steps feed `metrics`. A backend failure that stops the engine
+// turns liveness and readiness of `servers` NOT_SERVING (watchdog_listener.h). Errors name the
+// model directory or the flag at fault.
+absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir, const Servers& servers,
                                          ps::metrics::ServerMetrics* metrics) {
   LoadedEngine loaded;
   absl::StatusOr<engine::ModelWeights> weights = engine::LoadWeights(model_dir);
@@ -614,6 +621,7 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
   scheduler_options.prefill_tokens_per_step = absl::GetFlag(FLAGS_prefill_tokens_per_step);
   scheduler_options.prefix_cache.budget_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
   scheduler_options.prefix_cache.granularity = absl::GetFlag(FLAGS_prefix_cache_granularity);
+  scheduler_options.prefix_cache.shared_across_owners = absl::GetFlag(FLAGS_prefix_cache_shared);
   scheduler_options.sessions.budget_bytes = absl::GetFlag(FLAGS_session_budget_bytes);
   scheduler_options.sessions.ttl = absl::GetFlag(FLAGS_session_ttl);
   scheduler_options.model_fingerprint = engine::ModelFingerprint(loaded.weights);
@@ -629,6 +637,8 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir,
     metrics->EngineStep(step);
     gauges->Refresh();
   };
+  scheduler_options.on_failure =
+      service::MakeEngineFailureListener(servers.HealthServices(), metrics);
   PS_ASSIGN_OR_RETURN(loaded.scheduler,
                       engine::Scheduler::Create(std::move(model), scheduler_options));
   loaded.gauges->SetScheduler(loaded.scheduler.get());
@@ -735,7 +745,7 @@ absl::Status Serve(const sigset_t& signals) {
   service::GenerationService generation(options, metrics.get());
 
   PS_ASSIGN_OR_RETURN(Servers servers, StartServers(model_dir, security, generation));
-  absl::StatusOr<LoadedEngine> loaded = BuildEngine(model_dir, metrics.get());
+  absl::StatusOr<LoadedEngine> loaded = BuildEngine(model_dir, servers, metrics.get());
   if (!loaded.ok()) {
     servers.Shutdown(std::chrono::system_clock::now());
     return loaded.status();
@@ -748,7 +758,8 @@ absl::Status Serve(const sigset_t& signals) {
   }
   generation.SetScheduler(loaded->scheduler.get());
   metrics->SetScrapeHook([gauges = loaded->gauges.get()] { gauges->Refresh(); });
-  servers.SetServing(service::kReadinessServiceName, true);
+  // Not when the engine already failed (its listener turned both NOT_SERVING for good).
+  if (loaded->scheduler->failure().ok()) servers.SetServing(service::kReadinessServiceName, true);
   const std::string host = absl::GetFlag(FLAGS_host);
   const std::string health_note =
       servers.health == nullptr ? "" : absl::StrCat(", health on ", host, ":", servers.health_port);

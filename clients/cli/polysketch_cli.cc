@@ -88,6 +88,9 @@ ABSL_FLAG(int64_t, prompt_top_logprobs, 0,
           "--prompt_logprobs).");
 ABSL_FLAG(int64_t, time_limit_ms, 0, "Server-side time limit in milliseconds; 0 = none.");
 ABSL_FLAG(bool, quiet, false, "generate: do not print the final info to stderr.");
+ABSL_FLAG(std::string, cache_salt, "",
+          "generate: the request's cache salt (GenerateRequest.cache_salt): it shares prefix-cache "
+          "hits only with requests of the same salt.");
 ABSL_FLAG(std::string, session, "",
           "generate: continue this session (open-session prints one); close-session, "
           "export-state: the session.");
@@ -291,6 +294,7 @@ pb::GenerateRequest BuildGenerateRequest() {
   pb::GenerateRequest request;
   request.set_request_id(absl::GetFlag(FLAGS_request_id));
   request.set_session_id(absl::GetFlag(FLAGS_session));
+  request.set_cache_salt(absl::GetFlag(FLAGS_cache_salt));
   const std::vector<std::string> prompt_ids = absl::GetFlag(FLAGS_prompt_token_ids);
   if (!prompt_ids.empty()) {
     if (!absl::GetFlag(FLAGS_prompt).empty() || !absl::GetFlag(FLAGS_prompt_file).empty()) {

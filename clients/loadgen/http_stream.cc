@@ -186,8 +186,12 @@ HttpStreamResult HttpConnection::StreamCompletion(const std::string& body) {
     chunked |= lower == "transfer-encoding: chunked";
     close_after |= lower == "connection: close";
     if (absl::StartsWith(lower, "content-length:")) {
-      absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::string_view(lower).substr(15)),
-                       &content_length);
+      if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(absl::string_view(lower).substr(15)),
+                            &content_length)) {
+        result.error = absl::StrCat("bad header: ", line);
+        Disconnect();
+        return result;
+      }
     }
   }
   if (!chunked) {  // an error answer

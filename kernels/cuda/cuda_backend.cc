@@ -222,8 +222,13 @@ CudaBackend::~CudaBackend() {
   partials_.Reset();
 }
 
-void CudaBackend::Record(absl::Status status) {
-  if (status.ok() || !status_.ok()) return;
+void CudaBackend::Record(absl::Status status, bool sticky) {
+  if (status.ok()) return;
+  if (!sticky) {
+    if (transient_.ok()) transient_ = std::move(status);
+    return;
+  }
+  if (!status_.ok()) return;
   std::fprintf(stderr, "cuda backend error: %s\n", status.ToString().c_str());
   status_ = std::move(status);
 }
@@ -238,6 +243,23 @@ absl::Status CudaBackend::Synchronize() {
   impl_->used = 0;
   ++impl_->generation;
   return status_;
+}
+
+absl::Status CudaBackend::TakeStatus() {
+  // Errors of work still running surface at a synchronisation (the model's logits copy has
+  // synchronised already, so this wait is usually for nothing).
+  Record(CudaStatus(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"));
+  if (!status_.ok()) return status_;
+  return std::exchange(transient_, absl::OkStatus());
+}
+
+absl::Status CudaBackend::CheckShape(const KvAttentionShape& shape) const {
+  if (shape.head_dim > kMaxKvHeadDim) {
+    return absl::UnimplementedError(
+        absl::StrCat("the cuda backend's KV attention kernels support head_dim up to ",
+                     kMaxKvHeadDim, ", got ", shape.head_dim));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<DeviceBuffer> CudaBackend::Allocate(int64_t bytes) {
@@ -351,7 +373,7 @@ void* CudaBackend::Scratch(DeviceBuffer& buffer, int64_t bytes) {
     buffer.Reset();
     absl::StatusOr<DeviceBuffer> grown = Allocate(std::max(bytes, 2 * buffer.bytes()));
     if (!grown.ok()) {
-      Record(grown.status());
+      Record(grown.status(), /*sticky=*/false);  // nothing ran: the op's output is unwritten
       return nullptr;
     }
     buffer = *std::move(grown);
@@ -522,8 +544,10 @@ void CudaBackend::KvDecode(const KvAttentionShape& shape, absl::Span<const int64
   const int64_t B = static_cast<int64_t>(positions.size());
   if (B == 0) return;
   if (shape.head_dim > kMaxKvHeadDim) {
+    // Model::Create refuses such a model (CheckShape); a direct caller learns it here.
     Record(absl::UnimplementedError(absl::StrCat("cuda KvDecode: head_dim ", shape.head_dim, " > ",
-                                                 kMaxKvHeadDim, " is not supported")));
+                                                 kMaxKvHeadDim, " is not supported")),
+           /*sticky=*/false);
     return;
   }
   // The rows kept before the step and attended after it follow from the positions alone (the
@@ -569,7 +593,8 @@ void CudaBackend::KvPrefill(const KvAttentionShape& shape, int64_t start, int64_
   if (n <= 0) return;
   if (shape.head_dim > kMaxKvHeadDim) {
     Record(absl::UnimplementedError(absl::StrCat("cuda KvPrefill: head_dim ", shape.head_dim, " > ",
-                                                 kMaxKvHeadDim, " is not supported")));
+                                                 kMaxKvHeadDim, " is not supported")),
+           /*sticky=*/false);
     return;
   }
   const int64_t old_rows =

@@ -10,7 +10,13 @@
 // weights and uses cublasSgemm instead: slower, for parity tests and debugging.
 //
 // Errors: backend ops return nothing (kernels/backend.h); a failed CUDA or cuBLAS call is recorded
-// (the first one is kept and printed once to stderr) and reported by status() / Synchronize().
+// and reported by TakeStatus (which the model calls once per forward pass), status() and
+// Synchronize(). Such a failure is sticky (failed() turns true, the first one is kept and printed
+// once to stderr): a CUDA error may poison the context, and the device memory the failed work
+// wrote, every request's state slot included, holds unknown values. Two failures, where nothing
+// ran, are passing (reported once by TakeStatus): a scratch buffer that cannot grow
+// (ResourceExhausted) and a KV op called with a head width its kernels do not support
+// (Unimplemented; CheckShape refuses such models at load, head_dim above kMaxKvHeadDim).
 // Allocation failures are returned as ResourceExhausted.
 //
 // Thread-compatibility: engine thread only, like every backend. The current CUDA device is set to
@@ -59,8 +65,13 @@ class CudaBackend final : public Backend {
   int num_sms() const { return num_sms_; }
   // Waits for all enqueued work; the first recorded error, if any.
   [[nodiscard]] absl::Status Synchronize();
-  // The first CUDA / cuBLAS error any op met (OK if none).
+  // The first CUDA / cuBLAS error any op met (OK if none): the sticky failure.
   absl::Status status() const { return status_; }
+  // Waits for the stream; then the sticky failure, else the passing one since the last call.
+  absl::Status TakeStatus() override;
+  bool failed() const override { return !status_.ok(); }
+  // Unimplemented for head_dim > kMaxKvHeadDim (256).
+  absl::Status CheckShape(const KvAttentionShape& shape) const override;
 
   absl::StatusOr<DeviceBuffer> Allocate(int64_t bytes) override;
   void CopyFromHost(const void* host, int64_t bytes, void* device) override;
@@ -108,8 +119,9 @@ class CudaBackend final : public Backend {
   struct Impl;
   explicit CudaBackend(std::unique_ptr<Impl> impl);
 
-  // Records the first failure (and prints it once); later ones are dropped.
-  void Record(absl::Status status);
+  // Records a failure: the first sticky one is kept (and printed once), later ones are dropped;
+  // a passing one (sticky false) is kept until TakeStatus reports it.
+  void Record(absl::Status status, bool sticky = true);
   void CheckLaunch(const char* what);
   // Copies `bytes` of host memory to device memory valid until the next synchronisation point,
   // through the pinned staging arena (kernel arguments too large to pass by value).
@@ -124,9 +136,10 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Impl> impl_;
   std::string description_;
   int num_sms_ = 0;
-  absl::Status status_;
-  DeviceBuffer bf16_x_;    // Linear: x converted to bf16
-  DeviceBuffer partials_;  // decode split partials
+  absl::Status status_;     // sticky
+  absl::Status transient_;  // passing, until TakeStatus
+  DeviceBuffer bf16_x_;     // Linear: x converted to bf16
+  DeviceBuffer partials_;   // decode split partials
 };
 
 }  // namespace ps::kernels::cuda

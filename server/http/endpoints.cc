@@ -39,7 +39,9 @@ bool OtherModel(const EndpointContext& context, const std::string& model, Answer
 Answer Health(const EndpointContext& context) {
   engine::Scheduler* scheduler = context.service->scheduler();
   if (scheduler == nullptr) return Answer{503, R"({"status":"loading"})"};
-  if (scheduler->Stats().draining) return Answer{503, R"({"status":"draining"})"};
+  const engine::SchedulerStats stats = scheduler->Stats();
+  if (stats.failed) return Answer{503, R"({"status":"failed"})"};
+  if (stats.draining) return Answer{503, R"({"status":"draining"})"};
   return Answer{200, R"({"status":"ok"})"};
 }
 

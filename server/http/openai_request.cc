@@ -379,6 +379,9 @@ absl::StatusOr<ApiRequest> ParseApiRequest(absl::string_view body, ApiKind kind,
   out.user = user.value_or("");
   PS_ASSIGN_OR_RETURN(std::optional<std::string> session, String(root, "session_id"));
   if (session) proto.set_session_id(*session);
+  // vLLM's cache_salt: separates prefix-cache entries (GenerateRequest.cache_salt).
+  PS_ASSIGN_OR_RETURN(std::optional<std::string> salt, String(root, "cache_salt"));
+  if (salt) proto.set_cache_salt(*salt);
   return out;
 }
 

@@ -373,6 +373,13 @@ class PrometheusMetrics final : public ServerMetrics {
                    .Help("Number of engine stalls the progress watchdog has seen.")
                    .Register(r)
                    .Add({});
+    failed_ = &BuildGauge()
+                   .Name("polysketch_engine_failed")
+                   .Help(
+                       "1 once the kernel backend failed for good (liveness and readiness are "
+                       "NOT_SERVING then; the server must be restarted), else 0.")
+                   .Register(r)
+                   .Add({});
     Gauge& resident = BuildGauge()
                           .Name("polysketch_process_resident_memory_bytes")
                           .Help(
@@ -492,6 +499,7 @@ class PrometheusMetrics final : public ServerMetrics {
         .Increment();
   }
 
+  void EngineFailed() override { failed_->Set(1.0); }
   void EngineStalled(bool stalled) override {
     stalled_->Set(stalled ? 1.0 : 0.0);
     if (stalled) stalls_->Increment();
@@ -618,6 +626,7 @@ class PrometheusMetrics final : public ServerMetrics {
   engine::SessionStats last_sessions_;
   Gauge* stalled_ = nullptr;
   Counter* stalls_ = nullptr;
+  Gauge* failed_ = nullptr;
   std::shared_ptr<ScrapeCollector> collector_;
   int port_ = 0;
   // Last: stopped (its threads joined) before the metrics it serves go away.

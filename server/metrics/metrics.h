@@ -28,6 +28,10 @@
 //   polysketch_engine_stalled                                 gauge: 1 while the progress
 //                                                             watchdog sees the engine stuck
 //   polysketch_engine_stalls_total                            counter: stalls seen
+//   polysketch_engine_failed                                  gauge: 1 once the backend failed
+//                                                             for good (requests that a backend
+//                                                             failure ended count as
+//                                                             request_failure_total{internal})
 //   polysketch_state_tier_*                                   the shared state tier
 //                                                             (docs/sessions.md, "Metrics")
 // Thread-safe: every method may be called from any thread.
@@ -108,6 +112,8 @@ class ServerMetrics {
   // the gauges of work done off the engine thread: the shared state tier's writes). An empty
   // function removes it; returns only when no scrape runs the old hook.
   virtual void SetScrapeHook(std::function<void()> /*hook*/) {}
+  // The backend failed for good (Scheduler::failure): sets the failed gauge to 1.
+  virtual void EngineFailed() {}
 };
 
 }  // namespace ps::metrics

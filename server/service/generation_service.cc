@@ -658,7 +658,8 @@ grpc::ServerUnaryReactor* GenerationService::GetModelInfo(
   }
   ModelInfoExtras extras;
   extras.name = options_.model_name;
-  extras.device = options_.device;
+  // The backend the model actually runs on (--device auto picks one at start).
+  extras.device = std::string(sched->model().backend().name());
   extras.state_bytes_per_request = sched->model().layout().bytes_per_slot();
   extras.limits.vocab_size = sched->config().vocab_size;
   extras.limits.max_context = sched->model().max_context();

@@ -45,8 +45,7 @@ int64_t PromptBytes(const polysketch::v1::GenerateRequest& request);
 std::string EngineRequestId(absl::string_view identity, absl::string_view request_id);
 
 struct ServiceOptions {
-  std::string model_name;      // ModelInfo.name
-  std::string device = "cpu";  // ModelInfo.device
+  std::string model_name;  // ModelInfo.name (ModelInfo.device is the scheduler's backend)
   int64_t max_prompt_tokens = int64_t{1} << 20;
   int64_t max_new_tokens_limit = 4096;
   int64_t max_waiting = 256;             // reported in ModelInfo.limits

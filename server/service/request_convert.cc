@@ -232,6 +232,12 @@ absl::StatusOr<ConvertedRequest> ConvertGenerateRequest(
   PS_ASSIGN_OR_RETURN(out.request.sampling,
                       ConvertSampling(proto, limits, random_seed, &out.seed_picked));
   PS_RETURN_IF_ERROR(ConvertPromptLogprobs(proto, &out.request));
+  if (proto.cache_salt().size() > engine::kMaxCacheSaltBytes) {
+    return Invalid("cache_salt",
+                   absl::StrCat("must be at most ", engine::kMaxCacheSaltBytes, " bytes"),
+                   absl::StrCat(proto.cache_salt().size(), " bytes"));
+  }
+  out.request.prefix_cache_salt = proto.cache_salt();
   if (proto.time_limit_ms() > 0) out.time_limit = absl::Milliseconds(proto.time_limit_ms());
   return out;
 }

@@ -1,10 +1,13 @@
-// The watchdog's effects on the server: liveness, metrics, log (watchdog_listener.h).
+// The effects of the engine's health on the server: liveness, readiness, metrics, log
+// (watchdog_listener.h).
 #include "server/service/watchdog_listener.h"
 
 #include <cstdio>
 
 #include <absl/strings/str_cat.h>
 #include <absl/time/time.h>
+
+#include "server/service/generation_service.h"
 
 namespace ps::service {
 
@@ -28,6 +31,25 @@ engine::EngineWatchdog::Listener MakeWatchdogListener(
     for (grpc::HealthCheckServiceInterface* h : health) h->SetServingStatus("", !event.stalled);
     if (metrics != nullptr) metrics->EngineStalled(event.stalled);
     std::fprintf(stderr, "polysketch-server: %s\n", WatchdogLogLine(event).c_str());
+    std::fflush(stderr);
+  };
+}
+
+std::string EngineFailureLogLine(const absl::Status& failure) {
+  return absl::StrCat("engine failed: ", failure.message(),
+                      "; every request ended, liveness and readiness NOT_SERVING (restart the "
+                      "server)");
+}
+
+std::function<void(const absl::Status&)> MakeEngineFailureListener(
+    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics) {
+  return [health = std::move(health), metrics](const absl::Status& failure) {
+    for (grpc::HealthCheckServiceInterface* h : health) {
+      h->SetServingStatus(kReadinessServiceName, false);
+      h->SetServingStatus("", false);
+    }
+    if (metrics != nullptr) metrics->EngineFailed();
+    std::fprintf(stderr, "polysketch-server: %s\n", EngineFailureLogLine(failure).c_str());
     std::fflush(stderr);
   };
 }

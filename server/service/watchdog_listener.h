@@ -1,17 +1,20 @@
-// What the server does when the engine progress watchdog (engine/serving/watchdog.h) changes its
-// verdict: liveness (the "" service of grpc.health.v1) turns NOT_SERVING on a stall and SERVING
-// again on recovery, so an orchestrator's liveness probe restarts a server whose engine is stuck;
-// the polysketch_engine_stalled gauge and stall counter follow; one line on stderr says how long
-// the engine made no progress, in which phase, with how many requests running.
+// What the server does when the engine's health changes. The progress watchdog
+// (engine/serving/watchdog.h) changes its verdict: liveness (the "" service of grpc.health.v1)
+// turns NOT_SERVING on a stall and SERVING again on recovery, so an orchestrator's liveness probe
+// restarts a server whose engine is stuck; the polysketch_engine_stalled gauge and stall counter
+// follow; one line on stderr says how long the engine made no progress, in which phase, with how
+// many requests running.
 //
 // Thread-safety: the returned listener may be called from any one thread at a time (the
 // watchdog's).
 #ifndef POLYSKETCH_SERVER_SERVICE_WATCHDOG_LISTENER_H_
 #define POLYSKETCH_SERVER_SERVICE_WATCHDOG_LISTENER_H_
 
+#include <functional>
 #include <string>
 #include <vector>
 
+#include <absl/status/status.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include "server/engine/serving/watchdog.h"
@@ -29,6 +32,17 @@ std::string WatchdogLogLine(const engine::WatchdogEvent& event);
 // "polysketch-server: ".
 engine::EngineWatchdog::Listener MakeWatchdogListener(
     std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics);
+
+// What the server does when the engine fails for good (SchedulerOptions::on_failure: a sticky
+// backend failure, e.g. a CUDA error): liveness ("") and readiness (kReadinessServiceName) turn
+// NOT_SERVING on every health service of `health` and stay so (the process must be restarted:
+// an orchestrator's liveness probe does it), the polysketch_engine_failed gauge turns 1, and one
+// line on stderr gives the failure.
+std::function<void(const absl::Status&)> MakeEngineFailureListener(
+    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics);
+
+// The log line for an engine failure, without a trailing newline.
+std::string EngineFailureLogLine(const absl::Status& failure);
 
 }  // namespace ps::service
 

@@ -14,7 +14,12 @@ Usage: deploy_test.py <polysketch-server binary> <repo root> [<k8s dir>]
    --help lists, probe service names and ports (--health_port when set),
    terminationGracePeriodSeconds >= preStop sleep + --drain_timeout, selectors match the pod
    labels, the ServiceMonitor's port is on a Service, the HPA / KEDA targets and queries, non-root
-   and read-only root filesystem, GPU request and tolerations in the gpu overlay only.
+   and read-only root filesystem, GPU request and tolerations in the gpu overlay only. The live
+   server runs the model the cpu overlay names (its /opt/polysketch/models/<name> is this
+   repository's models/<name>); every overlay's image (deploy/docker) must carry the model it
+   names, and its memory request must hold the sizing of docs/deploy.md ("Sizing"): --slots x the
+   live GetModelInfo state bytes + model.safetensors + --prefix_cache_bytes +
+   --session_budget_bytes + 64 MiB.
    With --state_tier (the sessions overlay): its host:port is a Service of the overlay whose
    selector and target port reach a StatefulSet's Redis container with a PersistentVolumeClaim
    mounted at its --dir, readiness and liveness probes, a --maxmemory under the memory limit and a
@@ -53,6 +58,10 @@ GPU_RESOURCE = "nvidia.com/gpu"
 SYNTHETIC_METRICS = {"up", "scrape_duration_seconds", "scrape_samples_scraped",
                      "scrape_samples_post_metric_relabeling", "scrape_series_added"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# Where the images keep the shipped models, and which image each overlay runs.
+IMAGE_MODELS = "/opt/polysketch/models/"
+DOCKERFILES = {"cpu": "Dockerfile.cpu", "secure": "Dockerfile.cpu", "gpu": "Dockerfile.cuda"}
+PROCESS_OVERHEAD_BYTES = 64 << 20  # docs/deploy.md, "Sizing"
 
 problems = []
 
@@ -250,8 +259,62 @@ def generate_stubs(root, tmp):
     sys.path.insert(0, py)
 
 
+def quantity_bytes(text):
+    """Bytes of a Kubernetes memory quantity ("320Mi", "1Gi", "500M", "1048576"); None if not one."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", str(text))
+    if not m:
+        return None
+    scale = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def repo_model(root, image_path):
+    """This repository's directory of the image's model path, or None when it names none."""
+    if not image_path or not image_path.startswith(IMAGE_MODELS):
+        return None
+    name = image_path[len(IMAGE_MODELS):].strip("/")
+    path = os.path.join(root, "models", name)
+    return path if name and "/" not in name and os.path.isdir(path) else None
+
+
+def check_sizing(root, where, overlay, given, help_defaults, memory, model_info):
+    """The overlay's image carries its model, and its memory request holds the sizing."""
+    model = given.get("model")
+    local = repo_model(root, model)
+    if not check(local is not None, f"{where}: --model={model} is not {IMAGE_MODELS}<name> of a "
+                 "shipped model (models/<name>)"):
+        return
+    name = os.path.basename(local)
+    dockerfile = os.path.join(root, "deploy", "docker", DOCKERFILES.get(overlay, "Dockerfile.cpu"))
+    copied = re.search(rf"^COPY\s+(--\S+\s+)*\S*models/{re.escape(name)}/?\s+"
+                       rf"{re.escape(IMAGE_MODELS + name)}/?\s*$", open(dockerfile).read(), re.M)
+    check(copied is not None, f"{where}: --model={model}, but {os.path.basename(dockerfile)} does "
+          f"not COPY models/{name} there")
+    if not check(model_info is not None and model_info.name == name,
+                 f"{where}: cannot size for {name}: the live server ran "
+                 f"{model_info.name if model_info else 'no model'}"):
+        return
+    request = quantity_bytes(memory)
+    if not check(request is not None, f"{where}: memory request {memory!r} is not a quantity"):
+        return
+
+    def flag_int(flag):
+        return int(given.get(flag, help_defaults[flag]))
+
+    slots = flag_int("slots")
+    weights = os.path.getsize(os.path.join(local, "model.safetensors"))
+    need = (slots * model_info.state_bytes_per_request + weights + flag_int("prefix_cache_bytes")
+            + flag_int("session_budget_bytes") + PROCESS_OVERHEAD_BYTES)
+    check(request >= need, f"{where}: memory request {memory} = {request:,} B < {slots} slots x "
+          f"{model_info.state_bytes_per_request:,} B + weights {weights:,} B + budgets + 64 MiB "
+          f"= {need:,} B ({name})")
+    print(f"{where}: {name}, {slots} slots: needs {need / 2**20:.1f} MiB, requests {memory}",
+          flush=True)
+
+
 def talk_to_server(port):
-    """One Generate; the health status of both service names ({name: status name})."""
+    """One Generate; the health status of both service names ({name: status name}); ModelInfo."""
     import grpc
     from healthpb.health.v1 import health_pb2, health_pb2_grpc
     from polysketch.v1 import generation_pb2, generation_pb2_grpc
@@ -268,7 +331,8 @@ def talk_to_server(port):
         for service in (LIVENESS_SERVICE, READINESS_SERVICE):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             statuses[service] = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
-        return statuses
+        info = stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=10)
+        return statuses, info
 
 
 def scrape(metrics_port):
@@ -596,7 +660,7 @@ def check_state_tier_live(server, root, objects, valid_flags, tmp):
         redis.wait()
 
 
-def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
+def check_overlay(root, overlay, objects, help_defaults, valid_flags, statuses, model_info):
     """Checks one rendered overlay; returns (its server flags, its PromQL queries)."""
     where = f"overlay {overlay}"
     by_kind = {}
@@ -750,6 +814,8 @@ def check_overlay(overlay, objects, help_defaults, valid_flags, statuses):
     resources = container.get("resources", {})
     for part in ("requests", "limits"):
         check("memory" in resources.get(part, {}), f"{where}: no memory {part}")
+    check_sizing(root, where, overlay, given, help_defaults,
+                 resources.get("requests", {}).get("memory"), model_info)
     gpus = resources.get("limits", {}).get(GPU_RESOURCE)
     tolerations = [t.get("key") for t in pod.get("tolerations", [])]
     if overlay == "gpu":
@@ -876,6 +942,7 @@ def main():
         # The live server runs with the cpu overlay's flags (so their values are proven to parse),
         # on this machine's model, loopback and free ports.
         args = []
+        model = os.path.join(root, "tests", "golden", "polysketch-random")
         if rendered["cpu"]:
             deployment = next((o for o in rendered["cpu"] if o["kind"] == "Deployment"), None)
             if deployment:
@@ -884,7 +951,8 @@ def main():
                 args = [f"--{n}={v}" if v is not None else f"--{n}" for n, v in flags
                         if n in valid_flags - {"model", "host", "port", "metrics_host",
                                                "metrics_port", "http_port", "flagfile"}]
-        local = ["--model", os.path.join(root, "tests", "golden", "polysketch-random"),
+                model = repo_model(root, dict(flags).get("model")) or model
+        local = ["--model", model,
                  "--host", "127.0.0.1", "--port", "0",
                  "--metrics_host", "127.0.0.1", "--metrics_port", "0",
                  "--http_port", "0"]
@@ -898,7 +966,9 @@ def main():
             problem(f"the cpu overlay's flags {args}: {e}")
             live = Server(server, local, tmp)
         print(f"gRPC on 127.0.0.1:{live.port}, metrics on 127.0.0.1:{live.metrics_port}")
-        statuses = talk_to_server(live.port)
+        statuses, model_info = talk_to_server(live.port)
+        print(f"model {model_info.name}: {model_info.state_bytes_per_request:,} state bytes per "
+              "request", flush=True)
         print(f"health: {statuses}", flush=True)
         for service, status in statuses.items():
             check(status == "SERVING", f"health service {service!r} answers {status}")
@@ -917,8 +987,8 @@ def main():
         for overlay, objects in rendered.items():
             if objects:
                 print(f"--- overlay {overlay}", flush=True)
-                queries += check_overlay(overlay, objects, help_defaults, valid_flags,
-                                         statuses)[1]
+                queries += check_overlay(root, overlay, objects, help_defaults, valid_flags,
+                                         statuses, model_info)[1]
 
         if rendered.get("sessions"):
             print("--- overlay sessions: a live server on its flags and a local Redis", flush=True)

@@ -43,7 +43,7 @@ def test_off_gives_the_batches_of_before(corpus: np.ndarray, config: dict) -> No
     tc = train.TrainConfig.from_json({"seq_len": 200, "batch_size": 4, **config})
     new, old = np.random.default_rng(5), np.random.default_rng(5)
     for _ in range(30):
-        x, y = train.sample_batch(corpus, tc, new, CPU)
+        x, y, _ = train.sample_batch(corpus, tc, new, CPU)
         x0, y0 = old_sample_batch(corpus, tc, old, CPU)
         assert torch.equal(x, x0) and torch.equal(y, y0)
     assert new.bit_generator.state == old.bit_generator.state  # no extra draw
@@ -61,7 +61,7 @@ def retrieval_rows(corpus: np.ndarray, tc: train.TrainConfig, batches: int,
     rng = np.random.default_rng(seed)
     rows, total = [], 0
     for _ in range(batches):
-        x, y = train.sample_batch(corpus, tc, rng, CPU)
+        x, y, _ = train.sample_batch(corpus, tc, rng, CPU)
         assert torch.equal(x[:, 1:], y[:, :-1])
         for r in range(x.shape[0]):
             row = bytes(x[r].tolist() + [int(y[r, -1])])
@@ -126,10 +126,63 @@ def test_on_is_deterministic_across_a_resume(corpus: np.ndarray) -> None:
     ({"retrieval_fraction": -0.1}, "retrieval_fraction must be in [0, 1], got -0.1"),
     ({"retrieval_fraction": 1.5}, "retrieval_fraction must be in [0, 1], got 1.5"),
     ({"retrieval_fraction": 0.1, "seq_len": 100}, "needs seq_len + 1 >"),
+    ({"retrieval_answer_weight": 0}, "retrieval_answer_weight must be > 0, got 0"),
+    ({"retrieval_answer_weight": -2.0}, "retrieval_answer_weight must be > 0, got -2.0"),
 ])
 def test_bad_mix_config_is_refused(config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         train.TrainConfig.from_json(config)
+
+
+def weighted_batch(corpus: np.ndarray, weight: float) -> Tuple[train.TrainConfig, train.Batch]:
+    tc = train.TrainConfig.from_json({"seq_len": 160, "batch_size": 6, "retrieval_fraction": 0.5,
+                                      "retrieval_answer_weight": weight})
+    rng = np.random.default_rng(5)
+    while True:  # a batch with both kinds of rows (half of the batches have, on average)
+        batch = train.sample_batch(corpus, tc, rng, CPU)
+        if 1 < len(batch.retrieval_rows) < 6:
+            return tc, batch
+
+
+def test_answer_weight_one_is_the_plain_mean(corpus: np.ndarray) -> None:
+    tc, batch = weighted_batch(corpus, 1.0)
+    logits = torch.randn(*batch.y.shape, 256, generator=torch.Generator().manual_seed(1))
+    loss, stats = train.batch_loss(logits, batch, tc)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.y.flatten())
+    assert torch.allclose(loss, plain) and set(stats) == {"key_bpb", "key_acc"}
+
+
+def test_answer_weight_weighs_exactly_the_answer_bytes(corpus: np.ndarray) -> None:
+    tc, batch = weighted_batch(corpus, 8.0)
+    rows = batch.retrieval_rows
+    for r in rows:  # the weighted targets are the answer: the key and ".\n"
+        tail = bytes(batch.y[r, -retrieval.ANSWER_BYTES:].tolist())
+        assert re.fullmatch(rb"[0-9]{5}\.\n", tail), tail
+    logits = torch.randn(*batch.y.shape, 256, generator=torch.Generator().manual_seed(2))
+    loss, _ = train.batch_loss(logits, batch, tc)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.y.flatten(),
+                                           reduction="none").view(batch.y.shape)
+    n_answer = len(rows) * retrieval.ANSWER_BYTES
+    answer_sum = float(ce[torch.from_numpy(rows), -retrieval.ANSWER_BYTES:].sum())
+    expected = (float(ce.sum()) - answer_sum + 8.0 * answer_sum) / (ce.numel() + 7.0 * n_answer)
+    assert abs(float(loss) - expected) < 1e-5
+
+
+def test_key_stats(corpus: np.ndarray) -> None:
+    """key_acc counts rows whose every key byte is the argmax; key_bpb is their loss in bits."""
+    tc, batch = weighted_batch(corpus, 1.0)
+    perfect = torch.nn.functional.one_hot(batch.y, 256).float() * 50.0
+    _, stats = train.batch_loss(perfect, batch, tc)
+    assert stats["key_acc"] == 1.0 and stats["key_bpb"] < 1e-6
+    rows = batch.retrieval_rows
+    wrong_one = perfect.clone()
+    key_start = batch.y.shape[1] - retrieval.ANSWER_BYTES
+    digit = int(batch.y[rows[0], key_start + 2])  # the third key byte of the first row
+    wrong_one[rows[0], key_start + 2, digit] = 0.0
+    wrong_one[rows[0], key_start + 2, (digit + 1) % 256] = 50.0
+    _, stats = train.batch_loss(wrong_one, batch, tc)
+    assert stats["key_acc"] == pytest.approx(1.0 - 1.0 / len(rows))
+    assert stats["key_bpb"] > 1.0
 
 
 def test_training_with_the_mix_runs(tmp_path: Path, corpus: np.ndarray) -> None:
@@ -143,13 +196,17 @@ def test_training_with_the_mix_runs(tmp_path: Path, corpus: np.ndarray) -> None:
              "attention": {"kind": "polysketch", "sketch": "learned", "sketch_size": 4,
                            "local_exact": True, "block_size": 8}}
     cfg = {"seq_len": 160, "batch_size": 2, "steps": 2, "eval_every": 2, "eval_windows": 2,
-           "ckpt_every": 2, "warmup_steps": 1, "retrieval_fraction": 0.5}
+           "ckpt_every": 2, "warmup_steps": 1, "retrieval_fraction": 0.5,
+           "retrieval_answer_weight": 4.0}
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"model": model, "train": cfg}))
     from test_train import run_train
 
     stdout = run_train(config, tmp_path / "run", data)
     assert "retrieval mix: 50.0% of sequences carry a passkey" in stdout
+    assert re.search(r"step +2/2 .* key acc [01]\.[0-9]{2} ", stdout), stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["key_acc"] <= 1.0 and r["key_bpb"] > 0 for r in records if "key_acc" in r)
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert saved["train"]["retrieval_fraction"] == 0.5
     assert dataclasses.asdict(train.TrainConfig.from_json(cfg))["retrieval_fraction"] == 0.5

@@ -310,10 +310,12 @@ class PolysketchClient:
         session_id: str = "",
         prompt_logprobs: bool = False,
         prompt_top_logprobs: int = 0,
+        cache_salt: str = "",
     ) -> "pb.GenerateRequest":
         request = pb.GenerateRequest(
             request_id=request_id.encode("utf-8"),
             session_id=session_id.encode("utf-8"),
+            cache_salt=cache_salt.encode("utf-8"),
             min_new_tokens=min_new_tokens,
             logprobs=logprobs,
             top_logprobs=top_logprobs,

@@ -89,6 +89,17 @@ absl::StatusOr<DeviceBuffer> AllocateFloats(kernels::Backend& backend, int64_t c
   return backend.Allocate(count * static_cast<int64_t>(sizeof(float)));
 }
 
+// Whether `backend` runs layer `layer`'s attention: its refusal (Unimplemented, naming the limit)
+// prefixed with the layer and the backend.
+template <typename Shape>
+absl::Status CheckBackendShape(const kernels::Backend& backend, size_t layer, const Shape& shape) {
+  const absl::Status status = backend.CheckShape(shape);
+  if (status.ok()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat("layer ", layer, ": the ", backend.name(),
+                                   " backend cannot run this model: ", status.message()));
+}
+
 }  // namespace
 
 Model::Model(ModelConfig config, kernels::Backend& backend, StatePool pool, ModelOptions options,
@@ -157,6 +168,30 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
     LayerParams& lp = model->layers_[l];
     const std::string p = absl::StrCat("blocks.", l, ".");
     lp.attn = cfg.layers[l];
+    const bool polysketch = lp.attn.kind == AttentionKind::kPolysketch;
+    // The attention shape first: a layer the backend cannot run is refused before any upload.
+    if (polysketch) {
+      lp.sketch_shape = {.heads = H,
+                         .head_dim = h,
+                         .sketch_size = lp.attn.sketch_size,
+                         .local_exact = lp.attn.local_exact,
+                         .block_size = lp.attn.block_size};
+      PS_RETURN_IF_ERROR(CheckBackendShape(backend, l, lp.sketch_shape));
+    } else {
+      const bool ring = lp.attn.kind == AttentionKind::kSlidingWindow;
+      lp.kv_shape = {
+          .heads = H,
+          .head_dim = h,
+          .weighting = lp.attn.kind == AttentionKind::kPolynomial
+                           ? kernels::KvWeighting::kPolynomial
+                           : kernels::KvWeighting::kSoftmax,
+          .mask = AttentionKeyMask(lp.attn),
+          .ring = ring,
+          .capacity =
+              ring ? lp.attn.window : model->layout().layer(static_cast<int64_t>(l)).kv_capacity,
+      };
+      PS_RETURN_IF_ERROR(CheckBackendShape(backend, l, lp.kv_shape));
+    }
     PS_ASSIGN_OR_RETURN(lp.ln1_weight, Upload(backend, weights, p + "ln1.weight"));
     PS_ASSIGN_OR_RETURN(lp.ln1_bias, Upload(backend, weights, p + "ln1.bias"));
     PS_ASSIGN_OR_RETURN(lp.ln2_weight, Upload(backend, weights, p + "ln2.weight"));
@@ -165,7 +200,6 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
     PS_ASSIGN_OR_RETURN(lp.out, PrepareLinear(backend, weights, p + "attn.out.weight"));
     PS_ASSIGN_OR_RETURN(lp.ffn_up, PrepareLinear(backend, weights, p + "ffn.up.weight"));
     PS_ASSIGN_OR_RETURN(lp.ffn_down, PrepareLinear(backend, weights, p + "ffn.down.weight"));
-    const bool polysketch = lp.attn.kind == AttentionKind::kPolysketch;
     const bool random = polysketch && lp.attn.sketch == SketchKind::kRandom;
     if (lp.attn.kind == AttentionKind::kPolynomial || random) {
       PS_ASSIGN_OR_RETURN(lp.qk_norm_weight, Upload(backend, weights, p + "attn.qk_norm.weight"));
@@ -195,26 +229,6 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
                           Upload(backend, weights, p + "attn.local_k_norm.weight"));
       PS_ASSIGN_OR_RETURN(lp.local_k_bias, Upload(backend, weights, p + "attn.local_k_norm.bias"));
     }
-    if (polysketch) {
-      lp.sketch_shape = {.heads = H,
-                         .head_dim = h,
-                         .sketch_size = lp.attn.sketch_size,
-                         .local_exact = lp.attn.local_exact,
-                         .block_size = lp.attn.block_size};
-    } else {
-      const bool ring = lp.attn.kind == AttentionKind::kSlidingWindow;
-      lp.kv_shape = {
-          .heads = H,
-          .head_dim = h,
-          .weighting = lp.attn.kind == AttentionKind::kPolynomial
-                           ? kernels::KvWeighting::kPolynomial
-                           : kernels::KvWeighting::kSoftmax,
-          .mask = AttentionKeyMask(lp.attn),
-          .ring = ring,
-          .capacity =
-              ring ? lp.attn.window : model->layout().layer(static_cast<int64_t>(l)).kv_capacity,
-      };
-    }
   }
 
   // Activation buffers for the largest pass.
@@ -236,6 +250,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
   PS_ASSIGN_OR_RETURN(s->gated, AllocateFloats(backend, R * F));
   PS_ASSIGN_OR_RETURN(s->logits, AllocateFloats(backend, R * V));
   model->scratch_ = std::move(s);
+  // The weight uploads are ops too.
+  PS_RETURN_IF_ERROR(model->BackendStatus("loading the weights"));
   return model;
 }
 
@@ -258,6 +274,7 @@ absl::Status Model::CopySlot(SlotId from, SlotId to) {
   }
   const auto src = pool_.SlotBytes(from);
   backend_.Copy(src.data(), static_cast<int64_t>(src.size()), pool_.SlotBytes(to).data());
+  PS_RETURN_IF_ERROR(BackendStatus("CopySlot"));
   slot_position_[to.index] = slot_position_[from.index];
   return absl::OkStatus();
 }
@@ -271,6 +288,7 @@ absl::Status Model::SaveSlot(SlotId slot, StateSnapshot* snapshot) {
   snapshot->bytes.resize(src.size());
   if (!src.empty())
     backend_.CopyToHost(src.data(), static_cast<int64_t>(src.size()), snapshot->bytes.data());
+  PS_RETURN_IF_ERROR(BackendStatus("SaveSlot"));
   snapshot->position = slot_position_[slot.index];
   return absl::OkStatus();
 }
@@ -297,8 +315,17 @@ absl::Status Model::RestoreSlot(SlotId slot, const StateSnapshot& snapshot) {
     }
     backend_.CopyFromHost(snapshot.bytes.data(), static_cast<int64_t>(dst.size()), dst.data());
   }
+  PS_RETURN_IF_ERROR(BackendStatus("RestoreSlot"));
   slot_position_[slot.index] = snapshot.position;
   return absl::OkStatus();
+}
+
+absl::Status Model::BackendStatus(absl::string_view what) {
+  const absl::Status status = backend_.TakeStatus();
+  if (status.ok()) return status;
+  return absl::InternalError(absl::StrCat(what, ": the ", backend_.name(), " backend failed",
+                                          backend_.failed() ? " (for good)" : "", ": ",
+                                          status.message()));
 }
 
 int64_t Model::SlotPosition(SlotId slot) const {
@@ -381,10 +408,12 @@ absl::Status Model::PrefillChunks(SlotId slot, int64_t start, absl::Span<const i
       // rows <= chunk: the buffer never grows past prefill_chunk x V.
       chunk_logits_.resize(static_cast<size_t>(rows * V));
       Logits(0, rows, chunk_logits_.data());
+      PS_RETURN_IF_ERROR(BackendStatus("prefill"));  // before anyone sees the logits
       (*on_chunk)(done, rows, chunk_logits_);
     }
     done += rows;
     if (done == n && !last_logits.empty()) Logits(rows - 1, 1, last_logits.data());
+    PS_RETURN_IF_ERROR(BackendStatus("prefill"));  // once per forward pass
   }
   slot_position_[slot.index] = start + n;
   return absl::OkStatus();
@@ -425,6 +454,7 @@ absl::Status Model::Decode(absl::Span<const DecodeItem> items, absl::Span<float>
   PS_RETURN_IF_ERROR(CheckTokens(tokens));
   Forward(tokens, positions, slots, /*prefill=*/false);
   Logits(0, B, logits.data());
+  PS_RETURN_IF_ERROR(BackendStatus("decode"));
   for (const DecodeItem& item : items) slot_position_[item.slot.index] = item.position + 1;
   return absl::OkStatus();
 }

@@ -20,6 +20,7 @@
 #include <absl/functional/function_ref.h>
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
+#include <absl/strings/string_view.h>
 #include <absl/types/span.h>
 
 #include "kernels/backend.h"
@@ -60,7 +61,9 @@ class Model {
  public:
   // Converts `weights` into `backend`'s layout and allocates the state pool and buffers.
   // InvalidArgument for options out of range (naming the option); ResourceExhausted when memory
-  // cannot be had. `backend` must outlive the model.
+  // cannot be had; Unimplemented (naming the layer, the backend and its limit) when the backend
+  // cannot run a layer (Backend::CheckShape); Internal when the backend failed while loading.
+  // `backend` must outlive the model.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelWeights& weights,
                                                                      kernels::Backend& backend,
                                                                      const ModelOptions& options);
@@ -77,13 +80,18 @@ class Model {
   // also track how many tokens each slot holds).
   const StatePool& pool() const { return pool_; }
   kernels::Backend& backend() { return backend_; }
+  const kernels::Backend& backend() const { return backend_; }
+  // True once the backend failed for good (Backend::failed): every later call that computes
+  // fails too, and the state of every slot is unknown. The caller should stop serving.
+  bool backend_failed() const { return backend_.failed(); }
 
   // Takes a free slot, zeroed (the empty state: position 0). ResourceExhausted when none is free.
   [[nodiscard]] absl::StatusOr<SlotId> AcquireSlot();
   // Returns a slot. InvalidArgument / FailedPrecondition as StatePool::Release.
   [[nodiscard]] absl::Status ReleaseSlot(SlotId slot);
   // Makes `to` an exact copy of `from` (state and position): forks a sequence. Both must be
-  // acquired and distinct (InvalidArgument otherwise).
+  // acquired and distinct (InvalidArgument otherwise). The state copies below return Internal
+  // when the backend fails (the destination then holds unknown values).
   [[nodiscard]] absl::Status CopySlot(SlotId from, SlotId to);
   // Copies the state of `slot` (acquired) and its position into host memory, reusing
   // snapshot->bytes' capacity. InvalidArgument when the slot is not acquired.
@@ -103,6 +111,9 @@ class Model {
   // every token's logits [n, V] (slower: tests and evaluation). Errors, with nothing changed:
   // InvalidArgument for an empty prompt, a token outside [0, V) (naming its index), a slot not
   // in use or a wrong-sized last_logits; OutOfRange when start + n exceeds max_context().
+  // Internal when the backend fails (Backend::TakeStatus, read after every chunk, before any
+  // logits are handed out): the slot keeps its position, but its state is unknown, so the
+  // sequence must end (release the slot: AcquireSlot zeroes it for the next one).
   [[nodiscard]] absl::Status Prefill(SlotId slot, int64_t start, absl::Span<const int32_t> tokens,
                                      absl::Span<float> last_logits,
                                      std::vector<float>* all_logits = nullptr);
@@ -124,7 +135,8 @@ class Model {
 
   // One decode step for every item (each slot at most once): logits [B, V] row i for items[i].
   // Errors as for Prefill (plus InvalidArgument when B is 0 or above max_batch, or a slot
-  // repeats); on error no state changes.
+  // repeats); on a validation error no state changes. Internal when the backend fails: no
+  // position advances, the states of every slot of the batch are unknown (end those sequences).
   [[nodiscard]] absl::Status Decode(absl::Span<const DecodeItem> items, absl::Span<float> logits);
 
   // Bytes of attention memory a sequence holds at `position` tokens: the constant state for
@@ -143,6 +155,9 @@ class Model {
   absl::Status PrefillChunks(SlotId slot, int64_t start, absl::Span<const int32_t> tokens,
                              absl::Span<float> last_logits, const ChunkLogitsFn* on_chunk);
   absl::Status CheckTokens(absl::Span<const int32_t> tokens) const;
+  // The backend's failure since the last check (Backend::TakeStatus) as Internal, prefixed with
+  // `what` and the backend's name; OK when it ran.
+  absl::Status BackendStatus(absl::string_view what);
   absl::Status CheckSlot(SlotId slot, int64_t position) const;
   // Runs rows through the network: prefill (one sequence, consecutive positions) when `prefill`
   // is set, else one decode step over `slots`. Leaves the final-norm input in scratch x.

@@ -51,6 +51,7 @@ struct Scheduler::Active {
   // Prefix cache: keys of the feed's whole blocks, and the feed positions to snapshot at
   // (ascending).
   std::vector<uint64_t> prefix_hashes;
+  PrefixCache::Scope prefix_scope;  // the owner's (unless shared) and the salt's
   std::deque<int64_t> snapshot_at;
   absl::Time submitted, admitted, prefill_done, first_token;
 
@@ -189,6 +190,11 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   if (request.prompt_logprobs && !request.session_id.empty()) {
     return absl::InvalidArgumentError(kPromptLogprobsWithSession);
   }
+  if (request.prefix_cache_salt.size() > kMaxCacheSaltBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cache_salt: must be at most ",
+                                                   kMaxCacheSaltBytes, " bytes, got ",
+                                                   request.prefix_cache_salt.size()));
+  }
   const absl::Time now = absl::Now();
   Queued queued;
   queued.submitted = now;
@@ -209,7 +215,11 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   absl::Status refused;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (draining_ || stopping_) {
+    if (!failure_.ok()) {
+      refused = absl::UnavailableError(
+          absl::StrCat("the engine failed and serves no more requests (restart the server): ",
+                       failure_.message()));
+    } else if (draining_ || stopping_) {
       refused = absl::UnavailableError("the server is draining: no new requests");
     } else if (ids_.contains(request.id)) {
       refused = absl::AlreadyExistsError(
@@ -297,6 +307,33 @@ void Scheduler::StartDrain() {
   draining_ = true;
 }
 
+absl::Status Scheduler::failure() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failure_;
+}
+
+void Scheduler::FailEngine(const absl::Status& error) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!failure_.ok()) return;
+    failure_ = error;
+  }
+  // Unhealthy first, so that whoever hears of a request ending this way (the queued ones below)
+  // already finds the server NOT_SERVING.
+  if (options_.on_failure) options_.on_failure(error);
+  // Every state slot is suspect: end everything, queued requests too (they would never run).
+  std::deque<Queued> queue;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue.swap(queue_);
+    queued_tokens_ = 0;
+  }
+  for (Queued& q : queue) FinishQueued(q, FinishReason::kError, error);
+  for (auto& active : active_) {
+    if (!active->finished) Finish(*active, FinishReason::kError, error);
+  }
+}
+
 bool Scheduler::Idle() const {
   std::lock_guard<std::mutex> lock(mu_);
   return ids_.empty();
@@ -309,6 +346,7 @@ SchedulerStats Scheduler::Stats() const {
     stats.waiting = static_cast<int64_t>(queue_.size());
     stats.waiting_tokens = queued_tokens_;
     stats.draining = draining_;
+    stats.failed = !failure_.ok();
   }
   stats.running = running_.load();
   stats.slots_total = model_->pool().num_slots();
@@ -369,10 +407,11 @@ void Scheduler::EngineLoop() {
   active_.clear();
 }
 
-void Scheduler::FinishQueued(Queued& queued, FinishReason reason) {
+void Scheduler::FinishQueued(Queued& queued, FinishReason reason, absl::Status error) {
   EngineRequest& request = queued.request;
   FinalResult result;
   result.reason = reason;
+  result.error = std::move(error);
   result.prompt_tokens = static_cast<int64_t>(request.prompt.size());
   result.seed = request.sampling.seed;
   result.timings.queue = result.timings.total = absl::Now() - queued.submitted;
@@ -533,6 +572,7 @@ void Scheduler::Admit(absl::Time now) {
     running_.fetch_add(1);
     if (absl::Status status = PrepareState(*active); !status.ok()) {
       Finish(*active, FinishReason::kError, status);
+      if (model_->backend_failed()) return FailEngine(status);
       continue;
     }
     active_.push_back(std::move(active));
@@ -557,12 +597,14 @@ absl::Status Scheduler::PrepareState(Active& active) {
   // At least the last prompt token is prefilled: its logits give the first generated token.
   const int64_t n = active.feed_size();
   const int64_t g = prefix_cache_.granularity();
-  active.prefix_hashes = prefix_cache_.Hashes(active.feed());
+  active.prefix_scope =
+      prefix_cache_.MakeScope(active.request.owner, active.request.prefix_cache_salt);
+  active.prefix_hashes = prefix_cache_.Hashes(active.feed(), active.prefix_scope);
   // Prompt log-probabilities need the logits of every prompt token: no hit may skip any.
   const PrefixCache::Hit hit =
       active.request.prompt_logprobs
           ? PrefixCache::Hit{}
-          : prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1);
+          : prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1, active.prefix_scope);
   if (hit.state != nullptr) {
     PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, *hit.state));
     active.prefilled = hit.length;
@@ -589,7 +631,8 @@ void Scheduler::MaybeSnapshot(Active& active) {
   if (!model_->SaveSlot(active.slot, &snapshot).ok()) return;  // the slot is ours: cannot fail
   const int64_t g = prefix_cache_.granularity();
   prefix_cache_.Insert(active.feed().subspan(0, static_cast<size_t>(at)),
-                       active.prefix_hashes[static_cast<size_t>(at / g - 1)], std::move(snapshot));
+                       active.prefix_hashes[static_cast<size_t>(at / g - 1)], std::move(snapshot),
+                       active.prefix_scope);
 }
 
 void Scheduler::RunDecode(StepStats& stats) {
@@ -617,6 +660,7 @@ void Scheduler::RunDecode(StepStats& stats) {
   }
   stats.decode_batch = static_cast<int64_t>(items.size());
   stats.decode_time = absl::Now() - start;
+  if (!status.ok() && model_->backend_failed()) FailEngine(status);
 }
 
 void Scheduler::RunPrefill(StepStats& stats) {
@@ -656,6 +700,10 @@ void Scheduler::RunPrefill(StepStats& stats) {
     stats.prefill_tokens += n;
     if (!status.ok()) {
       Finish(*active, FinishReason::kError, status);
+      if (model_->backend_failed()) {
+        FailEngine(status);
+        break;
+      }
       continue;
     }
     active->prefilled += n;

@@ -54,6 +54,9 @@
 
 namespace ps::engine {
 
+// Longest EngineRequest::prefix_cache_salt.
+inline constexpr size_t kMaxCacheSaltBytes = 256;
+
 struct SchedulerOptions {
   // Queue bounds: past either, Submit answers ResourceExhausted at once.
   int64_t max_waiting = 256;                      // requests admitted to the queue, not yet running
@@ -75,6 +78,10 @@ struct SchedulerOptions {
   uint64_t model_fingerprint = 0;
   // Called on the engine thread after every step that did work (metrics).
   std::function<void(const StepStats&)> on_step;
+  // Called once, on the engine thread, when the backend fails for good (Model::backend_failed):
+  // the server turns unhealthy. The requests of the failed pass have ended by then; every other
+  // queued and running request ends (kError) right after the call.
+  std::function<void(const absl::Status&)> on_failure;
 };
 
 // One generated token.
@@ -125,8 +132,12 @@ struct EngineRequest {
   // session stays as it was before the request.
   std::string session_id;
   // The authenticated identity making the request ("" without authentication): sessions are
-  // visible to their owner only.
+  // visible to their owner only, and so are the prefixes it leaves in the prefix cache (unless
+  // PrefixCacheOptions::shared_across_owners).
   std::string owner;
+  // Separates prefix-cache entries (vLLM's cache_salt): the request finds only prefixes cached by
+  // requests with the same salt (and owner). Empty: none. At most kMaxCacheSaltBytes.
+  std::string prefix_cache_salt;
   // Prompt log-probabilities (StreamDelta::prompt_logprobs) of every prompt token after the
   // first, with the prompt_top_logprobs [0, kMaxTopLogprobs] most likely alternatives (> 0 needs
   // prompt_logprobs). Not with a session (its earlier tokens are not re-scored). Such a request
@@ -169,11 +180,12 @@ class Scheduler {
   // Validates and queues a request; its events then go to request.observer. Errors (nothing is
   // queued, the observer is never called): InvalidArgument naming the field (empty id or
   // prompt, token ids outside the vocabulary, sampling or stop values, prompt_top_logprobs out of
-  // range or without prompt_logprobs, prompt_logprobs with a session, no observer);
+  // range or without prompt_logprobs, prompt_logprobs with a session, no observer,
+  // prefix_cache_salt longer than kMaxCacheSaltBytes);
   // OutOfRange when the prompt does not fit the context limit (generation that reaches the limit
   // ends there with kLength); AlreadyExists for an id in use;
   // ResourceExhausted when the queue is full (by count or by prompt tokens); Unavailable while
-  // draining or shutting down.
+  // draining or shutting down, and once the engine failed (failure()).
   [[nodiscard]] absl::Status Submit(EngineRequest request);
 
   // Ends request `id` (queued or running) within one engine step, with `reason`: kCancelled, or
@@ -207,6 +219,12 @@ class Scheduler {
   // DeadlineExceeded naming how many writes are left.
   [[nodiscard]] absl::Status FlushSessions(absl::Time deadline);
   int64_t prefix_cache_granularity() const { return prefix_cache_.granularity(); }
+
+  // OK, or the backend failure that stopped the engine for good. A forward whose backend fails
+  // ends the requests of that forward with kError and the failure (Internal); a failure that
+  // is sticky (Model::backend_failed) also calls SchedulerOptions::on_failure, ends every other
+  // queued and running request the same way, and from then on Submit answers Unavailable.
+  absl::Status failure() const;
 
   // Refuses new requests from now on (Unavailable); queued and running ones continue.
   void StartDrain();
@@ -244,7 +262,9 @@ class Scheduler {
   absl::Status EmitPromptLogprobs(Active& active, int64_t first, int64_t rows,
                                   absl::Span<const float> logits);
   void Finish(Active& active, FinishReason reason, absl::Status error = absl::OkStatus());
-  void FinishQueued(Queued& queued, FinishReason reason);
+  void FinishQueued(Queued& queued, FinishReason reason, absl::Status error = absl::OkStatus());
+  // The backend failed for good: see failure().
+  void FailEngine(const absl::Status& error);
   // Restores the request's starting state into its slot (session or cached prefix) and plans
   // the prefix-cache snapshots of its prefill.
   absl::Status PrepareState(Active& active);
@@ -272,6 +292,7 @@ class Scheduler {
   int64_t queued_tokens_ = 0;
   bool draining_ = false;
   bool stopping_ = false;
+  absl::Status failure_;  // failure()
 
   // Gauges for Stats(), written by the engine thread. running_ (== slots in use) changes when a
   // slot is taken or returned, before the observer hears of it.

@@ -53,6 +53,7 @@ struct SchedulerStats {
   int64_t slots_used = 0;
   int64_t steps = 0;  // engine steps that did work
   bool draining = false;
+  bool failed = false;  // the backend failed for good (Scheduler::failure)
   PrefixCacheStats prefix_cache;
   SessionStats sessions;
   bool shared_tier = false;  // a shared state tier is configured (then `tier` is meaningful)

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <utility>
 
+#include <absl/strings/str_cat.h>
+
 #include "base/hash.h"
 
 namespace ps::engine {
@@ -10,11 +12,22 @@ namespace ps::engine {
 PrefixCache::PrefixCache(PrefixCacheOptions options, uint64_t seed)
     : options_(options), seed_(seed) {}
 
-std::vector<uint64_t> PrefixCache::Hashes(absl::Span<const int32_t> tokens) const {
+PrefixCache::Scope PrefixCache::MakeScope(absl::string_view owner, absl::string_view salt) const {
+  if (options_.shared_across_owners) owner = "";
+  if (owner.empty() && salt.empty()) return Scope{"", seed_};
+  // Length-prefixed owner, then the salt: no two (owner, salt) pairs give the same key.
+  Scope scope;
+  scope.key = absl::StrCat(owner.size(), ":", owner, salt);
+  scope.seed = Fingerprint64(scope.key.data(), scope.key.size(), seed_);
+  return scope;
+}
+
+std::vector<uint64_t> PrefixCache::Hashes(absl::Span<const int32_t> tokens,
+                                          const Scope& scope) const {
   const int64_t g = options_.granularity;
   const int64_t blocks = static_cast<int64_t>(tokens.size()) / g;
   std::vector<uint64_t> hashes(static_cast<size_t>(blocks));
-  uint64_t h = seed_;
+  uint64_t h = scope.seed;
   for (int64_t i = 0; i < blocks; ++i) {
     h = Fingerprint64(tokens.data() + i * g, static_cast<size_t>(g) * sizeof(int32_t), h);
     hashes[static_cast<size_t>(i)] = h;
@@ -23,7 +36,8 @@ std::vector<uint64_t> PrefixCache::Hashes(absl::Span<const int32_t> tokens) cons
 }
 
 PrefixCache::Hit PrefixCache::Lookup(absl::Span<const int32_t> tokens,
-                                     absl::Span<const uint64_t> hashes, int64_t max_length) {
+                                     absl::Span<const uint64_t> hashes, int64_t max_length,
+                                     const Scope& scope) {
   const int64_t g = options_.granularity;
   for (int64_t i = std::min<int64_t>(static_cast<int64_t>(hashes.size()), max_length / g); i >= 1;
        --i) {
@@ -31,6 +45,7 @@ PrefixCache::Hit PrefixCache::Lookup(absl::Span<const int32_t> tokens,
     if (it == index_.end()) continue;
     const Entry& entry = *it->second;
     const int64_t length = i * g;
+    if (entry.scope != scope.key) continue;  // a hash collision across scopes
     if (!std::equal(entry.tokens.begin(), entry.tokens.end(), tokens.begin(),
                     tokens.begin() + length)) {
       continue;  // a hash collision: not this prefix
@@ -58,9 +73,10 @@ int64_t PrefixCache::Remember(absl::Span<const uint64_t> hashes, int64_t max_len
   return shared;
 }
 
-void PrefixCache::Insert(absl::Span<const int32_t> prefix, uint64_t hash, StateSnapshot snapshot) {
-  const int64_t bytes =
-      snapshot.size_bytes() + static_cast<int64_t>(prefix.size() * sizeof(int32_t));
+void PrefixCache::Insert(absl::Span<const int32_t> prefix, uint64_t hash, StateSnapshot snapshot,
+                         const Scope& scope) {
+  const int64_t bytes = snapshot.size_bytes() +
+                        static_cast<int64_t>(prefix.size() * sizeof(int32_t) + scope.key.size());
   if (!enabled() || bytes > options_.budget_bytes || index_.contains(hash)) return;
   while (bytes_ + bytes > options_.budget_bytes && !lru_.empty()) {
     bytes_ -= lru_.back().bytes;
@@ -68,8 +84,8 @@ void PrefixCache::Insert(absl::Span<const int32_t> prefix, uint64_t hash, StateS
     lru_.pop_back();
     evictions_.fetch_add(1, std::memory_order_relaxed);
   }
-  lru_.push_front(
-      Entry{hash, std::vector<int32_t>(prefix.begin(), prefix.end()), std::move(snapshot), bytes});
+  lru_.push_front(Entry{hash, scope.key, std::vector<int32_t>(prefix.begin(), prefix.end()),
+                        std::move(snapshot), bytes});
   index_[hash] = lru_.begin();
   bytes_ += bytes;
   insertions_.fetch_add(1, std::memory_order_relaxed);

@@ -5,8 +5,16 @@
 //
 // Keys: snapshots are taken only at multiples of `granularity` tokens; the key of a prefix of
 // length k * g is a chained Fingerprint64 over its blocks of g tokens (Hashes), seeded with the
-// model fingerprint. Every entry also keeps its tokens, and a hit is confirmed token by token, so
-// a hash collision can never hand out a wrong state.
+// model fingerprint and the request's Scope. Every entry also keeps its tokens and its scope, and
+// a hit is confirmed token by token and scope by scope, so a hash collision can never hand out a
+// wrong state, nor another scope's.
+//
+// Scopes keep callers apart (docs/security.md): a hit makes a request faster and is reported to
+// its caller (cached_tokens), so a cache shared by every caller would tell one caller whether
+// another already sent a given prompt prefix. A prefix is therefore cached under the identity
+// that sent it (EngineRequest::owner) and the request's cache salt, and only a request with the
+// same owner and salt finds it. shared_across_owners drops the owner from the scope (one cache for
+// every identity, for deployments whose callers trust each other); the salt still separates.
 //
 // Which prefixes are worth a snapshot (a state is megabytes, so not every block of every prompt):
 // the scheduler asks Remember for the longest prefix of a new prompt that an earlier prompt
@@ -25,10 +33,13 @@
 #include <atomic>
 #include <cstdint>
 #include <list>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include <absl/container/flat_hash_map.h>
 #include <absl/container/flat_hash_set.h>
+#include <absl/strings/string_view.h>
 #include <absl/types/span.h>
 
 #include "server/engine/model/state_snapshot.h"
@@ -39,6 +50,9 @@ struct PrefixCacheOptions {
   int64_t budget_bytes = 0;  // 0: the cache is off
   int64_t granularity = 64;  // snapshot positions are multiples of this many tokens, >= 1
   int64_t max_remembered = int64_t{1} << 20;
+  // false (default): a cached prefix serves only requests of the identity that stored it. true:
+  // every identity's (--prefix_cache_shared); requests with different salts never share.
+  bool shared_across_owners = false;
 };
 
 struct PrefixCacheStats {
@@ -62,8 +76,22 @@ class PrefixCache {
   bool enabled() const { return options_.budget_bytes > 0; }
   int64_t granularity() const { return options_.granularity; }
 
-  // hashes[i] is the key of tokens[0, (i + 1) * granularity), for every whole block.
-  std::vector<uint64_t> Hashes(absl::Span<const int32_t> tokens) const;
+  // Whose cached prefixes a request may use: `key` names the scope exactly (empty for the
+  // unscoped cache: no owner counted and no salt), `seed` seeds its prefix keys.
+  struct Scope {
+    std::string key;
+    uint64_t seed = 0;
+  };
+  // The scope of a request of `owner` (dropped when shared_across_owners) with `salt` (may be
+  // empty).
+  Scope MakeScope(absl::string_view owner, absl::string_view salt) const;
+
+  // hashes[i] is the key of tokens[0, (i + 1) * granularity) in `scope`, for every whole block.
+  // Without a scope: the unscoped one (MakeScope("", "")).
+  std::vector<uint64_t> Hashes(absl::Span<const int32_t> tokens, const Scope& scope) const;
+  std::vector<uint64_t> Hashes(absl::Span<const int32_t> tokens) const {
+    return Hashes(tokens, MakeScope("", ""));
+  }
 
   // The longest cached prefix of `tokens` no longer than max_length: its state (valid until the
   // next Insert), or null with length 0. Counts a hit or a miss.
@@ -71,8 +99,13 @@ class PrefixCache {
     int64_t length = 0;
     const StateSnapshot* state = nullptr;
   };
+  // Only an entry of `scope` (the one its hashes were made in) is a hit.
   Hit Lookup(absl::Span<const int32_t> tokens, absl::Span<const uint64_t> hashes,
-             int64_t max_length);
+             int64_t max_length, const Scope& scope);
+  Hit Lookup(absl::Span<const int32_t> tokens, absl::Span<const uint64_t> hashes,
+             int64_t max_length) {
+    return Lookup(tokens, hashes, max_length, MakeScope("", ""));
+  }
 
   // Remembers the prefixes of a prompt; returns the longest one no longer than max_length that
   // was remembered before (0: none).
@@ -84,13 +117,19 @@ class PrefixCache {
   // Stores the state of `prefix` (snapshot.position == prefix.size(), a multiple of granularity)
   // under `hash`, evicting least recently used entries to stay within the budget. A snapshot
   // larger than the whole budget, or one already cached, is not stored.
-  void Insert(absl::Span<const int32_t> prefix, uint64_t hash, StateSnapshot snapshot);
+  // `hash` is the prefix's key in `scope`.
+  void Insert(absl::Span<const int32_t> prefix, uint64_t hash, StateSnapshot snapshot,
+              const Scope& scope);
+  void Insert(absl::Span<const int32_t> prefix, uint64_t hash, StateSnapshot snapshot) {
+    Insert(prefix, hash, std::move(snapshot), MakeScope("", ""));
+  }
 
   PrefixCacheStats stats() const;
 
  private:
   struct Entry {
     uint64_t hash = 0;
+    std::string scope;  // Scope::key
     std::vector<int32_t> tokens;
     StateSnapshot state;
     int64_t bytes = 0;

@@ -83,6 +83,17 @@ absl::StatusOr<SequenceState> DecodeState(absl::string_view bytes, const ModelId
   if (bytes.size() < sizeof(kMagic) + 8 || std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) {
     return absl::DataLossError("state: not a polysketch state (bad magic)");
   }
+  // A state of an earlier format (below the current version) is refused by name first: its
+  // checksum used another hash, so the check below could only call it corrupted.
+  uint32_t version;
+  std::memcpy(&version, bytes.data() + sizeof(kMagic), sizeof(version));
+  if (version >= 1 && version < kStateFormatVersion) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "state: format version ", version,
+        " (an earlier polysketch server's, whose checksum and "
+        "model fingerprint used another hash); this server reads version ",
+        kStateFormatVersion, " only: export the state again from a server of this version"));
+  }
   // Integrity first, so that the field checks below report edits, not noise.
   uint64_t stored;
   std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
@@ -92,7 +103,7 @@ absl::StatusOr<SequenceState> DecodeState(absl::string_view bytes, const ModelId
                                             " bytes: truncated or corrupted)"));
   }
   Reader in(body.substr(sizeof(kMagic)));
-  PS_ASSIGN_OR_RETURN(const uint32_t version, in.Get<uint32_t>("format version"));
+  PS_ASSIGN_OR_RETURN(version, in.Get<uint32_t>("format version"));
   if (version != kStateFormatVersion) {
     return absl::FailedPreconditionError(absl::StrCat(
         "state: format version ", version, "; this server reads version ", kStateFormatVersion));

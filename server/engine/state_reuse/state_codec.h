@@ -13,7 +13,11 @@
 //   i64 position                     tokens the state holds
 //   u32 num_pending, i32 pending[num_pending]   tokens produced but not yet fed to the state
 //   i64 state_bytes, state_bytes bytes          the slot (StateLayout::bytes_per_slot)
-//   u64 checksum                     Fingerprint64 of everything before it
+//   u64 checksum                     Fingerprint64 (XXH3, base/hash.h) of everything before it
+//
+// Version history: 1 (until issue 18): checksum and model fingerprint with a hash of this
+// project's own; 2: with xxHash's XXH3. A version-1 state is refused by name, before its
+// checksum is read (the checksum could only fail): export it again from a current server.
 #ifndef POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 #define POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 
@@ -30,7 +34,7 @@
 
 namespace ps::engine {
 
-inline constexpr uint32_t kStateFormatVersion = 1;
+inline constexpr uint32_t kStateFormatVersion = 2;
 // The Fingerprint64 seed of the checksum.
 inline constexpr uint64_t kStateChecksumSeed = 0x5053'4b53'5441'5445ULL;  // "PSKSTATE"
 // Most pending tokens a state may carry (a finished turn leaves one).

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include <absl/strings/match.h>
 #include <absl/strings/str_cat.h>
 #include <gtest/gtest.h>
 
@@ -153,6 +154,34 @@ TEST_F(CudaBackendTest, AllocateZeroesAndCopiesRoundTrip) {
   EXPECT_EQ(Down(*other, 250), want);
   EXPECT_EQ(gpu_->Allocate(int64_t{1} << 50).status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(gpu_->Synchronize().ok());
+}
+
+// A KV shape the kernels cannot run is refused by CheckShape (Model::Create calls it); an op
+// that meets one anyway leaves its output unwritten and reports a passing failure through
+// TakeStatus, once, without making the backend fail for good.
+TEST_F(CudaBackendTest, ReportsUnrunnableShapesAndFailuresThroughTakeStatus) {
+  KvAttentionShape shape{.heads = 1,
+                         .head_dim = 264,
+                         .weighting = KvWeighting::kSoftmax,
+                         .mask = KeyMask{},
+                         .ring = false,
+                         .capacity = 4};
+  EXPECT_EQ(gpu_->CheckShape(shape).code(), absl::StatusCode::kUnimplemented);
+  EXPECT_TRUE(
+      absl::StrContains(gpu_->CheckShape(shape).message(), "support head_dim up to 256, got 264"))
+      << gpu_->CheckShape(shape);
+  shape.head_dim = 256;
+  EXPECT_TRUE(gpu_->CheckShape(shape).ok());
+  EXPECT_TRUE(gpu_->TakeStatus().ok());
+  shape.head_dim = 264;
+  const int64_t positions[1] = {0};
+  const KvSlotState slots[1] = {};
+  gpu_->KvDecode(shape, positions, slots, nullptr, nullptr, nullptr, nullptr);
+  const absl::Status status = gpu_->TakeStatus();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented) << status;
+  EXPECT_FALSE(gpu_->failed());
+  EXPECT_TRUE(gpu_->TakeStatus().ok());  // reported once
+  EXPECT_TRUE(gpu_->status().ok());      // not the sticky status
 }
 
 TEST_F(CudaBackendTest, LinearMatchesCpuInBf16AndFp32) {

@@ -31,6 +31,7 @@
 #include "server/engine/model_io/tokenizer.h"
 #include "server/engine/model_io/weights.h"
 #include "server/service/auth.h"
+#include "tests/testing/faulty_backend.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
 
@@ -242,11 +243,12 @@ class HttpServerTest : public ::testing::Test {
     if (o.load_model) {
       PS_ASSERT_OK_AND_ASSIGN(engine::ModelWeights weights, engine::LoadWeights(golden_.model_dir));
       backend_ = std::make_unique<kernels::cpu::CpuBackend>(2);
+      faulty_ = std::make_unique<test::FaultyBackend>(*backend_);  // fails on demand
       engine::ModelOptions model_options;
       model_options.num_slots = o.slots;
       model_options.max_batch = o.slots;
       PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<engine::Model> model,
-                              engine::Model::Create(weights, *backend_, model_options));
+                              engine::Model::Create(weights, *faulty_, model_options));
       engine::SchedulerOptions options;
       options.max_waiting = o.max_waiting;
       options.sessions.budget_bytes = int64_t{64} << 20;
@@ -322,6 +324,7 @@ class HttpServerTest : public ::testing::Test {
   test::GoldenFixture golden_;
   RecordingMetrics metrics_;
   std::unique_ptr<kernels::cpu::CpuBackend> backend_;
+  std::unique_ptr<test::FaultyBackend> faulty_;
   std::unique_ptr<engine::Scheduler> scheduler_;
   std::unique_ptr<service::GenerationService> service_;
   std::unique_ptr<HttpServer> server_;
@@ -502,6 +505,22 @@ TEST_F(HttpServerTest, LoadingAndDraining) {
   r = Post("/v1/completions", {{"prompt", "x"}, {"max_tokens", 1}});
   EXPECT_EQ(r.status, 503);
   EXPECT_EQ(json::parse(r.body)["error"]["type"], "service_unavailable");
+}
+
+// A backend that failed for good: the request it ran is a 500 naming the backend's error, then
+// /health is 503 "failed" and new requests are 503 (docs/serving.md, "Device").
+TEST_F(HttpServerTest, AFailedBackendIs500ThenHealthSaysFailed) {
+  Start({});
+  faulty_->InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
+  Reply r = Post("/v1/completions", {{"prompt", "And God said"}, {"max_tokens", 4}});
+  EXPECT_EQ(r.status, 500);
+  EXPECT_THAT(r.body, ::testing::HasSubstr("device lost"));
+  r = Call("GET", "/health");
+  EXPECT_EQ(r.status, 503);
+  EXPECT_EQ(json::parse(r.body)["status"], "failed");
+  r = Post("/v1/completions", {{"prompt", "x"}, {"max_tokens", 1}});
+  EXPECT_EQ(r.status, 503);
+  EXPECT_THAT(r.body, ::testing::HasSubstr("the engine failed"));
 }
 
 TEST_F(HttpServerTest, VanishedClientFreesItsSlot) {

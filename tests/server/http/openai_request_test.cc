@@ -60,7 +60,8 @@ TEST(OpenAiRequestTest, EverySamplingFieldReachesTheProto) {
                      "stop": ["\n\n", "END"], "stop_token_ids": [10], "min_tokens": 2,
                      "include_stop_str_in_output": true, "ignore_eos": true, "user": "u1",
                      "stream": true, "stream_options": {"include_usage": true},
-                     "session_id": "s-1", "n": 1, "best_of": 1, "logit_bias": {},
+                     "session_id": "s-1", "cache_salt": "team-a", "n": 1, "best_of": 1,
+                     "logit_bias": {},
                      "suffix": null, "response_format": {"type": "text"}})"));
   const auto& s = r.proto.sampling();
   EXPECT_EQ(r.proto.max_new_tokens(), 7u);
@@ -81,6 +82,7 @@ TEST(OpenAiRequestTest, EverySamplingFieldReachesTheProto) {
   EXPECT_TRUE(r.stream);
   EXPECT_TRUE(r.include_usage);
   EXPECT_EQ(r.proto.session_id(), "s-1");
+  EXPECT_EQ(r.proto.cache_salt(), "team-a");
   EXPECT_THAT(Convert(r), IsOk());
 }
 
@@ -120,6 +122,7 @@ TEST(OpenAiRequestTest, WrongTypesNameTheField) {
       {R"({"prompt": "x", "stop": ["a", 2]})", "stop[1]: must be a string"},
       {R"({"prompt": "x", "stop_token_ids": [1, "b"]})", "stop_token_ids[1]: must be"},
       {R"({"prompt": "x", "model": 7})", "model: must be a string"},
+      {R"({"prompt": "x", "cache_salt": 7})", "cache_salt: must be a string"},
       {R"({"prompt": "x", "logprobs": 21})", "logprobs: must be an integer in [0, 20]"},
       {R"({"prompt": "x", "n": 2})", "n: must be an integer in [1, 1]"},
       {R"({"prompt": "x", "best_of": 3})", "best_of: must be an integer in [1, 1]"},

@@ -368,6 +368,12 @@ TEST_F(MetricsTest, EngineStallsSetTheGaugeAndCountEachStall) {
   EXPECT_EQ(Sample(text, "polysketch_engine_stalls_total"), 2.0);
 }
 
+TEST_F(MetricsTest, EngineFailureSetsTheFailedGauge) {
+  EXPECT_EQ(Sample(Scrape(), "polysketch_engine_failed"), 0.0);
+  metrics_->EngineFailed();
+  EXPECT_EQ(Sample(Scrape(), "polysketch_engine_failed"), 1.0);
+}
+
 TEST_F(MetricsTest, ResidentMemoryIsReadAtScrapeTime) {
   const std::optional<double> before = Sample(Scrape(), "polysketch_process_resident_memory_bytes");
   ASSERT_TRUE(before.has_value());

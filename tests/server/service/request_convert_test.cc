@@ -102,8 +102,10 @@ TEST(RequestConvertTest, TokenIdsAndEveryField) {
   r.set_logprobs(true);
   r.set_top_logprobs(20);
   r.set_time_limit_ms(1500);
+  r.set_cache_salt("tenant-7");
   PS_ASSERT_OK_AND_ASSIGN(ConvertedRequest c, ConvertGenerateRequest(r, Limits()));
   EXPECT_EQ(c.request.id, "my-id");
+  EXPECT_EQ(c.request.prefix_cache_salt, "tenant-7");
   EXPECT_THAT(c.request.prompt, ElementsAre(0, 255));
   EXPECT_EQ(c.request.sampling.temperature, 0.0f);
   EXPECT_EQ(c.request.sampling.top_k, 5);
@@ -241,6 +243,8 @@ INSTANTIATE_TEST_SUITE_P(
          }},
         {"StopTokenOutside", "stop.stop_token_ids[0]: must be in [0, 256), got 300",
          [](R& r) { r.mutable_stop()->add_stop_token_ids(300); }},
+        {"CacheSaltLong", "cache_salt: must be at most 256 bytes, got 257 bytes",
+         [](R& r) { r.set_cache_salt(std::string(257, 's')); }},
     }),
     [](const ::testing::TestParamInfo<InvalidCase>& param_info) { return param_info.param.name; });
 #if defined(__GNUC__) && !defined(__clang__)

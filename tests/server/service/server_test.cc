@@ -26,6 +26,7 @@
 #include "server/engine/serving/watchdog.h"
 #include "server/service/generation_service.h"
 #include "server/service/watchdog_listener.h"
+#include "tests/testing/faulty_backend.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/health_check.h"
@@ -67,6 +68,23 @@ class RefusalMetrics final : public metrics::ServerMetrics {
   int refused[5] = {};
 };
 
+// Counts what the metrics hear of failures (the rest is metrics_test's).
+class CountingMetrics : public metrics::ServerMetrics {
+ public:
+  int port() const override { return 0; }
+  void RequestFinished(const engine::FinalResult& result) override {
+    if (result.reason == engine::FinishReason::kError) errors.fetch_add(1);
+  }
+  void InterTokenLatency(absl::Duration, int64_t) override {}
+  void RequestRefused(metrics::FailureReason) override {}
+  void EngineStep(const engine::StepStats&) override {}
+  void SetScheduler(const engine::SchedulerStats&) override {}
+  void SetAttentionMemory(absl::string_view, int64_t) override {}
+  void EngineFailed() override { failed.fetch_add(1); }
+  std::atomic<int> errors{0};
+  std::atomic<int> failed{0};
+};
+
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override { Start(/*slots=*/4, /*max_waiting=*/256); }
@@ -75,6 +93,8 @@ class ServerTest : public ::testing::Test {
   void Start(int64_t slots, int64_t max_waiting, int64_t prefill_chunk = 512) {
     PS_ASSERT_OK_AND_ASSIGN(golden_, test::LoadGoldenFixture(kFixture));
     backend_ = std::make_unique<kernels::cpu::CpuBackend>(2);
+    // The CPU backend under another name, failing on demand (ModelInfo.device, backend errors).
+    faulty_ = std::make_unique<test::FaultyBackend>(*backend_, "faulty-cpu");
     engine::ModelOptions model_options;
     model_options.num_slots = slots;
     model_options.max_batch = slots;
@@ -88,7 +108,12 @@ class ServerTest : public ::testing::Test {
       std::unique_lock<std::mutex> lock(hold_mu_);
       hold_cv_.wait(lock, [this] { return !hold_engine_; });
     };
-    scheduler_ = test::MakeModelScheduler(golden_.model_dir, *backend_, model_options, options);
+    // The server binary's wiring (main.cc): a failed engine turns the health services
+    // NOT_SERVING. The server exists by the time a test makes the backend fail.
+    options.on_failure = [this](const absl::Status& failure) {
+      MakeEngineFailureListener({server_->GetHealthCheckService()}, &metrics_)(failure);
+    };
+    scheduler_ = test::MakeModelScheduler(golden_.model_dir, *faulty_, model_options, options);
     ASSERT_NE(scheduler_, nullptr);
     ServiceOptions service_options;
     service_options.model_name = kFixture;
@@ -187,7 +212,9 @@ class ServerTest : public ::testing::Test {
   std::condition_variable hold_cv_;
   bool hold_engine_ = false;
   test::GoldenFixture golden_;
+  CountingMetrics metrics_;
   std::unique_ptr<kernels::cpu::CpuBackend> backend_;
+  std::unique_ptr<test::FaultyBackend> faulty_;
   std::unique_ptr<engine::Scheduler> scheduler_;
   std::unique_ptr<GenerationService> service_;
   std::unique_ptr<grpc::Server> server_;
@@ -547,6 +574,8 @@ TEST_F(ServerTest, TokenizeAndModelInfo) {
   EXPECT_EQ(info.limits().state_slots(), 4u);
   EXPECT_EQ(info.limits().max_new_tokens(), static_cast<uint32_t>(kLong));
   EXPECT_EQ(info.tokenizer(), "bytes");
+  // The backend the model runs on, not a default.
+  EXPECT_EQ(info.device(), "faulty-cpu");
 }
 
 TEST_F(ServerTest, HealthAndReadinessTransitions) {
@@ -561,6 +590,58 @@ TEST_F(ServerTest, HealthAndReadinessTransitions) {
   v1::GenerateResponse response;
   EXPECT_EQ(stub_->Generate(&context, GreedyRequest(4), &response).error_code(),
             grpc::StatusCode::UNAVAILABLE);
+}
+
+// A passing backend failure ends the running requests with INTERNAL (final message with finish
+// reason ERROR, the backend named) and the metrics count them; the server stays SERVING and
+// serves the next request.
+TEST_F(ServerTest, BackendFailureEndsRunningRequestsWithInternal) {
+  grpc::ClientContext context;
+  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
+  v1::GenerateStreamResponse message;
+  ASSERT_TRUE(stream->Read(&message));  // running
+  faulty_->InjectFailure(absl::InternalError("kernel launch failed"), /*sticky=*/false);
+  while (stream->Read(&message)) {
+  }
+  const grpc::Status status = stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(status.error_message(), HasSubstr("the faulty-cpu backend failed"));
+  EXPECT_THAT(status.error_message(), HasSubstr("kernel launch failed"));
+  EXPECT_EQ(metrics_.errors.load(), 1);
+  EXPECT_EQ(metrics_.failed.load(), 0);
+  EXPECT_EQ(test::HealthStatus(channel_), 1);
+  EXPECT_EQ(test::HealthStatus(channel_, kReadinessServiceName), 1);
+  grpc::ClientContext next_context;
+  v1::GenerateResponse response;
+  const grpc::Status next = stub_->Generate(&next_context, GreedyRequest(), &response);
+  EXPECT_TRUE(next.ok()) << next.error_message();
+}
+
+// A sticky backend failure (a CUDA error) ends the running requests with INTERNAL, turns liveness
+// and readiness NOT_SERVING for good, sets the failed metric, and new requests get UNAVAILABLE.
+TEST_F(ServerTest, StickyBackendFailureTurnsTheServerNotServing) {
+  grpc::ClientContext context;
+  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
+  v1::GenerateStreamResponse message;
+  ASSERT_TRUE(stream->Read(&message));
+  faulty_->InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
+  while (stream->Read(&message)) {
+  }
+  const grpc::Status status = stream->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(status.error_message(), HasSubstr("device lost"));
+  for (int i = 0; i < 500 && metrics_.failed.load() == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(metrics_.failed.load(), 1);
+  EXPECT_EQ(metrics_.errors.load(), 1);
+  EXPECT_EQ(test::HealthStatus(channel_), 2);
+  EXPECT_EQ(test::HealthStatus(channel_, kReadinessServiceName), 2);
+  grpc::ClientContext next_context;
+  v1::GenerateResponse response;
+  const grpc::Status next = stub_->Generate(&next_context, GreedyRequest(), &response);
+  EXPECT_EQ(next.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(next.error_message(), HasSubstr("the engine failed"));
 }
 
 TEST_F(ServerTest, AStuckEngineTurnsLivenessNotServingUntilItMoves) {

@@ -30,7 +30,9 @@
 #include "kernels/cuda/cuda_backend.h"
 #include "server/engine/model/model.h"
 #include "server/engine/model_io/weights.h"
+#include "tests/testing/files.h"
 #include "tests/testing/golden.h"
+#include "tests/testing/model_writer.h"
 #include "tests/testing/prompt_logprobs_check.h"
 #include "tests/testing/recorder.h"
 #include "tests/testing/scheduler_fixture.h"
@@ -43,6 +45,7 @@ using kernels::cuda::GemmPrecision;
 using ::ps::test::Argmax;
 using ::ps::test::IsOk;
 using ::ps::test::MaxRelError;
+using ::ps::test::StatusIs;
 
 constexpr double kFp32RelTol = 1e-4;
 constexpr double kBf16RelTol = 0.25;
@@ -160,6 +163,33 @@ TEST_P(ModelCudaGoldenTest, PromptLogprobsMatchGolden) {
   ASSERT_TRUE((*backend)->Synchronize().ok()) << (*backend)->status();
   std::cout << "[ fixture ] " << GetParam() << " prompt logprobs fp32: max |error| " << worst
             << "\n";
+}
+
+// A model whose KV layers the CUDA kernels cannot run (head width above kMaxKvHeadDim, 256: their
+// accumulators live in registers) is refused at load, naming the layer and the limit, instead of
+// loading and leaving every attention output of that layer unwritten.
+TEST(ModelCudaLoadTest, RefusesKvHeadWidthAboveTheKernelLimit) {
+  if (kernels::cuda::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+  const std::string config_json = R"({
+  "architecture": "polysketchformer", "vocab_size": 256, "d_model": 264, "n_layers": 1,
+  "n_heads": 1, "d_ff": 16, "max_seq_len": 64, "norm_eps": 1e-05,
+  "layers": [{"kind": "softmax"}],
+  "format_version": 1, "tokenizer": {"type": "bytes"}, "torch_dtype": "f32"
+})";
+  PS_ASSERT_OK_AND_ASSIGN(const ModelConfig config, ParseModelConfig(config_json, "head-dim-264"));
+  ASSERT_EQ(config.head_dim(), 264);
+  test::TempDir dir;
+  test::WriteModelDir(dir.path(), config_json, test::ModelTensors(config, "F32"));
+  PS_ASSERT_OK_AND_ASSIGN(const ModelWeights weights, LoadWeights(dir.path()));
+  auto backend = kernels::cuda::CudaBackend::Create();
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  ModelOptions options;
+  options.num_slots = 1;
+  options.max_batch = 1;
+  EXPECT_THAT(Model::Create(weights, **backend, options),
+              StatusIs(absl::StatusCode::kUnimplemented,
+                       "layer 0: the cuda backend cannot run this model: the cuda backend's KV "
+                       "attention kernels support head_dim up to 256, got 264"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelCudaGoldenTest,

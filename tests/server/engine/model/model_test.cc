@@ -19,6 +19,7 @@
 #include "kernels/packed_index.h"
 #include "server/engine/model/reference_model.h"
 #include "server/engine/model_io/weights.h"
+#include "tests/testing/faulty_backend.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/status_matchers.h"
@@ -321,6 +322,65 @@ TEST_F(ModelTest, RefusesBadInputWithoutChangingState) {
   EXPECT_EQ(model->SlotPosition(other), 0);
   ASSERT_THAT(model->ReleaseSlot(other), IsOk());
   EXPECT_EQ(model->SlotPosition(other), -1);
+}
+
+// A backend failure reaches the caller (kernels/backend.h, "failures"): the forward that met it
+// returns Internal naming the backend and the failure, no position advances, and a passing
+// failure leaves the model usable while a sticky one fails every later forward.
+TEST_F(ModelTest, BackendFailuresEndTheForwardWithInternal) {
+  test::FaultyBackend faulty(backend_, "faulty");
+  PS_ASSERT_OK_AND_ASSIGN(ModelWeights weights,
+                          LoadWeights(test::SourcePath("tests/golden/polysketch-learned-local")));
+  PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> model,
+                          Model::Create(weights, faulty, TestOptions(512)));
+  const int64_t V = model->config().vocab_size;
+  std::vector<float> logits(static_cast<size_t>(V));
+  PS_ASSERT_OK_AND_ASSIGN(SlotId a, model->AcquireSlot());
+  const std::vector<int32_t> prompt = {72, 101, 108, 108, 111};
+
+  // Passing: the prefill fails, then a fresh sequence runs.
+  faulty.InjectFailure(absl::InternalError("kernel launch failed"), /*sticky=*/false,
+                       /*after_ops=*/3);
+  EXPECT_THAT(model->Prefill(a, 0, prompt, absl::MakeSpan(logits)),
+              StatusIs(absl::StatusCode::kInternal,
+                       "prefill: the faulty backend failed: kernel launch failed"));
+  EXPECT_EQ(model->SlotPosition(a), 0);
+  EXPECT_FALSE(model->backend_failed());
+  ASSERT_THAT(model->ReleaseSlot(a), IsOk());
+  PS_ASSERT_OK_AND_ASSIGN(a, model->AcquireSlot());
+  ASSERT_THAT(model->Prefill(a, 0, prompt, absl::MakeSpan(logits)), IsOk());
+
+  // Passing, in decode.
+  const DecodeItem item{a, static_cast<int64_t>(prompt.size()), 65};
+  faulty.InjectFailure(absl::InternalError("illegal address"), /*sticky=*/false);
+  EXPECT_THAT(model->Decode({&item, 1}, absl::MakeSpan(logits)),
+              StatusIs(absl::StatusCode::kInternal, "decode: the faulty backend failed"));
+  EXPECT_EQ(model->SlotPosition(a), static_cast<int64_t>(prompt.size()));
+
+  // Sticky: this decode and everything after fail, and the model says so.
+  faulty.InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
+  EXPECT_THAT(model->Decode({&item, 1}, absl::MakeSpan(logits)),
+              StatusIs(absl::StatusCode::kInternal,
+                       "decode: the faulty backend failed (for good): device lost"));
+  EXPECT_TRUE(model->backend_failed());
+  PS_ASSERT_OK_AND_ASSIGN(SlotId b, model->AcquireSlot());
+  EXPECT_THAT(model->Prefill(b, 0, prompt, absl::MakeSpan(logits)),
+              StatusIs(absl::StatusCode::kInternal, "device lost"));
+  StateSnapshot snapshot;
+  EXPECT_THAT(model->SaveSlot(b, &snapshot), StatusIs(absl::StatusCode::kInternal, "SaveSlot"));
+}
+
+// A model the backend cannot run is refused at load, naming the layer and the backend's limit.
+TEST_F(ModelTest, RefusesAtLoadAShapeTheBackendCannotRun) {
+  test::FaultyBackend limited(backend_, "limited");
+  limited.LimitKvHeadDim(4);
+  PS_ASSERT_OK_AND_ASSIGN(ModelWeights weights,
+                          LoadWeights(test::SourcePath("tests/golden/softmax")));
+  ASSERT_GT(weights.config.head_dim(), 4);
+  EXPECT_THAT(Model::Create(weights, limited, TestOptions(512)),
+              StatusIs(absl::StatusCode::kUnimplemented,
+                       "layer 0: the limited backend cannot run this model: KV attention "
+                       "supports head_dim up to 4"));
 }
 
 TEST_F(ModelTest, SlotsRunOutAndComeBack) {

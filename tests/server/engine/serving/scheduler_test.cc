@@ -3,6 +3,7 @@
 // are prefilled in chunks between decode steps, and drain refuses new work.
 #include "server/engine/serving/scheduler.h"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <memory>
@@ -16,6 +17,7 @@
 
 #include "kernels/cpu/cpu_backend.h"
 #include "server/engine/model_io/weights.h"
+#include "tests/testing/faulty_backend.h"
 #include "tests/testing/files.h"
 #include "tests/testing/golden.h"
 #include "tests/testing/recorder.h"
@@ -188,6 +190,87 @@ TEST_F(SchedulerTest, DeadlineEndsARunningRequest) {
   EXPECT_EQ(recorder->result().reason, FinishReason::kDeadline);
   EXPECT_GT(recorder->result().generated_tokens, 0);
   WaitIdle(*scheduler);
+}
+
+// A passing backend failure ends the requests of the failed forward with kError (Internal, the
+// backend named); the engine serves on.
+TEST_F(SchedulerTest, BackendFailureEndsTheRunningRequestsWithInternal) {
+  test::FaultyBackend faulty(backend_, "faulty");
+  ModelOptions model_options;
+  model_options.num_slots = 2;
+  model_options.max_batch = 2;
+  model_options.prefill_chunk = 16;
+  std::atomic<int> failures{0};
+  SchedulerOptions options;
+  options.on_failure = [&failures](const absl::Status&) { failures.fetch_add(1); };
+  auto scheduler =
+      test::MakeFixtureScheduler("polysketch-random", faulty, model_options, std::move(options));
+  ASSERT_NE(scheduler, nullptr);
+  auto a = std::make_shared<Recorder>();
+  auto b = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("a", {1, 2, 3}, 1000000, a)), IsOk());
+  ASSERT_THAT(scheduler->Submit(Request("b", {4, 5}, 1000000, b)), IsOk());
+  while (a->tokens().size() < 3 || b->tokens().size() < 3) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  faulty.InjectFailure(absl::InternalError("kernel launch failed"), /*sticky=*/false);
+  for (auto& recorder : {a, b}) {
+    ASSERT_TRUE(recorder->Wait());
+    EXPECT_EQ(recorder->result().reason, FinishReason::kError);
+    EXPECT_THAT(recorder->result().error,
+                StatusIs(absl::StatusCode::kInternal, "the faulty backend failed"));
+  }
+  WaitIdle(*scheduler);
+  EXPECT_EQ(scheduler->Stats().slots_used, 0);
+  EXPECT_FALSE(scheduler->Stats().failed);
+  EXPECT_THAT(scheduler->failure(), IsOk());
+  EXPECT_EQ(failures.load(), 0);
+  auto next = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("next", {4, 5}, 3, next)), IsOk());
+  ASSERT_TRUE(next->Wait());
+  EXPECT_EQ(next->result().reason, FinishReason::kLength);
+}
+
+// A sticky backend failure ends every queued and running request with kError, tells
+// on_failure once, and from then on the engine refuses new requests (Unavailable).
+TEST_F(SchedulerTest, StickyBackendFailureStopsTheEngine) {
+  test::FaultyBackend faulty(backend_, "faulty");
+  ModelOptions model_options;
+  model_options.num_slots = 1;
+  model_options.max_batch = 1;
+  model_options.prefill_chunk = 16;
+  std::mutex mu;
+  std::vector<absl::Status> failures;
+  SchedulerOptions options;
+  options.on_failure = [&](const absl::Status& status) {
+    std::lock_guard<std::mutex> lock(mu);
+    failures.push_back(status);
+  };
+  auto scheduler =
+      test::MakeFixtureScheduler("polysketch-random", faulty, model_options, std::move(options));
+  ASSERT_NE(scheduler, nullptr);
+  auto running = std::make_shared<Recorder>();
+  auto queued = std::make_shared<Recorder>();
+  ASSERT_THAT(scheduler->Submit(Request("running", {1, 2, 3}, 1000000, running)), IsOk());
+  while (running->tokens().size() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_THAT(scheduler->Submit(Request("queued", {4, 5}, 3, queued)), IsOk());
+  faulty.InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
+  // The queued request ends after on_failure was called: its end is the test's sync point.
+  for (auto& recorder : {running, queued}) {
+    ASSERT_TRUE(recorder->Wait());
+    EXPECT_EQ(recorder->result().reason, FinishReason::kError);
+    EXPECT_THAT(recorder->result().error, StatusIs(absl::StatusCode::kInternal, "device lost"));
+  }
+  WaitIdle(*scheduler);
+  EXPECT_TRUE(scheduler->Stats().failed);
+  EXPECT_THAT(scheduler->failure(), StatusIs(absl::StatusCode::kInternal, "(for good)"));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(failures.size(), 1u);
+    EXPECT_THAT(failures[0], StatusIs(absl::StatusCode::kInternal, "device lost"));
+  }
+  EXPECT_THAT(scheduler->Submit(Request("late", {1}, 1, std::make_shared<Recorder>())),
+              StatusIs(absl::StatusCode::kUnavailable, "the engine failed"));
 }
 
 TEST_F(SchedulerTest, FullQueueIsRefusedAtOnce) {

@@ -1,6 +1,6 @@
 // PrefixCache alone: longest-prefix lookup, token-by-token confirmation of a hit (a colliding key
 // never hands out another prefix's state), the remembered-prefix admission rule and the byte
-// budget with LRU eviction.
+// budget with LRU eviction, and scopes that keep owners and salts apart.
 #include "server/engine/state_reuse/prefix_cache.h"
 
 #include <vector>
@@ -59,6 +59,44 @@ TEST(PrefixCacheTest, AHitIsConfirmedTokenByToken) {
   // Store a's prefix under b's key, as a hash collision would.
   cache.Insert(absl::MakeConstSpan(a).subspan(0, 8), cache.Hashes(b)[1], Snapshot(8, 10));
   EXPECT_EQ(cache.Lookup(b, cache.Hashes(b), 8).state, nullptr);
+}
+
+// Scopes: a prefix is found only in the scope it was cached in, by (owner, salt), or by salt
+// alone when shared across owners; a colliding key of another scope is no hit either.
+TEST(PrefixCacheTest, ScopesKeepOwnersAndSaltsApart) {
+  for (const bool shared : {false, true}) {
+    SCOPED_TRACE(shared ? "shared" : "per owner");
+    PrefixCache cache({.budget_bytes = 1 << 20,
+                       .granularity = 4,
+                       .max_remembered = 100,
+                       .shared_across_owners = shared},
+                      7);
+    const std::vector<int32_t> tokens = Range(0, 9);
+    const PrefixCache::Scope alice = cache.MakeScope("alice", "");
+    cache.Insert(absl::MakeConstSpan(tokens).subspan(0, 8), cache.Hashes(tokens, alice)[1],
+                 Snapshot(8, 10), alice);
+    auto found = [&](const PrefixCache::Scope& scope) {
+      return cache.Lookup(tokens, cache.Hashes(tokens, scope), 8, scope).length;
+    };
+    EXPECT_EQ(found(alice), 8);
+    EXPECT_EQ(found(cache.MakeScope("bob", "")), shared ? 8 : 0);
+    EXPECT_EQ(found(cache.MakeScope("alice", "salt")), 0);
+    const PrefixCache::Scope salted = cache.MakeScope("alice", "salt");
+    cache.Insert(absl::MakeConstSpan(tokens).subspan(0, 8), cache.Hashes(tokens, salted)[1],
+                 Snapshot(8, 10), salted);
+    EXPECT_EQ(found(salted), 8);
+    EXPECT_EQ(found(cache.MakeScope("alice", "pepper")), 0);
+    EXPECT_EQ(found(cache.MakeScope("bob", "salt")), shared ? 8 : 0);
+    // Owner and salt cannot be traded for each other.
+    EXPECT_NE(cache.MakeScope("ab", "c").key, cache.MakeScope("a", "bc").key);
+    // A key of alice's scope stored under bob's key (a collision): no hit for bob.
+    if (!shared) {
+      const PrefixCache::Scope bob = cache.MakeScope("bob", "");
+      cache.Insert(absl::MakeConstSpan(tokens).subspan(0, 4), cache.Hashes(tokens, bob)[0],
+                   Snapshot(4, 10), alice);
+      EXPECT_EQ(found(bob), 0);
+    }
+  }
 }
 
 TEST(PrefixCacheTest, RemembersPrefixesSeenBefore) {

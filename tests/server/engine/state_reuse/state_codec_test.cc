@@ -104,9 +104,23 @@ TEST_F(StateCodecTest, AnotherModelOrVersionIsRefused) {
   EXPECT_THAT(DecodeState(EncodeState(state_, other), identity_),
               StatusIs(absl::StatusCode::kFailedPrecondition, "another model"));
   std::string bytes = EncodeState(state_, identity_);
-  bytes[8] = 2;  // format version 2
+  bytes[8] = 3;  // format version 3: a later one
   EXPECT_THAT(DecodeState(Reseal(bytes), identity_),
-              StatusIs(absl::StatusCode::kFailedPrecondition, "format version 2"));
+              StatusIs(absl::StatusCode::kFailedPrecondition, "format version 3"));
+}
+
+// A state of format version 1 (before the switch to xxHash: its checksum and model fingerprint
+// used another hash) is refused by its version, with what to do, not as "corrupted".
+TEST_F(StateCodecTest, StatesOfTheFormerFormatAreRefusedByVersion) {
+  Load("polysketch-random", 5);
+  EXPECT_EQ(kStateFormatVersion, 2u);
+  std::string bytes = EncodeState(state_, identity_);
+  bytes[8] = 1;  // as a version-1 server wrote it; its checksum does not match ours
+  EXPECT_THAT(DecodeState(bytes, identity_),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       "state: format version 1 (an earlier polysketch server's"));
+  EXPECT_THAT(DecodeState(bytes, identity_),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "reads version 2 only"));
 }
 
 TEST_F(StateCodecTest, EditedCountersAreRefusedEvenWithAValidChecksum) {

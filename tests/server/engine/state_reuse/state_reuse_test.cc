@@ -84,7 +84,8 @@ class StateReuseTest : public ::testing::TestWithParam<std::string> {
 
   // Runs one greedy request with logprobs to its end.
   Output Run(Scheduler& scheduler, std::vector<int32_t> prompt, int64_t max_new_tokens,
-             const std::string& session = "", const std::string& owner = "") {
+             const std::string& session = "", const std::string& owner = "",
+             const std::string& salt = "") {
     auto recorder = std::make_shared<Recorder>();
     EngineRequest r;
     r.id = absl::StrCat("r", next_id_++);
@@ -94,6 +95,7 @@ class StateReuseTest : public ::testing::TestWithParam<std::string> {
     r.stops.max_new_tokens = max_new_tokens;
     r.session_id = session;
     r.owner = owner;
+    r.prefix_cache_salt = salt;
     r.observer = recorder;
     EXPECT_THAT(scheduler.Submit(std::move(r)), IsOk());
     EXPECT_TRUE(recorder->Wait());
@@ -127,6 +129,28 @@ TEST_P(StateReuseTest, PrefixCacheHitEqualsFullPrefill) {
   EXPECT_EQ(stats.hits, 3);
   EXPECT_EQ(stats.misses, 2);
   EXPECT_GT(stats.bytes, 0);
+}
+
+// Cached prefixes are kept per identity (docs/security.md): identity B gets no hit on the prefix
+// identity A left, unless the cache is shared across identities; requests with different salts
+// never share, shared or not.
+TEST_P(StateReuseTest, PrefixCacheKeepsIdentitiesAndSaltsApart) {
+  for (const bool shared : {false, true}) {
+    SCOPED_TRACE(shared ? "shared" : "per identity");
+    SchedulerOptions options = CacheOptions();
+    options.prefix_cache.shared_across_owners = shared;
+    auto scheduler = Make(GetParam(), options);
+    const std::vector<int32_t> prompt = Tokens(3, 49, vocab_);  // snapshotted at 48
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "alice").result.cached_tokens, 0);
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "alice").result.cached_tokens, 48);
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "bob").result.cached_tokens, shared ? 48 : 0);
+    // Salts: a salted request finds only what the same salt (and identity, unless shared) left.
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "alice", "x").result.cached_tokens, 0);
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "alice", "x").result.cached_tokens, 48);
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "alice", "y").result.cached_tokens, 0);
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "carol", "x").result.cached_tokens, shared ? 48 : 0);
+    EXPECT_EQ(Run(*scheduler, prompt, 2, "", "carol", "z").result.cached_tokens, 0);
+  }
 }
 
 TEST_P(StateReuseTest, SessionContinuationEqualsOneRequestOverTheConversation) {

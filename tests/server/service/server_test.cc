@@ -46,12 +46,14 @@ constexpr char kFixture[] = "polysketch-learned-local";
 // (the fixture model generates thousands of tokens per second).
 constexpr int kLong = 1 << 20;
 
-// Counts refusals by reason (polysketch_request_failure_total{reason}); the rest is not under
-// test here.
-class RefusalMetrics final : public metrics::ServerMetrics {
+// Counts what the metrics hear of refusals (by reason: polysketch_request_failure_total{reason})
+// and of failures (the rest is metrics_test's).
+class CountingMetrics final : public metrics::ServerMetrics {
  public:
   int port() const override { return 0; }
-  void RequestFinished(const engine::FinalResult&) override {}
+  void RequestFinished(const engine::FinalResult& result) override {
+    if (result.reason == engine::FinishReason::kError) errors.fetch_add(1);
+  }
   void InterTokenLatency(absl::Duration, int64_t) override {}
   void RequestRefused(metrics::FailureReason reason) override {
     std::lock_guard<std::mutex> lock(mu);
@@ -60,29 +62,15 @@ class RefusalMetrics final : public metrics::ServerMetrics {
   void EngineStep(const engine::StepStats&) override {}
   void SetScheduler(const engine::SchedulerStats&) override {}
   void SetAttentionMemory(absl::string_view, int64_t) override {}
+  void EngineFailed() override { failed.fetch_add(1); }
   int Refused(metrics::FailureReason reason) {
     std::lock_guard<std::mutex> lock(mu);
     return refused[static_cast<int>(reason)];
   }
-  std::mutex mu;
-  int refused[5] = {};
-};
-
-// Counts what the metrics hear of failures (the rest is metrics_test's).
-class CountingMetrics : public metrics::ServerMetrics {
- public:
-  int port() const override { return 0; }
-  void RequestFinished(const engine::FinalResult& result) override {
-    if (result.reason == engine::FinishReason::kError) errors.fetch_add(1);
-  }
-  void InterTokenLatency(absl::Duration, int64_t) override {}
-  void RequestRefused(metrics::FailureReason) override {}
-  void EngineStep(const engine::StepStats&) override {}
-  void SetScheduler(const engine::SchedulerStats&) override {}
-  void SetAttentionMemory(absl::string_view, int64_t) override {}
-  void EngineFailed() override { failed.fetch_add(1); }
   std::atomic<int> errors{0};
   std::atomic<int> failed{0};
+  std::mutex mu;
+  int refused[5] = {};
 };
 
 class ServerTest : public ::testing::Test {
@@ -136,7 +124,6 @@ class ServerTest : public ::testing::Test {
     stub_ = v1::GenerationService::NewStub(channel_);
   }
 
-  RefusalMetrics metrics_;  // declared before service_, so it outlives it
   void HoldEngine(bool hold) {
     {
       std::lock_guard<std::mutex> lock(hold_mu_);
@@ -212,7 +199,7 @@ class ServerTest : public ::testing::Test {
   std::condition_variable hold_cv_;
   bool hold_engine_ = false;
   test::GoldenFixture golden_;
-  CountingMetrics metrics_;
+  CountingMetrics metrics_;  // declared before service_, so it outlives it
   std::unique_ptr<kernels::cpu::CpuBackend> backend_;
   std::unique_ptr<test::FaultyBackend> faulty_;
   std::unique_ptr<engine::Scheduler> scheduler_;

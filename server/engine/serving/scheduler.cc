@@ -204,7 +204,7 @@ absl::Status Scheduler::Submit(EngineRequest request) {
                         sessions_.Take(request.session_id, request.owner, now));
     if (state.length() + n > model_->max_context()) {
       const int64_t held = state.length();
-      sessions_.Return(request.session_id, std::move(state), now);
+      sessions_.Return(request.session_id, request.owner, std::move(state), now);
       return absl::OutOfRangeError(absl::StrCat("prompt: ", n, " tokens after the session's ", held,
                                                 " exceed the context limit ",
                                                 model_->max_context()));
@@ -239,7 +239,7 @@ absl::Status Scheduler::Submit(EngineRequest request) {
   }
   if (!refused.ok()) {
     if (queued.session.has_value()) {
-      sessions_.Return(request.session_id, *std::move(queued.session), now);
+      sessions_.Return(request.session_id, request.owner, *std::move(queued.session), now);
     }
     return refused;
   }
@@ -417,7 +417,7 @@ void Scheduler::FinishQueued(Queued& queued, FinishReason reason, absl::Status e
   result.timings.queue = result.timings.total = absl::Now() - queued.submitted;
   // The request never ran: its session is as it was.
   if (queued.session.has_value()) {
-    sessions_.Return(request.session_id, *std::move(queued.session), absl::Now());
+    sessions_.Return(request.session_id, request.owner, *std::move(queued.session), absl::Now());
   }
   {
     // The id is free again once the observer hears of the end.
@@ -466,7 +466,8 @@ void Scheduler::Finish(Active& active, FinishReason reason, absl::Status error) 
         if (result.error.ok()) result.error = saved;
       }
     }
-    sessions_.Return(active.request.session_id, *std::move(active.session), now, completed);
+    sessions_.Return(active.request.session_id, active.request.owner, *std::move(active.session),
+                     now, completed);
     active.session.reset();
   }
   // The slot goes back in the same step (architecture.md step 5).

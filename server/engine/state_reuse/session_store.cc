@@ -72,7 +72,9 @@ bool SessionStore::MakeRoom(absl::Time now) {
   // only a cache.
   auto victim = sessions_.end();
   for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
-    if (it->second.busy || !tier_->Persisted(it->first, it->second.version)) continue;
+    if (it->second.busy || !tier_->Persisted(it->first, it->second.owner, it->second.version)) {
+      continue;
+    }
     if (victim == sessions_.end() || it->second.last_used < victim->second.last_used) victim = it;
   }
   if (victim == sessions_.end()) return false;
@@ -108,14 +110,14 @@ absl::Status SessionStore::Close(absl::string_view id, absl::string_view owner) 
       if (it->second.owner != owner) return NotFound(id);
       sessions_.erase(it);
       ++stats_.closed;
-      if (tier_ != nullptr) tier_->Remove(id);
+      if (tier_ != nullptr) tier_->Remove(id, owner);
       return absl::OkStatus();
     }
     if (tier_ == nullptr) return NotFound(id);
   }
   // Not held here: the tier says whether it exists and whose it is.
   PS_RETURN_IF_ERROR(tier_->Fetch(id, owner, -1).status());
-  tier_->Remove(id);
+  tier_->Remove(id, owner);
   std::lock_guard<std::mutex> lock(mu_);
   ++stats_.closed;
   return absl::OkStatus();
@@ -191,12 +193,12 @@ absl::StatusOr<SequenceState> SessionStore::Take(absl::string_view id, absl::str
   return TakeState(inserted->second);
 }
 
-void SessionStore::Return(absl::string_view id, SequenceState state, absl::Time now,
-                          bool completed) {
+void SessionStore::Return(absl::string_view id, absl::string_view owner, SequenceState state,
+                          absl::Time now, bool completed) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end()) {  // closed while the request ran
-    if (tier_ != nullptr) tier_->EndTurn(id, "", 0, nullptr);
+    if (tier_ != nullptr) tier_->EndTurn(id, owner, 0, nullptr);
     return;
   }
   Session& session = it->second;

@@ -89,7 +89,9 @@ class SessionStore {
   // Gives the state back after the request (the new state when the turn completed, or the one
   // Take gave when it did not). Dropped when the session was closed in the meantime. A completed
   // turn is written behind to the tier. Never blocks on I/O (the engine thread calls it).
-  void Return(absl::string_view id, SequenceState state, absl::Time now, bool completed = false);
+  // `owner`: the one Take was called with.
+  void Return(absl::string_view id, absl::string_view owner, SequenceState state, absl::Time now,
+              bool completed = false);
 
   // A copy of the session's state (export). NotFound as Take; FailedPrecondition while busy.
   [[nodiscard]] absl::StatusOr<SequenceState> Copy(absl::string_view id, absl::string_view owner,

@@ -10,6 +10,7 @@
 #include <absl/strings/str_cat.h>
 #include <absl/time/clock.h>
 
+#include "base/hash.h"
 #include "base/status_macros.h"
 
 namespace ps::engine {
@@ -21,6 +22,8 @@ constexpr size_t kMaxPersistedEntries = size_t{1} << 16;
 // The version record of a closed session (a tombstone for the session ttl), so that a replica
 // holding a copy learns of the close instead of taking the missing record for a Redis restart.
 constexpr char kClosedMark[] = "closed";
+// Seeds the owner tag of the keys (SessionTier::Scoped).
+constexpr uint64_t kOwnerTagSeed = 0x5053'4b4f'574e'4552ULL;  // "PSKOWNER"
 
 absl::Status SessionNotFound(absl::string_view id) {
   return absl::NotFoundError(
@@ -96,8 +99,14 @@ SessionTier::~SessionTier() {
   writer_.join();
 }
 
-std::string SessionTier::Key(absl::string_view kind, absl::string_view id) const {
-  return absl::StrCat(prefix_, kind, ":", id);
+std::string SessionTier::Scoped(absl::string_view id, absl::string_view owner) {
+  return absl::StrCat(
+      absl::Hex(Fingerprint64(owner.data(), owner.size(), kOwnerTagSeed), absl::kZeroPad16), ":",
+      id);
+}
+
+std::string SessionTier::Key(absl::string_view kind, absl::string_view sid) const {
+  return absl::StrCat(prefix_, kind, ":", sid);
 }
 
 void SessionTier::CountError(const absl::Status& status) {
@@ -119,8 +128,9 @@ void SessionTier::Observe(TierOp op, absl::Duration elapsed) {
 absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::Read(absl::string_view id,
                                                                      absl::string_view owner,
                                                                      int64_t local_version) {
+  const std::string sid = Scoped(id, owner);
   absl::Time start = absl::Now();
-  absl::StatusOr<std::optional<std::string>> version = tier_->Get(Key("v", id));
+  absl::StatusOr<std::optional<std::string>> version = tier_->Get(Key("v", sid));
   Observe(TierOp::kRead, absl::Now() - start);
   if (!version.ok()) return version.status();
   if (!version->has_value()) return SessionNotFound(id);
@@ -134,7 +144,7 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::Read(absl::strin
   }
   if (v <= local_version) return std::optional<Record>();  // the copy in memory is current
   start = absl::Now();
-  absl::StatusOr<std::optional<std::string>> value = tier_->Get(Key("s", id));
+  absl::StatusOr<std::optional<std::string>> value = tier_->Get(Key("s", sid));
   Observe(TierOp::kRead, absl::Now() - start);
   if (!value.ok()) return value.status();
   if (!value->has_value()) {
@@ -158,7 +168,8 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::Read(absl::strin
   std::memcpy(&owner_bytes, bytes.data() + 16, 4);
   if (bytes.size() < 20 + static_cast<size_t>(owner_bytes)) return damaged("truncated record");
   record.owner = bytes.substr(20, owner_bytes);
-  if (record.owner != owner) return SessionNotFound(id);  // another identity's: does not exist
+  // Another identity's (its owner tag collided with this one's): it does not exist for `owner`.
+  if (record.owner != owner) return SessionNotFound(id);
   absl::StatusOr<SequenceState> state =
       DecodeState(absl::string_view(bytes).substr(20 + owner_bytes), *model_);
   if (!state.ok()) {
@@ -186,13 +197,14 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::Fetch(absl::stri
 absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::string_view id,
                                                                           absl::string_view owner,
                                                                           int64_t local_version) {
+  const std::string sid = Scoped(id, owner);
   {
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] {
-      auto it = leases_.find(id);
+      auto it = leases_.find(sid);
       return it == leases_.end() || !it->second.releasing;
     });
-    LeaseEntry& entry = leases_[id];
+    LeaseEntry& entry = leases_[sid];
     if (entry.in_turn) {
       return absl::FailedPreconditionError(
           absl::StrCat("session \"", id, "\" already has a request in progress"));
@@ -206,7 +218,7 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::
   for (;;) {
     const absl::Time start = absl::Now();
     absl::StatusOr<bool> leased =
-        tier_->Lease(Key("l", id), options_.replica, options_.lease, &other);
+        tier_->Lease(Key("l", sid), options_.replica, options_.lease, &other);
     Observe(TierOp::kLease, absl::Now() - start);
     if (!leased.ok()) {
       lease_error = leased.status();
@@ -214,7 +226,7 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::
     }
     if (*leased) {
       std::lock_guard<std::mutex> lock(mu_);
-      leases_[id].held = true;
+      leases_[sid].held = true;
       break;
     }
     if (absl::Now() >= give_up) {
@@ -222,7 +234,7 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::
         std::lock_guard<std::mutex> lock(stats_mu_);
         ++stats_.lease_busy;
       }
-      AbandonTurn(id);
+      AbandonTurn(sid);
       return absl::FailedPreconditionError(
           absl::StrCat("session \"", id, "\" has a request in progress on replica ", other,
                        " (retry when it ends; if that replica is gone, its lease ends within ",
@@ -233,7 +245,7 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::
   if (!lease_error.ok()) {
     CountError(lease_error);
     if (local_version >= 0) return std::optional<Record>();  // from memory, unleased
-    AbandonTurn(id);
+    AbandonTurn(sid);
     return absl::UnavailableError(absl::StrCat(
         "session \"", id, "\" is not held by this replica and the shared state tier failed: ",
         lease_error.message()));
@@ -249,7 +261,7 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::
     }
     // The tier lost it (a Redis restart, eviction) or cannot say: the copy here goes on.
     if (local_version >= 0 && !closed) return std::optional<Record>();
-    AbandonTurn(id);
+    AbandonTurn(sid);
     if (not_found) return record.status();
     const absl::StatusCode code = record.status().code();
     if (code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kDeadlineExceeded) {
@@ -268,17 +280,17 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::
   return record;
 }
 
-void SessionTier::AbandonTurn(absl::string_view id) {
+void SessionTier::AbandonTurn(absl::string_view sid) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = leases_.find(id);
+    auto it = leases_.find(sid);
     if (it == leases_.end()) return;
     it->second.in_turn = false;
     if (it->second.held) {
       Pending release;
       release.kind = OpKind::kRelease;
-      Enqueue(id, std::move(release));
-    } else if (!pending_.contains(id)) {
+      Enqueue(sid, std::move(release));
+    } else if (!pending_.contains(sid)) {
       leases_.erase(it);
     }
   }
@@ -287,20 +299,21 @@ void SessionTier::AbandonTurn(absl::string_view id) {
 
 void SessionTier::EndTurn(absl::string_view id, absl::string_view owner, int64_t version,
                           std::shared_ptr<const SequenceState> state) {
+  const std::string sid = Scoped(id, owner);
   if (state == nullptr) {
-    AbandonTurn(id);
+    AbandonTurn(sid);
     return;
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (auto it = leases_.find(id); it != leases_.end()) it->second.in_turn = false;
+    if (auto it = leases_.find(sid); it != leases_.end()) it->second.in_turn = false;
     Pending op;
     op.kind = OpKind::kWrite;
     op.owner = std::string(owner);
     op.version = version;
     op.bytes = state->snapshot.size_bytes();
     op.state = std::move(state);
-    Enqueue(id, std::move(op));
+    Enqueue(sid, std::move(op));
   }
   cv_.notify_all();
 }
@@ -315,24 +328,25 @@ void SessionTier::Write(absl::string_view id, absl::string_view owner, int64_t v
     op.version = version;
     op.bytes = state->snapshot.size_bytes();
     op.state = std::move(state);
-    Enqueue(id, std::move(op));
+    Enqueue(Scoped(id, owner), std::move(op));
   }
   cv_.notify_all();
 }
 
-void SessionTier::Remove(absl::string_view id) {
+void SessionTier::Remove(absl::string_view id, absl::string_view owner) {
+  const std::string sid = Scoped(id, owner);
   {
     std::lock_guard<std::mutex> lock(mu_);
     Pending remove;
     remove.kind = OpKind::kDelete;
-    Enqueue(id, std::move(remove));
-    persisted_.erase(id);
+    Enqueue(sid, std::move(remove));
+    persisted_.erase(sid);
   }
   cv_.notify_all();
 }
 
-void SessionTier::Enqueue(absl::string_view id, Pending op) {
-  auto it = pending_.find(id);
+void SessionTier::Enqueue(absl::string_view sid, Pending op) {
+  auto it = pending_.find(sid);
   if (it != pending_.end()) {
     // A release never replaces a write or a delete: that op's end lets the lease go.
     if (op.kind == OpKind::kRelease) return;
@@ -341,13 +355,13 @@ void SessionTier::Enqueue(absl::string_view id, Pending op) {
     it->second = std::move(op);  // the latest state of a session is all that needs writing
   } else {
     queued_bytes_ += op.bytes;
-    pending_.emplace(std::string(id), std::move(op));
-    order_.push_back(std::string(id));
+    pending_.emplace(std::string(sid), std::move(op));
+    order_.push_back(std::string(sid));
   }
   // Over the bound: the oldest writes are given up (their sessions stay in memory).
   while (queued_bytes_ > options_.max_queued_bytes && order_.size() > 1) {
     const std::string victim = order_.front();
-    if (victim == id) break;
+    if (victim == sid) break;
     order_.pop_front();
     auto v = pending_.find(victim);
     if (v == pending_.end()) continue;
@@ -358,14 +372,14 @@ void SessionTier::Enqueue(absl::string_view id, Pending op) {
   }
 }
 
-absl::Status SessionTier::Run(absl::string_view id, const Pending& op) {
+absl::Status SessionTier::Run(absl::string_view sid, const Pending& op) {
   switch (op.kind) {
     case OpKind::kRelease:
       return absl::OkStatus();  // the writer lets the lease go after any op
     case OpKind::kDelete: {
       const absl::Time start = absl::Now();
-      absl::Status status = tier_->Put(Key("v", id), kClosedMark, options_.ttl);
-      if (status.ok()) status = tier_->Delete(Key("s", id));
+      absl::Status status = tier_->Put(Key("v", sid), kClosedMark, options_.ttl);
+      if (status.ok()) status = tier_->Delete(Key("s", sid));
       Observe(TierOp::kWrite, absl::Now() - start);
       return status;
     }
@@ -381,8 +395,8 @@ absl::Status SessionTier::Run(absl::string_view id, const Pending& op) {
   value += op.owner;
   value += EncodeState(*op.state, *model_);
   const absl::Time start = absl::Now();
-  absl::Status status = tier_->Put(Key("s", id), value, options_.ttl);
-  if (status.ok()) status = tier_->Put(Key("v", id), absl::StrCat(op.version), options_.ttl);
+  absl::Status status = tier_->Put(Key("s", sid), value, options_.ttl);
+  if (status.ok()) status = tier_->Put(Key("v", sid), absl::StrCat(op.version), options_.ttl);
   Observe(TierOp::kWrite, absl::Now() - start);
   if (status.ok()) {
     std::lock_guard<std::mutex> lock(stats_mu_);
@@ -443,7 +457,6 @@ void SessionTier::WriterLoop() {
     lock.unlock();
     const absl::Status status = Run(id, op);
     lock.lock();
-    --in_flight_;
     if (!status.ok()) {
       CountError(status);
       if (!pending_.contains(id) && !stopping_) {
@@ -473,14 +486,17 @@ void SessionTier::WriterLoop() {
         leases_.erase(id);
       }
     }
+    // Only now: Flush waits for the lease to be let go too.
+    --in_flight_;
     cv_.notify_all();
   }
 }
 
-bool SessionTier::Persisted(absl::string_view id, int64_t version) const {
+bool SessionTier::Persisted(absl::string_view id, absl::string_view owner, int64_t version) const {
+  const std::string sid = Scoped(id, owner);
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = persisted_.find(id);
-  return it != persisted_.end() && it->second >= version && !pending_.contains(id);
+  auto it = persisted_.find(sid);
+  return it != persisted_.end() && it->second >= version && !pending_.contains(sid);
 }
 
 absl::Status SessionTier::Flush(absl::Time deadline) {

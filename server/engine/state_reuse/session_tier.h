@@ -12,14 +12,18 @@
 //     by this class's own writer thread, in the export format (state_codec.h); the lease is let
 //     go once the write is done, so the next replica reads the new state. The engine thread never
 //     waits for the network and never encodes a state.
-// Keys (prefix "polysketch:<model fingerprint>:", so replicas of other weights never meet):
-//   s:<id>  the record: "PSKSESS1", u64 version, u32 owner bytes, owner, the exported state
-//   v:<id>  the version alone (decimal; "closed" after CloseSession, a tombstone that tells
-//           replicas holding a copy), written after the record: a turn on the replica that
-//           ran the previous one reads only this, not megabytes
-//   l:<id>  the lease: the name of the replica running a turn, with an expiry (lease), renewed
-//           by the writer thread while the turn runs, so a dead replica holds a session for at
-//           most one lease.
+// Keys (prefix "polysketch:<model fingerprint>:", so replicas of other weights never meet), each
+// scoped by the session's owner as the prefix cache scopes its entries (docs/security.md): <tag>
+// is the owner's Fingerprint64 in hex, so another identity naming the same id reaches other keys
+// (it can neither read the session nor hold its lease), and the record's owner is still compared
+// exactly on every read:
+//   s:<tag>:<id>  the record: "PSKSESS1", u64 version, u32 owner bytes, owner, the exported state
+//   v:<tag>:<id>  the version alone (decimal; "closed" after CloseSession, a tombstone that tells
+//                 replicas holding a copy), written after the record: a turn on the replica that
+//                 ran the previous one reads only this, not megabytes
+//   l:<tag>:<id>  the lease: the name of the replica running a turn, with an expiry (lease),
+//                 renewed by the writer thread while the turn runs, so a dead replica holds a
+//                 session for at most one lease.
 // Both records live for the session ttl after their last write.
 //
 // Faults never stop the server: a tier that is down, slow, full or returns damaged or foreign
@@ -142,20 +146,24 @@ class SessionTier {
   void Write(absl::string_view id, absl::string_view owner, int64_t version,
              std::shared_ptr<const SequenceState> state);
   // Deletes a session's records behind (CloseSession).
-  void Remove(absl::string_view id);
+  void Remove(absl::string_view id, absl::string_view owner);
   // The record without a lease (export, close of a session not held here); errors as BeginTurn.
   [[nodiscard]] absl::StatusOr<std::optional<Record>> Fetch(absl::string_view id,
                                                             absl::string_view owner,
                                                             int64_t local_version);
   // True when version `version` of session `id` is in the tier (written by this process): a copy
   // in memory of it may be dropped.
-  bool Persisted(absl::string_view id, int64_t version) const;
+  bool Persisted(absl::string_view id, absl::string_view owner, int64_t version) const;
   // Waits until every queued write is done (or given up) and every lease let go, or `deadline`.
   // DeadlineExceeded naming how many writes are left.
   [[nodiscard]] absl::Status Flush(absl::Time deadline);
 
   SessionTierStats stats() const;
   const StateTier& tier() const { return *tier_; }
+
+  // A session's name in the tier (after "polysketch:<fingerprint>:<kind>:") and in this class's
+  // maps: "<owner tag>:<id>".
+  static std::string Scoped(absl::string_view id, absl::string_view owner);
 
  private:
   enum class OpKind : uint8_t { kWrite, kDelete, kRelease };
@@ -174,15 +182,15 @@ class SessionTier {
     bool held = false;  // the tier granted it (false: the turn runs from memory)
   };
 
-  std::string Key(absl::string_view kind, absl::string_view id) const;
-  void Enqueue(absl::string_view id, Pending op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string Key(absl::string_view kind, absl::string_view sid) const;
+  void Enqueue(absl::string_view sid, Pending op) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::optional<Record>> Read(absl::string_view id, absl::string_view owner,
                                              int64_t local_version);
-  absl::Status Run(absl::string_view id, const Pending& op);
+  absl::Status Run(absl::string_view sid, const Pending& op);
   void WriterLoop();
   void RenewLeases();
   // Ends the local bookkeeping of a turn that got no lease or failed.
-  void AbandonTurn(absl::string_view id);
+  void AbandonTurn(absl::string_view sid);
   void CountError(const absl::Status& status);
   void Observe(TierOp op, absl::Duration elapsed);
 
@@ -193,8 +201,9 @@ class SessionTier {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
+  // Keyed by Scoped(id, owner).
   absl::flat_hash_map<std::string, Pending> pending_ ABSL_GUARDED_BY(mu_);
-  std::deque<std::string> order_ ABSL_GUARDED_BY(mu_);  // ids in pending_, oldest first
+  std::deque<std::string> order_ ABSL_GUARDED_BY(mu_);  // keys of pending_, oldest first
   absl::flat_hash_map<std::string, LeaseEntry> leases_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, int64_t> persisted_ ABSL_GUARDED_BY(mu_);
   int64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;

@@ -45,7 +45,7 @@ TEST(SessionStoreTest, IdleSessionsExpireBusyOnesDoNot) {
   store.ExpireIdle(kT0 + absl::Seconds(11));
   EXPECT_THAT(store.Take(idle, "", kT0 + absl::Seconds(11)),
               StatusIs(absl::StatusCode::kNotFound, "expired"));
-  store.Return(busy, std::move(state), kT0 + absl::Seconds(12));
+  store.Return(busy, "", std::move(state), kT0 + absl::Seconds(12));
   EXPECT_THAT(store.Copy(busy, "", kT0 + absl::Seconds(20)).status(), IsOk());
   EXPECT_EQ(store.stats().expired, 1);
   // Past its ttl, a session is gone for Take even before any sweep ran.
@@ -69,7 +69,7 @@ TEST(SessionStoreTest, OwnersAndBusySessions) {
               StatusIs(absl::StatusCode::kFailedPrecondition, "in progress"));
   // Closed while busy: the returned state is dropped.
   ASSERT_THAT(store.Close(imported, "alice"), IsOk());
-  store.Return(imported, std::move(taken), kT0);
+  store.Return(imported, "alice", std::move(taken), kT0);
   EXPECT_THAT(store.Take(imported, "alice", kT0), StatusIs(absl::StatusCode::kNotFound));
 }
 

@@ -150,7 +150,7 @@ TEST_F(SessionTierTest, ALeaseKeepsTwoReplicasFromOneSession) {
   // Replica "a" is mid-turn (a dead "a" leaves the same lease behind).
   ASSERT_THAT(
       tier.Lease(absl::StrCat("polysketch:", absl::Hex(a->identity().fingerprint, absl::kZeroPad16),
-                              ":l:", id),
+                              ":l:", SessionTier::Scoped(id, "")),
                  "a", absl::Milliseconds(800)),
       IsOk());
   EXPECT_THAT(Turn(*b, id, {1, 2, 3}).status(),
@@ -196,7 +196,7 @@ TEST_F(SessionTierTest, FaultsLeaveHeldSessionsServingAndNameTheCause) {
   // session refuses them, naming why (counted by kind).
   const std::string prefix =
       absl::StrCat("polysketch:", absl::Hex(a->identity().fingerprint, absl::kZeroPad16), ":");
-  tier.Set(prefix + "s:" + id, "garbage that is not a session record");
+  tier.Set(prefix + "s:" + SessionTier::Scoped(id, ""), "garbage that is not a session record");
   auto c = Replica(&tier, "c");
   ASSERT_NE(c, nullptr);
   EXPECT_THAT(Turn(*c, id, {1}).status(), StatusIs(absl::StatusCode::kNotFound, "foreign bytes"));
@@ -212,8 +212,8 @@ TEST_F(SessionTierTest, FaultsLeaveHeldSessionsServingAndNameTheCause) {
     record.append(reinterpret_cast<const char*>(&version), 8);
     record.append(reinterpret_cast<const char*>(&owner_bytes), 4);
     record += EncodeState(empty, other);
-    tier.Set(prefix + "s:" + id, record);
-    tier.Set(prefix + "v:" + id, "99");
+    tier.Set(prefix + "s:" + SessionTier::Scoped(id, ""), record);
+    tier.Set(prefix + "v:" + SessionTier::Scoped(id, ""), "99");
   }
   EXPECT_THAT(Turn(*c, id, {1}).status(), StatusIs(absl::StatusCode::kNotFound, "another model"));
   EXPECT_EQ(c->Stats().tier.errors[static_cast<int>(TierError::kForeign)], 1);
@@ -222,6 +222,69 @@ TEST_F(SessionTierTest, FaultsLeaveHeldSessionsServingAndNameTheCause) {
   PS_ASSERT_OK_AND_ASSIGN(auto w5, Turn(*alone, single, Tokens(5, 3)));
   PS_ASSERT_OK_AND_ASSIGN(auto g5, Turn(*b, id, Tokens(5, 3)));
   EXPECT_EQ(g5, w5);
+}
+
+// The tier keeps identities apart as the prefix cache does: a session is reachable only by the
+// identity that opened it, on every replica. Another identity naming its id reads nothing, holds
+// no lease that would block the owner, and cannot close it; a record that reaches another
+// identity's keys anyway (an owner tag collision) is still refused by its recorded owner.
+TEST_F(SessionTierTest, AnotherIdentityNeverGetsTheSessionOnAnyReplica) {
+  MemoryStateTier tier;
+  auto a = Replica(&tier, "a");
+  auto b = Replica(&tier, "b");
+  auto alone = Replica(nullptr, "alone");
+  ASSERT_TRUE(a && b && alone);
+  PS_ASSERT_OK_AND_ASSIGN(const std::string id, a->OpenSession("alice"));
+  PS_ASSERT_OK_AND_ASSIGN(const std::string single, alone->OpenSession("alice"));
+  PS_ASSERT_OK_AND_ASSIGN(auto w1, Turn(*alone, single, Tokens(1, 9), 6, "alice"));
+  PS_ASSERT_OK_AND_ASSIGN(auto g1, Turn(*a, id, Tokens(1, 9), 6, "alice"));
+  EXPECT_EQ(g1, w1);
+  ASSERT_THAT(a->FlushSessions(absl::Now() + absl::Seconds(5)), IsOk());
+  // Mallory on the replica that does not hold it, and on the one that does.
+  EXPECT_THAT(Turn(*b, id, {1}, 6, "mallory").status(),
+              StatusIs(absl::StatusCode::kNotFound, "not found"));
+  EXPECT_THAT(Turn(*a, id, {1}, 6, "mallory").status(),
+              StatusIs(absl::StatusCode::kNotFound, "not found"));
+  EXPECT_THAT(b->ExportSession(id, "mallory").status(), StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(b->CloseSession(id, "mallory"), StatusIs(absl::StatusCode::kNotFound));
+  ASSERT_THAT(b->FlushSessions(absl::Now() + absl::Seconds(5)), IsOk());
+  // Mallory's tries left no lease on alice's session, nor any record of their own.
+  const std::string prefix =
+      absl::StrCat("polysketch:", absl::Hex(a->identity().fingerprint, absl::kZeroPad16), ":");
+  PS_ASSERT_OK_AND_ASSIGN(
+      const bool free,
+      tier.Lease(prefix + "l:" + SessionTier::Scoped(id, "alice"), "probe", absl::Milliseconds(1)));
+  EXPECT_TRUE(free);
+  PS_ASSERT_OK_AND_ASSIGN(auto mallorys,
+                          tier.Get(prefix + "s:" + SessionTier::Scoped(id, "mallory")));
+  EXPECT_FALSE(mallorys.has_value());
+  absl::SleepFor(absl::Milliseconds(5));
+  // Mallory mid-turn on a replica "m" with alice's id (a lease held under mallory's keys, as
+  // such a turn takes it before it finds nothing to read) holds up nothing of alice's.
+  PS_ASSERT_OK_AND_ASSIGN(
+      const bool taken,
+      tier.Lease(prefix + "l:" + SessionTier::Scoped(id, "mallory"), "m", absl::Seconds(30)));
+  ASSERT_TRUE(taken);
+  // Alice continues on b, where a left off.
+  PS_ASSERT_OK_AND_ASSIGN(auto w2, Turn(*alone, single, Tokens(2, 7), 6, "alice"));
+  PS_ASSERT_OK_AND_ASSIGN(auto g2, Turn(*b, id, Tokens(2, 7), 6, "alice"));
+  EXPECT_EQ(g2, w2);
+  ASSERT_THAT(b->FlushSessions(absl::Now() + absl::Seconds(5)), IsOk());
+  ASSERT_THAT(tier.Unlease(prefix + "l:" + SessionTier::Scoped(id, "mallory"), "m"), IsOk());
+  // Alice's record copied under mallory's keys (as if the owner tags collided): c, which holds
+  // nothing, still refuses it to mallory, by the owner the record names.
+  PS_ASSERT_OK_AND_ASSIGN(auto record, tier.Get(prefix + "s:" + SessionTier::Scoped(id, "alice")));
+  PS_ASSERT_OK_AND_ASSIGN(auto version, tier.Get(prefix + "v:" + SessionTier::Scoped(id, "alice")));
+  ASSERT_TRUE(record.has_value() && version.has_value());
+  tier.Set(prefix + "s:" + SessionTier::Scoped(id, "mallory"), *record);
+  tier.Set(prefix + "v:" + SessionTier::Scoped(id, "mallory"), *version);
+  auto c = Replica(&tier, "c");
+  ASSERT_NE(c, nullptr);
+  EXPECT_THAT(Turn(*c, id, {1}, 6, "mallory").status(),
+              StatusIs(absl::StatusCode::kNotFound, "not found"));
+  PS_ASSERT_OK_AND_ASSIGN(auto w3, Turn(*alone, single, Tokens(3, 4), 6, "alice"));
+  PS_ASSERT_OK_AND_ASSIGN(auto g3, Turn(*c, id, Tokens(3, 4), 6, "alice"));
+  EXPECT_EQ(g3, w3);
 }
 
 TEST_F(SessionTierTest, CopiesTheTierHoldsMakeRoomWhenTheBudgetIsFull) {

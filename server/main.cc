@@ -119,6 +119,11 @@ ABSL_FLAG(int64_t, state_tier_queue_bytes, int64_t{256} << 20,
           "are dropped (counted).");
 ABSL_FLAG(absl::Duration, state_tier_flush_timeout, absl::Seconds(10),
           "At SIGTERM, after the drain: how long to wait for session writes to --state_tier.");
+ABSL_FLAG(absl::Duration, state_tier_prefix_ttl, absl::Hours(1),
+          "Prefix-cache snapshots are shared through --state_tier too, each kept this long after "
+          "its last write, so a long prompt prefix computed on one replica is restored on the "
+          "others (in the same scope: identity and cache_salt, as the local cache). 0: not "
+          "shared.");
 ABSL_FLAG(std::string, replica_id, "",
           "This replica's name in --state_tier leases; empty: <hostname>-<pid>.");
 
@@ -285,9 +290,15 @@ absl::Status CheckFlags() {
         absl::StrCat("--state_tier_chunk_bytes: must be >= 1024, got ",
                      absl::GetFlag(FLAGS_state_tier_chunk_bytes)));
   }
-  if (!absl::GetFlag(FLAGS_state_tier).empty() && absl::GetFlag(FLAGS_session_budget_bytes) == 0) {
+  if (absl::GetFlag(FLAGS_state_tier_prefix_ttl) < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--state_tier_prefix_ttl: must not be negative");
+  }
+  if (!absl::GetFlag(FLAGS_state_tier).empty() && absl::GetFlag(FLAGS_session_budget_bytes) == 0 &&
+      (absl::GetFlag(FLAGS_prefix_cache_bytes) == 0 ||
+       absl::GetFlag(FLAGS_state_tier_prefix_ttl) == absl::ZeroDuration())) {
     return absl::InvalidArgumentError(
-        "--state_tier: needs sessions on (--session_budget_bytes > 0)");
+        "--state_tier: nothing to share: needs sessions on (--session_budget_bytes > 0) or "
+        "shared prefixes (--prefix_cache_bytes > 0 and --state_tier_prefix_ttl > 0)");
   }
   if (absl::GetFlag(FLAGS_drain_timeout) < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--drain_timeout: must not be negative");
@@ -631,6 +642,13 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir, const Ser
   scheduler_options.shared_tier_options.lease = absl::GetFlag(FLAGS_state_tier_lease);
   scheduler_options.shared_tier_options.lease_wait = absl::GetFlag(FLAGS_state_tier_lease_wait);
   scheduler_options.shared_tier_options.max_queued_bytes =
+      absl::GetFlag(FLAGS_state_tier_queue_bytes);
+  scheduler_options.share_prefixes =
+      absl::GetFlag(FLAGS_state_tier_prefix_ttl) > absl::ZeroDuration();
+  if (scheduler_options.share_prefixes) {
+    scheduler_options.shared_prefix_options.ttl = absl::GetFlag(FLAGS_state_tier_prefix_ttl);
+  }
+  scheduler_options.shared_prefix_options.max_queued_bytes =
       absl::GetFlag(FLAGS_state_tier_queue_bytes);
   scheduler_options.on_step = [metrics,
                                gauges = loaded.gauges.get()](const engine::StepStats& step) {

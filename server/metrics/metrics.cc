@@ -317,9 +317,32 @@ class PrometheusMetrics final : public ServerMetrics {
                         .Help("Session states written to the shared tier.")
                         .Register(r)
                         .Add({});
+    auto& tier_prefix_lookups = BuildCounter()
+                                    .Name("polysketch_state_tier_prefix_lookups_total")
+                                    .Help(
+                                        "Requests without a session that asked the shared tier "
+                                        "for a longer prompt prefix than this replica caches, by "
+                                        "result: hit (restored from the tier) or miss.")
+                                    .Register(r);
+    tier_prefix_hits_ = &tier_prefix_lookups.Add({{"result", "hit"}});
+    tier_prefix_misses_ = &tier_prefix_lookups.Add({{"result", "miss"}});
+    tier_prefix_tokens_ = &BuildCounter()
+                               .Name("polysketch_state_tier_prefix_tokens_total")
+                               .Help(
+                                   "Prompt tokens restored from prefix snapshots in the shared "
+                                   "tier (prefill this replica did not compute).")
+                               .Register(r)
+                               .Add({});
+    tier_prefix_writes_ = &BuildCounter()
+                               .Name("polysketch_state_tier_prefix_writes_total")
+                               .Help("Prefix snapshots written to the shared tier.")
+                               .Register(r)
+                               .Add({});
     auto& tier_bytes = BuildCounter()
                            .Name("polysketch_state_tier_bytes_total")
-                           .Help("Bytes of session records moved to and from the shared tier.")
+                           .Help(
+                               "Bytes of session records and prefix snapshots moved to and from "
+                               "the shared tier.")
                            .Register(r);
     tier_bytes_read_ = &tier_bytes.Add({{"direction", "read"}});
     tier_bytes_written_ = &tier_bytes.Add({{"direction", "written"}});
@@ -343,7 +366,7 @@ class PrometheusMetrics final : public ServerMetrics {
                             .Add({});
     tier_queued_ = &BuildGauge()
                         .Name("polysketch_state_tier_queued_writes")
-                        .Help("Session writes waiting for the shared tier.")
+                        .Help("Session and prefix writes waiting for the shared tier.")
                         .Register(r)
                         .Add({});
     tier_queued_bytes_ = &BuildGauge()
@@ -533,8 +556,27 @@ class PrometheusMetrics final : public ServerMetrics {
     Advance(sessions_closed_, se.closed, last_sessions_.closed);
     Advance(sessions_expired_, se.expired, last_sessions_.expired);
     Advance(sessions_evicted_, se.evicted, last_sessions_.evicted);
-    if (!stats.shared_tier) return;
-    const engine::SessionTierStats& t = stats.tier;
+    if (!stats.shared_tier && !stats.shared_prefixes) return;
+    // Bytes, errors, latency and the write queue count sessions and prefixes together.
+    engine::SessionTierStats t = stats.tier;
+    if (stats.shared_prefixes) {
+      const engine::PrefixTierStats& p = stats.prefix_tier;
+      Advance(tier_prefix_hits_, p.hits, last_prefix_.hits);
+      Advance(tier_prefix_misses_, p.misses, last_prefix_.misses);
+      Advance(tier_prefix_tokens_, p.tokens, last_prefix_.tokens);
+      Advance(tier_prefix_writes_, p.writes, last_prefix_.writes);
+      t.bytes_read += p.bytes_read;
+      t.bytes_written += p.bytes_written;
+      t.queued += p.queued;
+      t.queued_bytes += p.queued_bytes;
+      for (int i = 0; i < engine::kNumTierErrors; ++i) t.errors[i] += p.errors[i];
+      for (int i = 0; i < engine::kNumTierOps; ++i) {
+        engine::TierLatency& l = t.latency[i];
+        for (size_t b = 0; b < l.buckets.size(); ++b) l.buckets[b] += p.latency[i].buckets[b];
+        l.sum_seconds += p.latency[i].sum_seconds;
+        l.count += p.latency[i].count;
+      }
+    }
     tier_queued_->Set(static_cast<double>(t.queued));
     tier_queued_bytes_->Set(static_cast<double>(t.queued_bytes));
     Advance(tier_hits_, t.hits, last_tier_.hits);
@@ -620,7 +662,10 @@ class PrometheusMetrics final : public ServerMetrics {
   Counter* tier_errors_[engine::kNumTierErrors] = {};
   Gauge *tier_queued_ = nullptr, *tier_queued_bytes_ = nullptr;
   Histogram* tier_latency_[engine::kNumTierOps] = {};
+  Counter *tier_prefix_hits_ = nullptr, *tier_prefix_misses_ = nullptr,
+          *tier_prefix_tokens_ = nullptr, *tier_prefix_writes_ = nullptr;
   engine::SessionTierStats last_tier_;
+  engine::PrefixTierStats last_prefix_;
   std::mutex totals_mu_;
   engine::PrefixCacheStats last_cache_;
   engine::SessionStats last_sessions_;

@@ -15,7 +15,11 @@ Checks, in order:
   5. Redis unreachable at start: the server starts, serves sessions from memory, counts the errors
      (polysketch_state_tier_errors_total{kind="unreachable"});
   6. a session id nobody knows is NOT_FOUND and counted as the client's error
-     (reason="validation"), not reason="internal".
+     (reason="validation"), not reason="internal";
+  7. shared prefixes: a long system prompt computed by one server is restored by another, which
+     then prefills only the rest of the prompt (FinalInfo prompt_tokens - cached_tokens: the
+     prefill it computed; wall time is bench/state_tier.py's), with the same output as a server
+     that computed it all; another cache_salt finds nothing.
 
 Usage: state_tier_test.py <polysketch-server> <repo root> <build dir>
 """
@@ -123,7 +127,9 @@ class Server:
                         self.stub = pbg.GenerationServiceStub(self.channel)
                         return
             time.sleep(0.05)
-        fail(f"{name} printed no ready line in 30 s")
+        self.proc.kill()
+        self.proc.wait()
+        fail(f"{name} printed no ready line in 30 s: {self.tail()}")
 
     def tail(self) -> str:
         with open(self.log_path) as f:
@@ -140,6 +146,11 @@ class Server:
 
     def open_session(self) -> bytes:
         return self.stub.OpenSession(pb.OpenSessionRequest(), timeout=30).session_id.encode()
+
+    def generate(self, text: bytes, n: int = 8, salt: bytes = b"") -> pb.GenerateResponse:
+        return self.stub.Generate(
+            pb.GenerateRequest(text=text, max_new_tokens=n, cache_salt=salt,
+                               sampling=pb.SamplingParams(temperature=0.0)), timeout=60)
 
     def turn(self, session: bytes, text: bytes, n: int = 8) -> List[int]:
         response = self.stub.Generate(
@@ -189,11 +200,15 @@ def expect_code(call, code: grpc.StatusCode, words: str, what: str) -> None:
 
 def main() -> None:
     redis = Redis()
-    reference = Server("reference", None)  # one process, no tier: the outputs to match
-    a = Server("a", redis.port)
-    b = Server("b", redis.port)
-    servers = [reference, a, b]
+    servers: List[Server] = []
     try:
+        # (Inside the try: a server that fails to start still stops Redis and the others.)
+        reference = Server("reference", None)  # one process, no tier: the outputs to match
+        servers.append(reference)
+        a = Server("a", redis.port)
+        servers.append(a)
+        b = Server("b", redis.port)
+        servers.append(b)
         # 1. Alternating replicas equal one process.
         ref_session = reference.open_session()
         session = a.open_session()
@@ -294,6 +309,43 @@ def main() -> None:
             if m.get(name, 0) <= 0:
                 fail(f"d's metric {name} is {m.get(name)}")
         print("unknown session: NOT_FOUND, counted as validation; tier metrics present")
+
+        # 7. Shared prefixes: f computes a system prompt (twice, so that its prefix cache keeps
+        # the state where the two prompts part); g, which never saw it, restores it from Redis.
+        f = Server("f", redis.port)
+        servers.append(f)
+        system = (b"You are a careful assistant. Answer briefly and cite the verse. " * 2)[:100]
+        # The questions part right after the system prompt, so that the state f keeps where its
+        # two prompts part is the system prompt's.
+        for question in (b"\n1 who?", b"\n2 when?"):
+            f.generate(system + question)
+        end = time.monotonic() + 10
+        # Three snapshots: each prompt's last block boundary, and where they part.
+        while f.metrics().get("polysketch_state_tier_prefix_writes_total", 0) < 3:
+            if time.monotonic() > end:
+                fail(f"f wrote no prefix snapshot to Redis: {f.tail()}")
+            time.sleep(0.1)
+        g = Server("g", redis.port)
+        servers.append(g)
+        prompt = system + b"\n3 where?"
+        want = reference.generate(prompt)
+        got = g.generate(prompt)
+        computed = got.final.prompt_tokens - got.final.cached_tokens
+        if [t.token_id for t in got.tokens] != [t.token_id for t in want.tokens]:
+            fail("shared prefix: g's output differs from a server that computed it all")
+        # The fixture's granularity is its local block, 8 tokens: the 100-byte system prompt is
+        # 12 whole blocks.
+        if want.final.cached_tokens != 0 or got.final.cached_tokens != 96:
+            fail(f"shared prefix: cached {got.final.cached_tokens} on g, "
+                 f"{want.final.cached_tokens} on the reference; want 96 and 0")
+        if g.metrics().get("polysketch_state_tier_prefix_tokens_total") != 96:
+            fail(f"g's polysketch_state_tier_prefix_tokens_total: {g.metrics()}")
+        other = g.generate(prompt, salt=b"another user")
+        if other.final.cached_tokens != 0:
+            fail(f"another cache_salt got {other.final.cached_tokens} cached tokens")
+        print(f"shared prefix: g prefilled {computed} of {got.final.prompt_tokens} prompt tokens "
+              f"(the reference {want.final.prompt_tokens}), restoring 96 from f's snapshot; "
+              "another cache_salt restored none")
     finally:
         for server in servers:
             server.stop()

@@ -42,6 +42,7 @@ struct Scheduler::Active {
   std::vector<int32_t> session_feed;
   int64_t base = 0;
   std::optional<SequenceState> session;  // the session's state before this request
+  PrefixTier::Found shared_prefix;       // from the shared tier (Submit), until PrepareState
   int64_t prefilled = 0;    // feed tokens in the state so far (or restored from the cache)
   int64_t cached = 0;       // tokens this request did not prefill (cache hit or session)
   int32_t next_token = -1;  // sampled, not yet fed to the model (decode phase)
@@ -109,6 +110,10 @@ Scheduler::Scheduler(std::unique_ptr<Model> model, SchedulerOptions options)
         std::make_unique<SessionTier>(options_.shared_tier, &identity_, std::move(tier_options));
     sessions_.SetTier(session_tier_.get());
   }
+  if (options_.shared_tier != nullptr && options_.share_prefixes && prefix_cache_.enabled()) {
+    prefix_tier_ = std::make_unique<PrefixTier>(options_.shared_tier, &identity_,
+                                                options_.shared_prefix_options);
+  }
   logits_.resize(static_cast<size_t>(model_->options().max_batch * model_->config().vocab_size));
   engine_ = std::thread([this] { EngineLoop(); });
 }
@@ -137,9 +142,12 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<Mod
       (options.shared_tier_options.replica.empty() ||
        options.shared_tier_options.lease <= absl::ZeroDuration() ||
        options.shared_tier_options.lease_wait < absl::ZeroDuration() ||
-       options.shared_tier_options.max_queued_bytes < 0)) {
+       options.shared_tier_options.max_queued_bytes < 0 ||
+       options.shared_prefix_options.ttl <= absl::ZeroDuration() ||
+       options.shared_prefix_options.max_queued_bytes < 0)) {
     return absl::InvalidArgumentError(
-        "shared tier: replica must be named, lease > 0, lease_wait >= 0, max_queued_bytes >= 0");
+        "shared tier: replica must be named, lease > 0, lease_wait >= 0, max_queued_bytes >= 0, "
+        "prefix ttl > 0");
   }
   if (options.sessions.budget_bytes < 0 || options.sessions.ttl <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -211,6 +219,8 @@ absl::Status Scheduler::Submit(EngineRequest request) {
     }
     queued.tokens += static_cast<int64_t>(state.pending.size());
     queued.session = std::move(state);
+  } else {
+    queued.shared_prefix = LookupSharedPrefix(request);
   }
   absl::Status refused;
   {
@@ -272,8 +282,9 @@ absl::Status Scheduler::CloseSession(absl::string_view id, absl::string_view own
 }
 
 absl::Status Scheduler::FlushSessions(absl::Time deadline) {
-  if (session_tier_ == nullptr) return absl::OkStatus();
-  return session_tier_->Flush(deadline);
+  if (session_tier_ != nullptr) PS_RETURN_IF_ERROR(session_tier_->Flush(deadline));
+  if (prefix_tier_ != nullptr) PS_RETURN_IF_ERROR(prefix_tier_->Flush(deadline));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Scheduler::SessionState> Scheduler::ExportSession(absl::string_view id,
@@ -357,6 +368,10 @@ SchedulerStats Scheduler::Stats() const {
   if (session_tier_ != nullptr) {
     stats.shared_tier = true;
     stats.tier = session_tier_->stats();
+  }
+  if (prefix_tier_ != nullptr) {
+    stats.shared_prefixes = true;
+    stats.prefix_tier = prefix_tier_->stats();
   }
   return stats;
 }
@@ -566,6 +581,7 @@ void Scheduler::Admit(absl::Time now) {
     auto active = std::make_unique<Active>(std::move(q.request), *slot, *std::move(sampler),
                                            *std::move(stops));
     active->session = std::move(q.session);
+    active->shared_prefix = std::move(q.shared_prefix);
     active->submitted = q.submitted;
     active->admitted = now;
     active->prefill_done = absl::InfinitePast();
@@ -606,7 +622,18 @@ absl::Status Scheduler::PrepareState(Active& active) {
       active.request.prompt_logprobs
           ? PrefixCache::Hit{}
           : prefix_cache_.Lookup(active.feed(), active.prefix_hashes, n - 1, active.prefix_scope);
-  if (hit.state != nullptr) {
+  // The shared tier's prefix (read at Submit) when it is longer than what the cache here has
+  // now; it goes into the cache here too, for the next requests of this scope.
+  const PrefixTier::Found from_tier = std::move(active.shared_prefix);
+  active.shared_prefix = {};
+  if (from_tier.state != nullptr && from_tier.length > hit.length && from_tier.length <= n - 1) {
+    PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, *from_tier.state));
+    active.prefilled = from_tier.length;
+    active.cached = from_tier.length;
+    prefix_cache_.Insert(active.feed().subspan(0, static_cast<size_t>(from_tier.length)),
+                         active.prefix_hashes[static_cast<size_t>(from_tier.length / g - 1)],
+                         *from_tier.state, active.prefix_scope);
+  } else if (hit.state != nullptr) {
     PS_RETURN_IF_ERROR(model_->RestoreSlot(active.slot, *hit.state));
     active.prefilled = hit.length;
     active.cached = hit.length;
@@ -631,9 +658,33 @@ void Scheduler::MaybeSnapshot(Active& active) {
   StateSnapshot snapshot;
   if (!model_->SaveSlot(active.slot, &snapshot).ok()) return;  // the slot is ours: cannot fail
   const int64_t g = prefix_cache_.granularity();
-  prefix_cache_.Insert(active.feed().subspan(0, static_cast<size_t>(at)),
-                       active.prefix_hashes[static_cast<size_t>(at / g - 1)], std::move(snapshot),
-                       active.prefix_scope);
+  const absl::Span<const int32_t> prefix = active.feed().subspan(0, static_cast<size_t>(at));
+  const uint64_t hash = active.prefix_hashes[static_cast<size_t>(at / g - 1)];
+  if (prefix_tier_ != nullptr && !prefix_cache_.Contains(hash)) {
+    // A copy for the shared tier, written behind (the engine thread neither encodes nor waits).
+    prefix_tier_->Publish(hash, active.prefix_scope.key,
+                          std::vector<int32_t>(prefix.begin(), prefix.end()), snapshot);
+  }
+  prefix_cache_.Insert(prefix, hash, std::move(snapshot), active.prefix_scope);
+}
+
+PrefixTier::Found Scheduler::LookupSharedPrefix(const EngineRequest& request) const {
+  if (prefix_tier_ == nullptr || request.prompt_logprobs) return {};
+  const int64_t n = static_cast<int64_t>(request.prompt.size());
+  const int64_t g = prefix_cache_.granularity();
+  // Whole blocks only, and at least the last prompt token is prefilled (PrepareState).
+  const int64_t max_blocks = (n - 1) / g;
+  if (max_blocks < 1) return {};
+  const PrefixCache::Scope scope =
+      prefix_cache_.MakeScope(request.owner, request.prefix_cache_salt);
+  const std::vector<uint64_t> hashes = prefix_cache_.Hashes(request.prompt, scope);
+  // Only prefixes longer than the longest one cached here (it may be evicted before the request
+  // runs: then the request prefills more, no harm done).
+  int64_t local_blocks = max_blocks;
+  while (local_blocks > 0 && !prefix_cache_.Holds(hashes[static_cast<size_t>(local_blocks - 1)])) {
+    --local_blocks;
+  }
+  return prefix_tier_->Lookup(request.prompt, hashes, g, local_blocks, max_blocks, scope.key);
 }
 
 void Scheduler::RunDecode(StepStats& stats) {

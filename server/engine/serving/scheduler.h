@@ -49,6 +49,7 @@
 #include "server/engine/serving/scheduler_reports.h"
 #include "server/engine/serving/stop_checker.h"
 #include "server/engine/state_reuse/prefix_cache.h"
+#include "server/engine/state_reuse/prefix_tier.h"
 #include "server/engine/state_reuse/session_store.h"
 #include "server/engine/state_reuse/state_codec.h"
 
@@ -70,10 +71,13 @@ struct SchedulerOptions {
   // Sessions (off when budget_bytes is 0).
   SessionOptions sessions;
   // The shared state tier (docs/sessions.md, "Shared tier"): not owned, outlives the scheduler;
-  // null: sessions live in this process only. Needs sessions on. shared_tier_options.ttl is
-  // taken from sessions.ttl.
+  // null: sessions and prefixes live in this process only. It holds the sessions when sessions
+  // are on (shared_tier_options.ttl is taken from sessions.ttl), and the prefix cache's snapshots
+  // when the cache is on and share_prefixes is set (docs/sessions.md, "Shared prefixes").
   StateTier* shared_tier = nullptr;
   SessionTierOptions shared_tier_options;
+  bool share_prefixes = false;
+  PrefixTierOptions shared_prefix_options;
   // ModelFingerprint of the served weights: seeds the prefix-cache keys and marks exported states.
   uint64_t model_fingerprint = 0;
   // Called on the engine thread after every step that did work (metrics).
@@ -214,9 +218,9 @@ class Scheduler {
   const ModelIdentity& identity() const { return identity_; }
   const SchedulerOptions& options() const { return options_; }
   const SessionStore& sessions() const { return sessions_; }
-  // Waits until every session write to the shared tier is done, or `deadline` (the end of a
-  // drain: held sessions reach the tier before the process exits). OK at once without a tier;
-  // DeadlineExceeded naming how many writes are left.
+  // Waits until every session write to the shared tier is done, then every prefix snapshot
+  // write, or `deadline` (the end of a drain: held sessions reach the tier before the process
+  // exits). OK at once without a tier; DeadlineExceeded naming how many writes are left.
   [[nodiscard]] absl::Status FlushSessions(absl::Time deadline);
   int64_t prefix_cache_granularity() const { return prefix_cache_.granularity(); }
 
@@ -270,6 +274,9 @@ class Scheduler {
   absl::Status PrepareState(Active& active);
   // After a prefill pass: stores a snapshot if the prefill just reached a planned position.
   void MaybeSnapshot(Active& active);
+  // On the submitting thread: the longest prefix of a request without a session that the shared
+  // tier holds beyond what the prefix cache here holds (nothing without a prefix tier).
+  PrefixTier::Found LookupSharedPrefix(const EngineRequest& request) const;
   // Publishes the engine thread's phase for Progress(): one relaxed atomic store, no lock.
   void EnterPhase(EnginePhase phase);
 
@@ -283,6 +290,7 @@ class Scheduler {
     EngineRequest request;
     absl::Time submitted;
     std::optional<SequenceState> session;  // taken from the store when request.session_id is set
+    PrefixTier::Found shared_prefix;       // read from the shared tier at Submit (no session)
     int64_t tokens = 0;                    // to prefill: pending tokens of the session + prompt
   };
   std::deque<Queued> queue_;
@@ -308,6 +316,8 @@ class Scheduler {
   // The sessions' shared tier (null without one): after identity_, which its writer reads, and
   // destroyed before it.
   std::unique_ptr<SessionTier> session_tier_;
+  // The prefix cache's shared tier (null without one); as session_tier_.
+  std::unique_ptr<PrefixTier> prefix_tier_;
 
   // Engine thread only.
   PrefixCache prefix_cache_;

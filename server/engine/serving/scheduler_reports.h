@@ -12,6 +12,7 @@
 
 #include "server/engine/serving/stop_checker.h"
 #include "server/engine/state_reuse/prefix_cache.h"
+#include "server/engine/state_reuse/prefix_tier.h"
 #include "server/engine/state_reuse/session_store.h"
 
 namespace ps::engine {
@@ -56,8 +57,10 @@ struct SchedulerStats {
   bool failed = false;  // the backend failed for good (Scheduler::failure)
   PrefixCacheStats prefix_cache;
   SessionStats sessions;
-  bool shared_tier = false;  // a shared state tier is configured (then `tier` is meaningful)
+  bool shared_tier = false;  // a shared tier holds sessions (then `tier` is meaningful)
   SessionTierStats tier;
+  bool shared_prefixes = false;  // a shared tier holds prefixes (then `prefix_tier` is meaningful)
+  PrefixTierStats prefix_tier;
 };
 
 }  // namespace ps::engine

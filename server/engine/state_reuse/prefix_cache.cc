@@ -78,19 +78,27 @@ void PrefixCache::Insert(absl::Span<const int32_t> prefix, uint64_t hash, StateS
   const int64_t bytes = snapshot.size_bytes() +
                         static_cast<int64_t>(prefix.size() * sizeof(int32_t) + scope.key.size());
   if (!enabled() || bytes > options_.budget_bytes || index_.contains(hash)) return;
+  std::lock_guard<std::mutex> lock(held_mu_);
   while (bytes_ + bytes > options_.budget_bytes && !lru_.empty()) {
     bytes_ -= lru_.back().bytes;
     index_.erase(lru_.back().hash);
+    held_.erase(lru_.back().hash);
     lru_.pop_back();
     evictions_.fetch_add(1, std::memory_order_relaxed);
   }
   lru_.push_front(Entry{hash, scope.key, std::vector<int32_t>(prefix.begin(), prefix.end()),
                         std::move(snapshot), bytes});
   index_[hash] = lru_.begin();
+  held_.insert(hash);
   bytes_ += bytes;
   insertions_.fetch_add(1, std::memory_order_relaxed);
   entries_.store(static_cast<int64_t>(lru_.size()), std::memory_order_relaxed);
   bytes_stat_.store(bytes_, std::memory_order_relaxed);
+}
+
+bool PrefixCache::Holds(uint64_t hash) const {
+  std::lock_guard<std::mutex> lock(held_mu_);
+  return held_.contains(hash);
 }
 
 PrefixCacheStats PrefixCache::stats() const {

@@ -26,17 +26,20 @@
 //
 // Bounded by budget_bytes (snapshot bytes plus the tokens kept), least recently used first out.
 //
-// Thread-compatibility: the engine thread only; stats() may be read from any thread.
+// Thread-compatibility: the engine thread only; stats(), MakeScope, Hashes and Holds may be called
+// from any thread.
 #ifndef POLYSKETCH_SERVER_ENGINE_STATE_REUSE_PREFIX_CACHE_H_
 #define POLYSKETCH_SERVER_ENGINE_STATE_REUSE_PREFIX_CACHE_H_
 
 #include <atomic>
 #include <cstdint>
 #include <list>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include <absl/base/thread_annotations.h>
 #include <absl/container/flat_hash_map.h>
 #include <absl/container/flat_hash_set.h>
 #include <absl/strings/string_view.h>
@@ -113,6 +116,9 @@ class PrefixCache {
 
   // True when the prefix with this key is cached.
   bool Contains(uint64_t hash) const { return index_.contains(hash); }
+  // The same, from any thread (the shared prefix tier asks only for prefixes longer than the
+  // longest one cached here, on the thread that submits a request).
+  bool Holds(uint64_t hash) const;
 
   // Stores the state of `prefix` (snapshot.position == prefix.size(), a multiple of granularity)
   // under `hash`, evicting least recently used entries to stay within the budget. A snapshot
@@ -140,6 +146,9 @@ class PrefixCache {
   const uint64_t seed_;
   Lru lru_;
   absl::flat_hash_map<uint64_t, Lru::iterator> index_;
+  // The keys of index_, for Holds from other threads.
+  mutable std::mutex held_mu_;
+  absl::flat_hash_set<uint64_t> held_ ABSL_GUARDED_BY(held_mu_);
   absl::flat_hash_set<uint64_t> remembered_;
   int64_t bytes_ = 0;
 

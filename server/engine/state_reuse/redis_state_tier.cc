@@ -389,6 +389,27 @@ absl::Status RedisStateTier::Delete(absl::string_view key) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<bool>> RedisStateTier::Present(const std::vector<std::string>& keys) {
+  std::vector<bool> present(keys.size(), false);
+  if (keys.empty()) return present;
+  const std::string what = absl::StrCat(Describe(), ": looking up ", keys.size(), " keys");
+  PS_ASSIGN_OR_RETURN(std::unique_ptr<Connection> c, Acquire());
+  for (const std::string& key : keys) c->Append({"EXISTS", key});
+  absl::Status error;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    absl::StatusOr<Reply> reply = c->Next(what);
+    if (!reply.ok()) return reply.status();  // broken: the rest of the pipeline is lost
+    if ((*reply)->type == REDIS_REPLY_ERROR) {
+      if (error.ok()) error = ReplyError(**reply, what);
+    } else {
+      present[i] = (*reply)->type == REDIS_REPLY_INTEGER && (*reply)->integer == 1;
+    }
+  }
+  Release(std::move(c));
+  if (!error.ok()) return error;
+  return present;
+}
+
 absl::StatusOr<bool> RedisStateTier::Lease(absl::string_view key, absl::string_view holder,
                                            absl::Duration ttl, std::string* other) {
   const std::string what = absl::StrCat(Describe(), ": lease ", key);

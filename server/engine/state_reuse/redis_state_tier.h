@@ -71,6 +71,8 @@ class RedisStateTier final : public StateTier {
   absl::StatusOr<std::optional<std::string>> Get(absl::string_view key) override;
   absl::Status Put(absl::string_view key, absl::string_view value, absl::Duration ttl) override;
   absl::Status Delete(absl::string_view key) override;
+  // EXISTS of every key's manifest, pipelined.
+  absl::StatusOr<std::vector<bool>> Present(const std::vector<std::string>& keys) override;
   absl::StatusOr<bool> Lease(absl::string_view key, absl::string_view holder, absl::Duration ttl,
                              std::string* other = nullptr) override;
   absl::Status Unlease(absl::string_view key, absl::string_view holder) override;

@@ -27,6 +27,19 @@ absl::Status MemoryStateTier::Delete(absl::string_view key) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<bool>> MemoryStateTier::Present(const std::vector<std::string>& keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (absl::Status s = Check(); !s.ok()) return s;
+  const absl::Time now = absl::Now();
+  std::vector<bool> present;
+  present.reserve(keys.size());
+  for (const std::string& key : keys) {
+    auto it = values_.find(key);
+    present.push_back(it != values_.end() && it->second.expires > now);
+  }
+  return present;
+}
+
 absl::StatusOr<bool> MemoryStateTier::Lease(absl::string_view key, absl::string_view holder,
                                             absl::Duration ttl, std::string* other) {
   std::lock_guard<std::mutex> lock(mu_);

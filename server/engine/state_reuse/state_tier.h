@@ -25,6 +25,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <absl/base/thread_annotations.h>
 #include <absl/status/status.h>
@@ -48,6 +49,10 @@ class StateTier {
   [[nodiscard]] virtual absl::Status Put(absl::string_view key, absl::string_view value,
                                          absl::Duration ttl) = 0;
   [[nodiscard]] virtual absl::Status Delete(absl::string_view key) = 0;
+  // For each key, whether the tier has a value under it now, in one round trip (the shared
+  // prefix tier asks for every block of a prompt at once).
+  [[nodiscard]] virtual absl::StatusOr<std::vector<bool>> Present(
+      const std::vector<std::string>& keys) = 0;
 
   // Takes the lease `key` for `holder`, or renews it when `holder` has it: true when `holder`
   // holds it now (for `ttl`), false when another holder does (that holder's name in *other when
@@ -67,6 +72,7 @@ class MemoryStateTier final : public StateTier {
   absl::StatusOr<std::optional<std::string>> Get(absl::string_view key) override;
   absl::Status Put(absl::string_view key, absl::string_view value, absl::Duration ttl) override;
   absl::Status Delete(absl::string_view key) override;
+  absl::StatusOr<std::vector<bool>> Present(const std::vector<std::string>& keys) override;
   absl::StatusOr<bool> Lease(absl::string_view key, absl::string_view holder, absl::Duration ttl,
                              std::string* other = nullptr) override;
   absl::Status Unlease(absl::string_view key, absl::string_view holder) override;

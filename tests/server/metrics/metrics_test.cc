@@ -159,6 +159,9 @@ constexpr Declared kDeclared[] = {
     {"polysketch_state_tier_queued_writes", "gauge"},
     {"polysketch_state_tier_queued_bytes", "gauge"},
     {"polysketch_state_tier_operation_seconds", "histogram"},
+    {"polysketch_state_tier_prefix_lookups_total", "counter"},
+    {"polysketch_state_tier_prefix_tokens_total", "counter"},
+    {"polysketch_state_tier_prefix_writes_total", "counter"},
 };
 
 TEST(FailureReasonNameTest, NamesEveryReason) {
@@ -482,6 +485,45 @@ TEST_F(MetricsTest, StateTierTotalsLatencyAndScrapeHook) {
   EXPECT_EQ(hooks, 1);  // removed
   EXPECT_EQ(Sample(text, "polysketch_state_tier_lookups_total{result=\"hit\"}"), 6.0);
   EXPECT_EQ(Sample(text, "polysketch_state_tier_operation_seconds_count{op=\"read\"}"), 4.0);
+}
+
+// Shared prefixes have their own lookups, tokens and writes; their bytes, errors, latency and
+// queue add to the tier's (with or without sessions in the tier).
+TEST_F(MetricsTest, SharedPrefixesCountApartAndAddToTheTierTotals) {
+  engine::SchedulerStats stats;
+  stats.shared_prefixes = true;
+  stats.prefix_tier.hits = 2;
+  stats.prefix_tier.misses = 7;
+  stats.prefix_tier.tokens = 4096;
+  stats.prefix_tier.writes = 3;
+  stats.prefix_tier.bytes_read = 1'000'000;
+  stats.prefix_tier.errors[static_cast<int>(engine::TierError::kDamaged)] = 1;
+  stats.prefix_tier.queued = 2;
+  engine::TierLatency& write = stats.prefix_tier.latency[static_cast<int>(engine::TierOp::kWrite)];
+  write.buckets[4] = 3;  // <= 10 ms
+  write.count = 3;
+  write.sum_seconds = 0.02;
+  metrics_->SetScheduler(stats);
+  std::string text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_prefix_lookups_total{result=\"hit\"}"), 2.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_prefix_lookups_total{result=\"miss\"}"), 7.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_prefix_tokens_total"), 4096.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_prefix_writes_total"), 3.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_bytes_total{direction=\"read\"}"), 1e6);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_errors_total{kind=\"damaged\"}"), 1.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_queued_writes"), 2.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_operation_seconds_count{op=\"write\"}"), 3.0);
+  // Sessions join: the totals add up, and only what is new is counted.
+  stats.shared_tier = true;
+  stats.tier.bytes_read = 500'000;
+  stats.tier.writes = 1;
+  stats.prefix_tier.tokens = 5000;
+  metrics_->SetScheduler(stats);
+  text = Scrape();
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_bytes_total{direction=\"read\"}"), 1.5e6);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_prefix_tokens_total"), 5000.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_writes_total"), 1.0);
+  EXPECT_EQ(Sample(text, "polysketch_state_tier_operation_seconds_count{op=\"write\"}"), 3.0);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <absl/strings/numbers.h>
 #include <absl/strings/str_cat.h>
@@ -113,6 +114,29 @@ TEST(RedisStateTierTest, ValuesRoundTripInChunksAndReplacingLeavesNoChunks) {
   ASSERT_THAT(tier->Delete("empty"), IsOk());
   EXPECT_EQ(Got(tier->Get("k")), "<none>");
   EXPECT_EQ(DbSize(redis), 0);
+}
+
+// Present answers for many keys in one pipeline: values (whatever their chunks), not leases or
+// chunk keys of their own, and not once expired or deleted.
+TEST(RedisStateTierTest, PresentAnswersEveryKeyInOneCall) {
+  RedisServer redis;
+  ASSERT_TRUE(redis.running());
+  auto tier = Connect(redis, 1024);
+  ASSERT_NE(tier, nullptr);
+  PS_ASSERT_OK_AND_ASSIGN(std::vector<bool> none, tier->Present({}));
+  EXPECT_TRUE(none.empty());
+  ASSERT_THAT(tier->Put("a", Bytes(5000, 5), absl::Minutes(1)), IsOk());
+  ASSERT_THAT(tier->Put("c", "", absl::Minutes(1)), IsOk());
+  ASSERT_THAT(tier->Put("short", "x", absl::Milliseconds(100)), IsOk());
+  std::vector<std::string> keys = {"a", "b", "c", "short"};
+  PS_ASSERT_OK_AND_ASSIGN(std::vector<bool> present, tier->Present(keys));
+  EXPECT_EQ(present, (std::vector<bool>{true, false, true, true}));
+  absl::SleepFor(absl::Milliseconds(300));
+  ASSERT_THAT(tier->Delete("c"), IsOk());
+  PS_ASSERT_OK_AND_ASSIGN(present, tier->Present(keys));
+  EXPECT_EQ(present, (std::vector<bool>{true, false, false, false}));
+  redis.Stop();
+  EXPECT_THAT(tier->Present(keys).status(), StatusIs(absl::StatusCode::kUnavailable));
 }
 
 TEST(RedisStateTierTest, ValuesAndLeasesExpire) {

@@ -33,6 +33,7 @@
 #include "tests/testing/prompt_logprobs_check.h"
 #include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
+#include "tests/testing/wait.h"
 
 namespace ps::service {
 namespace {
@@ -89,7 +90,8 @@ class ServerTest : public ::testing::Test {
     // The server binary's wiring (main.cc): a failed engine turns the health services
     // NOT_SERVING. The server exists by the time a test makes the backend fail.
     options.on_failure = [this](const absl::Status& failure) {
-      MakeEngineFailureListener({server_->GetHealthCheckService()}, &metrics_)(failure);
+      MakeEngineFailureListener({server_->GetHealthCheckService()}, &metrics_,
+                                engine_health_)(failure);
     };
     scheduler_ = test::MakeModelScheduler(golden_.model_dir, *faulty_, model_options, options);
     ASSERT_NE(scheduler_, nullptr);
@@ -190,6 +192,7 @@ class ServerTest : public ::testing::Test {
   bool hold_engine_ = false;
   test::GoldenFixture golden_;
   CountingMetrics metrics_;
+  std::shared_ptr<EngineHealth> engine_health_ = std::make_shared<EngineHealth>();
   std::unique_ptr<kernels::cpu::CpuBackend> backend_;
   std::unique_ptr<test::FaultyBackend> faulty_;
   std::unique_ptr<engine::Scheduler> scheduler_;
@@ -630,7 +633,7 @@ TEST_F(ServerTest, AStuckEngineTurnsLivenessNotServingUntilItMoves) {
       std::unique_ptr<engine::EngineWatchdog> watchdog,
       engine::EngineWatchdog::Create(scheduler_.get(), options,
                                      MakeWatchdogListener({server_->GetHealthCheckService()},
-                                                          /*metrics=*/nullptr)));
+                                                          /*metrics=*/nullptr, engine_health_)));
   HoldEngine(true);
   grpc::ClientContext context;
   auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
@@ -658,6 +661,38 @@ TEST_F(ServerTest, AStuckEngineTurnsLivenessNotServingUntilItMoves) {
   }
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
+}
+
+// A failure is for good: the watchdog's listener, told that the engine moves again (as it does
+// when a failed engine ends its requests), leaves liveness NOT_SERVING and says so.
+TEST_F(ServerTest, AWatchdogRecoveryAfterAnEngineFailureLeavesLivenessNotServing) {
+  const engine::EngineWatchdog::Listener watchdog =
+      MakeWatchdogListener({server_->GetHealthCheckService()}, /*metrics=*/nullptr, engine_health_);
+  engine::WatchdogEvent stalled;
+  stalled.stalled = true;
+  watchdog(stalled);
+  EXPECT_EQ(test::HealthStatus(channel_), 2);
+  engine::WatchdogEvent moving;
+  watchdog(moving);  // before a failure, a recovery turns liveness SERVING again
+  EXPECT_EQ(test::HealthStatus(channel_), 1);
+
+  grpc::ClientContext context;
+  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
+  v1::GenerateStreamResponse message;
+  ASSERT_TRUE(stream->Read(&message));
+  faulty_->InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
+  while (stream->Read(&message)) {
+  }
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INTERNAL);
+  ASSERT_TRUE(test::WaitUntil([&] { return metrics_.failed.load() == 1; }));
+  EXPECT_EQ(test::HealthStatus(channel_), 2);
+  watchdog(stalled);
+  watchdog(moving);
+  EXPECT_EQ(test::HealthStatus(channel_), 2);
+  EXPECT_EQ(test::HealthStatus(channel_, kReadinessServiceName), 2);
+  EXPECT_EQ(WatchdogLogLine(moving, /*engine_failed=*/true),
+            "watchdog: engine progressing again after 0 without progress; liveness stays "
+            "NOT_SERVING (the engine failed)");
 }
 
 TEST(WatchdogLogLineTest, SaysHowLongWhereAndWhat) {

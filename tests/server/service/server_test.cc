@@ -187,6 +187,22 @@ class ServerTest : public ::testing::Test {
     return result;
   }
 
+  // Starts a long greedy stream, injects `failure` into the backend once the stream has a token,
+  // and returns the status the stream ends with.
+  grpc::Status FailWhileStreaming(const absl::Status& failure, bool sticky) {
+    grpc::ClientContext context;
+    auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
+    v1::GenerateStreamResponse message;
+    if (!stream->Read(&message)) {
+      ADD_FAILURE() << "the stream ended before its first token";
+      return stream->Finish();
+    }
+    faulty_->InjectFailure(failure, sticky);
+    while (stream->Read(&message)) {
+    }
+    return stream->Finish();
+  }
+
   std::mutex hold_mu_;
   std::condition_variable hold_cv_;
   bool hold_engine_ = false;
@@ -576,14 +592,8 @@ TEST_F(ServerTest, HealthAndReadinessTransitions) {
 // reason ERROR, the backend named) and the metrics count them; the server stays SERVING and
 // serves the next request.
 TEST_F(ServerTest, BackendFailureEndsRunningRequestsWithInternal) {
-  grpc::ClientContext context;
-  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
-  v1::GenerateStreamResponse message;
-  ASSERT_TRUE(stream->Read(&message));  // running
-  faulty_->InjectFailure(absl::InternalError("kernel launch failed"), /*sticky=*/false);
-  while (stream->Read(&message)) {
-  }
-  const grpc::Status status = stream->Finish();
+  const grpc::Status status =
+      FailWhileStreaming(absl::InternalError("kernel launch failed"), /*sticky=*/false);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
   EXPECT_THAT(status.error_message(), HasSubstr("the faulty-cpu backend failed"));
   EXPECT_THAT(status.error_message(), HasSubstr("kernel launch failed"));
@@ -600,19 +610,12 @@ TEST_F(ServerTest, BackendFailureEndsRunningRequestsWithInternal) {
 // A sticky backend failure (a CUDA error) ends the running requests with INTERNAL, turns liveness
 // and readiness NOT_SERVING for good, sets the failed metric, and new requests get UNAVAILABLE.
 TEST_F(ServerTest, StickyBackendFailureTurnsTheServerNotServing) {
-  grpc::ClientContext context;
-  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
-  v1::GenerateStreamResponse message;
-  ASSERT_TRUE(stream->Read(&message));
-  faulty_->InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
-  while (stream->Read(&message)) {
-  }
-  const grpc::Status status = stream->Finish();
+  const grpc::Status status =
+      FailWhileStreaming(absl::InternalError("device lost"), /*sticky=*/true);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
   EXPECT_THAT(status.error_message(), HasSubstr("device lost"));
-  for (int i = 0; i < 500 && metrics_.failed.load() == 0; ++i) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
+  ASSERT_TRUE(test::WaitUntil([&] { return metrics_.failed.load() != 0; }))
+      << "the failed metric was not set";
   EXPECT_EQ(metrics_.failed.load(), 1);
   EXPECT_EQ(metrics_.errors.load(), 1);
   EXPECT_EQ(test::HealthStatus(channel_), 2);
@@ -676,14 +679,8 @@ TEST_F(ServerTest, AWatchdogRecoveryAfterAnEngineFailureLeavesLivenessNotServing
   watchdog(moving);  // before a failure, a recovery turns liveness SERVING again
   EXPECT_EQ(test::HealthStatus(channel_), 1);
 
-  grpc::ClientContext context;
-  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
-  v1::GenerateStreamResponse message;
-  ASSERT_TRUE(stream->Read(&message));
-  faulty_->InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
-  while (stream->Read(&message)) {
-  }
-  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_EQ(FailWhileStreaming(absl::InternalError("device lost"), /*sticky=*/true).error_code(),
+            grpc::StatusCode::INTERNAL);
   ASSERT_TRUE(test::WaitUntil([&] { return metrics_.failed.load() == 1; }));
   EXPECT_EQ(test::HealthStatus(channel_), 2);
   watchdog(stalled);

@@ -34,14 +34,17 @@ using ::ps::test::Recorder;
 
 class SchedulerTest : public ::testing::Test {
  protected:
+  // On `backend` (default: the test's CPU backend).
   std::unique_ptr<Scheduler> Make(const std::string& fixture, int64_t slots,
-                                  SchedulerOptions options = {}, int64_t max_context = 0) {
+                                  SchedulerOptions options = {}, int64_t max_context = 0,
+                                  kernels::Backend* backend = nullptr) {
     ModelOptions model_options;
     model_options.num_slots = slots;
     model_options.max_batch = slots;
     model_options.prefill_chunk = 16;
     model_options.max_context = max_context;  // 0: unlimited for constant-state models
-    return test::MakeFixtureScheduler(fixture, backend_, model_options, std::move(options));
+    return test::MakeFixtureScheduler(fixture, backend != nullptr ? *backend : backend_,
+                                      model_options, std::move(options));
   }
 
   static EngineRequest Request(const std::string& id, std::vector<int32_t> prompt,
@@ -194,15 +197,10 @@ TEST_F(SchedulerTest, DeadlineEndsARunningRequest) {
 // backend named); the engine serves on.
 TEST_F(SchedulerTest, BackendFailureEndsTheRunningRequestsWithInternal) {
   test::FaultyBackend faulty(backend_, "faulty");
-  ModelOptions model_options;
-  model_options.num_slots = 2;
-  model_options.max_batch = 2;
-  model_options.prefill_chunk = 16;
   std::atomic<int> failures{0};
   SchedulerOptions options;
   options.on_failure = [&failures](const absl::Status&) { failures.fetch_add(1); };
-  auto scheduler =
-      test::MakeFixtureScheduler("polysketch-random", faulty, model_options, std::move(options));
+  auto scheduler = Make("polysketch-random", 2, std::move(options), 0, &faulty);
   ASSERT_NE(scheduler, nullptr);
   auto a = std::make_shared<Recorder>();
   auto b = std::make_shared<Recorder>();
@@ -232,10 +230,6 @@ TEST_F(SchedulerTest, BackendFailureEndsTheRunningRequestsWithInternal) {
 // on_failure once, and from then on the engine refuses new requests (Unavailable).
 TEST_F(SchedulerTest, StickyBackendFailureStopsTheEngine) {
   test::FaultyBackend faulty(backend_, "faulty");
-  ModelOptions model_options;
-  model_options.num_slots = 1;
-  model_options.max_batch = 1;
-  model_options.prefill_chunk = 16;
   std::mutex mu;
   std::vector<absl::Status> failures;
   SchedulerOptions options;
@@ -243,8 +237,7 @@ TEST_F(SchedulerTest, StickyBackendFailureStopsTheEngine) {
     std::lock_guard<std::mutex> lock(mu);
     failures.push_back(status);
   };
-  auto scheduler =
-      test::MakeFixtureScheduler("polysketch-random", faulty, model_options, std::move(options));
+  auto scheduler = Make("polysketch-random", 1, std::move(options), 0, &faulty);
   ASSERT_NE(scheduler, nullptr);
   auto running = std::make_shared<Recorder>();
   auto queued = std::make_shared<Recorder>();

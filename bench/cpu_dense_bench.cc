@@ -2,6 +2,14 @@
 // prefill m = 512, 2048), LayerNorm and GeluGate at m = 512. Never asserts.
 //   Linear flops = 2 m n k; weight bytes = 4 n k (the bound at small m: GB/s of W streamed).
 //   --threads=N (or PS_BENCH_THREADS) sizes the pool; default hardware_concurrency.
+// The baselines the two CPU choices of docs/performance.md ("Kernel choices") rest on, built when
+// CMake finds them, so that anyone can re-measure them on their machine:
+//   BM_LinearOpenBLAS   the same shapes through OpenBLAS's cblas_sgemm (libopenblas-dev), on as
+//                       many threads as the pool; compare with BM_Linear row by row.
+//   BM_ForkJoin/pool vs BM_ForkJoin/openmp   one parallel loop per call, the size of the model's
+//                       small ops (a matrix-vector product, rows split over the threads), on our
+//                       ThreadPool and on an OpenMP `parallel for` with the same thread count.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -11,6 +19,13 @@
 #include <vector>
 
 #include <benchmark/benchmark.h>
+
+#if defined(PS_HAVE_OPENBLAS)
+#include <cblas.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "bench/bench_util.h"
 #include "kernels/cpu/dense.h"
@@ -65,6 +80,83 @@ void LinearShapes(benchmark::internal::Benchmark* b) {
   }
 }
 BENCHMARK(BM_Linear)->Apply(LinearShapes)->ArgNames({"m", "n", "k"})->UseRealTime();
+
+#if defined(PS_HAVE_OPENBLAS)
+// Linear's contract through OpenBLAS: y [m, n] = x [m, k] W^T, W [n, k] row-major (unpacked).
+// OPENBLAS_CORETYPE may need setting on VMs whose CPU OpenBLAS misdetects (docs/performance.md).
+void BM_LinearOpenBLAS(benchmark::State& state) {
+  const int64_t m = state.range(0);
+  const int64_t n = state.range(1);
+  const int64_t k = state.range(2);
+  openblas_set_num_threads(Pool().num_threads());
+  const std::vector<float> w = RandomNormal(n * k, 1);
+  const std::vector<float> x = RandomNormal(m * k, 2);
+  std::vector<float> y(m * n);
+  for (auto _ : state) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
+                static_cast<int>(k), 1.0f, x.data(), static_cast<int>(k), w.data(),
+                static_cast<int>(k), 0.0f, y.data(), static_cast<int>(n));
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  const double flops = 2.0 * m * n * k;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9 * state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["threads"] = openblas_get_num_threads();
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * n * k * 4);
+}
+BENCHMARK(BM_LinearOpenBLAS)->Apply(LinearShapes)->ArgNames({"m", "n", "k"})->UseRealTime();
+#endif
+
+// Fork-join overhead at the model's op sizes: y = W x, W [n, k], rows split over the threads in
+// chunks of at least 2^14 / k rows (the pool's GEMM grain, docs/performance.md). The same loop body
+// on both; only who runs it differs.
+void MatVecRows(const float* w, const float* x, int64_t k, float* y, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    float sum = 0.0f;
+    const float* row = w + r * k;
+    for (int64_t i = 0; i < k; ++i) sum += row[i] * x[i];
+    y[r] = sum;
+  }
+}
+
+// Args: runner (0 pool, 1 OpenMP), n, k.
+void BM_ForkJoin(benchmark::State& state) {
+  const bool openmp = state.range(0) == 1;
+  const int64_t n = state.range(1);
+  const int64_t k = state.range(2);
+  const std::vector<float> w = RandomNormal(n * k, 1);
+  const std::vector<float> x = RandomNormal(k, 2);
+  std::vector<float> y(n);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / k);
+  const int threads = Pool().num_threads();
+  for (auto _ : state) {
+    if (!openmp) {
+      Pool().ParallelFor(n, grain, [&](int64_t begin, int64_t end) {
+        MatVecRows(w.data(), x.data(), k, y.data(), begin, end);
+      });
+    } else {
+#if defined(_OPENMP)
+      const int64_t chunks = (n + grain - 1) / grain;
+#pragma omp parallel for num_threads(threads) schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        MatVecRows(w.data(), x.data(), k, y.data(), c * grain, std::min(n, (c + 1) * grain));
+      }
+#else
+      state.SkipWithError("built without OpenMP");
+      break;
+#endif
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["threads"] = threads;
+  state.SetLabel(openmp ? "openmp" : "pool");
+}
+BENCHMARK(BM_ForkJoin)
+    ->ArgsProduct({{0, 1}, {192, 576, 768, 2304}, {192, 768}})
+    ->ArgNames({"omp", "n", "k"})
+    ->UseRealTime();
 
 void BM_LayerNorm(benchmark::State& state) {
   const int64_t m = state.range(0);

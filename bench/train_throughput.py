@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES: Dict[str, Dict[str, int]] = {
@@ -64,23 +64,29 @@ def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: i
     gen = torch.Generator().manual_seed(1)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def step() -> float:
+    def step() -> Tuple[float, float]:
         tokens = torch.randint(0, 256, (batch, n + 1), generator=gen)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         logits = model(tokens[:, :-1], form="block", chunk=chunk, checkpoint=True)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for _ in range(warmup):
         step()
-    times = [step() for _ in range(steps)]
+    timed = [step() for _ in range(steps)]
+    times = [t for t, _ in timed]
+    cpu = [c for _, c in timed]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"shape": shape, "variant": variant, "n": n, "batch": batch, "chunk": chunk,
             "threads": threads, "warmup": warmup, "steps": steps, "step_seconds": times,
             "tokens_per_s": batch * n * steps / sum(times),
+            # CPU seconds of the process (every thread): on a shared machine, where other jobs
+            # take cores away, tokens per CPU-second still measures the work a step needs.
+            "step_cpu_seconds": cpu, "tokens_per_cpu_s": batch * n * steps / sum(cpu),
             "params": sum(p.numel() for p in model.parameters()),
             "peak_rss_bytes": peak, "activation_peak_bytes": peak - rss_before,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -117,12 +123,19 @@ def sweep(args: argparse.Namespace) -> None:
                 with open(results, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{shape} {variant} n={n} batch={batch}: {rec['tokens_per_s']:.0f} tok/s, "
+                      f"{rec['tokens_per_cpu_s']:.0f} tok/CPU-s, "
                       f"activation peak {rec['activation_peak_bytes'] / 2**20:.0f} MiB "
                       f"[{time.time() - t0:.0f}s]", flush=True)
 
 
 def report(args: argparse.Namespace) -> None:
     recs = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line]
+    measure = "tokens_per_s" if args.measure == "wall" else "tokens_per_cpu_s"
+    unit = "tokens/s" if args.measure == "wall" else "tokens per CPU-second"
+    missing = [key(r) for r in recs if measure not in r]
+    if missing:
+        sys.exit(f"train_throughput: {len(missing)} results lack {measure} (measured before it "
+                 f"was recorded), e.g. {missing[0]}; rerun those cells or use --measure wall")
     lines: List[str] = []
     for shape in [s for s in SHAPES if any(r["shape"] == s for r in recs)]:
         rows = [r for r in recs if r["shape"] == shape]
@@ -130,7 +143,7 @@ def report(args: argparse.Namespace) -> None:
         variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
         by = {(r["variant"], r["n"]): r for r in rows}
         lines += [f"### {shape} ({rows[0]['params'] / 1e6:.1f}M parameters with a polysketch "
-                  "layer stack; tokens/s, activation peak in MiB)", "",
+                  f"layer stack; {unit}, activation peak in MiB)", "",
                   "| variant | " + " | ".join(f"{n // 1024}k" if n >= 1024 else str(n)
                                               for n in ns) + " |",
                   "|---|" + "---|" * len(ns)]
@@ -139,7 +152,7 @@ def report(args: argparse.Namespace) -> None:
             for n in ns:
                 r = by.get((v, n))
                 cells.append("-" if r is None else
-                             f"{r['tokens_per_s']:.0f} ({r['activation_peak_bytes'] / 2**20:.0f})")
+                             f"{r[measure]:.0f} ({r['activation_peak_bytes'] / 2**20:.0f})")
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         for v in variants:
             if v == BASELINE:
@@ -148,7 +161,7 @@ def report(args: argparse.Namespace) -> None:
             for n in ns:
                 r, b = by.get((v, n)), by.get((BASELINE, n))
                 cells.append("-" if r is None or b is None else
-                             f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+                             f"{r[measure] / b[measure]:.2f}x")
             lines.append(f"| {v} / {BASELINE} | " + " | ".join(cells) + " |")
         lines.append("")
     table = "\n".join(lines)
@@ -163,14 +176,14 @@ def report(args: argparse.Namespace) -> None:
         fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
         for ax, shape in zip(axes[0], shapes):
             for v in VARIANTS:
-                pts = sorted((r["n"], r["tokens_per_s"]) for r in recs
+                pts = sorted((r["n"], r[measure]) for r in recs
                              if r["shape"] == shape and r["variant"] == v)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("tokens per sequence")
-            ax.set_ylabel("training tokens/s (fwd + bwd + AdamW)")
+            ax.set_ylabel(f"training {unit} (fwd + bwd + AdamW)")
             ax.set_title(f"{shape}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
@@ -196,6 +209,10 @@ def main() -> None:
     ap.add_argument("--report", help="results file to tabulate instead of measuring")
     ap.add_argument("--table", help="with --report: write the markdown table here")
     ap.add_argument("--plot", help="with --report: write the PNG plot here")
+    ap.add_argument("--measure", choices=["wall", "cpu"], default="wall",
+                    help="with --report: tokens per wall second, or per CPU-second of the cell's "
+                         "process (steadier on a shared machine; with --threads 1 the two agree "
+                         "on an idle one)")
     ap.add_argument("--cell", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:

@@ -448,6 +448,8 @@ struct Servers {
   std::unique_ptr<ps::http::HttpServer> http;  // null with --http_port=-1
   int port = 0;
   int health_port = -1;
+  // Shared by the engine-failure listener and the watchdog's (watchdog_listener.h).
+  std::shared_ptr<service::EngineHealth> engine_health = std::make_shared<service::EngineHealth>();
 
   // Readiness or liveness on both.
   void SetServing(const std::string& service, bool serving) const {
@@ -656,7 +658,7 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir, const Ser
     gauges->Refresh();
   };
   scheduler_options.on_failure =
-      service::MakeEngineFailureListener(servers.HealthServices(), metrics);
+      service::MakeEngineFailureListener(servers.HealthServices(), metrics, servers.engine_health);
   PS_ASSIGN_OR_RETURN(loaded.scheduler,
                       engine::Scheduler::Create(std::move(model), scheduler_options));
   loaded.gauges->SetScheduler(loaded.scheduler.get());
@@ -671,10 +673,11 @@ absl::StatusOr<std::unique_ptr<engine::EngineWatchdog>> StartWatchdog(
   if (absl::GetFlag(FLAGS_watchdog_timeout) <= absl::ZeroDuration()) return nullptr;
   engine::WatchdogOptions watchdog_options;
   watchdog_options.timeout = absl::GetFlag(FLAGS_watchdog_timeout);
-  PS_ASSIGN_OR_RETURN(std::unique_ptr<engine::EngineWatchdog> watchdog,
-                      engine::EngineWatchdog::Create(
-                          scheduler, watchdog_options,
-                          service::MakeWatchdogListener(servers.HealthServices(), metrics)));
+  PS_ASSIGN_OR_RETURN(
+      std::unique_ptr<engine::EngineWatchdog> watchdog,
+      engine::EngineWatchdog::Create(
+          scheduler, watchdog_options,
+          service::MakeWatchdogListener(servers.HealthServices(), metrics, servers.engine_health)));
   watchdog->Start();
   return watchdog;
 }

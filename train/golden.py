@@ -117,7 +117,8 @@ def write_fixture(out: Path, fixture: Dict[str, torch.Tensor], meta: Dict[str, A
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
-    ap.add_argument("--shipped", nargs="*", default=["tiny-polysketch", "tiny-softmax"],
+    ap.add_argument("--shipped", nargs="*", default=["tiny-polysketch", "tiny-softmax", "long-polysketch",
+                                                  "long-softmax"],
                     help="model directories under models/ to make fixtures for")
     args = ap.parse_args()
 

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple
 
 import numpy as np
 import torch
@@ -224,6 +224,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start a new run (no checkpoint in --out yet, or --fresh) from the "
+                         "weights of this checkpoint, with a new optimizer and schedule: "
+                         "fine-tuning. Its model config must equal --config's")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop (with a checkpoint) after this step without changing the schedule; "
                          "a later run resumes as if never stopped")
@@ -264,6 +268,18 @@ def main() -> None:
         rng.bit_generator.state = ck["numpy_rng"]
         torch.set_rng_state(ck["torch_rng"])
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
+        if args.init is not None:
+            print(f"--init {args.init} ignored: the run resumes from its own checkpoint",
+                  flush=True)
+    elif args.init is not None:
+        if not args.init.exists():
+            sys.exit(f"train: --init {args.init} does not exist")
+        init = torch.load(args.init, map_location=device)
+        if init.get("model_config") != mc.to_json():
+            sys.exit(f"train: --init {args.init} was made with another model config than "
+                     f"{args.config}")
+        model.load_state_dict(init["model"])
+        print(f"initialised from {args.init} (step {init['step']} of its run)", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, device {device}, "
           f"threads {torch.get_num_threads()}, {len(train_data)} train bytes", flush=True)

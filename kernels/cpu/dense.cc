@@ -19,13 +19,14 @@
 
 #include <algorithm>
 #include <array>
-#include <cassert>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
 #include <utility>
 #include <vector>
+
+#include "base/check.h"
 
 namespace ps::kernels::cpu {
 namespace {
@@ -237,7 +238,7 @@ CpuLinearWeight::CpuLinearWeight(int64_t n, int64_t k) : LinearWeight(n, k) {}
 
 std::unique_ptr<CpuLinearWeight> CpuLinearWeight::Create(absl::Span<const float> w, int64_t n,
                                                          int64_t k) {
-  assert(n >= 1 && k >= 1 && static_cast<int64_t>(w.size()) == n * k);
+  PS_DCHECK(n >= 1 && k >= 1 && static_cast<int64_t>(w.size()) == n * k);
   std::unique_ptr<CpuLinearWeight> weight(new CpuLinearWeight(n, k));
   weight->num_panels_ = (n + kNR - 1) / kNR;
   const size_t bytes = static_cast<size_t>(weight->num_panels_ * k * kNR) * sizeof(float);
@@ -336,7 +337,7 @@ void LayerNorm(ThreadPool& pool, const float* x, int64_t rows, int64_t n, const 
 
 void Embed(ThreadPool& pool, const float* table, int64_t d, absl::Span<const int32_t> tokens,
            absl::Span<const int64_t> positions, bool sinusoidal, float* x) {
-  assert(tokens.size() == positions.size() && d % 2 == 0);
+  PS_DCHECK(tokens.size() == positions.size() && d % 2 == 0);
   const int64_t m = static_cast<int64_t>(tokens.size());
   if (!sinusoidal) {
     pool.ParallelFor(m, GrainFor(d, kMinChunkElems), [&](int64_t begin, int64_t end) {
@@ -401,7 +402,7 @@ void RotateHead(const float* xh, const double* cs, int64_t half, float* yh) {
 
 void SplitQkvRope(ThreadPool& pool, const float* qkv, int64_t heads, int64_t head_dim,
                   absl::Span<const int64_t> positions, bool rope, float* q, float* k, float* v) {
-  assert(head_dim % 2 == 0);
+  PS_DCHECK(head_dim % 2 == 0);
   const int64_t m = static_cast<int64_t>(positions.size());
   const int64_t h = head_dim;
   const int64_t half = h / 2;
@@ -434,7 +435,7 @@ void SplitQkvRope(ThreadPool& pool, const float* qkv, int64_t heads, int64_t hea
 
 void Rope(ThreadPool& pool, const float* x, int64_t heads, int64_t head_dim,
           absl::Span<const int64_t> positions, float* y) {
-  assert(head_dim % 2 == 0);
+  PS_DCHECK(head_dim % 2 == 0);
   const int64_t m = static_cast<int64_t>(positions.size());
   const int64_t h = head_dim;
   const int64_t half = h / 2;

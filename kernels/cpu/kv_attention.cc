@@ -19,12 +19,13 @@
 
 #include <algorithm>
 #include <bit>
-#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#include "base/check.h"
 
 namespace ps::kernels::cpu {
 namespace {
@@ -339,7 +340,7 @@ void AppendDecode(const KvAttentionShape& shape, int64_t t, const KvSlotState& s
   const int64_t row = shape.heads * shape.head_dim;
   const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
   if (shape.ring) {
-    assert(*slot.count == t);
+    PS_DCHECK(*slot.count == t);
     const int64_t r = t % shape.capacity;
     std::memcpy(slot.keys + r * row, k_row, row_bytes);
     std::memcpy(slot.values + r * row, v_row, row_bytes);
@@ -347,8 +348,8 @@ void AppendDecode(const KvAttentionShape& shape, int64_t t, const KvSlotState& s
     return;
   }
   int64_t count = *slot.count;
-  assert(count < shape.capacity);
-  assert(count == 0 || slot.positions[count - 1] < t);
+  PS_DCHECK(count < shape.capacity);
+  PS_DCHECK(count == 0 || slot.positions[count - 1] < t);
   std::memcpy(slot.keys + count * row, k_row, row_bytes);
   std::memcpy(slot.values + count * row, v_row, row_bytes);
   slot.positions[count++] = t;
@@ -421,7 +422,7 @@ void Finish(const KvAttentionShape& shape, const Partial& part, const float* acc
 // t / stride of the t + 1 rows.
 VisibleRuns RowsOf(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
   if (!shape.ring && shape.mask.kind == Kind::kStrided) {
-    assert(*slot.count == t + 1);
+    PS_DCHECK(*slot.count == t + 1);
     return shape.mask.StridedRuns(t);
   }
   VisibleRuns every;
@@ -616,7 +617,7 @@ void UpdateAfterPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
   int64_t count = *slot.count;
   for (int64_t p = start; p <= last; ++p) {
     if (!shape.mask.Kept(last, p)) continue;
-    assert(count < shape.capacity);
+    PS_DCHECK(count < shape.capacity);
     std::memcpy(slot.keys + count * row, k + (p - start) * row, row_bytes);
     std::memcpy(slot.values + count * row, v + (p - start) * row, row_bytes);
     slot.positions[count++] = p;
@@ -629,7 +630,7 @@ void UpdateAfterPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
 void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const int64_t> positions,
               absl::Span<const KvSlotState> slots, const float* q, const float* k, const float* v,
               float* out) {
-  assert(positions.size() == slots.size());
+  PS_DCHECK(positions.size() == slots.size());
   const int64_t B = static_cast<int64_t>(positions.size());
   if (B == 0) return;
   const int64_t H = shape.heads;
@@ -733,7 +734,7 @@ void KvPrefill(ThreadPool& pool, const KvAttentionShape& shape, int64_t start, i
   ctx.n = n;
   ctx.slot = &slot;
   if (shape.ring) {
-    assert(*slot.count == start);
+    PS_DCHECK(*slot.count == start);
     ctx.old_rows = std::min(*slot.count, shape.capacity);
     ctx.old_first = *slot.count - ctx.old_rows;
   } else {

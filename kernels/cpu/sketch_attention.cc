@@ -18,11 +18,11 @@
 #include "kernels/cpu/sketch_attention.h"
 
 #include <algorithm>
-#include <cassert>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "base/check.h"
 #include "kernels/packed_index.h"
 
 namespace ps::kernels::cpu {
@@ -401,8 +401,8 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
   const int64_t cols = h + 1;
   const bool local = shape.local_exact;
   const int64_t num_pairs = B * H;
-  assert(slots.size() == positions.size());
-  assert(!local || (b > 0 && q_local != nullptr && k_local != nullptr));
+  PS_DCHECK(slots.size() == positions.size());
+  PS_DCHECK(!local || (b > 0 && q_local != nullptr && k_local != nullptr));
   if (num_pairs == 0) return;
 
   // Split a head's rows when there are too few (sequence, head) pairs to keep every thread busy
@@ -496,7 +496,7 @@ void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t 
   const bool local = shape.local_exact;
   const int64_t head_state = P * cols;
 
-  assert(start >= 0 && (!local || (b > 0 && q_local != nullptr && k_local != nullptr)));
+  PS_DCHECK(start >= 0 && (!local || (b > 0 && q_local != nullptr && k_local != nullptr)));
   PrefillScratch sc;
   sc.tile_max = local ? b : (b > 0 ? b : kDefaultPlainTile);
   const int64_t tm = sc.tile_max;

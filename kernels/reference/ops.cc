@@ -3,18 +3,19 @@
 #include "kernels/reference/ops.h"
 
 #include <algorithm>
-#include <cassert>
 #include <cmath>
 #include <cstddef>
 #include <limits>
 #include <vector>
+
+#include "base/check.h"
 
 namespace ps::kernels::reference {
 
 void LayerNorm(absl::Span<const float> x, absl::Span<const float> weight,
                absl::Span<const float> bias, double eps, float* y) {
   const size_t n = x.size();
-  assert(weight.size() == n && bias.size() == n);
+  PS_DCHECK(weight.size() == n && bias.size() == n);
   double mean = 0.0;
   for (float xi : x) mean += xi;
   mean /= static_cast<double>(n);
@@ -33,7 +34,7 @@ double GeluTanh(double x) {
 }
 
 double Dot(absl::Span<const float> a, absl::Span<const float> b) {
-  assert(a.size() == b.size());
+  PS_DCHECK(a.size() == b.size());
   double sum = 0.0;
   for (size_t i = 0; i < a.size(); ++i) sum += static_cast<double>(a[i]) * b[i];
   return sum;
@@ -41,14 +42,14 @@ double Dot(absl::Span<const float> a, absl::Span<const float> b) {
 
 void MatVec(absl::Span<const float> w, absl::Span<const float> x, float* y) {
   const size_t in = x.size();
-  assert(in > 0 && w.size() % in == 0);
+  PS_DCHECK(in > 0 && w.size() % in == 0);
   const size_t out = w.size() / in;
   for (size_t o = 0; o < out; ++o) y[o] = static_cast<float>(Dot(w.subspan(o * in, in), x));
 }
 
 void Rope(absl::Span<const float> x, int64_t t, float* y) {
   const size_t h = x.size();
-  assert(h % 2 == 0);
+  PS_DCHECK(h % 2 == 0);
   const size_t half = h / 2;
   for (size_t i = 0; i < half; ++i) {
     const double theta = std::pow(10000.0, -2.0 * static_cast<double>(i) / static_cast<double>(h));
@@ -63,7 +64,7 @@ void Rope(absl::Span<const float> x, int64_t t, float* y) {
 }
 
 void Sinusoidal(int64_t t, int64_t D, double* pe) {
-  assert(D % 2 == 0);
+  PS_DCHECK(D % 2 == 0);
   const int64_t half = D / 2;
   for (int64_t i = 0; i < half; ++i) {
     const double freq = std::pow(10000.0, -static_cast<double>(i) / static_cast<double>(half));
@@ -76,7 +77,7 @@ void Sinusoidal(int64_t t, int64_t D, double* pe) {
 void Softmax(absl::Span<float> x) {
   double max = -std::numeric_limits<double>::infinity();
   for (float xi : x) max = std::max(max, static_cast<double>(xi));
-  assert(std::isfinite(max));
+  PS_DCHECK(std::isfinite(max));
   std::vector<double> e(x.size());
   double sum = 0.0;
   for (size_t i = 0; i < x.size(); ++i) {
@@ -90,7 +91,7 @@ void RandomSketchPsi(absl::Span<const float> x, absl::Span<const float> norm_wei
                      absl::Span<const float> norm_bias, double eps, absl::Span<const float> s1,
                      absl::Span<const float> s2, float* psi) {
   const size_t h = x.size();
-  assert(s1.size() == s2.size() && s1.size() % h == 0);
+  PS_DCHECK(s1.size() == s2.size() && s1.size() % h == 0);
   const size_t r = s1.size() / h;
   std::vector<float> xn(h);
   LayerNorm(x, norm_weight, norm_bias, eps, xn.data());
@@ -141,7 +142,7 @@ void LearnedSketchPsi(absl::Span<const float> x, const LearnedSketchWeights& wei
 void SketchUpdate(absl::Span<const float> psi, absl::Span<const float> v, absl::Span<float> s) {
   const int64_t r = static_cast<int64_t>(psi.size());
   const size_t cols = v.size() + 1;  // h + 1
-  assert(s.size() == static_cast<size_t>(PackedSymmetricRows(r)) * cols);
+  PS_DCHECK(s.size() == static_cast<size_t>(PackedSymmetricRows(r)) * cols);
   for (int64_t a = 0; a < r; ++a) {
     for (int64_t c = a; c < r; ++c) {
       const double w = static_cast<double>(psi[a]) * psi[c];
@@ -155,7 +156,7 @@ void SketchUpdate(absl::Span<const float> psi, absl::Span<const float> v, absl::
 void SketchReadout(absl::Span<const float> psi, absl::Span<const float> s, absl::Span<double> u) {
   const int64_t r = static_cast<int64_t>(psi.size());
   const size_t cols = u.size();  // h + 1
-  assert(s.size() == static_cast<size_t>(PackedSymmetricRows(r)) * cols);
+  PS_DCHECK(s.size() == static_cast<size_t>(PackedSymmetricRows(r)) * cols);
   for (double& x : u) x = 0.0;
   for (int64_t a = 0; a < r; ++a) {
     for (int64_t c = a; c < r; ++c) {

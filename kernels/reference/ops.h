@@ -7,7 +7,8 @@
 // P = r(r+1)/2 packed sketch rows, in/out the two sides of a linear layer. A buffer comment
 // `[a, b]` means row-major with b contiguous. All float buffers are fp32; sums run in double and
 // are rounded to fp32 once, when stored. Preconditions on sizes are the caller's (our own
-// invariants): they are checked with assert() in debug builds only.
+// invariants): they are checked with PS_DCHECK (base/check.h), on in the sanitizer and fuzz
+// builds.
 #ifndef POLYSKETCH_KERNELS_REFERENCE_OPS_H_
 #define POLYSKETCH_KERNELS_REFERENCE_OPS_H_
 

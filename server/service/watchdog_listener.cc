@@ -11,7 +11,7 @@
 
 namespace ps::service {
 
-std::string WatchdogLogLine(const engine::WatchdogEvent& event) {
+std::string WatchdogLogLine(const engine::WatchdogEvent& event, bool engine_failed) {
   // Rounded to 0.1 s: the watchdog measures to one poll interval, no finer.
   const std::string seconds =
       absl::FormatDuration(absl::Trunc(event.without_progress, absl::Milliseconds(100)));
@@ -21,16 +21,26 @@ std::string WatchdogLogLine(const engine::WatchdogEvent& event) {
                         event.running == 1 ? " request" : " requests",
                         " running; liveness NOT_SERVING");
   }
-  return absl::StrCat("watchdog: engine progressing again after ", seconds,
-                      " without progress; liveness SERVING");
+  return absl::StrCat(
+      "watchdog: engine progressing again after ", seconds, " without progress; ",
+      engine_failed ? "liveness stays NOT_SERVING (the engine failed)" : "liveness SERVING");
 }
 
 engine::EngineWatchdog::Listener MakeWatchdogListener(
-    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics) {
-  return [health = std::move(health), metrics](const engine::WatchdogEvent& event) {
-    for (grpc::HealthCheckServiceInterface* h : health) h->SetServingStatus("", !event.stalled);
+    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics,
+    std::shared_ptr<EngineHealth> engine_health) {
+  return [health = std::move(health), metrics,
+          engine_health = std::move(engine_health)](const engine::WatchdogEvent& event) {
+    bool failed = false;
+    {
+      std::lock_guard<std::mutex> lock(engine_health->mu);
+      failed = engine_health->failed;
+      if (!failed) {
+        for (grpc::HealthCheckServiceInterface* h : health) h->SetServingStatus("", !event.stalled);
+      }
+    }
     if (metrics != nullptr) metrics->EngineStalled(event.stalled);
-    std::fprintf(stderr, "polysketch-server: %s\n", WatchdogLogLine(event).c_str());
+    std::fprintf(stderr, "polysketch-server: %s\n", WatchdogLogLine(event, failed).c_str());
     std::fflush(stderr);
   };
 }
@@ -42,11 +52,17 @@ std::string EngineFailureLogLine(const absl::Status& failure) {
 }
 
 std::function<void(const absl::Status&)> MakeEngineFailureListener(
-    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics) {
-  return [health = std::move(health), metrics](const absl::Status& failure) {
-    for (grpc::HealthCheckServiceInterface* h : health) {
-      h->SetServingStatus(kReadinessServiceName, false);
-      h->SetServingStatus("", false);
+    std::vector<grpc::HealthCheckServiceInterface*> health, metrics::ServerMetrics* metrics,
+    std::shared_ptr<EngineHealth> engine_health) {
+  return [health = std::move(health), metrics,
+          engine_health = std::move(engine_health)](const absl::Status& failure) {
+    {
+      std::lock_guard<std::mutex> lock(engine_health->mu);
+      engine_health->failed = true;
+      for (grpc::HealthCheckServiceInterface* h : health) {
+        h->SetServingStatus(kReadinessServiceName, false);
+        h->SetServingStatus("", false);
+      }
     }
     if (metrics != nullptr) metrics->EngineFailed();
     std::fprintf(stderr, "polysketch-server: %s\n", EngineFailureLogLine(failure).c_str());

@@ -152,3 +152,37 @@ def test_foreign_checkpoint_refused_unless_fresh(trained: Dict[str, Path]) -> No
     ck = load_ckpt(out)
     assert ck["step"] == 2 and ck["model_config"]["d_model"] == 32
     assert [r["step"] for r in read_log(out)] == [1, 2]  # the old run's log is not kept
+
+
+def test_init_starts_a_new_run_from_another_runs_weights(trained: Dict[str, Path]) -> None:
+    """--init: the weights of another run's checkpoint, a new optimizer, step 0; a resume ignores
+    it; a checkpoint of another model config or a missing file is refused by name."""
+    source = load_ckpt(trained["out"])
+    out = trained["root"] / "finetune"
+    # Learning rate 0: the step leaves the weights as they were loaded.
+    config = trained["root"] / "same.json"
+    config.write_text(json.dumps({"model": MODEL, "train": dict(TRAIN, lr=0.0)}))
+    stdout = run_train(config, out, trained["data"], "--init", str(trained["out"] / "ckpt.pt"),
+                       "--steps", "1")
+    assert f"initialised from {trained['out'] / 'ckpt.pt'}" in stdout and "resumed" not in stdout
+    ck = load_ckpt(out)
+    assert ck["step"] == 1 and [r["step"] for r in read_log(out)] == [1]
+    for name, tensor in source["model"].items():
+        assert torch.equal(ck["model"][name], tensor), name
+    # A new optimizer: one step of moments, not the source run's.
+    assert all(int(st["step"]) == 1 for st in ck["optimizer"]["state"].values())
+
+    stdout = run_train(config, out, trained["data"], "--init", str(trained["out"] / "ckpt.pt"),
+                       "--steps", "2")
+    assert "resumed from" in stdout and "ignored: the run resumes" in stdout
+    assert load_ckpt(out)["step"] == 2
+
+    wider = write_config(trained["root"] / "wider-init.json", dict(MODEL, d_model=32))
+    with pytest.raises(SystemExit) as info:
+        run_train(wider, trained["root"] / "bad-init", trained["data"], "--init",
+                  str(trained["out"] / "ckpt.pt"))
+    assert "was made with another model config" in str(info.value.code)
+    with pytest.raises(SystemExit) as info:
+        run_train(config, trained["root"] / "bad-init", trained["data"], "--init",
+                  str(trained["root"] / "missing.pt"))
+    assert "missing.pt does not exist" in str(info.value.code)

@@ -145,6 +145,23 @@ class Server:
              + ", ".join(f"{n}={m.get(n)}" for n in names))
         return {}
 
+    def wait_metrics(self, what: str, condition: Callable[[Dict[str, float]], bool],
+                     timeout: float = 30) -> Dict[str, float]:
+        """Polls /metrics until `condition` holds (the metrics, not a sleep, say the server got
+        there); fails naming `what` if it does not within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if condition(m):
+                return m
+            if time.monotonic() > deadline:
+                fail(f"{what}: not within {timeout} s")
+            time.sleep(0.02)
+
+    def decode_steps(self) -> float:
+        """Decode steps the engine has run (each advances every running stream by one token)."""
+        return self.metrics().get("polysketch_decode_batch_size_count", 0.0)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -528,7 +545,10 @@ def slow_reader(server: Server, tally: Tally) -> None:
             others.end(CODE.OK)
         except grpc.RpcError as e:
             fail(f"slow reader: another request failed while it stalled: {e.code().name}")
-    time.sleep(1)  # lets the engine produce output the client does not read
+    # The engine produces output the client does not read: 200 more decode steps.
+    steps = server.decode_steps()
+    server.wait_metrics("slow reader: 200 decode steps while it stalls",
+                        lambda m: m.get("polysketch_decode_batch_size_count", 0) >= steps + 200)
     tokens = len(first.tokens)
     final = None
     try:
@@ -545,7 +565,9 @@ def slow_reader(server: Server, tally: Tally) -> None:
     tally.start()
     gone = server.stub.GenerateStream(request(max_new), timeout=PHASE_BOUND_S)
     next(gone)
-    time.sleep(0.5)
+    steps = server.decode_steps()
+    server.wait_metrics("vanishing slow reader: 50 decode steps unread",
+                        lambda m: m.get("polysketch_decode_batch_size_count", 0) >= steps + 50)
     gone.cancel()
     read_stream(gone, tally, {"CANCELLED"})
 
@@ -585,7 +607,9 @@ def sigterm_during_load(server: Server, tally: Tally) -> int:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
     futures = [pool.submit(stream_job if i % 2 else unary_job) for i in range(16)]
     started.wait()
-    time.sleep(0.2)
+    # SIGTERM under load: once the engine runs some of them (the rest may still be queued).
+    server.wait_metrics("SIGTERM: requests running",
+                        lambda m: m.get("polysketch_num_requests_running", 0) >= 1)
     server.proc.send_signal(signal.SIGTERM)
     try:
         rc = server.proc.wait(timeout=30)
@@ -691,7 +715,9 @@ def main() -> None:
                 read_stream(server.stub.GenerateStream(request(100000), timeout=PHASE_BOUND_S),
                             tally, {"UNAVAILABLE", "CANCELLED", "INTERNAL", "UNKNOWN"})
             futures = [pool.submit(job) for _ in range(8)]
-            time.sleep(0.5)
+            # SIGKILL under load: once the engine runs some of them.
+            server.wait_metrics("SIGKILL: requests running",
+                                lambda m: m.get("polysketch_num_requests_running", 0) >= 1)
             server.proc.kill()
             server.proc.wait()
             done, pending = concurrent.futures.wait(futures, timeout=PHASE_BOUND_S)

@@ -95,8 +95,11 @@ else:
 stream = stub.GenerateStream(pb.GenerateRequest(text=b"Hi", max_new_tokens=1000000), timeout=60)
 next(stream)
 os.kill(pid, signal.SIGTERM)
-time.sleep(0.3)
-assert status("polysketch.v1.GenerationService") == 2, "readiness after SIGTERM"
+# Readiness turns NOT_SERVING (2) once the server has the signal: wait for it, with a deadline.
+deadline = time.monotonic() + 10
+while status("polysketch.v1.GenerationService") != 2:
+    assert time.monotonic() < deadline, "readiness still SERVING 10 s after SIGTERM"
+    time.sleep(0.02)
 try:
     stub.Generate(pb.GenerateRequest(text=b"x", max_new_tokens=2), timeout=5)
     raise AssertionError("Generate while draining succeeded")

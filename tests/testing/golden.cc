@@ -15,11 +15,13 @@
 namespace ps::test {
 
 std::vector<std::string> GoldenFixtureNames() {
+  return GoldenFixtureNamesIn(SourcePath("tests/golden"));
+}
+
+std::vector<std::string> GoldenFixtureNamesIn(const std::string& root) {
   std::vector<std::string> names;
-  for (const auto& entry : std::filesystem::directory_iterator(SourcePath("tests/golden"))) {
-    if (entry.is_directory() && std::filesystem::exists(entry.path() / "golden.safetensors")) {
-      names.push_back(entry.path().filename().string());
-    }
+  for (const auto& entry : std::filesystem::directory_iterator(root)) {
+    if (entry.is_directory()) names.push_back(entry.path().filename().string());
   }
   std::sort(names.begin(), names.end());
   return names;

@@ -23,8 +23,12 @@ struct GoldenFixture {
   int64_t vocab_size = 0;          // V
 };
 
-// Every fixture folder under tests/golden, sorted.
+// Every fixture folder under tests/golden, sorted: every folder, also one that lacks its
+// golden.safetensors, so that a test of a fixture that is not there fails (LoadGoldenFixture says
+// NotFound) instead of quietly not running.
 std::vector<std::string> GoldenFixtureNames();
+// The same for the folders under `root` (tests use their own).
+std::vector<std::string> GoldenFixtureNamesIn(const std::string& root);
 
 // Loads tests/golden/<name>. The model itself is not loaded (see model_dir).
 absl::StatusOr<GoldenFixture> LoadGoldenFixture(const std::string& name);

@@ -2,12 +2,13 @@
 // in-use bitmap, so that Release can refuse a double release instead of corrupting the stack.
 #include "server/engine/model/state_pool.h"
 
-#include <cassert>
 #include <cstring>
 #include <limits>
 #include <utility>
 
 #include <absl/strings/str_cat.h>
+
+#include "base/check.h"
 
 namespace ps::engine {
 
@@ -129,13 +130,13 @@ bool StatePool::InUse(SlotId id) const {
 }
 
 std::byte* StatePool::SlotData(SlotId id) const {
-  assert(InUse(id));
+  PS_DCHECK(InUse(id));
   if (base_ == nullptr) return nullptr;
   return base_ + static_cast<size_t>(id.index) * static_cast<size_t>(bytes_per_slot());
 }
 
 std::byte* StatePool::RegionData(SlotId id, int64_t layer, StateComponent component) const {
-  assert(layer >= 0 && layer < layout_.num_layers());
+  PS_DCHECK(layer >= 0 && layer < layout_.num_layers());
   const StateRegion& region = layout_.layer(layer).region(component);
   if (!region.present()) return nullptr;
   return SlotData(id) + region.offset_bytes;
@@ -150,7 +151,7 @@ absl::Span<const std::byte> StatePool::SlotBytes(SlotId id) const {
 }
 
 absl::Span<float> StatePool::Floats(SlotId id, int64_t layer, StateComponent component) {
-  assert(!IsInt64(component));
+  PS_DCHECK(!IsInt64(component));
   std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =
@@ -160,7 +161,7 @@ absl::Span<float> StatePool::Floats(SlotId id, int64_t layer, StateComponent com
 
 absl::Span<const float> StatePool::Floats(SlotId id, int64_t layer,
                                           StateComponent component) const {
-  assert(!IsInt64(component));
+  PS_DCHECK(!IsInt64(component));
   const std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =
@@ -169,12 +170,12 @@ absl::Span<const float> StatePool::Floats(SlotId id, int64_t layer,
 }
 
 int64_t* StatePool::Counter(SlotId id, int64_t layer, StateComponent component) {
-  assert(IsInt64(component) && component != StateComponent::kKvPositions);
+  PS_DCHECK(IsInt64(component) && component != StateComponent::kKvPositions);
   return reinterpret_cast<int64_t*>(RegionData(id, layer, component));
 }
 
 absl::Span<int64_t> StatePool::Int64s(SlotId id, int64_t layer, StateComponent component) {
-  assert(IsInt64(component));
+  PS_DCHECK(IsInt64(component));
   std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =
@@ -184,7 +185,7 @@ absl::Span<int64_t> StatePool::Int64s(SlotId id, int64_t layer, StateComponent c
 
 absl::Span<const int64_t> StatePool::Int64s(SlotId id, int64_t layer,
                                             StateComponent component) const {
-  assert(IsInt64(component));
+  PS_DCHECK(IsInt64(component));
   const std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =

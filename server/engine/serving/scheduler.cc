@@ -248,9 +248,12 @@ absl::Status Scheduler::Submit(EngineRequest request) {
     }
   }
   if (!refused.ok()) {
+    // `request` and `queued` were moved from only when the request was accepted (refused OK).
+    // NOLINTBEGIN(bugprone-use-after-move)
     if (queued.session.has_value()) {
       sessions_.Return(request.session_id, request.owner, *std::move(queued.session), now);
     }
+    // NOLINTEND(bugprone-use-after-move)
     return refused;
   }
   work_.notify_one();

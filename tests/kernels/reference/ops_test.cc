@@ -11,6 +11,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "base/check.h"
+
 namespace ps::kernels::reference {
 namespace {
 
@@ -20,6 +22,19 @@ std::vector<float> RandomVector(size_t n, uint32_t seed, float scale = 1.0f) {
   std::vector<float> v(n);
   for (float& x : v) x = normal(rng);
   return v;
+}
+
+// The ops' size preconditions are PS_DCHECKs (base/check.h): where the build has them on (the
+// sanitizer and fuzz builds), a caller that breaks one stops there instead of reading past a
+// buffer.
+TEST(OpsDeathTest, ABrokenSizePreconditionAbortsWhereChecksAreOn) {
+  if constexpr (!kDcheckIsOn) {
+    SUCCEED() << "PS_DCHECK is off in this build";
+  } else {
+    GTEST_FLAG_SET(death_test_style, "threadsafe");
+    const std::vector<float> a(4, 1.0f), b(3, 1.0f);
+    EXPECT_DEATH(Dot(a, b), "PS_DCHECK failed: a.size\\(\\) == b.size\\(\\)");
+  }
 }
 
 TEST(OpsTest, LayerNormHasZeroMeanUnitVarianceBeforeTheAffine) {

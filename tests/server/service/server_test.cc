@@ -33,6 +33,7 @@
 #include "tests/testing/prompt_logprobs_check.h"
 #include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
+#include "tests/testing/wait.h"
 
 namespace ps::service {
 namespace {
@@ -99,7 +100,8 @@ class ServerTest : public ::testing::Test {
     // The server binary's wiring (main.cc): a failed engine turns the health services
     // NOT_SERVING. The server exists by the time a test makes the backend fail.
     options.on_failure = [this](const absl::Status& failure) {
-      MakeEngineFailureListener({server_->GetHealthCheckService()}, &metrics_)(failure);
+      MakeEngineFailureListener({server_->GetHealthCheckService()}, &metrics_,
+                                engine_health_)(failure);
     };
     scheduler_ = test::MakeModelScheduler(golden_.model_dir, *faulty_, model_options, options);
     ASSERT_NE(scheduler_, nullptr);
@@ -195,11 +197,28 @@ class ServerTest : public ::testing::Test {
     return result;
   }
 
+  // Starts a long greedy stream, injects `failure` into the backend once the stream has a token,
+  // and returns the status the stream ends with.
+  grpc::Status FailWhileStreaming(const absl::Status& failure, bool sticky) {
+    grpc::ClientContext context;
+    auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
+    v1::GenerateStreamResponse message;
+    if (!stream->Read(&message)) {
+      ADD_FAILURE() << "the stream ended before its first token";
+      return stream->Finish();
+    }
+    faulty_->InjectFailure(failure, sticky);
+    while (stream->Read(&message)) {
+    }
+    return stream->Finish();
+  }
+
   std::mutex hold_mu_;
   std::condition_variable hold_cv_;
   bool hold_engine_ = false;
   test::GoldenFixture golden_;
   CountingMetrics metrics_;  // declared before service_, so it outlives it
+  std::shared_ptr<EngineHealth> engine_health_ = std::make_shared<EngineHealth>();
   std::unique_ptr<kernels::cpu::CpuBackend> backend_;
   std::unique_ptr<test::FaultyBackend> faulty_;
   std::unique_ptr<engine::Scheduler> scheduler_;
@@ -583,14 +602,8 @@ TEST_F(ServerTest, HealthAndReadinessTransitions) {
 // reason ERROR, the backend named) and the metrics count them; the server stays SERVING and
 // serves the next request.
 TEST_F(ServerTest, BackendFailureEndsRunningRequestsWithInternal) {
-  grpc::ClientContext context;
-  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
-  v1::GenerateStreamResponse message;
-  ASSERT_TRUE(stream->Read(&message));  // running
-  faulty_->InjectFailure(absl::InternalError("kernel launch failed"), /*sticky=*/false);
-  while (stream->Read(&message)) {
-  }
-  const grpc::Status status = stream->Finish();
+  const grpc::Status status =
+      FailWhileStreaming(absl::InternalError("kernel launch failed"), /*sticky=*/false);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
   EXPECT_THAT(status.error_message(), HasSubstr("the faulty-cpu backend failed"));
   EXPECT_THAT(status.error_message(), HasSubstr("kernel launch failed"));
@@ -607,19 +620,12 @@ TEST_F(ServerTest, BackendFailureEndsRunningRequestsWithInternal) {
 // A sticky backend failure (a CUDA error) ends the running requests with INTERNAL, turns liveness
 // and readiness NOT_SERVING for good, sets the failed metric, and new requests get UNAVAILABLE.
 TEST_F(ServerTest, StickyBackendFailureTurnsTheServerNotServing) {
-  grpc::ClientContext context;
-  auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
-  v1::GenerateStreamResponse message;
-  ASSERT_TRUE(stream->Read(&message));
-  faulty_->InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
-  while (stream->Read(&message)) {
-  }
-  const grpc::Status status = stream->Finish();
+  const grpc::Status status =
+      FailWhileStreaming(absl::InternalError("device lost"), /*sticky=*/true);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
   EXPECT_THAT(status.error_message(), HasSubstr("device lost"));
-  for (int i = 0; i < 500 && metrics_.failed.load() == 0; ++i) {
-    absl::SleepFor(absl::Milliseconds(10));
-  }
+  ASSERT_TRUE(test::WaitUntil([&] { return metrics_.failed.load() != 0; }))
+      << "the failed metric was not set";
   EXPECT_EQ(metrics_.failed.load(), 1);
   EXPECT_EQ(metrics_.errors.load(), 1);
   EXPECT_EQ(test::HealthStatus(channel_), 2);
@@ -640,7 +646,7 @@ TEST_F(ServerTest, AStuckEngineTurnsLivenessNotServingUntilItMoves) {
       std::unique_ptr<engine::EngineWatchdog> watchdog,
       engine::EngineWatchdog::Create(scheduler_.get(), options,
                                      MakeWatchdogListener({server_->GetHealthCheckService()},
-                                                          /*metrics=*/nullptr)));
+                                                          /*metrics=*/nullptr, engine_health_)));
   HoldEngine(true);
   grpc::ClientContext context;
   auto stream = stub_->GenerateStream(&context, GreedyRequest(kLong));
@@ -668,6 +674,32 @@ TEST_F(ServerTest, AStuckEngineTurnsLivenessNotServingUntilItMoves) {
   }
   EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_TRUE(test::WaitSlotsFree(*scheduler_));
+}
+
+// A failure is for good: the watchdog's listener, told that the engine moves again (as it does
+// when a failed engine ends its requests), leaves liveness NOT_SERVING and says so.
+TEST_F(ServerTest, AWatchdogRecoveryAfterAnEngineFailureLeavesLivenessNotServing) {
+  const engine::EngineWatchdog::Listener watchdog =
+      MakeWatchdogListener({server_->GetHealthCheckService()}, /*metrics=*/nullptr, engine_health_);
+  engine::WatchdogEvent stalled;
+  stalled.stalled = true;
+  watchdog(stalled);
+  EXPECT_EQ(test::HealthStatus(channel_), 2);
+  engine::WatchdogEvent moving;
+  watchdog(moving);  // before a failure, a recovery turns liveness SERVING again
+  EXPECT_EQ(test::HealthStatus(channel_), 1);
+
+  EXPECT_EQ(FailWhileStreaming(absl::InternalError("device lost"), /*sticky=*/true).error_code(),
+            grpc::StatusCode::INTERNAL);
+  ASSERT_TRUE(test::WaitUntil([&] { return metrics_.failed.load() == 1; }));
+  EXPECT_EQ(test::HealthStatus(channel_), 2);
+  watchdog(stalled);
+  watchdog(moving);
+  EXPECT_EQ(test::HealthStatus(channel_), 2);
+  EXPECT_EQ(test::HealthStatus(channel_, kReadinessServiceName), 2);
+  EXPECT_EQ(WatchdogLogLine(moving, /*engine_failed=*/true),
+            "watchdog: engine progressing again after 0 without progress; liveness stays "
+            "NOT_SERVING (the engine failed)");
 }
 
 TEST(WatchdogLogLineTest, SaysHowLongWhereAndWhat) {

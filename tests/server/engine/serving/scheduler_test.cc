@@ -4,7 +4,6 @@
 #include "server/engine/serving/scheduler.h"
 
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -23,6 +22,7 @@
 #include "tests/testing/recorder.h"
 #include "tests/testing/scheduler_fixture.h"
 #include "tests/testing/status_matchers.h"
+#include "tests/testing/wait.h"
 
 namespace ps::engine {
 namespace {
@@ -34,14 +34,17 @@ using ::ps::test::Recorder;
 
 class SchedulerTest : public ::testing::Test {
  protected:
+  // On `backend` (default: the test's CPU backend).
   std::unique_ptr<Scheduler> Make(const std::string& fixture, int64_t slots,
-                                  SchedulerOptions options = {}, int64_t max_context = 0) {
+                                  SchedulerOptions options = {}, int64_t max_context = 0,
+                                  kernels::Backend* backend = nullptr) {
     ModelOptions model_options;
     model_options.num_slots = slots;
     model_options.max_batch = slots;
     model_options.prefill_chunk = 16;
     model_options.max_context = max_context;  // 0: unlimited for constant-state models
-    return test::MakeFixtureScheduler(fixture, backend_, model_options, std::move(options));
+    return test::MakeFixtureScheduler(fixture, backend != nullptr ? *backend : backend_,
+                                      model_options, std::move(options));
   }
 
   static EngineRequest Request(const std::string& id, std::vector<int32_t> prompt,
@@ -59,10 +62,8 @@ class SchedulerTest : public ::testing::Test {
 
   // Waits until the scheduler has no request left (slots freed).
   static void WaitIdle(Scheduler& scheduler) {
-    for (int i = 0; i < 6000 && !scheduler.Idle(); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    ASSERT_TRUE(scheduler.Idle());
+    ASSERT_TRUE(test::WaitUntil([&] { return scheduler.Idle(); }, absl::Seconds(6)))
+        << "the scheduler is not idle 6 s later";
   }
 
   kernels::cpu::CpuBackend backend_{2};
@@ -122,7 +123,7 @@ TEST_F(SchedulerTest, CancelEndsARunningStreamAndFreesItsSlot) {
   auto scheduler = Make("polysketch-random", 1);
   auto recorder = std::make_shared<Recorder>();
   ASSERT_THAT(scheduler->Submit(Request("long", {1, 2, 3}, 1000000, recorder)), IsOk());
-  while (recorder->tokens().size() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(test::WaitUntil([&] { return recorder->tokens().size() >= 3; })) << "no 3 tokens";
   ASSERT_THAT(scheduler->Cancel("long"), IsOk());
   ASSERT_TRUE(recorder->Wait());
   EXPECT_EQ(recorder->result().reason, FinishReason::kCancelled);
@@ -166,7 +167,7 @@ TEST_F(SchedulerTest, CancelCanSayTheDeadlineIsWhy) {
   ASSERT_THAT(scheduler->Submit(Request("running", {1, 2}, 1000000, running)), IsOk());
   auto queued = std::make_shared<Recorder>();
   ASSERT_THAT(scheduler->Submit(Request("queued", {3}, 5, queued)), IsOk());
-  while (running->tokens().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(test::WaitUntil([&] { return !running->tokens().empty(); })) << "no first token";
   EXPECT_THAT(scheduler->Cancel("running", FinishReason::kLength),
               StatusIs(absl::StatusCode::kInvalidArgument, "cancel reason"));
   ASSERT_THAT(scheduler->Cancel("queued", FinishReason::kDeadline), IsOk());
@@ -196,23 +197,17 @@ TEST_F(SchedulerTest, DeadlineEndsARunningRequest) {
 // backend named); the engine serves on.
 TEST_F(SchedulerTest, BackendFailureEndsTheRunningRequestsWithInternal) {
   test::FaultyBackend faulty(backend_, "faulty");
-  ModelOptions model_options;
-  model_options.num_slots = 2;
-  model_options.max_batch = 2;
-  model_options.prefill_chunk = 16;
   std::atomic<int> failures{0};
   SchedulerOptions options;
   options.on_failure = [&failures](const absl::Status&) { failures.fetch_add(1); };
-  auto scheduler =
-      test::MakeFixtureScheduler("polysketch-random", faulty, model_options, std::move(options));
+  auto scheduler = Make("polysketch-random", 2, std::move(options), 0, &faulty);
   ASSERT_NE(scheduler, nullptr);
   auto a = std::make_shared<Recorder>();
   auto b = std::make_shared<Recorder>();
   ASSERT_THAT(scheduler->Submit(Request("a", {1, 2, 3}, 1000000, a)), IsOk());
   ASSERT_THAT(scheduler->Submit(Request("b", {4, 5}, 1000000, b)), IsOk());
-  while (a->tokens().size() < 3 || b->tokens().size() < 3) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  ASSERT_TRUE(test::WaitUntil([&] { return a->tokens().size() >= 3 && b->tokens().size() >= 3; }))
+      << "the requests did not start decoding";
   faulty.InjectFailure(absl::InternalError("kernel launch failed"), /*sticky=*/false);
   for (auto& recorder : {a, b}) {
     ASSERT_TRUE(recorder->Wait());
@@ -235,10 +230,6 @@ TEST_F(SchedulerTest, BackendFailureEndsTheRunningRequestsWithInternal) {
 // on_failure once, and from then on the engine refuses new requests (Unavailable).
 TEST_F(SchedulerTest, StickyBackendFailureStopsTheEngine) {
   test::FaultyBackend faulty(backend_, "faulty");
-  ModelOptions model_options;
-  model_options.num_slots = 1;
-  model_options.max_batch = 1;
-  model_options.prefill_chunk = 16;
   std::mutex mu;
   std::vector<absl::Status> failures;
   SchedulerOptions options;
@@ -246,13 +237,13 @@ TEST_F(SchedulerTest, StickyBackendFailureStopsTheEngine) {
     std::lock_guard<std::mutex> lock(mu);
     failures.push_back(status);
   };
-  auto scheduler =
-      test::MakeFixtureScheduler("polysketch-random", faulty, model_options, std::move(options));
+  auto scheduler = Make("polysketch-random", 1, std::move(options), 0, &faulty);
   ASSERT_NE(scheduler, nullptr);
   auto running = std::make_shared<Recorder>();
   auto queued = std::make_shared<Recorder>();
   ASSERT_THAT(scheduler->Submit(Request("running", {1, 2, 3}, 1000000, running)), IsOk());
-  while (running->tokens().size() < 3) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(test::WaitUntil([&] { return running->tokens().size() >= 3; }))
+      << "the request did not start decoding";
   ASSERT_THAT(scheduler->Submit(Request("queued", {4, 5}, 3, queued)), IsOk());
   faulty.InjectFailure(absl::InternalError("device lost"), /*sticky=*/true);
   // The queued request ends after on_failure was called: its end is the test's sync point.
@@ -282,7 +273,7 @@ TEST_F(SchedulerTest, FullQueueIsRefusedAtOnce) {
   for (int i = 0; i < 8; ++i) recorders.push_back(std::make_shared<Recorder>());
   ASSERT_THAT(scheduler->Submit(Request("run", {1}, 1000000, recorders[0])), IsOk());
   // Wait until it holds the slot, so the next ones queue.
-  while (scheduler->Stats().running == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(test::WaitUntil([&] { return scheduler->Stats().running != 0; })) << "never ran";
   ASSERT_THAT(scheduler->Submit(Request("q1", {1}, 1, recorders[1])), IsOk());
   ASSERT_THAT(scheduler->Submit(Request("q2", {1}, 1, recorders[2])), IsOk());
   EXPECT_THAT(scheduler->Submit(Request("q3", {1}, 1, recorders[3])),
@@ -350,7 +341,7 @@ TEST_F(SchedulerTest, LongPromptsArePrefilledBetweenDecodeSteps) {
   auto scheduler = Make("polysketch-random-local", 2, options);
   auto stream = std::make_shared<Recorder>();
   ASSERT_THAT(scheduler->Submit(Request("stream", {1, 2}, 1000000, stream)), IsOk());
-  while (stream->tokens().size() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(test::WaitUntil([&] { return stream->tokens().size() >= 2; })) << "no 2 tokens";
   auto longp = std::make_shared<Recorder>();
   std::vector<int32_t> prompt(800);
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(i % 251);
@@ -394,7 +385,7 @@ TEST_F(SchedulerTest, CancelAllEndsQueuedAndRunningRequestsThroughTheirObservers
   auto queued = std::make_shared<Recorder>();
   ASSERT_THAT(scheduler->Submit(Request("running", {1}, 1000000, running)), IsOk());
   ASSERT_THAT(scheduler->Submit(Request("queued", {2}, 5, queued)), IsOk());
-  while (running->tokens().empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(test::WaitUntil([&] { return !running->tokens().empty(); })) << "no first token";
   EXPECT_EQ(scheduler->CancelAll(), 2);
   ASSERT_TRUE(running->Wait());
   ASSERT_TRUE(queued->Wait());

@@ -250,6 +250,21 @@ absl::StatusOr<std::optional<SessionTier::Record>> SessionTier::BeginTurn(absl::
         "session \"", id, "\" is not held by this replica and the shared state tier failed: ",
         lease_error.message()));
   }
+  if (local_version >= 0) {
+    // This replica's own write of the session (the open, or the last turn's write behind) is
+    // still on its way: the tier does not have it yet, and the copy here is the current one.
+    // Reading would find nothing (or an older version) and count a miss that is not one.
+    bool unlanded = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      unlanded = OwnWriteUnlanded(sid);
+    }
+    if (unlanded) {
+      std::lock_guard<std::mutex> lock(stats_mu_);
+      ++stats_.hits;
+      return std::optional<Record>();
+    }
+  }
   absl::StatusOr<std::optional<Record>> record = Read(id, owner, local_version);
   if (!record.ok()) {
     const bool not_found = record.status().code() == absl::StatusCode::kNotFound;
@@ -454,9 +469,11 @@ void SessionTier::WriterLoop() {
     pending_.erase(id);
     queued_bytes_ -= op.bytes;
     ++in_flight_;
+    if (op.kind == OpKind::kWrite) in_flight_write_ = id;
     lock.unlock();
     const absl::Status status = Run(id, op);
     lock.lock();
+    in_flight_write_.clear();
     if (!status.ok()) {
       CountError(status);
       if (!pending_.contains(id) && !stopping_) {
@@ -490,6 +507,12 @@ void SessionTier::WriterLoop() {
     --in_flight_;
     cv_.notify_all();
   }
+}
+
+bool SessionTier::OwnWriteUnlanded(const std::string& sid) const {
+  if (in_flight_write_ == sid) return true;
+  auto it = pending_.find(sid);
+  return it != pending_.end() && it->second.kind == OpKind::kWrite;
 }
 
 bool SessionTier::Persisted(absl::string_view id, absl::string_view owner, int64_t version) const {

@@ -199,6 +199,11 @@ class SessionTier {
   const SessionTierOptions options_;
   const std::string prefix_;
 
+  // True when this replica has a write of `sid` queued or running: its copy in memory is then
+  // newer than the tier's (no other replica can have written since: the lease, or for a new
+  // session nobody else knowing it, keeps them out until the write lands).
+  bool OwnWriteUnlanded(const std::string& sid) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   mutable std::mutex mu_;
   std::condition_variable cv_;
   // Keyed by Scoped(id, owner).
@@ -208,6 +213,9 @@ class SessionTier {
   absl::flat_hash_map<std::string, int64_t> persisted_ ABSL_GUARDED_BY(mu_);
   int64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;  // ops the writer is running
+  // The session whose write the writer is running ("" when none is): with pending_, the writes
+  // of this replica that have not landed yet (OwnWriteUnlanded).
+  std::string in_flight_write_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time next_renewal_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
 

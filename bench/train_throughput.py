@@ -19,6 +19,8 @@ results into a markdown table (tokens/s, peak memory, ratio to softmax-tiled) an
   bench/train_throughput.py --shapes tiny --results bench/results/train_throughput.jsonl
   bench/train_throughput.py --report bench/results/train_throughput.jsonl \
       --table docs/train_throughput.md --plot docs/img/train_throughput.png
+  bench/train_throughput.py --report bench/results/train_throughput.jsonl --shapes gpt2-small \
+      --measure cpu --table docs/train_throughput_gpt2-small.md
 """
 from __future__ import annotations
 
@@ -130,6 +132,10 @@ def sweep(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     recs = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line]
+    wanted = args.shapes.split(",")
+    recs = [r for r in recs if r["shape"] in wanted]
+    if not recs:
+        sys.exit(f"train_throughput: no results for shapes {wanted} in {args.report}")
     measure = "tokens_per_s" if args.measure == "wall" else "tokens_per_cpu_s"
     unit = "tokens/s" if args.measure == "wall" else "tokens per CPU-second"
     missing = [key(r) for r in recs if measure not in r]
@@ -195,7 +201,8 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="tiny", help=f"comma-separated, of {list(SHAPES)}")
+    ap.add_argument("--shapes", default="tiny",
+                    help=f"comma-separated, of {list(SHAPES)} (with --report: the shapes tabulated)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     ap.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     ap.add_argument("--tokens-per-step", type=int, default=0,

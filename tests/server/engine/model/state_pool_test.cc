@@ -291,11 +291,11 @@ TEST(StatePoolTest, TypedAccessorsPointIntoTheSlot) {
   EXPECT_EQ(pool.Floats(id, 0, StateComponent::kLocalKeys).size(), 2u * 5 * 8);
   EXPECT_EQ(pool.Floats(id, 1, StateComponent::kRingValues).size(), 2u * 3 * 8);
   // Writing one slot leaves the other alone.
-  for (float& x : pool.Floats(id, 0, StateComponent::kSketchCur)) x = 1.5f;
+  for (float& x : pool.Floats(id, 0, StateComponent::kLocalSketch)) x = 1.5f;
   *pool.Counter(id, 1, StateComponent::kRingCount) = 42;
   for (std::byte b : pool.SlotBytes(first)) ASSERT_EQ(b, std::byte{0});
   const StatePool& const_pool = pool;
-  EXPECT_EQ(const_pool.Floats(id, 0, StateComponent::kSketchCur)[3], 1.5f);
+  EXPECT_EQ(const_pool.Floats(id, 0, StateComponent::kLocalSketch)[3], 1.5f);
   EXPECT_EQ(*pool.Counter(id, 1, StateComponent::kRingCount), 42);
 }
 

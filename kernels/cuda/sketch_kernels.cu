@@ -382,7 +382,7 @@ int64_t FoldSharedFloats(const SketchDims& dims) {
 __global__ void __launch_bounds__(kPrefillThreads)
     SketchPrefillFoldKernel(SketchDims dims, FoldSource src, float* target_all) {
   extern __shared__ float smem[];
-  const int64_t H = dims.heads, h = dims.head_dim, r = dims.sketch_size, cols = h + 1;
+  const int64_t h = dims.head_dim, r = dims.sketch_size, cols = h + 1;
   const int64_t P = PackedSymmetricRows(r);
   const int64_t head = blockIdx.y;
   const int64_t p0 = blockIdx.x * kFoldRows;
@@ -471,8 +471,8 @@ void LaunchSketchPrefill(const SketchDims& dims, int64_t start, int64_t n,
                          const float* v, const float* q_local, const float* k_local, float* out,
                          cudaStream_t stream) {
   if (n <= 0) return;
-  const int64_t H = dims.heads, h = dims.head_dim, b = dims.block_size;
-  const int64_t P = PackedSymmetricRows(dims.sketch_size);
+  const int64_t H = dims.heads, h = dims.head_dim, r = dims.sketch_size, b = dims.block_size;
+  const int64_t P = PackedSymmetricRows(r);
   const bool local = dims.local_exact;
   // Plain sketches: the result does not depend on the tile (algorithm.md section 3), so the GPU
   // uses its own (kPlainTile) whatever b says; local_exact: the trained block.
@@ -505,7 +505,6 @@ void LaunchSketchPrefill(const SketchDims& dims, int64_t start, int64_t n,
     // A completed local_exact block stays in the buffer until the next block's first token, as
     // in decode; a plain tile is folded now.
     if (!local) {
-      const int64_t r = dims.sketch_size;
       const FoldSource rows{
           psi_k + tile.row0 * H * r, r, H * r, v + tile.row0 * H * h, h, H * h, tile.t};
       SketchPrefillFoldKernel<<<fold_grid, kPrefillThreads, fold_shared, stream>>>(dims, rows,

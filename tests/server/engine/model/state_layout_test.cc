@@ -289,8 +289,10 @@ TEST(StateLayoutTest, MixedModelAlignsEveryComponent) {
   EXPECT_EQ(layout.bytes_per_slot() % kStateAlignment, 0);
   const int64_t sketch = AlignUp(3 * 15 * 3 * kF);
   const int64_t local = AlignUp(3 * 3 * 2 * kF);
+  const int64_t sketched = AlignUp(3 * 3 * 5 * kF);  // psi(k) of the block, [H, b, r]
   const int64_t ring = AlignUp(3 * 7 * 2 * kF);
-  EXPECT_EQ(layout.bytes_per_slot(), (2 * sketch + 2 * local + 64) + (2 * ring + 64) + sketch);
+  EXPECT_EQ(layout.bytes_per_slot(),
+            (sketch + sketched + 2 * local + 64) + (2 * ring + 64) + sketch);
   EXPECT_EQ(layout.kv_bytes_per_token(), 3 * 2 * 2 * kF);
   EXPECT_TRUE(layout.layer(1).needs_kv_cache);
   EXPECT_FALSE(layout.layer(3).needs_kv_cache);

@@ -21,7 +21,7 @@ threads="${2:-2}"
 echo "=== kernel: one local_exact layer, current (kernel:0) vs S_cur (kernel:1)"
 "${root}/build/bench/cpu_sketch_bench" --threads="${threads}" \
   --benchmark_filter='BM_SketchDecode/shape:[12]/' --benchmark_repetitions=3 \
-  --benchmark_report_aggregates_only=true --benchmark_counters_tabular=true
+  --benchmark_report_aggregates_only=true --benchmark_counters_tabular=true --benchmark_min_time=0.2
 
 for model in "${root}/models/tiny-polysketch" gpt2-small-polysketch; do
   for bench in ${old:+"${old}"} "${root}/build/bench/polysketch-bench"; do

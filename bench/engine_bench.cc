@@ -129,7 +129,9 @@ absl::StatusOr<ModelWeights> SyntheticModel(const std::string& name) {
 }
 
 // Bytes one decode step moves for one sequence at `position` tokens: its sketch state read (and
-// written where the step updates it: S or S_cur), its sliding-window ring or its kept KV rows read.
+// written where the step updates it: plain S), the local buffer of a local_exact layer (counted
+// whole; its one-in-b folding step also writes S), its sliding-window ring or its kept KV rows
+// read.
 int64_t StateBytesPerStep(const Model& model, int64_t position) {
   using ps::engine::AttentionKind;
   using C = ps::engine::StateComponent;
@@ -140,11 +142,11 @@ int64_t StateBytesPerStep(const Model& model, int64_t position) {
     const ps::engine::LayerStateLayout& ll = model.layout().layer(l);
     if (ll.kind == AttentionKind::kPolysketch) {
       const int64_t s = ll.region(C::kSketch).size_bytes;
-      const int64_t cur = ll.region(C::kSketchCur).size_bytes;
-      // plain: read + write S; local_exact: read S_prev, read + write S_cur, read the buffer.
-      bytes += cur == 0 ? 2 * s
-                        : s + 2 * cur + ll.region(C::kLocalKeys).size_bytes +
-                              ll.region(C::kLocalValues).size_bytes;
+      // plain: read + write S; local_exact: read S_prev and the buffer (k~, v; psi(k) is read
+      // only by the fold at a block start).
+      bytes += ll.local_size == 0 ? 2 * s
+                                  : s + ll.region(C::kLocalKeys).size_bytes +
+                                        ll.region(C::kLocalValues).size_bytes;
     } else if (!ll.needs_kv_cache) {
       bytes += ll.bytes();  // the sliding-window ring
     } else {

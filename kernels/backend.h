@@ -99,7 +99,7 @@ struct SketchAttentionShape {
 // engine's StateLayout documents the shapes). An all-zero state is the empty one.
 struct SketchSlotState {
   float* sketch = nullptr;        // [H, P, h+1]: S (plain) or S_prev (local_exact)
-  float* sketch_cur = nullptr;    // [H, P, h+1]: S_cur; local_exact only, else null
+  float* local_sketch = nullptr;  // [H, b, r]: psi(k) of the current block; local_exact only
   float* local_keys = nullptr;    // [H, b, h]: k~ of the current block; local_exact only
   float* local_values = nullptr;  // [H, b, h]: v of the current block; local_exact only
 };
@@ -218,8 +218,10 @@ class Backend {
   // --- polysketch attention -----------------------------------------------------------------
   // One decode step for `positions.size()` sequences (algorithm.md section 4): sequence i feeds
   // the token at positions[i] into slots[i] (update first, then read out; with local_exact,
-  // fold S_cur into S and clear the buffer first when positions[i] % b == 0 and > 0, and the
-  // buffer holds positions[i] % b entries before this token's). psi_q, psi_k [B, H, r]; v, out
+  // first fold the completed block's b buffered (psi(k), v) rows into S with one GEMM,
+  // S += phi(psi(K_blk))^T [V_blk | 1], and restart the buffer when positions[i] % b == 0 and > 0;
+  // the buffer holds positions[i] % b entries before this token's, and the step writes
+  // (psi(k), k~, v) to row positions[i] % b). psi_q, psi_k [B, H, r]; v, out
   // [B, H, h]; q_local, k_local [B, H, h] (local_exact only, else null): q~ and k~.
   virtual void SketchDecode(const SketchAttentionShape& shape, absl::Span<const int64_t> positions,
                             absl::Span<const SketchSlotState> slots, const float* psi_q,

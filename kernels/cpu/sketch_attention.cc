@@ -3,18 +3,23 @@
 // SketchReadout and server/engine/model/reference_model.cc AttendSketch.
 //
 // Decode (memory-bound): one pass over the rows [p0, p1) of a head's packed state fuses the update
-// and the readout, so S is read once and written once (plain), or S read once and S_cur
-// read-modify-written once (local_exact; at a block start the same pass also folds S_cur into S).
-// A row is h+1 = 65 contiguous floats for h = 64; for h = 32, 64, 128 the column loop is compiled
-// for that width with 16-float vectors so the readout sums and [v; 1] stay in registers. Bytes per
-// (sequence, head) and step: 2 P (h+1) 4 (plain), 3 P (h+1) 4 (local_exact), 4 P (h+1) 4 at a block
-// start.
+// and the readout, so S is read once and written once (plain), or only read (local_exact: the
+// current block is not in S but in the local buffer, psi(k) [b, r] beside k~ and v [b, h]). At a
+// local_exact block start the same pass first folds the completed block into S, 32 rows at a time
+// so that the rows are still in L1 when the readout reads them: S += phi(psi(K_blk))^T [V_blk | 1],
+// a [P, b] x [b, h+1] GEMM (FoldBlock, the prefill's fold). A row is h+1 = 65 contiguous floats for
+// h = 64; for h = 32, 64, 128 the column loop is compiled for that width with 16-float vectors so
+// the readout sums and [v; 1] stay in registers. Bytes per (sequence, head) and step: 2 P (h+1) 4
+// (plain); P (h+1) 4 + (m+1) 2 h 4 + r 4 (local_exact, m buffer rows before the token); at a block
+// start 2 P (h+1) 4 + b (r + h) 4 more, and 2 P (h+1) b flops.
 //
-// Prefill (compute-bound): per tile three parallel phases: prepare (transposes, the local buffer,
-// the block-start fold), readout + intra-tile part per (head, query rows), fold per (head, state
-// rows). The readout is [tile, P] x [P, h+1] with the left operand formed on the fly from psi_q
-// (4 query rows share each state row load); the fold is [P, tile] x [tile, h+1] (4 state rows
-// share each [v; 1] load).
+// Prefill (compute-bound): per tile up to four parallel phases: the local_exact block-start fold
+// (the buffer into S, per (head, state rows)), prepare (transposes, the local buffer), readout +
+// intra-tile part per (head, query rows), and (plain) the fold of the tile per (head, state rows).
+// The readout is [tile, P] x [P, h+1] with the left operand formed on the fly from psi_q (4 query
+// rows share each state row load); the fold is [P, tile] x [tile, h+1] (4 state rows share each
+// [v; 1] load). local_exact folds each block once, from the buffer, with the same code and in the
+// same order as decode does, so the two leave bitwise the same S.
 #include "kernels/cpu/sketch_attention.h"
 
 #include <algorithm>
@@ -32,6 +37,7 @@ constexpr int64_t kDefaultPlainTile = 256;   // prefill tile without local_exact
 constexpr int64_t kMinDecodeChunkRows = 64;  // smallest share of a head's rows given to a thread
 constexpr int64_t kPrefillQueryRows = 16;    // query rows per prefill work item
 constexpr int64_t kPrefillFoldRows = 32;     // state rows per prefill fold work item
+constexpr int64_t kDecodeFoldRows = 32;      // state rows folded then read out together in decode
 constexpr int kBlock = 4;                    // rows sharing one load in the prefill GEMMs
 
 // (a, c) of packed row p (PackedSymmetricIndex's inverse); O(r), called once per work item.
@@ -89,9 +95,8 @@ inline void RowTimesMatrix(const float* __restrict q, int64_t depth, const float
 // --- decode --------------------------------------------------------------------------------------
 
 enum class DecodeMode {
-  kPlain,      // S += wk [v; 1];            u += wq S
-  kLocal,      // S_cur += wk [v; 1];        u += wq S
-  kLocalFold,  // S += S_cur; S_cur = wk [v; 1]; u += wq S   (first token of a block)
+  kPlain,  // S += wk [v; 1];  u += wq S
+  kLocal,  // u += wq S (S_prev: the token waits in the local buffer until its block is folded)
 };
 
 struct DecodeHead {
@@ -101,11 +106,10 @@ struct DecodeHead {
   const float* psi_k = nullptr;  // [r]
   const float* vv = nullptr;     // [cols]: [v; 1]
   float* s = nullptr;            // [P, cols]
-  float* s_cur = nullptr;        // [P, cols] (local_exact) or == s
 };
 
-// Rows [p0, p1) of one head, update and readout in one pass, any width: u [cols] = the readout
-// of the updated rows.
+// Rows [p0, p1) of one head, update (plain) and readout in one pass, any width: u [cols] = the
+// readout of the (updated) rows.
 template <DecodeMode kMode>
 void DecodeRows(const DecodeHead& hd, int64_t p0, int64_t p1, float* __restrict acc) {
   const int64_t cols = hd.cols;
@@ -116,7 +120,7 @@ void DecodeRows(const DecodeHead& hd, int64_t p0, int64_t p1, float* __restrict 
   int64_t a, c;
   PairOf(p0, hd.r, a, c);
   for (int64_t p = p0; p < p1; ++p) {
-    const float wk = pk[a] * pk[c];
+    [[maybe_unused]] const float wk = kMode == DecodeMode::kPlain ? pk[a] * pk[c] : 0.0f;
     // Off-diagonal rows stand for both (a, c) and (c, a).
     const float wq = (a == c ? 1.0f : 2.0f) * pq[a] * pq[c];
     float* __restrict srow = hd.s + p * cols;
@@ -126,20 +130,8 @@ void DecodeRows(const DecodeHead& hd, int64_t p0, int64_t p1, float* __restrict 
         srow[j] = x;
         acc[j] += wq * x;
       }
-    } else if constexpr (kMode == DecodeMode::kLocal) {
-      float* __restrict crow = hd.s_cur + p * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        crow[j] += wk * vv[j];
-        acc[j] += wq * srow[j];
-      }
     } else {
-      float* __restrict crow = hd.s_cur + p * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        const float x = srow[j] + crow[j];
-        srow[j] = x;
-        crow[j] = wk * vv[j];
-        acc[j] += wq * x;
-      }
+      for (int64_t j = 0; j < cols; ++j) acc[j] += wq * srow[j];
     }
     NextPair(hd.r, a, c);
   }
@@ -167,11 +159,10 @@ void DecodeRowsVec(const DecodeHead& hd, int64_t p0, int64_t p1, float* __restri
   int64_t a, c;
   PairOf(p0, hd.r, a, c);
   for (int64_t p = p0; p < p1; ++p) {
-    const float wk = pk[a] * pk[c];
+    [[maybe_unused]] const float wk = kMode == DecodeMode::kPlain ? pk[a] * pk[c] : 0.0f;
     // Off-diagonal rows stand for both (a, c) and (c, a).
     const float wq = (a == c ? 1.0f : 2.0f) * pq[a] * pq[c];
     float* srow = hd.s + p * kCols;
-    float* crow = hd.s_cur + p * kCols;
 #pragma GCC unroll 16
     for (int q = 0; q < kVecs; ++q) {
       V16 x;
@@ -179,18 +170,6 @@ void DecodeRowsVec(const DecodeHead& hd, int64_t p0, int64_t p1, float* __restri
       if constexpr (kMode == DecodeMode::kPlain) {
         x += wk * vv[q];
         std::memcpy(srow + 16 * q, &x, kBytes);
-      } else if constexpr (kMode == DecodeMode::kLocal) {
-        V16 y;
-        std::memcpy(&y, crow + 16 * q, kBytes);
-        y += wk * vv[q];
-        std::memcpy(crow + 16 * q, &y, kBytes);
-      } else {
-        V16 y;
-        std::memcpy(&y, crow + 16 * q, kBytes);
-        x += y;
-        std::memcpy(srow + 16 * q, &x, kBytes);
-        y = wk * vv[q];
-        std::memcpy(crow + 16 * q, &y, kBytes);
       }
       acc[q] += wq * x;
     }
@@ -198,12 +177,6 @@ void DecodeRowsVec(const DecodeHead& hd, int64_t p0, int64_t p1, float* __restri
     if constexpr (kMode == DecodeMode::kPlain) {
       xn += wk;
       srow[kH] = xn;
-    } else if constexpr (kMode == DecodeMode::kLocal) {
-      crow[kH] += wk;
-    } else {
-      xn += crow[kH];
-      srow[kH] = xn;
-      crow[kH] = wk;
     }
     acc_n += wq * xn;
     NextPair(hd.r, a, c);
@@ -226,17 +199,6 @@ void DecodeRowsForWidth(const DecodeHead& hd, int64_t p0, int64_t p1, float* u) 
   }
 }
 
-void DecodeRowsDispatch(DecodeMode mode, const DecodeHead& hd, int64_t p0, int64_t p1, float* u) {
-  switch (mode) {
-    case DecodeMode::kPlain:
-      return DecodeRowsForWidth<DecodeMode::kPlain>(hd, p0, p1, u);
-    case DecodeMode::kLocal:
-      return DecodeRowsForWidth<DecodeMode::kLocal>(hd, p0, p1, u);
-    case DecodeMode::kLocalFold:
-      return DecodeRowsForWidth<DecodeMode::kLocalFold>(hd, p0, p1, u);
-  }
-}
-
 // --- prefill -------------------------------------------------------------------------------------
 
 // The geometry of one prefill tile and the per-head scratch it uses.
@@ -246,12 +208,12 @@ struct Tile {
   int64_t row0 = 0;   // row of position s in the call's buffers
   int64_t koff = 0;   // keys before the tile that its queries attend to exactly (local buffer)
   int64_t keys = 0;   // koff + t
-  bool fold = false;  // local_exact: fold S_cur into S first (s is a block start > 0)
+  bool fold = false;  // local_exact: fold the buffer into S first (s is a block start > 0)
 };
 
 struct PrefillScratch {
   int64_t tile_max = 0;
-  std::vector<float> bt;  // [H, r, stride]: psi_k of the tile, transposed
+  std::vector<float> bt;  // [H, r, stride]: psi_k of the tile, transposed (plain)
   std::vector<float> kt;  // [H, h, stride]: k~ of the block so far, transposed (local_exact)
   std::vector<float> c;   // [H, tile_max, cols]: [v; 1] of the keys (block so far, or the tile)
 };
@@ -291,28 +253,44 @@ void ReadoutBlockForWidth(int64_t r, int64_t num_rows, int64_t cols, const float
   }
 }
 
-// target[p0 + k] += sum_j B[j,a_k] B[j,c_k] [v_j; 1] for kR rows starting at p0: each [v_j; 1] is
-// loaded once for kR state rows. bt [r, bt_stride] (psi_k transposed), cv [t, cols].
+// The t keys of a fold: psi(k_j)[a] = keys[j * key_row + a * key_col], value column d < h of
+// token j = values[j * value_row + d], and the normaliser column is 1. The prefill's plain tiles
+// pass psi_k transposed ([r, stride]: key_row 1) and [v; 1] rows; the local_exact fold passes the
+// slot's buffer as it is (psi(k) [b, r], v [b, h]).
+struct FoldOperands {
+  const float* keys = nullptr;
+  int64_t key_row = 0;
+  int64_t key_col = 0;
+  const float* values = nullptr;
+  int64_t value_row = 0;
+};
+
+// target[p0 + k] += sum_{j < t} B[j,a_k] B[j,c_k] [v_j; 1] for kR rows starting at p0 (the pairs
+// (a_k, c_k) of rows p0 .. p0+kR-1): each v_j is loaded once for kR state rows. Each row's sum
+// runs over j in order whatever kR is, so the result of a row does not depend on the blocking.
 template <int kCols, int kR>
-void FoldBlock(int64_t r, int64_t p0, int64_t t, int64_t bt_stride, int64_t cols_rt,
-               const float* __restrict bt, const float* __restrict cv, float* __restrict target) {
+void FoldBlock(int64_t r, int64_t p0, int64_t t, const FoldOperands& op, int64_t cols_rt,
+               float* __restrict target) {
   const int64_t cols = kCols > 0 ? kCols : cols_rt;
+  const int64_t h = cols - 1;
   const float* brow_a[kR];
   const float* brow_c[kR];
   int64_t a, c;
   PairOf(p0, r, a, c);
   for (int k = 0; k < kR; ++k) {
-    brow_a[k] = bt + a * bt_stride;
-    brow_c[k] = bt + c * bt_stride;
+    brow_a[k] = op.keys + a * op.key_col;
+    brow_c[k] = op.keys + c * op.key_col;
     NextPair(r, a, c);
   }
   if constexpr (kCols > 0) {
     float acc[kR * kCols] = {};
     for (int64_t j = 0; j < t; ++j) {
-      const float* __restrict cj = cv + j * kCols;
+      const float* __restrict vj = op.values + j * op.value_row;
+      const int64_t kj = j * op.key_row;
       for (int k = 0; k < kR; ++k) {
-        const float w = brow_a[k][j] * brow_c[k][j];
-        for (int64_t i = 0; i < kCols; ++i) acc[k * kCols + i] += w * cj[i];
+        const float w = brow_a[k][kj] * brow_c[k][kj];
+        for (int64_t i = 0; i < kCols - 1; ++i) acc[k * kCols + i] += w * vj[i];
+        acc[k * kCols + kCols - 1] += w;
       }
     }
     for (int k = 0; k < kR; ++k) {
@@ -322,27 +300,49 @@ void FoldBlock(int64_t r, int64_t p0, int64_t t, int64_t bt_stride, int64_t cols
   } else {
     // Accumulate straight into the state rows (still in L1 across j).
     for (int64_t j = 0; j < t; ++j) {
-      const float* __restrict cj = cv + j * cols;
+      const float* __restrict vj = op.values + j * op.value_row;
+      const int64_t kj = j * op.key_row;
       for (int k = 0; k < kR; ++k) {
-        const float w = brow_a[k][j] * brow_c[k][j];
+        const float w = brow_a[k][kj] * brow_c[k][kj];
         float* __restrict row = target + (p0 + k) * cols;
-        for (int64_t i = 0; i < cols; ++i) row[i] += w * cj[i];
+        for (int64_t i = 0; i < h; ++i) row[i] += w * vj[i];
+        row[h] += w;
       }
     }
   }
 }
 
 template <int kR>
-void FoldBlockForWidth(int64_t r, int64_t p0, int64_t t, int64_t bt_stride, int64_t cols,
-                       const float* bt, const float* cv, float* target) {
+void FoldBlockForWidth(int64_t r, int64_t p0, int64_t t, const FoldOperands& op, int64_t cols,
+                       float* target) {
   switch (cols) {
     case 33:
-      return FoldBlock<33, kR>(r, p0, t, bt_stride, cols, bt, cv, target);
+      return FoldBlock<33, kR>(r, p0, t, op, cols, target);
     case 65:
-      return FoldBlock<65, kR>(r, p0, t, bt_stride, cols, bt, cv, target);
+      return FoldBlock<65, kR>(r, p0, t, op, cols, target);
     default:
-      return FoldBlock<0, kR>(r, p0, t, bt_stride, cols, bt, cv, target);
+      return FoldBlock<0, kR>(r, p0, t, op, cols, target);
   }
+}
+
+// Rows [p0, p1) of one head's state += the fold of t keys, kBlock rows sharing each value load.
+void FoldRows(int64_t r, int64_t p0, int64_t p1, int64_t t, const FoldOperands& op, int64_t cols,
+              float* target) {
+  int64_t p = p0;
+  for (; p + kBlock <= p1; p += kBlock) FoldBlockForWidth<kBlock>(r, p, t, op, cols, target);
+  for (; p < p1; ++p) FoldBlockForWidth<1>(r, p, t, op, cols, target);
+}
+
+// The local_exact fold of a completed block: the slot buffer of one head, b rows.
+FoldOperands BufferFold(const SketchSlotState& slot, int64_t head, int64_t b, int64_t h,
+                        int64_t r) {
+  FoldOperands op;
+  op.keys = slot.local_sketch + head * b * r;
+  op.key_row = r;
+  op.key_col = 1;
+  op.values = slot.local_values + head * b * h;
+  op.value_row = h;
+  return op;
 }
 
 // u[k] += sum_{j < nk} w[k, j] [v_j; 1] for kR query rows: each [v_j; 1] is loaded once for kR
@@ -414,10 +414,13 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
                                  std::max<int64_t>(1, P / kMinDecodeChunkRows));
   }
 
-  // [v; 1] per pair, then one partial readout per (pair, chunk).
-  std::vector<float> scratch((num_pairs + num_pairs * chunks) * cols);
+  // [v; 1] per pair, then one partial readout per (pair, chunk), and (local_exact) one more per
+  // (pair, chunk) for the fold's row groups.
+  const int64_t items = num_pairs * chunks;
+  std::vector<float> scratch((num_pairs + items * (local ? 2 : 1)) * cols);
   float* vv = scratch.data();
   float* partial = vv + num_pairs * cols;
+  float* partial_fold = partial + items * cols;
   for (int64_t pair = 0; pair < num_pairs; ++pair) {
     std::copy(v + pair * h, v + (pair + 1) * h, vv + pair * cols);
     vv[pair * cols + h] = 1.0f;
@@ -432,8 +435,10 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
       const int64_t m = t % b;  // rows of this block before this token
       float* keys = slots[i].local_keys + head * b * h;
       float* values = slots[i].local_values + head * b * h;
+      float* sketched = slots[i].local_sketch + head * b * r;
       std::copy(k_local + pair * h, k_local + (pair + 1) * h, keys + m * h);
       std::copy(v + pair * h, v + (pair + 1) * h, values + m * h);
+      std::copy(psi_k + pair * r, psi_k + (pair + 1) * r, sketched + m * r);
       const float* q = q_local + pair * h;
       for (int64_t j = 0; j <= m; ++j) {
         const float w = Pow4(Dot(q, keys + j * h, h));
@@ -447,7 +452,7 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
     for (int64_t d = 0; d < h; ++d) out[pair * h + d] = u[d] * inv;
   };
 
-  pool.ParallelFor(num_pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+  pool.ParallelFor(items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pair = item / chunks;
       const int64_t chunk = item % chunks;
@@ -461,12 +466,26 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
       hd.psi_k = psi_k + pair * r;
       hd.vv = vv + pair * cols;
       hd.s = slots[i].sketch + head * P * cols;
-      hd.s_cur = local ? slots[i].sketch_cur + head * P * cols : hd.s;
-      const DecodeMode mode = !local                  ? DecodeMode::kPlain
-                              : (t % b == 0 && t > 0) ? DecodeMode::kLocalFold
-                                                      : DecodeMode::kLocal;
       float* u = partial + item * cols;
-      DecodeRowsDispatch(mode, hd, P * chunk / chunks, P * (chunk + 1) / chunks, u);
+      const int64_t p0 = P * chunk / chunks, p1 = P * (chunk + 1) / chunks;
+      if (!local) {
+        DecodeRowsForWidth<DecodeMode::kPlain>(hd, p0, p1, u);
+      } else if (t % b != 0 || t == 0) {
+        DecodeRowsForWidth<DecodeMode::kLocal>(hd, p0, p1, u);
+      } else {
+        // First token of a block: fold the completed block (all b buffer rows, which this
+        // pair's finish() overwrites only after this) into S, a few rows at a time, each group
+        // read out while it is still in L1.
+        const FoldOperands op = BufferFold(slots[i], head, b, h, r);
+        std::fill(u, u + cols, 0.0f);
+        float* group_u = partial_fold + item * cols;
+        for (int64_t g0 = p0; g0 < p1; g0 += kDecodeFoldRows) {
+          const int64_t g1 = std::min(p1, g0 + kDecodeFoldRows);
+          FoldRows(r, g0, g1, b, op, cols, hd.s);
+          DecodeRowsForWidth<DecodeMode::kLocal>(hd, g0, g1, group_u);
+          for (int64_t j = 0; j < cols; ++j) u[j] += group_u[j];
+        }
+      }
       if (chunks == 1) finish(pair, u);
     }
   });
@@ -502,7 +521,7 @@ void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t 
   const int64_t tm = sc.tile_max;
   // Row stride of the transposed operands and of the weight rows: whole register blocks.
   const int64_t ts = (tm + kWeightChunk - 1) / kWeightChunk * kWeightChunk;
-  sc.bt.resize(H * r * ts);
+  if (!local) sc.bt.resize(H * r * ts);
   sc.c.resize(H * tm * cols);
   if (local) sc.kt.resize(H * h * ts);
 
@@ -517,30 +536,35 @@ void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t 
     tile.keys = tile.koff + tile.t;
     tile.fold = local && s % b == 0 && s > 0;
 
-    // Phase 0, per head: the block-start fold, the local buffer, transposed and padded operands.
+    const int64_t fold_items = (P + kPrefillFoldRows - 1) / kPrefillFoldRows;
+    if (tile.fold) {
+      // local_exact block start, per (head, state rows): fold the completed block from the buffer
+      // into S before the tile overwrites the buffer (decode's fold: same operands, same order).
+      pool.ParallelFor(H * fold_items, 1, [&](int64_t begin, int64_t finish) {
+        for (int64_t item = begin; item < finish; ++item) {
+          const int64_t head = item / fold_items;
+          const int64_t p0 = (item % fold_items) * kPrefillFoldRows;
+          FoldRows(r, p0, std::min(P, p0 + kPrefillFoldRows), b, BufferFold(slot, head, b, h, r),
+                   cols, slot.sketch + head * head_state);
+        }
+      });
+    }
+
+    // Phase 0, per head: the local buffer, transposed and padded operands.
     pool.ParallelFor(H, 1, [&](int64_t h0, int64_t h1) {
       for (int64_t head = h0; head < h1; ++head) {
-        if (tile.fold) {
-          float* __restrict sp = slot.sketch + head * head_state;
-          float* __restrict sc_cur = slot.sketch_cur + head * head_state;
-          for (int64_t x = 0; x < head_state; ++x) sp[x] += sc_cur[x];
-          std::fill(sc_cur, sc_cur + head_state, 0.0f);
-        }
-        float* bt = sc.bt.data() + head * r * ts;
-        for (int64_t j = 0; j < tile.t; ++j) {
-          const float* pk = psi_k + ((tile.row0 + j) * H + head) * r;
-          for (int64_t a = 0; a < r; ++a) bt[a * ts + j] = pk[a];
-        }
         float* cv = sc.c.data() + head * tm * cols;
         if (local) {
           // The tile's keys join the block's buffer; the queries then attend to the whole buffer
           // up to themselves, including the block's tokens from before this call.
           float* keys = slot.local_keys + head * b * h;
           float* values = slot.local_values + head * b * h;
+          float* sketched = slot.local_sketch + head * b * r;
           for (int64_t j = 0; j < tile.t; ++j) {
             const int64_t row = (tile.row0 + j) * H + head;
             std::copy(k_local + row * h, k_local + (row + 1) * h, keys + (tile.koff + j) * h);
             std::copy(v + row * h, v + (row + 1) * h, values + (tile.koff + j) * h);
+            std::copy(psi_k + row * r, psi_k + (row + 1) * r, sketched + (tile.koff + j) * r);
           }
           float* kt = sc.kt.data() + head * h * ts;
           for (int64_t j = 0; j < tile.keys; ++j) {
@@ -549,6 +573,11 @@ void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t 
             cv[j * cols + h] = 1.0f;
           }
         } else {
+          float* bt = sc.bt.data() + head * r * ts;
+          for (int64_t j = 0; j < tile.t; ++j) {
+            const float* pk = psi_k + ((tile.row0 + j) * H + head) * r;
+            for (int64_t a = 0; a < r; ++a) bt[a * ts + j] = pk[a];
+          }
           for (int64_t j = 0; j < tile.t; ++j) {
             const int64_t row = (tile.row0 + j) * H + head;
             std::copy(v + row * h, v + (row + 1) * h, cv + j * cols);
@@ -617,24 +646,24 @@ void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t 
       }
     });
 
-    // Phase 2, per (head, state rows): fold the tile into S (plain) or S_cur (local_exact). A
-    // completed block stays in S_cur until the next block's first token, as in decode.
-    const int64_t fold_items = (P + kPrefillFoldRows - 1) / kPrefillFoldRows;
-    pool.ParallelFor(H * fold_items, 1, [&](int64_t begin, int64_t finish) {
-      for (int64_t item = begin; item < finish; ++item) {
-        const int64_t head = item / fold_items;
-        const int64_t p0 = (item % fold_items) * kPrefillFoldRows;
-        const int64_t p1 = std::min(P, p0 + kPrefillFoldRows);
-        float* target = (local ? slot.sketch_cur : slot.sketch) + head * head_state;
-        const float* bt = sc.bt.data() + head * r * ts;
-        const float* cv = sc.c.data() + (head * tm + tile.koff) * cols;
-        int64_t p = p0;
-        for (; p + kBlock <= p1; p += kBlock) {
-          FoldBlockForWidth<kBlock>(r, p, tile.t, ts, cols, bt, cv, target);
+    // Phase 2 (plain), per (head, state rows): fold the tile into S. A local_exact block waits
+    // in the buffer until the next block's first token, as in decode.
+    if (!local) {
+      pool.ParallelFor(H * fold_items, 1, [&](int64_t begin, int64_t finish) {
+        for (int64_t item = begin; item < finish; ++item) {
+          const int64_t head = item / fold_items;
+          const int64_t p0 = (item % fold_items) * kPrefillFoldRows;
+          FoldOperands op;
+          op.keys = sc.bt.data() + head * r * ts;
+          op.key_row = 1;
+          op.key_col = ts;
+          op.values = sc.c.data() + head * tm * cols;
+          op.value_row = cols;
+          FoldRows(r, p0, std::min(P, p0 + kPrefillFoldRows), tile.t, op, cols,
+                   slot.sketch + head * head_state);
         }
-        for (; p < p1; ++p) FoldBlockForWidth<1>(r, p, tile.t, ts, cols, bt, cv, target);
-      }
-    });
+      });
+    }
     s = e;
   }
 }

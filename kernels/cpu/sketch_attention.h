@@ -19,14 +19,16 @@
 namespace ps::kernels::cpu {
 
 // One decode step for B = positions.size() sequences (Backend::SketchDecode): sequence i feeds the
-// token at positions[i] into slots[i], update first, then readout; with shape.local_exact it first
-// folds S_cur into S (and restarts the local buffer) when positions[i] % b == 0 and > 0, writes
-// (k~, v) to buffer row positions[i] % b, and adds the exact (q~ . k~_j)^4 weights of buffer rows
-// 0 .. positions[i] % b to the readout of S (S_prev).
+// token at positions[i] into slots[i], update first, then readout; with shape.local_exact, when
+// positions[i] % b == 0 and > 0 it first folds the completed block's b buffer rows into S
+// (S += phi(psi(K_blk))^T [V_blk | 1], one [P, b] x [b, h+1] GEMM per head) and restarts the
+// buffer, writes (psi(k), k~, v) to buffer row positions[i] % b, and adds the exact
+// (q~ . k~_j)^4 weights of buffer rows 0 .. positions[i] % b to the readout of S (S_prev).
 //   psi_q, psi_k: [B, H, r]; v, out: [B, H, h]; q_local, k_local: [B, H, h] or null (plain).
-//   slots[i].sketch (and sketch_cur): [H, P, h+1]; local_keys / local_values: [H, b, h].
+//   slots[i].sketch: [H, P, h+1]; local_sketch: [H, b, r]; local_keys / local_values: [H, b, h].
 // Every slot must be distinct. Memory-bound: per (sequence, head) it reads S once and writes S
-// (plain) or reads S and read-modify-writes S_cur (local_exact). Numerics: fp32 throughout.
+// (plain), or only reads S plus the buffer rows of the block (local_exact; the step that folds
+// also writes S once and reads the whole buffer). Numerics: fp32 throughout.
 // Threads: ParallelFor over (sequence, head) pairs, splitting the P rows of a head across threads
 // when there are fewer pairs than threads. Engine thread only (one call on `pool` at a time).
 void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
@@ -37,13 +39,15 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
 // Prefill of n tokens of one sequence at positions start .. start+n-1 (Backend::SketchPrefill):
 // the block algorithm, tile by tile. With local_exact the tiles are the trained blocks aligned to
 // position 0 (the first and last tile may be partial); without, tiles of block_size (256 when 0)
-// tokens from `start`. Outputs and the final state (S, S_cur, buffer) equal n SketchDecode steps
-// up to fp32 rounding, for any start and n: a block that ends with the prefill stays in S_cur
-// (and the full buffer) until the next token, as in decode.
+// tokens from `start`. Outputs and the final state (S, buffer) equal n SketchDecode steps up to
+// fp32 rounding, for any start and n (S bitwise: local_exact folds each block from the buffer
+// with decode's code): a block that ends with the prefill stays in the full buffer until the
+// next token, as in decode.
 //   psi_q, psi_k: [n, H, r]; v, out: [n, H, h]; q_local, k_local: [n, H, h] or null (plain).
 // Work per tile and head: two GEMMs with inner or outer dimension P ([tile, P] x [P, h+1] readout
-// against the state before the tile, [P, tile] x [tile, h+1] fold) plus the causal intra-tile
-// part. Threads: per tile, ParallelFor over (head, query rows) and then (head, state rows).
+// against the state before the tile, [P, b or tile] x [b or tile, h+1] fold: local_exact folds
+// the previous block at a block start, plain the tile itself) plus the causal intra-tile part.
+// Threads: per tile, ParallelFor over (head, state rows) and then (head, query rows).
 void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t start, int64_t n,
                    const SketchSlotState& slot, const float* psi_q, const float* psi_k,
                    const float* v, const float* q_local, const float* k_local, float* out);

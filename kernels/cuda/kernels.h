@@ -43,7 +43,7 @@ void LaunchAddBias(float* y, int64_t m, int64_t n, const float* bias, cudaStream
 // The same four pointers as kernels::SketchSlotState (kept free of backend.h's absl includes).
 struct SketchSlotPtrs {
   float* sketch;
-  float* sketch_cur;
+  float* local_sketch;
   float* local_keys;
   float* local_values;
 };

@@ -4,18 +4,22 @@
 // Decode, two kernels per layer:
 //   1. SketchDecodeRowsKernel, grid (splits, H, B), 8 warps: each block streams rows [p0, p1) of
 //      one (sequence, head)'s packed state once, a warp per row and the lanes over its h+1
-//      columns, fusing update and readout: plain S += wk [v; 1], u += wq S; local_exact
-//      S_cur += wk [v; 1], u += wq S; at a block start S += S_cur, S_cur = wk [v; 1], u += wq S.
+//      columns, fusing update and readout: plain S += wk [v; 1], u += wq S; local_exact u += wq S
+//      (the current block waits in the local buffer); at a local_exact block start the warp first
+//      folds the completed block into its row, S[p] += sum_{j < b} psi_j[a] psi_j[c] [v_j; 1]
+//      (one [P, b] x [b, h+1] GEMM over the rows, buffer read through L1/L2).
 //      Splitting P over `splits` blocks gives a batch of one enough blocks to fill the GPU.
-//      Bytes per (sequence, head): 2 P (h+1) 4 plain, 3 P (h+1) 4 local_exact, 4 at a block start.
-//   2. SketchDecodeFinishKernel, grid (H, B): sums the split partials, appends (k~, v) to the
-//      local buffer and adds the exact (q~ . k~_j)^4 terms, then o = u[:h] / (1 + u[h]).
+//      Bytes per (sequence, head): 2 P (h+1) 4 plain, P (h+1) 4 local_exact, 2 P (h+1) 4 plus the
+//      buffer's b (r + h) 4 at a block start.
+//   2. SketchDecodeFinishKernel, grid (H, B): sums the split partials, appends (psi(k), k~, v)
+//      to the local buffer and adds the exact (q~ . k~_j)^4 terms, then o = u[:h] / (1 + u[h]).
 // Prefill, per tile (the trained block with local_exact, else 256 tokens), as the CPU does:
-//   fold S_cur into S at a block start, append the tile to the local buffer, then
-//   SketchPrefillReadoutKernel, grid (query tiles of 16, H): phi(psi_q) S as a [16, P] x [P, h+1]
-//   product staged through shared memory, plus the causal intra-tile weights (A B^T)^2 or
-//   (Q~ K~^T)^4 times [V | 1]; then SketchPrefillFoldKernel, grid (row tiles of 16, H): S (or
-//   S_cur) += sum_j (B_j (x) B_j) [v_j; 1] over the tile.
+//   at a local_exact block start SketchPrefillFoldKernel folds the buffer's completed block into
+//   S; append the tile to the local buffer; SketchPrefillReadoutKernel, grid (query tiles of 16,
+//   H): phi(psi_q) S as a [16, P] x [P, h+1] product staged through shared memory, plus the causal
+//   intra-tile weights (A B^T)^2 or (Q~ K~^T)^4 times [V | 1]; then (plain)
+//   SketchPrefillFoldKernel, grid (row tiles of 16, H): S += sum_j (B_j (x) B_j) [v_j; 1] over the
+//   tile.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -105,25 +109,30 @@ __global__ void __launch_bounds__(32 * kDecodeWarps)
 
   const SketchSlotPtrs slot = slots[seq];
   float* s = slot.sketch + head * P * cols;
-  float* sc = local ? slot.sketch_cur + head * P * cols : s;
+  const int64_t b = dims.block_size;
+  // The completed block (local_exact fold): psi(k) [b, r] and v [b, h] of this head.
+  const float* lsk = local ? slot.local_sketch + head * b * r : nullptr;
+  const float* lv = local ? slot.local_values + head * b * h : nullptr;
   float* my_acc = acc + warp * cols;  // each lane owns its columns: no races
   for (int64_t p = p0 + warp; p < p1; p += kDecodeWarps) {
     const float wkp = wk[p - p0];
     const float wqp = wq[p - p0];
     float* srow = s + p * cols;
-    float* crow = sc + p * cols;
+    int a = 0, c = 0;
+    if (mode == kLocalFold) PairOf(p, r, a, c);
     for (int64_t j = lane; j < cols; j += 32) {
-      float x;
+      float x = srow[j];
       if (mode == kPlain) {
-        x = srow[j] + wkp * vv[j];
+        x += wkp * vv[j];
         srow[j] = x;
-      } else if (mode == kLocal) {
-        x = srow[j];
-        crow[j] += wkp * vv[j];
-      } else {
-        x = srow[j] + crow[j];
+      } else if (mode == kLocalFold) {
+        float fold = 0.0f;
+        for (int64_t jj = 0; jj < b; ++jj) {
+          const float w = lsk[jj * r + a] * lsk[jj * r + c];
+          fold += w * (j < h ? lv[jj * h + j] : 1.0f);
+        }
+        x += fold;
         srow[j] = x;
-        crow[j] = wkp * vv[j];
       }
       my_acc[j] += wqp * x;
     }
@@ -139,7 +148,8 @@ __global__ void __launch_bounds__(32 * kDecodeWarps)
 // Shared memory: u [cols], w [b] (local_exact).
 __global__ void __launch_bounds__(kFinishThreads)
     SketchDecodeFinishKernel(SketchDims dims, const int64_t* __restrict__ positions,
-                             const SketchSlotPtrs* __restrict__ slots, const float* __restrict__ v,
+                             const SketchSlotPtrs* __restrict__ slots,
+                             const float* __restrict__ psi_k, const float* __restrict__ v,
                              const float* __restrict__ q_local, const float* __restrict__ k_local,
                              int64_t splits, const float* __restrict__ partial,
                              float* __restrict__ out) {
@@ -156,15 +166,19 @@ __global__ void __launch_bounds__(kFinishThreads)
     u[j] = sum;
   }
   if (dims.local_exact) {
-    const int64_t b = dims.block_size;
+    const int64_t b = dims.block_size, r = dims.sketch_size;
     const int64_t m = positions[seq] % b;  // rows of this block before this token
     const SketchSlotPtrs slot = slots[seq];
     // Plain (not __restrict__/read-only) pointers: this block writes row m and reads it back.
+    // The rows kernel, earlier on the stream, has already folded the previous block's rows.
     float* keys = slot.local_keys + head * b * h;
     float* values = slot.local_values + head * b * h;
     for (int64_t d = tid; d < h; d += kFinishThreads) {
       keys[m * h + d] = k_local[pair * h + d];
       values[m * h + d] = v[pair * h + d];
+    }
+    for (int64_t a = tid; a < r; a += kFinishThreads) {
+      slot.local_sketch[(head * b + m) * r + a] = psi_k[pair * r + a];
     }
     __syncthreads();  // the row's writes are visible to the whole block
     const int lane = tid % 32, warp = tid / 32;
@@ -196,22 +210,26 @@ struct TileArgs {
   int64_t koff;  // local_exact: buffer rows before the tile that its queries see
 };
 
-// S += S_cur; S_cur = 0 over all heads (the block-start fold of local_exact).
-__global__ void FoldCurrentKernel(float* s, float* s_cur, int64_t count) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    s[i] += s_cur[i];
-    s_cur[i] = 0.0f;
-  }
-}
+// The t keys a fold adds, per head: psi(k_j)[a] = keys[head * key_head + j * key_row + a] and
+// value column d < h of token j = values[head * value_head + j * value_row + d] (the normaliser
+// column is 1). Plain tiles fold the call's rows ([n, H, r] and [n, H, h] from the tile's first
+// row); a local_exact block start folds the slot's buffer ([H, b, r] and [H, b, h]).
+struct FoldSource {
+  const float* keys;
+  int64_t key_head, key_row;
+  const float* values;
+  int64_t value_head, value_row;
+  int64_t t;
+};
 
-// Appends the tile's k~ and v to the local buffer rows koff .. koff+t-1 of every head.
-__global__ void AppendLocalKernel(SketchDims dims, TileArgs tile, const float* __restrict__ k_local,
-                                  const float* __restrict__ v, float* keys, float* values) {
-  const int64_t H = dims.heads, h = dims.head_dim, b = dims.block_size;
-  const int64_t total = tile.t * H * h;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
-       i += int64_t{gridDim.x} * blockDim.x) {
+// Appends the tile's psi(k), k~ and v to the local buffer rows koff .. koff+t-1 of every head.
+__global__ void AppendLocalKernel(SketchDims dims, TileArgs tile, const float* __restrict__ psi_k,
+                                  const float* __restrict__ k_local, const float* __restrict__ v,
+                                  float* sketched, float* keys, float* values) {
+  const int64_t H = dims.heads, h = dims.head_dim, r = dims.sketch_size, b = dims.block_size;
+  const int64_t first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = first; i < tile.t * H * h; i += stride) {
     const int64_t d = i % h;
     const int64_t head = (i / h) % H;
     const int64_t j = i / (h * H);
@@ -219,6 +237,12 @@ __global__ void AppendLocalKernel(SketchDims dims, TileArgs tile, const float* _
     const int64_t dst = (head * b + tile.koff + j) * h + d;
     keys[dst] = k_local[src];
     values[dst] = v[src];
+  }
+  for (int64_t i = first; i < tile.t * H * r; i += stride) {
+    const int64_t a = i % r;
+    const int64_t head = (i / r) % H;
+    const int64_t j = i / (r * H);
+    sketched[(head * b + tile.koff + j) * r + a] = psi_k[((tile.row0 + j) * H + head) * r + a];
   }
 }
 
@@ -354,12 +378,11 @@ int64_t FoldSharedFloats(const SketchDims& dims) {
          kFoldRows * cols;
 }
 
-// One block: state rows [p0, p0 + fr) of one head += sum over the tile's tokens.
+// One block: state rows [p0, p0 + fr) of one head += sum over the source's t tokens.
 __global__ void __launch_bounds__(kPrefillThreads)
-    SketchPrefillFoldKernel(SketchDims dims, TileArgs tile, float* target_all,
-                            const float* __restrict__ psi_k, const float* __restrict__ v) {
+    SketchPrefillFoldKernel(SketchDims dims, FoldSource src, float* target_all) {
   extern __shared__ float smem[];
-  const int64_t H = dims.heads, h = dims.head_dim, r = dims.sketch_size, cols = h + 1;
+  const int64_t h = dims.head_dim, r = dims.sketch_size, cols = h + 1;
   const int64_t P = PackedSymmetricRows(r);
   const int64_t head = blockIdx.y;
   const int64_t p0 = blockIdx.x * kFoldRows;
@@ -373,15 +396,17 @@ __global__ void __launch_bounds__(kPrefillThreads)
   FillPairTable(r, pairs);
   for (int64_t x = tid; x < kFoldRows * cols; x += kPrefillThreads) acc[x] = 0.0f;
   __syncthreads();
-  for (int64_t j0 = 0; j0 < tile.t; j0 += kKeyChunk) {
-    const int64_t kc = tile.t - j0 < kKeyChunk ? tile.t - j0 : kKeyChunk;
+  const float* keys = src.keys + head * src.key_head;
+  const float* values = src.values + head * src.value_head;
+  for (int64_t j0 = 0; j0 < src.t; j0 += kKeyChunk) {
+    const int64_t kc = src.t - j0 < kKeyChunk ? src.t - j0 : kKeyChunk;
     for (int64_t x = tid; x < kc * r; x += kPrefillThreads) {
       const int64_t jj = x / r, a = x % r;
-      kst[jj * (r + 1) + a] = psi_k[((tile.row0 + j0 + jj) * H + head) * r + a];
+      kst[jj * (r + 1) + a] = keys[(j0 + jj) * src.key_row + a];
     }
     for (int64_t x = tid; x < kc * cols; x += kPrefillThreads) {
       const int64_t jj = x / cols, d = x % cols;
-      vst[x] = d < h ? v[((tile.row0 + j0 + jj) * H + head) * h + d] : 1.0f;
+      vst[x] = d < h ? values[(j0 + jj) * src.value_row + d] : 1.0f;
     }
     __syncthreads();
     for (int64_t x = tid; x < fr * kc; x += kPrefillThreads) {
@@ -438,7 +463,7 @@ void LaunchSketchDecode(const SketchDims& dims, int64_t B, const int64_t* positi
   AllowSharedBytes(SketchDecodeFinishKernel, static_cast<int64_t>(finish_shared));
   SketchDecodeFinishKernel<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)),
                              kFinishThreads, finish_shared, stream>>>(
-      dims, positions, slots, v, q_local, k_local, splits, partial, out);
+      dims, positions, slots, psi_k, v, q_local, k_local, splits, partial, out);
 }
 
 void LaunchSketchPrefill(const SketchDims& dims, int64_t start, int64_t n,
@@ -446,8 +471,8 @@ void LaunchSketchPrefill(const SketchDims& dims, int64_t start, int64_t n,
                          const float* v, const float* q_local, const float* k_local, float* out,
                          cudaStream_t stream) {
   if (n <= 0) return;
-  const int64_t H = dims.heads, h = dims.head_dim, b = dims.block_size;
-  const int64_t P = PackedSymmetricRows(dims.sketch_size);
+  const int64_t H = dims.heads, h = dims.head_dim, r = dims.sketch_size, b = dims.block_size;
+  const int64_t P = PackedSymmetricRows(r);
   const bool local = dims.local_exact;
   // Plain sketches: the result does not depend on the tile (algorithm.md section 3), so the GPU
   // uses its own (kPlainTile) whatever b says; local_exact: the trained block.
@@ -461,23 +486,30 @@ void LaunchSketchPrefill(const SketchDims& dims, int64_t start, int64_t n,
     const int64_t e = local ? (end < (s / b + 1) * b ? end : (s / b + 1) * b)
                             : (end < s + tile_max ? end : s + tile_max);
     TileArgs tile{s - start, e - s, local ? s % b : 0};
+    const dim3 fold_grid(static_cast<unsigned>((P + kFoldRows - 1) / kFoldRows),
+                         static_cast<unsigned>(H));
     if (local && s % b == 0 && s > 0) {
-      FoldCurrentKernel<<<FlatBlocks(H * P * (h + 1)), 256, 0, stream>>>(
-          slot.sketch, slot.sketch_cur, H * P * (h + 1));
+      // The completed block, from the buffer, before the tile overwrites it.
+      const FoldSource block{slot.local_sketch, b * r, r, slot.local_values, b * h, h, b};
+      SketchPrefillFoldKernel<<<fold_grid, kPrefillThreads, fold_shared, stream>>>(dims, block,
+                                                                                   slot.sketch);
     }
     if (local) {
       AppendLocalKernel<<<FlatBlocks(tile.t * H * h), 256, 0, stream>>>(
-          dims, tile, k_local, v, slot.local_keys, slot.local_values);
+          dims, tile, psi_k, k_local, v, slot.local_sketch, slot.local_keys, slot.local_values);
     }
     SketchPrefillReadoutKernel<<<dim3(static_cast<unsigned>((tile.t + kQueryTile - 1) / kQueryTile),
                                       static_cast<unsigned>(H)),
                                  kPrefillThreads, readout_shared, stream>>>(dims, tile, slot, psi_q,
                                                                             psi_k, v, q_local, out);
-    // A completed block stays in S_cur until the next block's first token, as in decode.
-    SketchPrefillFoldKernel<<<dim3(static_cast<unsigned>((P + kFoldRows - 1) / kFoldRows),
-                                   static_cast<unsigned>(H)),
-                              kPrefillThreads, fold_shared, stream>>>(
-        dims, tile, local ? slot.sketch_cur : slot.sketch, psi_k, v);
+    // A completed local_exact block stays in the buffer until the next block's first token, as
+    // in decode; a plain tile is folded now.
+    if (!local) {
+      const FoldSource rows{
+          psi_k + tile.row0 * H * r, r, H * r, v + tile.row0 * H * h, h, H * h, tile.t};
+      SketchPrefillFoldKernel<<<fold_grid, kPrefillThreads, fold_shared, stream>>>(dims, rows,
+                                                                                   slot.sketch);
+    }
     s = e;
   }
 }

@@ -553,7 +553,7 @@ void Model::Attention(int64_t layer, int64_t rows, absl::Span<const int64_t> pos
     for (const SlotId slot : slots) {
       sketch_slots_.push_back({
           .sketch = pool_.Floats(slot, layer, StateComponent::kSketch).data(),
-          .sketch_cur = pool_.Floats(slot, layer, StateComponent::kSketchCur).data(),
+          .local_sketch = pool_.Floats(slot, layer, StateComponent::kLocalSketch).data(),
           .local_keys = pool_.Floats(slot, layer, StateComponent::kLocalKeys).data(),
           .local_values = pool_.Floats(slot, layer, StateComponent::kLocalValues).data(),
       });

@@ -59,8 +59,8 @@ absl::string_view StateComponentName(StateComponent component) {
   switch (component) {
     case StateComponent::kSketch:
       return "sketch";
-    case StateComponent::kSketchCur:
-      return "sketch_cur";
+    case StateComponent::kLocalSketch:
+      return "local_sketch";
     case StateComponent::kLocalKeys:
       return "local_keys";
     case StateComponent::kLocalValues:
@@ -128,7 +128,8 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64
           const int64_t b = attn.block_size;
           layer.local_size = b;
           const std::optional<int64_t> buffer_bytes = CheckedProduct({H, b, h, kFloatBytes});
-          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kSketchCur, sketch_bytes));
+          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalSketch,
+                                      CheckedProduct({H, b, r, kFloatBytes})));
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalKeys, buffer_bytes));
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalValues, buffer_bytes));
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalCount, kCounterBytes));

@@ -38,7 +38,8 @@ enum class StateComponent {
   // j < h are the value sums, j == h the normaliser sum. Plain sketch: S over all tokens so far;
   // local_exact: S_prev over all completed blocks.
   kSketch,
-  kSketchCur,    // polysketch + local_exact: [H, P, h+1] f32, S_cur (the current block's sum)
+  kLocalSketch,  // polysketch + local_exact: [H, b, r] f32, psi(k) of the current block's keys
+                 // (folded into kSketch with [v; 1] at the next block's first token)
   kLocalKeys,    // polysketch + local_exact: [H, b, h] f32, post-LayerNorm keys k~ of the block
   kLocalValues,  // polysketch + local_exact: [H, b, h] f32, values of the current block
   kLocalCount,   // polysketch + local_exact: int64_t, entries in the local buffer, 0..b

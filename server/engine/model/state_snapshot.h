@@ -1,8 +1,9 @@
 // A copy of one sequence's state slot in host memory: what the prefix cache, sessions and state
 // export keep of a request after its slot is gone (or while it runs elsewhere). Because a slot
 // holds everything the model needs to continue a sequence (the sketch state, the local block
-// buffer and S_cur of local_exact layers, sliding-window rings, KV caches and their counters),
-// restoring a snapshot into any free slot continues the sequence exactly as if it had never left.
+// buffer of local_exact layers with its sketched keys, sliding-window rings, KV caches and their
+// counters), restoring a snapshot into any free slot continues the sequence exactly as if it had
+// never left.
 #ifndef POLYSKETCH_SERVER_ENGINE_MODEL_STATE_SNAPSHOT_H_
 #define POLYSKETCH_SERVER_ENGINE_MODEL_STATE_SNAPSHOT_H_
 

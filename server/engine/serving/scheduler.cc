@@ -74,7 +74,7 @@ constexpr absl::string_view kPromptLogprobsWithSession =
 
 // The prefix-cache granularity when the options leave it to the model: the block size of the
 // first local_exact polysketch layer (snapshots then fall on block boundaries, where the local
-// buffer is full and S_cur about to fold), else 64 tokens.
+// buffer is full and about to be folded into S), else 64 tokens.
 PrefixCacheOptions ResolvePrefixCache(PrefixCacheOptions options, const ModelConfig& config) {
   if (options.granularity == 0) {
     options.granularity = 64;

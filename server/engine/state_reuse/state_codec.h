@@ -16,8 +16,11 @@
 //   u64 checksum                     Fingerprint64 (XXH3, base/hash.h) of everything before it
 //
 // Version history: 1 (until issue 18): checksum and model fingerprint with a hash of this
-// project's own; 2: with xxHash's XXH3. A version-1 state is refused by name, before its
-// checksum is read (the checksum could only fail): export it again from a current server.
+// project's own; 2: with xxHash's XXH3; 3 (issue 19): a local_exact layer keeps its current
+// block's sketched keys psi(k) [H, b, r] instead of the running sum S_cur [H, P, h+1], so its
+// slot bytes mean something else. A state of an earlier version is refused by name, before its
+// checksum is read (a version-1 checksum could only fail), with both versions and what to do:
+// export it again from a current server.
 #ifndef POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 #define POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 
@@ -34,7 +37,7 @@
 
 namespace ps::engine {
 
-inline constexpr uint32_t kStateFormatVersion = 2;
+inline constexpr uint32_t kStateFormatVersion = 3;
 // The Fingerprint64 seed of the checksum.
 inline constexpr uint64_t kStateChecksumSeed = 0x5053'4b53'5441'5445ULL;  // "PSKSTATE"
 // Most pending tokens a state may carry (a finished turn leaves one).

@@ -321,11 +321,11 @@ std::vector<SketchCase> SketchCases() {
 // One sequence's polysketch state on both backends.
 // A host state (the CPU backend's) and its mirror on the GPU.
 struct SketchState : HostSketchState {
-  DeviceBuffer ds, dcur, dkeys, dvalues;
+  DeviceBuffer ds, dsketched, dkeys, dvalues;
   SketchSlotState CpuSlot() { return Slot(); }
   SketchSlotState GpuSlot() {
-    return {ds.f32(), cur.empty() ? nullptr : dcur.f32(), keys.empty() ? nullptr : dkeys.f32(),
-            values.empty() ? nullptr : dvalues.f32()};
+    return {ds.f32(), sketched.empty() ? nullptr : dsketched.f32(),
+            keys.empty() ? nullptr : dkeys.f32(), values.empty() ? nullptr : dvalues.f32()};
   }
 };
 
@@ -337,7 +337,7 @@ class CudaSketchTest : public CudaBackendTest {
     static_cast<HostSketchState&>(st) = MakeHostSketchState(cpu_, sh, start, seed);
     st.ds = Up(st.s);
     if (sh.local_exact) {
-      st.dcur = Up(st.cur);
+      st.dsketched = Up(st.sketched);
       st.dkeys = Up(st.keys);
       st.dvalues = Up(st.values);
     }
@@ -345,8 +345,8 @@ class CudaSketchTest : public CudaBackendTest {
   }
   void ExpectSameState(SketchState& st, const std::string& what) {
     ExpectNear(Down(st.ds, st.s.size()), st.s, what + " S");
-    if (!st.cur.empty()) {
-      ExpectNear(Down(st.dcur, st.cur.size()), st.cur, what + " S_cur");
+    if (!st.sketched.empty()) {
+      ExpectNear(Down(st.dsketched, st.sketched.size()), st.sketched, what + " sketched keys");
       ExpectNear(Down(st.dkeys, st.keys.size()), st.keys, what + " local keys");
       ExpectNear(Down(st.dvalues, st.values.size()), st.values, what + " local values");
     }

@@ -37,10 +37,12 @@ struct SketchInputs {
 
 // One sequence's polysketch state in host memory (the CPU backend's layout).
 struct HostSketchState {
-  std::vector<float> s, cur, keys, values;  // cur, keys, values: local_exact only
+  // s [H, P, h+1]; sketched [H, b, r] (psi(k) of the block), keys, values [H, b, h]:
+  // local_exact only.
+  std::vector<float> s, sketched, keys, values;
   SketchSlotState Slot() {
-    return {s.data(), cur.empty() ? nullptr : cur.data(), keys.empty() ? nullptr : keys.data(),
-            values.empty() ? nullptr : values.data()};
+    return {s.data(), sketched.empty() ? nullptr : sketched.data(),
+            keys.empty() ? nullptr : keys.data(), values.empty() ? nullptr : values.data()};
   }
 };
 
@@ -51,7 +53,7 @@ inline HostSketchState MakeHostSketchState(cpu::CpuBackend& cpu, const SketchAtt
   const int64_t state = sh.heads * PackedSymmetricRows(sh.sketch_size) * (sh.head_dim + 1);
   st.s.assign(state, 0.0f);
   if (sh.local_exact) {
-    st.cur.assign(state, 0.0f);
+    st.sketched.assign(sh.heads * sh.block_size * sh.sketch_size, 0.0f);
     st.keys.assign(sh.heads * sh.block_size * sh.head_dim, 0.0f);
     st.values.assign(st.keys.size(), 0.0f);
   }

@@ -121,7 +121,7 @@ TEST_F(KernelsEmulationTest, DenseKernels) {
 struct SketchState : HostSketchState {
   SketchSlotPtrs Ptrs() {
     const SketchSlotState x = Slot();
-    return {x.sketch, x.sketch_cur, x.local_keys, x.local_values};
+    return {x.sketch, x.local_sketch, x.local_keys, x.local_values};
   }
 };
 
@@ -178,7 +178,7 @@ TEST_F(SketchEmulationTest, DecodeMatchesCpu) {
       ExpectNear(got, want, "decode output");
       for (int64_t i = 0; i < B; ++i) {
         ExpectNear(emu_states[i].s, cpu_states[i].s, "S");
-        ExpectNear(emu_states[i].cur, cpu_states[i].cur, "S_cur");
+        ExpectNear(emu_states[i].sketched, cpu_states[i].sketched, "sketched keys");
         ExpectNear(emu_states[i].keys, cpu_states[i].keys, "keys");
         ExpectNear(emu_states[i].values, cpu_states[i].values, "values");
       }
@@ -205,7 +205,7 @@ TEST_F(SketchEmulationTest, PrefillMatchesCpu) {
                           got.data(), nullptr);
       ExpectNear(got, want, "prefill output");
       ExpectNear(emu_state.s, cpu_state.s, "S");
-      ExpectNear(emu_state.cur, cpu_state.cur, "S_cur");
+      ExpectNear(emu_state.sketched, cpu_state.sketched, "sketched keys");
       ExpectNear(emu_state.keys, cpu_state.keys, "keys");
       ExpectNear(emu_state.values, cpu_state.values, "values");
     }

@@ -91,7 +91,7 @@ TEST(StateLayoutTest, PlainPolysketch) {
   EXPECT_FALSE(layer.needs_kv_cache);
   EXPECT_EQ(layout.layer(0).region(StateComponent::kSketch), (StateRegion{0, 2 * 6 * 9 * kF}));
   EXPECT_EQ(layer.region(StateComponent::kSketch), (StateRegion{448, 432}));
-  EXPECT_FALSE(layer.region(StateComponent::kSketchCur).present());
+  EXPECT_FALSE(layer.region(StateComponent::kLocalSketch).present());
   EXPECT_FALSE(layer.region(StateComponent::kLocalKeys).present());
   EXPECT_EQ(layout.bytes_per_slot(), 2 * 448);
   EXPECT_FALSE(layout.needs_kv_cache());
@@ -111,14 +111,15 @@ TEST(StateLayoutTest, PolysketchLocalExact) {
                           StateLayout::Create(Config(16, 2, {Polysketch(3, true, 5)})));
   const LayerStateLayout& layer = layout.layer(0);
   EXPECT_EQ(layer.local_size, 5);
-  const int64_t sketch = 2 * 6 * 9 * kF;  // 432 -> 448
-  const int64_t buffer = 2 * 5 * 8 * kF;  // 320, a multiple of 64
+  const int64_t sketch = 2 * 6 * 9 * kF;    // 432 -> 448
+  const int64_t sketched = 2 * 5 * 3 * kF;  // 120 -> 128: psi(k) of the block, [H, b, r]
+  const int64_t buffer = 2 * 5 * 8 * kF;    // 320, a multiple of 64
   EXPECT_EQ(layer.region(StateComponent::kSketch), (StateRegion{0, sketch}));
-  EXPECT_EQ(layer.region(StateComponent::kSketchCur), (StateRegion{448, sketch}));
-  EXPECT_EQ(layer.region(StateComponent::kLocalKeys), (StateRegion{896, buffer}));
-  EXPECT_EQ(layer.region(StateComponent::kLocalValues), (StateRegion{1216, buffer}));
-  EXPECT_EQ(layer.region(StateComponent::kLocalCount), (StateRegion{1536, 8}));
-  EXPECT_EQ(layout.bytes_per_slot(), 1600);
+  EXPECT_EQ(layer.region(StateComponent::kLocalSketch), (StateRegion{448, sketched}));
+  EXPECT_EQ(layer.region(StateComponent::kLocalKeys), (StateRegion{576, buffer}));
+  EXPECT_EQ(layer.region(StateComponent::kLocalValues), (StateRegion{896, buffer}));
+  EXPECT_EQ(layer.region(StateComponent::kLocalCount), (StateRegion{1216, 8}));
+  EXPECT_EQ(layout.bytes_per_slot(), 1280);
 }
 
 TEST(StateLayoutTest, SlidingWindowRingLivesInTheSlot) {
@@ -288,8 +289,10 @@ TEST(StateLayoutTest, MixedModelAlignsEveryComponent) {
   EXPECT_EQ(layout.bytes_per_slot() % kStateAlignment, 0);
   const int64_t sketch = AlignUp(3 * 15 * 3 * kF);
   const int64_t local = AlignUp(3 * 3 * 2 * kF);
+  const int64_t sketched = AlignUp(3 * 3 * 5 * kF);  // psi(k) of the block, [H, b, r]
   const int64_t ring = AlignUp(3 * 7 * 2 * kF);
-  EXPECT_EQ(layout.bytes_per_slot(), (2 * sketch + 2 * local + 64) + (2 * ring + 64) + sketch);
+  EXPECT_EQ(layout.bytes_per_slot(),
+            (sketch + sketched + 2 * local + 64) + (2 * ring + 64) + sketch);
   EXPECT_EQ(layout.kv_bytes_per_token(), 3 * 2 * 2 * kF);
   EXPECT_TRUE(layout.layer(1).needs_kv_cache);
   EXPECT_FALSE(layout.layer(3).needs_kv_cache);
@@ -314,9 +317,10 @@ TEST(StateLayoutTest, ShippedTinyPolysketch) {
   // 4 layers, H 3, h 64, r 32 (P 528), local_exact with b 128; every size is already a multiple
   // of 64 except the 8-byte count, padded to 64.
   const int64_t sketch = 3 * 528 * 65 * kF;
+  const int64_t sketched = 3 * 128 * 32 * kF;  // psi(k) of the block (S_cur until issue 19)
   const int64_t buffer = 3 * 128 * 64 * kF;
-  EXPECT_EQ(layout.bytes_per_slot(), 4 * (2 * sketch + 2 * buffer + 64));
-  EXPECT_EQ(layout.bytes_per_slot(), 4081408);
+  EXPECT_EQ(layout.bytes_per_slot(), 4 * (sketch + sketched + 2 * buffer + 64));
+  EXPECT_EQ(layout.bytes_per_slot(), 2630656);  // 4,081,408 with S_cur
   EXPECT_FALSE(layout.needs_kv_cache());
 }
 

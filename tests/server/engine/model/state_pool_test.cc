@@ -86,8 +86,8 @@ class RecordingBackend final : public kernels::Backend {
   void Free(void* data, int64_t) override { std::free(data); }
 };
 
-// D 16, H 2, h 8: layer 0 polysketch r 3 + local_exact b 5 (1600 bytes), layer 1 sliding window
-// w 3 (448 bytes), layer 2 softmax (KV cache, 0 bytes). 2048 bytes per slot.
+// D 16, H 2, h 8: layer 0 polysketch r 3 + local_exact b 5 (1280 bytes), layer 1 sliding window
+// w 3 (448 bytes), layer 2 softmax (KV cache, 0 bytes). 1728 bytes per slot.
 ModelConfig SmallConfig() {
   ModelConfig config;
   config.vocab_size = 256;
@@ -115,7 +115,9 @@ StateLayout SmallLayout(int64_t max_context = 0) {
   return *std::move(layout);
 }
 
-constexpr int64_t kSlotBytes = 2048;
+// Layer 0 (polysketch, H 2, h 8, r 3, b 5): S 448 + psi(k) 128 + keys 320 + values 320 + count 64
+// = 1280; layer 1 (window 3): two rings of 192 + count 64 = 448.
+constexpr int64_t kSlotBytes = 1728;
 
 TEST(StatePoolTest, SizesAndAlignment) {
   ASSERT_EQ(SmallLayout().bytes_per_slot(), kSlotBytes);
@@ -228,7 +230,7 @@ TEST(StatePoolTest, BudgetExactFitAndOneByteShort) {
   EXPECT_EQ(one.num_slots(), 1);
   EXPECT_THAT(StatePool::CreateForBudget(SmallLayout(), kSlotBytes - 1),
               StatusIs(absl::StatusCode::kResourceExhausted,
-                       "a budget of 2047 bytes holds no state slot; one slot needs 2048 bytes"));
+                       "a budget of 1727 bytes holds no state slot; one slot needs 1728 bytes"));
   EXPECT_THAT(StatePool::CreateForBudget(SmallLayout(), 0),
               StatusIs(absl::StatusCode::kResourceExhausted));
   EXPECT_THAT(StatePool::CreateForBudget(SmallLayout(), -1),
@@ -291,11 +293,11 @@ TEST(StatePoolTest, TypedAccessorsPointIntoTheSlot) {
   EXPECT_EQ(pool.Floats(id, 0, StateComponent::kLocalKeys).size(), 2u * 5 * 8);
   EXPECT_EQ(pool.Floats(id, 1, StateComponent::kRingValues).size(), 2u * 3 * 8);
   // Writing one slot leaves the other alone.
-  for (float& x : pool.Floats(id, 0, StateComponent::kSketchCur)) x = 1.5f;
+  for (float& x : pool.Floats(id, 0, StateComponent::kLocalSketch)) x = 1.5f;
   *pool.Counter(id, 1, StateComponent::kRingCount) = 42;
   for (std::byte b : pool.SlotBytes(first)) ASSERT_EQ(b, std::byte{0});
   const StatePool& const_pool = pool;
-  EXPECT_EQ(const_pool.Floats(id, 0, StateComponent::kSketchCur)[3], 1.5f);
+  EXPECT_EQ(const_pool.Floats(id, 0, StateComponent::kLocalSketch)[3], 1.5f);
   EXPECT_EQ(*pool.Counter(id, 1, StateComponent::kRingCount), 42);
 }
 

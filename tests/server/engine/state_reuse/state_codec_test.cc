@@ -104,23 +104,42 @@ TEST_F(StateCodecTest, AnotherModelOrVersionIsRefused) {
   EXPECT_THAT(DecodeState(EncodeState(state_, other), identity_),
               StatusIs(absl::StatusCode::kFailedPrecondition, "another model"));
   std::string bytes = EncodeState(state_, identity_);
-  bytes[8] = 3;  // format version 3: a later one
+  bytes[8] = 4;  // format version 4: a later one
   EXPECT_THAT(DecodeState(Reseal(bytes), identity_),
-              StatusIs(absl::StatusCode::kFailedPrecondition, "format version 3"));
+              StatusIs(absl::StatusCode::kFailedPrecondition, "format version 4"));
 }
 
 // A state of format version 1 (before the switch to xxHash: its checksum and model fingerprint
 // used another hash) is refused by its version, with what to do, not as "corrupted".
 TEST_F(StateCodecTest, StatesOfTheFormerFormatAreRefusedByVersion) {
   Load("polysketch-random", 5);
-  EXPECT_EQ(kStateFormatVersion, 2u);
+  EXPECT_EQ(kStateFormatVersion, 3u);
   std::string bytes = EncodeState(state_, identity_);
   bytes[8] = 1;  // as a version-1 server wrote it; its checksum does not match ours
   EXPECT_THAT(DecodeState(bytes, identity_),
               StatusIs(absl::StatusCode::kFailedPrecondition,
                        "state: format version 1 (an earlier polysketch server's"));
   EXPECT_THAT(DecodeState(bytes, identity_),
-              StatusIs(absl::StatusCode::kFailedPrecondition, "reads version 2 only"));
+              StatusIs(absl::StatusCode::kFailedPrecondition, "reads version 3 only"));
+}
+
+// Version 2 (issue 18 until issue 19) had the same header and checksum, but a local_exact layer's
+// slot held S_cur [H, P, h+1] where version 3 keeps the block's sketched keys [H, b, r]: such a
+// state is refused by its version (naming both), even when its checksum is valid, and its size
+// is not what decides (a version-2 slot of this model was larger).
+TEST_F(StateCodecTest, VersionTwoLocalExactStatesAreRefusedByVersion) {
+  Load("polysketch-random-local", 12);
+  const std::string current = EncodeState(state_, identity_);
+  ASSERT_THAT(DecodeState(current, identity_).status(), IsOk());
+  std::string bytes = current;
+  bytes[8] = 2;
+  for (const std::string& old : {bytes, Reseal(bytes)}) {
+    EXPECT_THAT(DecodeState(old, identity_),
+                StatusIs(absl::StatusCode::kFailedPrecondition,
+                         "state: format version 2 (an earlier polysketch server's, whose "
+                         "local_exact layers kept S_cur instead of the block's sketched keys); "
+                         "this server reads version 3 only: export the state again"));
+  }
 }
 
 TEST_F(StateCodecTest, EditedCountersAreRefusedEvenWithAValidChecksum) {

@@ -192,13 +192,13 @@ TEST_F(CudaBackendTest, LinearMatchesCpuInBf16AndFp32) {
     SCOPED_TRACE(absl::StrCat("m ", m, " n ", n, " k ", k));
     const std::vector<float> w = Random(n * k, 2), x = Random(m * k, 3), y0 = Random(m * n, 4);
     for (bool accumulate : {false, true}) {
-      auto cw = cpu_.PrepareLinear(w, n, k);
+      auto cw = cpu_.PrepareLinear(w, n, k, WeightDtype::kFp32);
       ASSERT_TRUE(cw.ok());
       std::vector<float> want = y0;
       cpu_.Linear(x.data(), m, **cw, want.data(), accumulate);
       for (CudaBackend* backend : {gpu_.get(), fp32->get()}) {
         const bool bf16 = backend == gpu_.get();
-        auto gw = backend->PrepareLinear(w, n, k);
+        auto gw = backend->PrepareLinear(w, n, k, WeightDtype::kFp32);
         ASSERT_TRUE(gw.ok());
         auto xd = backend->Allocate(m * k * 4), yd = backend->Allocate(m * n * 4);
         backend->CopyFromHost(x.data(), m * k * 4, xd->data());

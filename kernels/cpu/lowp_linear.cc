@@ -409,7 +409,16 @@ std::vector<LowpIsa> SupportedLowpIsas() {
   return isas;
 }
 
-LowpIsa BestLowpIsa() { return SupportedLowpIsas().back(); }
+LowpIsa BestLowpIsa() {
+  // kAvx512 over kAvx512Bf16: BM_LinearDtype measured the widening path 1.3-3x faster than
+  // vdpbf16ps (which needs two per pair for the hi + lo split of x) on the development machine
+  // (docs/performance.md, issue 19), at decode and at prefill sizes.
+  const std::vector<LowpIsa>& isas = SupportedLowpIsas();
+  for (const LowpIsa isa : isas) {
+    if (isa == LowpIsa::kAvx512) return isa;
+  }
+  return isas.back();
+}
 
 // ---- CpuLowpLinearWeight -----------------------------------------------------------------------
 

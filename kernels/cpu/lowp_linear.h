@@ -37,7 +37,9 @@ enum class LowpIsa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 absl::string_view LowpIsaName(LowpIsa isa);  // "scalar", "avx2", "avx512", "avx512bf16"
 // The paths this CPU runs, kScalar first, then in increasing order of capability.
 std::vector<LowpIsa> SupportedLowpIsas();
-// The last of SupportedLowpIsas(): what the CPU backend uses.
+// What the CPU backend uses: kAvx512 where present (measured faster than kAvx512Bf16, whose hi + lo
+// split of x doubles the vdpbf16ps count; docs/performance.md), else the last of
+// SupportedLowpIsas(). kAvx512Bf16 stays tested and benchmarked for machines where it wins.
 LowpIsa BestLowpIsa();
 
 // W [n, k] in bf16 or int8, packed in panels of kPanelWidth = 16 output features (one AVX-512

@@ -6,7 +6,8 @@
 #   bench/weights_dtype_quality.sh [MODEL_DIR...]   (default: models/long-polysketch models/long-softmax)
 # Environment: DTYPES (default "fp32 bf16 int8"), LENGTHS (default 1k,8k), MAX_BYTES (default
 # 131072), THREADS (default 2), OUT (folder for the JSON results; default a temporary one).
-# Needs scripts/build (polysketch-server and build/python); writes data/corpus/ if it is missing.
+# Needs scripts/build (polysketch-server and build/python, or PS_PYTHONPATH naming another
+# build/python); writes data/corpus/ if it is missing.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "${root}"
@@ -31,7 +32,7 @@ for model in "${models[@]}"; do
     start_server "${model}" --weights_dtype "${dtype}" --threads "${threads}" --slots 1 \
       --prefix_cache_bytes 0 --session_budget_bytes 0 --max_context 16384
     grep "linear weights in" "${tmp}/server.log" >&2
-    PYTHONPATH="${root}/build/python" /usr/bin/python3 -m polysketch_eval \
+    PYTHONPATH="${PS_PYTHONPATH:-${root}/build/python}" /usr/bin/python3 -m polysketch_eval \
       --target "127.0.0.1:${port}" perplexity --lengths "${lengths}" --max_bytes "${max_bytes}" \
       --out "${out}/$(basename "${model}")-${dtype}.json" > /dev/null
     stop_server

@@ -5,7 +5,8 @@
 // docs/performance.md and bounded:
 //   * greedy agreement >= 0.95 with either format: measured 0.97-1.0 on the four shipped models
 //     when written (the fixtures' smallest greedy margins are 0.04-0.06 logits, so int8's ~1%
-//     weight steps may flip one or two); a broken kernel or a wrong scale lands near chance (1/256);
+//     weight steps may flip one or two); a broken kernel or a wrong scale lands near chance
+//     (1/256);
 //   * logits within 0.1 (bf16) and 0.3 (int8) of the reference, relative to max(1, |want|):
 //     measured worst 0.018 (bf16) and 0.083 (int8); the logits of these models span ~20, so a
 //     wrong kernel fails by far.

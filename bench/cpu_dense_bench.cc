@@ -1,5 +1,6 @@
 // Microbenchmarks of kernels/cpu/dense.h: Linear at the model's shapes (decode m = 1, 8, 32 and
-// prefill m = 512, 2048), LayerNorm and GeluGate at m = 512. Never asserts.
+// prefill m = 512, 2048), LayerNorm and GeluGate at m = 512; and (BM_LinearDtype) Linear with
+// fp32, bf16 and int8 weights on each kernel path of kernels/cpu/lowp_linear.h. Never asserts.
 //   Linear flops = 2 m n k; weight bytes = 4 n k (the bound at small m: GB/s of W streamed).
 //   --threads=N (or PS_BENCH_THREADS) sizes the pool; default hardware_concurrency.
 // The baselines the two CPU choices of docs/performance.md ("Kernel choices") rest on, built when
@@ -18,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include <absl/status/statusor.h>
 #include <benchmark/benchmark.h>
 
 #if defined(PS_HAVE_OPENBLAS)
@@ -29,6 +31,7 @@
 
 #include "bench/bench_util.h"
 #include "kernels/cpu/dense.h"
+#include "kernels/cpu/lowp_linear.h"
 
 namespace ps::kernels::cpu {
 namespace {
@@ -80,6 +83,74 @@ void LinearShapes(benchmark::internal::Benchmark* b) {
   }
 }
 BENCHMARK(BM_Linear)->Apply(LinearShapes)->ArgNames({"m", "n", "k"})->UseRealTime();
+
+// Linear with the weight formats of issue 19 (kernels/cpu/lowp_linear.h) at the GPT-2-small
+// shapes, fp32 measured in the same run so the ratios compare like with like. Args: m, n, k,
+// dtype (0 fp32 = CpuLinearWeight, 1 bf16, 2 int8), path (index into SupportedLowpIsas(); the
+// label names it; ignored for fp32). Weight bytes = (4, 2, 1) n k: at m = 1 the bound is GB/s of
+// W streamed, so bf16 and int8 can at most halve and quarter the fp32 time.
+void BM_LinearDtype(benchmark::State& state) {
+  const int64_t m = state.range(0);
+  const int64_t n = state.range(1);
+  const int64_t k = state.range(2);
+  const auto dtype = static_cast<WeightDtype>(state.range(3));
+  const LowpIsa isa = SupportedLowpIsas()[static_cast<size_t>(state.range(4))];
+  const std::vector<float> w = RandomNormal(n * k, 1);
+  const std::vector<float> x = RandomNormal(m * k, 2);
+  std::vector<float> y(m * n);
+  std::unique_ptr<CpuLinearWeight> fp32;
+  std::unique_ptr<CpuLowpLinearWeight> lowp;
+  int64_t weight_bytes = 4 * n * k;
+  if (dtype == WeightDtype::kFp32) {
+    fp32 = CpuLinearWeight::Create(w, n, k);
+    state.SetLabel("fp32");
+  } else {
+    absl::StatusOr<std::unique_ptr<CpuLowpLinearWeight>> created =
+        CpuLowpLinearWeight::Create(w, n, k, dtype);
+    if (!created.ok()) {
+      state.SkipWithError(std::string(created.status().message()).c_str());
+      return;
+    }
+    lowp = *std::move(created);
+    weight_bytes = lowp->bytes();
+    state.SetLabel(std::string(WeightDtypeName(dtype)) + "/" + std::string(LowpIsaName(isa)));
+  }
+  for (auto _ : state) {
+    if (fp32 != nullptr) {
+      Linear(Pool(), x.data(), m, *fp32, y.data(), /*accumulate=*/false);
+    } else {
+      LinearLowp(Pool(), x.data(), m, *lowp, y.data(), /*accumulate=*/false, isa);
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  const double flops = 2.0 * m * n * k;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9 * state.iterations(), benchmark::Counter::kIsRate);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * weight_bytes);
+}
+
+void LinearDtypeShapes(benchmark::internal::Benchmark* b) {
+  // GPT-2-small (D = 768): qkv, out, ffn up, ffn down.
+  const int64_t weights[][2] = {{2304, 768}, {768, 768}, {4096, 768}, {768, 2048}};
+  const int64_t num_isas = static_cast<int64_t>(SupportedLowpIsas().size());
+  for (int64_t m : {1, 32, 512}) {
+    for (const auto& wk : weights) {
+      b->Args({m, wk[0], wk[1], 0, 0});
+      for (int64_t dtype : {1, 2}) {
+        for (int64_t isa = 0; isa < num_isas; ++isa) {
+          // The scalar path at prefill sizes takes minutes and says nothing new.
+          if (isa == 0 && m > 1) continue;
+          b->Args({m, wk[0], wk[1], dtype, isa});
+        }
+      }
+    }
+  }
+}
+BENCHMARK(BM_LinearDtype)
+    ->Apply(LinearDtypeShapes)
+    ->ArgNames({"m", "n", "k", "dtype", "path"})
+    ->UseRealTime();
 
 #if defined(PS_HAVE_OPENBLAS)
 // Linear's contract through OpenBLAS: y [m, n] = x [m, k] W^T, W [n, k] row-major (unpacked).

@@ -13,6 +13,8 @@
 //   gpt2-small-softmax     the same shape with softmax attention (the baseline, KV cache);
 //   1b-polysketch          a 1B-class shape (24 layers, 16 heads, width 2048, h 128), as above;
 //   1b-softmax             the same with softmax attention.
+// --weights_dtype fp32,bf16,int8 measures each weight format of the linear layers (issue 19) in
+// the same run, so that their ratios come from one machine state.
 // Prints a table to stdout and, with --csv, one row per measurement.
 #include <algorithm>
 #include <chrono>
@@ -40,6 +42,7 @@
 #include "kernels/backend_factory.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "server/engine/model/model.h"
+#include "server/engine/model/weights_dtype.h"
 #include "server/engine/model_io/weights.h"
 
 ABSL_FLAG(std::string, model, "models/tiny-polysketch",
@@ -55,6 +58,9 @@ ABSL_FLAG(double, budget_gib, 12.0,
           "Most GiB of state slots to allocate; batches that need more are skipped.");
 ABSL_FLAG(int64_t, copy_mib, 1024, "Size of the memcpy that measures copy bandwidth.");
 ABSL_FLAG(std::string, csv, "", "Also write the measurements to this CSV file.");
+ABSL_FLAG(std::string, weights_dtype, "auto",
+          "Comma list of --weights_dtype values (auto, fp32, bf16, int8), each measured in turn in "
+          "the same run: e.g. fp32,bf16,int8 for their ratios.");
 
 namespace {
 
@@ -159,10 +165,19 @@ int64_t StateBytesPerStep(const Model& model, int64_t position) {
   return bytes;
 }
 
-int64_t WeightBytes(const ModelWeights& weights) {
+// Bytes of the weights as a CPU backend holds them: matrices (the linear layers) in `dtype`
+// (int8 plus a 4-byte scale per row), vectors in fp32.
+int64_t WeightBytes(const ModelWeights& weights, ps::kernels::WeightDtype dtype) {
   int64_t bytes = 0;
   for (const auto& [name, tensor] : weights.tensors) {
-    bytes += static_cast<int64_t>(tensor.data.size() * sizeof(float));
+    const auto count = static_cast<int64_t>(tensor.data.size());
+    if (tensor.shape.size() != 2 || dtype == ps::kernels::WeightDtype::kFp32) {
+      bytes += count * 4;
+    } else if (dtype == ps::kernels::WeightDtype::kBf16) {
+      bytes += count * 2;
+    } else {
+      bytes += count + tensor.shape[0] * 4;
+    }
   }
   return bytes;
 }
@@ -232,89 +247,103 @@ absl::Status Run() {
     PS_ASSIGN_OR_RETURN(copy_bw, DeviceCopyBandwidth(backend, absl::GetFlag(FLAGS_copy_mib)));
     where = absl::StrCat(backend.name(), "; device-to-device copy");
   }
-  // Weights as the backend holds them would differ (bf16 on a GPU); the table counts fp32 bytes
-  // for the linear layers' share of a step's traffic only on the CPU. On a GPU, bf16 halves it.
-  int64_t weight_bytes = WeightBytes(weights);
-  if (!backend.host_memory()) weight_bytes /= 2;
-  std::printf(
-      "model %s: %lld weight bytes as stored by the backend, %s bandwidth %.2f GB/s "
-      "(read+write)\n",
-      model_name.c_str(), static_cast<long long>(weight_bytes), where.c_str(), copy_bw / 1e9);
-  std::printf("%9s %5s %12s %12s %12s %14s %10s %8s\n", "context", "batch", "prefill_s", "step_ms",
-              "tokens/s", "attn_bytes/req", "GB/s", "%copy");
+  std::vector<ps::kernels::WeightDtype> dtypes;
+  std::vector<std::string> dtype_flags = absl::StrSplit(absl::GetFlag(FLAGS_weights_dtype), ',');
+  for (const std::string& flag : dtype_flags) {
+    PS_ASSIGN_OR_RETURN(ps::kernels::WeightDtype dtype,
+                        ps::engine::ResolveWeightsDtype(flag, weights, backend));
+    dtypes.push_back(dtype);
+  }
+  std::printf("model %s: %s bandwidth %.2f GB/s (read+write)\n", model_name.c_str(), where.c_str(),
+              copy_bw / 1e9);
+  std::printf("%7s %9s %5s %12s %12s %12s %14s %10s %8s\n", "weights", "context", "batch",
+              "prefill_s", "step_ms", "tokens/s", "attn_bytes/req", "GB/s", "%copy");
   std::ofstream csv;
   if (!absl::GetFlag(FLAGS_csv).empty()) {
     csv.open(absl::GetFlag(FLAGS_csv));
     if (!csv) return absl::NotFoundError(absl::StrCat("cannot write ", absl::GetFlag(FLAGS_csv)));
-    csv << "model,context,batch,prefill_s,step_ms,tokens_per_s,attention_bytes_per_request,"
+    csv << "model,weights,context,batch,prefill_s,step_ms,tokens_per_s,attention_bytes_per_request,"
            "bytes_per_step,gb_per_s,copy_gb_per_s\n";
   }
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   std::mt19937 rng(7);
-  for (const int64_t context : contexts) {
-    ModelOptions options;
-    options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
-    options.max_batch = max_batch;
-    options.num_slots = 1;
-    // KV models need room for the context plus the timed steps; constant-state ones ignore it.
-    options.max_context = context + steps + 2;
-    PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> probe, Model::Create(weights, backend, options));
-    const int64_t slot_bytes = std::max<int64_t>(1, probe->layout().bytes_per_slot());
-    probe.reset();
-    const auto budget = static_cast<int64_t>(absl::GetFlag(FLAGS_budget_gib) * (1 << 30));
-    options.num_slots = std::clamp<int64_t>(budget / slot_bytes, 1, max_batch + 1);
-    PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(weights, backend, options));
-    const int64_t V = model->config().vocab_size;
+  for (size_t d = 0; d < dtypes.size(); ++d) {
+    const ps::kernels::WeightDtype dtype = dtypes[d];
+    const std::string dtype_name(ps::kernels::WeightDtypeName(dtype));
+    // Weights as the backend holds them: the CPU's in `dtype`; a GPU's fp32 run as bf16 operands.
+    const int64_t weight_bytes = backend.host_memory()
+                                     ? WeightBytes(weights, dtype)
+                                     : WeightBytes(weights, ps::kernels::WeightDtype::kBf16);
+    std::printf("weights %s: %lld bytes as held by the backend\n", dtype_name.c_str(),
+                static_cast<long long>(weight_bytes));
+    for (const int64_t context : contexts) {
+      ModelOptions options;
+      options.weights_dtype = dtype;
+      options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+      options.max_batch = max_batch;
+      options.num_slots = 1;
+      // KV models need room for the context plus the timed steps; constant-state ones ignore it.
+      options.max_context = context + steps + 2;
+      PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> probe, Model::Create(weights, backend, options));
+      const int64_t slot_bytes = std::max<int64_t>(1, probe->layout().bytes_per_slot());
+      probe.reset();
+      const auto budget = static_cast<int64_t>(absl::GetFlag(FLAGS_budget_gib) * (1 << 30));
+      options.num_slots = std::clamp<int64_t>(budget / slot_bytes, 1, max_batch + 1);
+      PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(weights, backend, options));
+      const int64_t V = model->config().vocab_size;
 
-    std::vector<int32_t> prompt(static_cast<size_t>(context));
-    for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % static_cast<uint32_t>(V));
-    PS_ASSIGN_OR_RETURN(const SlotId source, model->AcquireSlot());
-    std::vector<float> last(static_cast<size_t>(V));
-    const auto prefill_start = Clock::now();
-    PS_RETURN_IF_ERROR(model->Prefill(source, 0, prompt, absl::MakeSpan(last)));
-    const double prefill_s = Seconds(prefill_start);
-    const int64_t attn_bytes = model->AttentionBytesAt(context);
+      std::vector<int32_t> prompt(static_cast<size_t>(context));
+      for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % static_cast<uint32_t>(V));
+      PS_ASSIGN_OR_RETURN(const SlotId source, model->AcquireSlot());
+      std::vector<float> last(static_cast<size_t>(V));
+      const auto prefill_start = Clock::now();
+      PS_RETURN_IF_ERROR(model->Prefill(source, 0, prompt, absl::MakeSpan(last)));
+      const double prefill_s = Seconds(prefill_start);
+      const int64_t attn_bytes = model->AttentionBytesAt(context);
 
-    for (const int64_t batch : batches) {
-      if (batch + 1 > model->pool().num_slots()) {
-        std::printf("%9lld %5lld %12.3f  skipped: %lld slots of %lld bytes exceed --budget_gib\n",
-                    static_cast<long long>(context), static_cast<long long>(batch), prefill_s,
-                    static_cast<long long>(batch + 1), static_cast<long long>(slot_bytes));
-        continue;
-      }
-      std::vector<SlotId> slots;
-      for (int64_t b = 0; b < batch; ++b) {
-        PS_ASSIGN_OR_RETURN(SlotId slot, model->AcquireSlot());
-        PS_RETURN_IF_ERROR(model->CopySlot(source, slot));
-        slots.push_back(slot);
-      }
-      std::vector<float> logits(static_cast<size_t>(batch * V));
-      std::vector<double> times;
-      for (int s = 0; s < steps + 2; ++s) {  // two warm-up steps
-        std::vector<DecodeItem> items;
-        for (const SlotId slot : slots) {
-          items.push_back({slot, model->SlotPosition(slot),
-                           static_cast<int32_t>(rng() % static_cast<uint32_t>(V))});
+      for (const int64_t batch : batches) {
+        if (batch + 1 > model->pool().num_slots()) {
+          std::printf(
+              "%7s %9lld %5lld %12.3f  skipped: %lld slots of %lld bytes exceed --budget_gib\n",
+              dtype_name.c_str(), static_cast<long long>(context), static_cast<long long>(batch),
+              prefill_s, static_cast<long long>(batch + 1), static_cast<long long>(slot_bytes));
+          continue;
         }
-        const auto start = Clock::now();
-        PS_RETURN_IF_ERROR(model->Decode(items, absl::MakeSpan(logits)));
-        if (s >= 2) times.push_back(Seconds(start));
+        std::vector<SlotId> slots;
+        for (int64_t b = 0; b < batch; ++b) {
+          PS_ASSIGN_OR_RETURN(SlotId slot, model->AcquireSlot());
+          PS_RETURN_IF_ERROR(model->CopySlot(source, slot));
+          slots.push_back(slot);
+        }
+        std::vector<float> logits(static_cast<size_t>(batch * V));
+        std::vector<double> times;
+        for (int s = 0; s < steps + 2; ++s) {  // two warm-up steps
+          std::vector<DecodeItem> items;
+          for (const SlotId slot : slots) {
+            items.push_back({slot, model->SlotPosition(slot),
+                             static_cast<int32_t>(rng() % static_cast<uint32_t>(V))});
+          }
+          const auto start = Clock::now();
+          PS_RETURN_IF_ERROR(model->Decode(items, absl::MakeSpan(logits)));
+          if (s >= 2) times.push_back(Seconds(start));
+        }
+        std::sort(times.begin(), times.end());
+        const double step = times[times.size() / 2];
+        const int64_t bytes = weight_bytes + batch * StateBytesPerStep(*model, context);
+        const double gbps = static_cast<double>(bytes) / step / 1e9;
+        std::printf("%7s %9lld %5lld %12.3f %12.3f %12.1f %14lld %10.2f %7.1f%%\n",
+                    dtype_name.c_str(), static_cast<long long>(context),
+                    static_cast<long long>(batch), prefill_s, step * 1e3,
+                    static_cast<double>(batch) / step, static_cast<long long>(attn_bytes), gbps,
+                    100.0 * gbps * 1e9 / copy_bw);
+        std::fflush(stdout);
+        if (csv.is_open()) {
+          csv << model_name << ',' << dtype_name << ',' << context << ',' << batch << ','
+              << prefill_s << ',' << step * 1e3 << ',' << static_cast<double>(batch) / step << ','
+              << attn_bytes << ',' << bytes << ',' << gbps << ',' << copy_bw / 1e9 << '\n';
+        }
+        for (const SlotId slot : slots) PS_RETURN_IF_ERROR(model->ReleaseSlot(slot));
       }
-      std::sort(times.begin(), times.end());
-      const double step = times[times.size() / 2];
-      const int64_t bytes = weight_bytes + batch * StateBytesPerStep(*model, context);
-      const double gbps = static_cast<double>(bytes) / step / 1e9;
-      std::printf("%9lld %5lld %12.3f %12.3f %12.1f %14lld %10.2f %7.1f%%\n",
-                  static_cast<long long>(context), static_cast<long long>(batch), prefill_s,
-                  step * 1e3, static_cast<double>(batch) / step, static_cast<long long>(attn_bytes),
-                  gbps, 100.0 * gbps * 1e9 / copy_bw);
-      std::fflush(stdout);
-      if (csv.is_open()) {
-        csv << model_name << ',' << context << ',' << batch << ',' << prefill_s << ',' << step * 1e3
-            << ',' << static_cast<double>(batch) / step << ',' << attn_bytes << ',' << bytes << ','
-            << gbps << ',' << copy_bw / 1e9 << '\n';
-      }
-      for (const SlotId slot : slots) PS_RETURN_IF_ERROR(model->ReleaseSlot(slot));
     }
   }
   return absl::OkStatus();

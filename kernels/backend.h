@@ -35,6 +35,7 @@
 
 #include <absl/status/status.h>
 #include <absl/status/statusor.h>
+#include <absl/strings/str_cat.h>
 #include <absl/strings/string_view.h>
 #include <absl/types/span.h>
 
@@ -67,21 +68,38 @@ class DeviceBuffer {
   int64_t bytes_ = 0;
 };
 
+// The precision a linear layer's weight is kept in (issue 19; docs/model-format.md,
+// "weights_dtype"). Weight-only: activations, states and accumulation stay fp32 in every format.
+//   kFp32  as loaded (the 1e-4 parity contract of the golden fixtures holds);
+//   kBf16  each weight rounded to the nearest bfloat16 (8 significant bits: relative error
+//          <= 2^-8 per weight); half the bytes;
+//   kInt8  per output channel j symmetric: w[j, i] ~ scale[j] * q[j, i], q in [-127, 127],
+//          scale[j] = max_i |w[j, i]| / 127 (absolute error <= scale[j] / 2); a quarter of the
+//          bytes.
+enum class WeightDtype { kFp32, kBf16, kInt8 };
+
+// "fp32", "bf16", "int8": the spelling of --weights_dtype.
+absl::string_view WeightDtypeName(WeightDtype dtype);
+
 // A linear layer's weight W [n, k] (PyTorch's [out, in]) in the backend's preferred layout and
-// precision (the CPU backend keeps fp32; a GPU backend may keep bf16). Created by
-// Backend::PrepareLinear; immutable afterwards.
+// in the precision PrepareLinear was asked for (the CUDA backend's own fp32 choice keeps bf16
+// GEMM operands: kernels/cuda/cuda_backend.h). Created by Backend::PrepareLinear; immutable
+// afterwards.
 class LinearWeight {
  public:
   virtual ~LinearWeight() = default;
   int64_t out_features() const { return n_; }  // n
   int64_t in_features() const { return k_; }   // k
+  WeightDtype dtype() const { return dtype_; }
 
  protected:
-  LinearWeight(int64_t n, int64_t k) : n_(n), k_(k) {}
+  LinearWeight(int64_t n, int64_t k, WeightDtype dtype = WeightDtype::kFp32)
+      : n_(n), k_(k), dtype_(dtype) {}
 
  private:
   int64_t n_ = 0;
   int64_t k_ = 0;
+  WeightDtype dtype_ = WeightDtype::kFp32;
 };
 
 // The shape of one polysketch layer's attention (algorithm.md sections 3 and 4).
@@ -173,9 +191,20 @@ class Backend {
   virtual void Zero(void* device, int64_t bytes) = 0;
   // Device-to-device copy; the ranges must not overlap.
   virtual void Copy(const void* src, int64_t bytes, void* dst) = 0;
-  // Converts W [n, k] fp32 row-major (host) into the backend's layout.
+  // OK when this backend keeps linear weights in `dtype`; otherwise Unimplemented naming the
+  // backend and the dtype. Checked at load (Model::Create) before any weight is converted.
+  virtual absl::Status CheckWeightDtype(WeightDtype dtype) const {
+    return dtype == WeightDtype::kFp32
+               ? absl::OkStatus()
+               : absl::UnimplementedError(absl::StrCat("the ", name(), " backend has no ",
+                                                       WeightDtypeName(dtype), " weights"));
+  }
+  // Converts W [n, k] fp32 row-major (host) into the backend's layout, in `dtype` (converted
+  // once, here). InvalidArgument when w is not n * k floats, or (kInt8) holds a non-finite value;
+  // Unimplemented when CheckWeightDtype refuses `dtype`; ResourceExhausted without memory.
   virtual absl::StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(absl::Span<const float> w,
-                                                                      int64_t n, int64_t k) = 0;
+                                                                      int64_t n, int64_t k,
+                                                                      WeightDtype dtype) = 0;
 
   // --- dense ops -----------------------------------------------------------------------------
   // y[m, n] = x[m, k] W^T, or y += x W^T when `accumulate` (the residual adds).
@@ -255,6 +284,18 @@ class Backend {
   friend class DeviceBuffer;
   virtual void Free(void* data, int64_t bytes) = 0;
 };
+
+inline absl::string_view WeightDtypeName(WeightDtype dtype) {
+  switch (dtype) {
+    case WeightDtype::kFp32:
+      return "fp32";
+    case WeightDtype::kBf16:
+      return "bf16";
+    case WeightDtype::kInt8:
+      return "int8";
+  }
+  return "unknown";
+}
 
 inline DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   if (this != &other) {

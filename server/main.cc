@@ -40,6 +40,7 @@
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
 #include "server/engine/model/model.h"
+#include "server/engine/model/weights_dtype.h"
 #include "server/engine/model_io/weights.h"
 #include "server/engine/serving/scheduler.h"
 #include "server/engine/serving/watchdog.h"
@@ -76,6 +77,11 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = all cores.");
 ABSL_FLAG(std::string, device, "auto",
           "Kernel backend: auto (CUDA when built with it and a GPU is visible, else CPU), cpu, "
           "cuda.");
+ABSL_FLAG(std::string, weights_dtype, "auto",
+          "Precision of the linear layers' weights, converted once at load: auto (the model's "
+          "stored format: bf16 when it is stored in bf16 and the backend is cpu, else fp32), "
+          "fp32, bf16, int8 (per-channel, weight-only). bf16 and int8 are cpu only. "
+          "docs/model-format.md, \"weights_dtype\".");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: how long running requests may take to finish before they are "
           "cancelled.");
@@ -187,6 +193,7 @@ constexpr char kUsage[] =
     "  polysketch-server --model DIR [--port 50051] [--metrics_port 9464] [flags]";
 
 absl::Status CheckFlags() {
+  PS_RETURN_IF_ERROR(engine::CheckWeightsDtypeFlag(absl::GetFlag(FLAGS_weights_dtype)));
   if (absl::GetFlag(FLAGS_model).empty()) {
     return absl::InvalidArgumentError("--model is required (see --help)");
   }
@@ -624,6 +631,12 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir, const Ser
       absl::GetFlag(FLAGS_max_batch) > 0 ? absl::GetFlag(FLAGS_max_batch) : model_options.num_slots;
   model_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   model_options.max_context = absl::GetFlag(FLAGS_max_context);
+  PS_ASSIGN_OR_RETURN(model_options.weights_dtype,
+                      engine::ResolveWeightsDtype(absl::GetFlag(FLAGS_weights_dtype),
+                                                  loaded.weights, *loaded.backend));
+  std::fprintf(stderr, "polysketch-server: linear weights in %s (--weights_dtype %s)\n",
+               std::string(ps::kernels::WeightDtypeName(model_options.weights_dtype)).c_str(),
+               absl::GetFlag(FLAGS_weights_dtype).c_str());
   PS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model,
                       engine::Model::Create(loaded.weights, *loaded.backend, model_options));
   loaded.gauges = std::make_unique<EngineGauges>(metrics, BytesPerSlotByKind(model->layout()));

@@ -30,6 +30,7 @@
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
 #include "server/engine/model/model.h"
+#include "server/engine/model/weights_dtype.h"
 #include "server/engine/model_io/tokenizer.h"
 #include "server/engine/model_io/weights.h"
 #include "server/engine/serving/sampler.h"
@@ -64,6 +65,11 @@ ABSL_FLAG(int64_t, max_context, 0,
           "and sparse layers. 0 = the model's max_seq_len for those, unlimited for models whose "
           "layers all keep a constant state (polysketch, sliding_window).");
 ABSL_FLAG(int64_t, prefill_chunk, 512, "Prompt tokens per prefill pass (bounded memory).");
+ABSL_FLAG(std::string, weights_dtype, "auto",
+          "Precision of the linear layers' weights, converted once at load: auto (the model's "
+          "stored format: bf16 when it is stored in bf16 and the backend is cpu, else fp32), "
+          "fp32, bf16, int8 (per-channel, weight-only). bf16 and int8 are cpu only. "
+          "docs/model-format.md, \"weights_dtype\".");
 
 namespace {
 
@@ -173,6 +179,9 @@ absl::Status Generate() {
   options.max_batch = 1;
   options.max_context = absl::GetFlag(FLAGS_max_context);
   options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  PS_ASSIGN_OR_RETURN(
+      options.weights_dtype,
+      ps::engine::ResolveWeightsDtype(absl::GetFlag(FLAGS_weights_dtype), weights, backend));
   PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::engine::Model> model,
                       ps::engine::Model::Create(weights, backend, options));
   PS_ASSIGN_OR_RETURN(ps::engine::ByteTokenizer tokenizer,

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <utility>
 
 #include <absl/status/status.h>
 #include <absl/strings/str_cat.h>
@@ -23,7 +24,7 @@ const CpuLinearWeight& AsCpu(const LinearWeight& w) {
 
 }  // namespace
 
-CpuBackend::CpuBackend(int num_threads) : pool_(num_threads) {}
+CpuBackend::CpuBackend(int num_threads) : pool_(num_threads), lowp_isa_(BestLowpIsa()) {}
 
 absl::StatusOr<DeviceBuffer> CpuBackend::Allocate(int64_t bytes) {
   if (bytes < 0) return absl::InvalidArgumentError(absl::StrCat("Allocate: bytes ", bytes, " < 0"));
@@ -57,10 +58,17 @@ void CpuBackend::Copy(const void* src, int64_t bytes, void* dst) {
 }
 
 absl::StatusOr<std::unique_ptr<LinearWeight>> CpuBackend::PrepareLinear(absl::Span<const float> w,
-                                                                        int64_t n, int64_t k) {
+                                                                        int64_t n, int64_t k,
+                                                                        WeightDtype dtype) {
   if (n <= 0 || k <= 0 || static_cast<int64_t>(w.size()) != n * k) {
     return absl::InvalidArgumentError(
         absl::StrCat("PrepareLinear: weight of ", w.size(), " floats is not [", n, ", ", k, "]"));
+  }
+  if (dtype != WeightDtype::kFp32) {
+    absl::StatusOr<std::unique_ptr<CpuLowpLinearWeight>> lowp =
+        CpuLowpLinearWeight::Create(w, n, k, dtype);
+    if (!lowp.ok()) return lowp.status();
+    return std::unique_ptr<LinearWeight>(*std::move(lowp));
   }
   try {
     return std::unique_ptr<LinearWeight>(CpuLinearWeight::Create(w, n, k));
@@ -72,6 +80,11 @@ absl::StatusOr<std::unique_ptr<LinearWeight>> CpuBackend::PrepareLinear(absl::Sp
 
 void CpuBackend::Linear(const float* x, int64_t m, const LinearWeight& w, float* y,
                         bool accumulate) {
+  if (w.dtype() != WeightDtype::kFp32) {
+    // Every non-fp32 LinearWeight of this backend is a CpuLowpLinearWeight (PrepareLinear).
+    LinearLowp(pool_, x, m, static_cast<const CpuLowpLinearWeight&>(w), y, accumulate, lowp_isa_);
+    return;
+  }
   cpu::Linear(pool_, x, m, AsCpu(w), y, accumulate);
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "kernels/backend.h"
+#include "kernels/cpu/lowp_linear.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace ps::kernels::cpu {
@@ -27,8 +28,13 @@ class CpuBackend final : public Backend {
   void CopyToHost(const void* device, int64_t bytes, void* host) override;
   void Zero(void* device, int64_t bytes) override;
   void Copy(const void* src, int64_t bytes, void* dst) override;
+  // fp32, bf16 and int8 weights (kernels/cpu/lowp_linear.h for the last two).
+  absl::Status CheckWeightDtype(WeightDtype /*dtype*/) const override { return absl::OkStatus(); }
   absl::StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(absl::Span<const float> w, int64_t n,
-                                                              int64_t k) override;
+                                                              int64_t k,
+                                                              WeightDtype dtype) override;
+  // The kernel path of bf16 and int8 Linear: the best this CPU has (lowp_linear.h).
+  LowpIsa lowp_isa() const { return lowp_isa_; }
 
   void Linear(const float* x, int64_t m, const LinearWeight& w, float* y, bool accumulate) override;
   void LayerNorm(const float* x, int64_t rows, int64_t n, const float* gamma, const float* beta,
@@ -66,6 +72,7 @@ class CpuBackend final : public Backend {
 
  private:
   ThreadPool pool_;
+  LowpIsa lowp_isa_;
 };
 
 }  // namespace ps::kernels::cpu

@@ -381,8 +381,18 @@ void* CudaBackend::Scratch(DeviceBuffer& buffer, int64_t bytes) {
   return buffer.data();
 }
 
+absl::Status CudaBackend::CheckWeightDtype(WeightDtype dtype) const {
+  if (dtype == WeightDtype::kFp32) return absl::OkStatus();
+  return absl::UnimplementedError(
+      absl::StrCat("the cuda backend has no ", WeightDtypeName(dtype),
+                   " weight format (it keeps fp32 weights and runs its GEMMs on bf16 operands); ",
+                   WeightDtypeName(dtype), " weights are the cpu backend's"));
+}
+
 absl::StatusOr<std::unique_ptr<LinearWeight>> CudaBackend::PrepareLinear(absl::Span<const float> w,
-                                                                         int64_t n, int64_t k) {
+                                                                         int64_t n, int64_t k,
+                                                                         WeightDtype dtype) {
+  if (absl::Status status = CheckWeightDtype(dtype); !status.ok()) return status;
   if (n <= 0 || k <= 0 || static_cast<int64_t>(w.size()) != n * k) {
     return absl::InvalidArgumentError(
         absl::StrCat("PrepareLinear: weight of ", w.size(), " floats is not [", n, ", ", k, "]"));

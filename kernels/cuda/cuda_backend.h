@@ -78,8 +78,12 @@ class CudaBackend final : public Backend {
   void CopyToHost(const void* device, int64_t bytes, void* host) override;
   void Zero(void* device, int64_t bytes) override;
   void Copy(const void* src, int64_t bytes, void* dst) override;
+  // Only kFp32: the weights then run as the GemmPrecision above says (bf16 operands by default);
+  // bf16 and int8 weight formats are the CPU backend's (issue 19).
+  absl::Status CheckWeightDtype(WeightDtype dtype) const override;
   absl::StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(absl::Span<const float> w, int64_t n,
-                                                              int64_t k) override;
+                                                              int64_t k,
+                                                              WeightDtype dtype) override;
 
   void Linear(const float* x, int64_t m, const LinearWeight& w, float* y, bool accumulate) override;
   void LayerNorm(const float* x, int64_t rows, int64_t n, const float* gamma, const float* beta,

@@ -47,6 +47,8 @@ class FaultyBackend final : public kernels::Backend {
   // A shape CheckShape refuses from now on (Unimplemented naming it): KV layers with head_dim
   // above `max_kv_head_dim`.
   void LimitKvHeadDim(int64_t max_kv_head_dim) { max_kv_head_dim_ = max_kv_head_dim; }
+  // From now on only fp32 weights (Backend's default CheckWeightDtype), as the CUDA backend.
+  void RefuseLowPrecisionWeights() { fp32_weights_only_ = true; }
 
   absl::string_view name() const override { return name_; }
   bool host_memory() const override { return inner_.host_memory(); }
@@ -94,10 +96,13 @@ class FaultyBackend final : public kernels::Backend {
   void Copy(const void* src, int64_t bytes, void* dst) override {
     if (Run()) inner_.Copy(src, bytes, dst);
   }
-  absl::StatusOr<std::unique_ptr<kernels::LinearWeight>> PrepareLinear(absl::Span<const float> w,
-                                                                       int64_t n,
-                                                                       int64_t k) override {
-    return inner_.PrepareLinear(w, n, k);
+  absl::Status CheckWeightDtype(kernels::WeightDtype dtype) const override {
+    return fp32_weights_only_ ? Backend::CheckWeightDtype(dtype) : inner_.CheckWeightDtype(dtype);
+  }
+  absl::StatusOr<std::unique_ptr<kernels::LinearWeight>> PrepareLinear(
+      absl::Span<const float> w, int64_t n, int64_t k, kernels::WeightDtype dtype) override {
+    if (absl::Status status = CheckWeightDtype(dtype); !status.ok()) return status;
+    return inner_.PrepareLinear(w, n, k, dtype);
   }
   void Linear(const float* x, int64_t m, const kernels::LinearWeight& w, float* y,
               bool accumulate) override {
@@ -190,6 +195,7 @@ class FaultyBackend final : public kernels::Backend {
   kernels::Backend& inner_;
   const std::string name_;
   int64_t max_kv_head_dim_ = INT64_MAX;
+  bool fp32_weights_only_ = false;
   mutable std::mutex mu_;
   bool armed_ = false;
   absl::Status inject_;

@@ -71,18 +71,19 @@ absl::StatusOr<DeviceBuffer> Upload(kernels::Backend& backend, const ModelWeight
 absl::StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(kernels::Backend& backend,
                                                             const ModelWeights& weights,
                                                             const std::string& name,
+                                                            kernels::WeightDtype dtype,
                                                             bool transpose = false) {
   PS_ASSIGN_OR_RETURN(const HostTensor* tensor, Find(weights, name));
   if (tensor->shape.size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" is not a matrix"));
   }
   const int64_t rows = tensor->shape[0], cols = tensor->shape[1];
-  if (!transpose) return backend.PrepareLinear(tensor->data, rows, cols);
+  if (!transpose) return backend.PrepareLinear(tensor->data, rows, cols, dtype);
   std::vector<float> t(tensor->data.size());
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) t[j * rows + i] = tensor->data[i * cols + j];
   }
-  return backend.PrepareLinear(t, cols, rows);
+  return backend.PrepareLinear(t, cols, rows, dtype);
 }
 
 absl::StatusOr<DeviceBuffer> AllocateFloats(kernels::Backend& backend, int64_t count) {
@@ -156,9 +157,15 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
                                         backend.host_memory() ? nullptr : &backend));
   std::unique_ptr<Model> model(new Model(cfg, backend, std::move(pool), opts, max_context));
 
-  // Weights, in the backend's layout.
+  // Weights, in the backend's layout and the chosen format (one refusal before any conversion).
+  const kernels::WeightDtype dtype = opts.weights_dtype;
+  if (absl::Status status = backend.CheckWeightDtype(dtype); !status.ok()) {
+    return absl::Status(
+        status.code(),
+        absl::StrCat("weights_dtype ", kernels::WeightDtypeName(dtype), ": ", status.message()));
+  }
   PS_ASSIGN_OR_RETURN(model->embed_table_, Upload(backend, weights, "embed.weight"));
-  PS_ASSIGN_OR_RETURN(model->embed_linear_, PrepareLinear(backend, weights, "embed.weight"));
+  PS_ASSIGN_OR_RETURN(model->embed_linear_, PrepareLinear(backend, weights, "embed.weight", dtype));
   PS_ASSIGN_OR_RETURN(model->logit_bias_, Upload(backend, weights, "logit_bias"));
   PS_ASSIGN_OR_RETURN(model->final_weight_, Upload(backend, weights, "final_norm.weight"));
   PS_ASSIGN_OR_RETURN(model->final_bias_, Upload(backend, weights, "final_norm.bias"));
@@ -196,18 +203,20 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
     PS_ASSIGN_OR_RETURN(lp.ln1_bias, Upload(backend, weights, p + "ln1.bias"));
     PS_ASSIGN_OR_RETURN(lp.ln2_weight, Upload(backend, weights, p + "ln2.weight"));
     PS_ASSIGN_OR_RETURN(lp.ln2_bias, Upload(backend, weights, p + "ln2.bias"));
-    PS_ASSIGN_OR_RETURN(lp.qkv, PrepareLinear(backend, weights, p + "attn.qkv.weight"));
-    PS_ASSIGN_OR_RETURN(lp.out, PrepareLinear(backend, weights, p + "attn.out.weight"));
-    PS_ASSIGN_OR_RETURN(lp.ffn_up, PrepareLinear(backend, weights, p + "ffn.up.weight"));
-    PS_ASSIGN_OR_RETURN(lp.ffn_down, PrepareLinear(backend, weights, p + "ffn.down.weight"));
+    PS_ASSIGN_OR_RETURN(lp.qkv, PrepareLinear(backend, weights, p + "attn.qkv.weight", dtype));
+    PS_ASSIGN_OR_RETURN(lp.out, PrepareLinear(backend, weights, p + "attn.out.weight", dtype));
+    PS_ASSIGN_OR_RETURN(lp.ffn_up, PrepareLinear(backend, weights, p + "ffn.up.weight", dtype));
+    PS_ASSIGN_OR_RETURN(lp.ffn_down, PrepareLinear(backend, weights, p + "ffn.down.weight", dtype));
     const bool random = polysketch && lp.attn.sketch == SketchKind::kRandom;
     if (lp.attn.kind == AttentionKind::kPolynomial || random) {
       PS_ASSIGN_OR_RETURN(lp.qk_norm_weight, Upload(backend, weights, p + "attn.qk_norm.weight"));
       PS_ASSIGN_OR_RETURN(lp.qk_norm_bias, Upload(backend, weights, p + "attn.qk_norm.bias"));
     }
     if (random) {
-      PS_ASSIGN_OR_RETURN(lp.s1, PrepareLinear(backend, weights, p + "attn.sketch.s1", true));
-      PS_ASSIGN_OR_RETURN(lp.s2, PrepareLinear(backend, weights, p + "attn.sketch.s2", true));
+      PS_ASSIGN_OR_RETURN(lp.s1,
+                          PrepareLinear(backend, weights, p + "attn.sketch.s1", dtype, true));
+      PS_ASSIGN_OR_RETURN(lp.s2,
+                          PrepareLinear(backend, weights, p + "attn.sketch.s2", dtype, true));
     }
     if (polysketch && lp.attn.sketch == SketchKind::kLearned) {
       for (int branch = 0; branch < 2; ++branch) {
@@ -216,8 +225,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
           const std::string q = absl::StrCat(p, "attn.sketch.f", branch + 1, ".", level, ".");
           PS_ASSIGN_OR_RETURN(lv.norm_weight, Upload(backend, weights, q + "norm.weight"));
           PS_ASSIGN_OR_RETURN(lv.norm_bias, Upload(backend, weights, q + "norm.bias"));
-          PS_ASSIGN_OR_RETURN(lv.up, PrepareLinear(backend, weights, q + "up.weight"));
-          PS_ASSIGN_OR_RETURN(lv.down, PrepareLinear(backend, weights, q + "down.weight"));
+          PS_ASSIGN_OR_RETURN(lv.up, PrepareLinear(backend, weights, q + "up.weight", dtype));
+          PS_ASSIGN_OR_RETURN(lv.down, PrepareLinear(backend, weights, q + "down.weight", dtype));
         }
       }
     }

@@ -45,6 +45,10 @@ struct ModelOptions {
   // constant state (polysketch, sliding_window) accept any position below kUnlimitedContext
   // whatever this says, unless it is set explicitly.
   int64_t max_context = 0;
+  // The precision every linear layer's weight is kept in (kernels/backend.h WeightDtype; issue
+  // 19): converted once at Create. kFp32 keeps the golden-parity contract; ResolveWeightsDtype
+  // (weights_dtype.h) turns the --weights_dtype flag into this.
+  kernels::WeightDtype weights_dtype = kernels::WeightDtype::kFp32;
 };
 
 // Positions of constant-state models are limited only by this (2^40 tokens).
@@ -62,7 +66,9 @@ class Model {
   // Converts `weights` into `backend`'s layout and allocates the state pool and buffers.
   // InvalidArgument for options out of range (naming the option); ResourceExhausted when memory
   // cannot be had; Unimplemented (naming the layer, the backend and its limit) when the backend
-  // cannot run a layer (Backend::CheckShape); Internal when the backend failed while loading.
+  // cannot run a layer (Backend::CheckShape), or (naming weights_dtype and the backend) has no
+  // weights in options.weights_dtype; InvalidArgument for an int8 weight that is not finite;
+  // Internal when the backend failed while loading.
   // `backend` must outlive the model.
   [[nodiscard]] static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelWeights& weights,
                                                                      kernels::Backend& backend,

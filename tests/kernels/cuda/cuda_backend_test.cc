@@ -184,6 +184,23 @@ TEST_F(CudaBackendTest, ReportsUnrunnableShapesAndFailuresThroughTakeStatus) {
   EXPECT_TRUE(gpu_->status().ok());      // not the sticky status
 }
 
+// bf16 and int8 weight formats are the CPU backend's (issue 19): refused at the check and at
+// PrepareLinear, naming the backend and the format; fp32 is accepted.
+TEST_F(CudaBackendTest, RefusesTheCpuOnlyWeightFormats) {
+  EXPECT_TRUE(gpu_->CheckWeightDtype(WeightDtype::kFp32).ok());
+  const std::vector<float> w = Random(6, 1);
+  for (const WeightDtype dtype : {WeightDtype::kBf16, WeightDtype::kInt8}) {
+    const absl::Status check = gpu_->CheckWeightDtype(dtype);
+    EXPECT_EQ(check.code(), absl::StatusCode::kUnimplemented);
+    EXPECT_NE(
+        check.message().find(absl::StrCat("the cuda backend has no ", WeightDtypeName(dtype))),
+        absl::string_view::npos)
+        << check;
+    EXPECT_EQ(gpu_->PrepareLinear(w, 2, 3, dtype).status().code(),
+              absl::StatusCode::kUnimplemented);
+  }
+}
+
 TEST_F(CudaBackendTest, LinearMatchesCpuInBf16AndFp32) {
   auto fp32 = CudaBackend::Create({.device = 0, .gemm = GemmPrecision::kFp32});
   ASSERT_TRUE(fp32.ok());
@@ -192,13 +209,13 @@ TEST_F(CudaBackendTest, LinearMatchesCpuInBf16AndFp32) {
     SCOPED_TRACE(absl::StrCat("m ", m, " n ", n, " k ", k));
     const std::vector<float> w = Random(n * k, 2), x = Random(m * k, 3), y0 = Random(m * n, 4);
     for (bool accumulate : {false, true}) {
-      auto cw = cpu_.PrepareLinear(w, n, k);
+      auto cw = cpu_.PrepareLinear(w, n, k, WeightDtype::kFp32);
       ASSERT_TRUE(cw.ok());
       std::vector<float> want = y0;
       cpu_.Linear(x.data(), m, **cw, want.data(), accumulate);
       for (CudaBackend* backend : {gpu_.get(), fp32->get()}) {
         const bool bf16 = backend == gpu_.get();
-        auto gw = backend->PrepareLinear(w, n, k);
+        auto gw = backend->PrepareLinear(w, n, k, WeightDtype::kFp32);
         ASSERT_TRUE(gw.ok());
         auto xd = backend->Allocate(m * k * 4), yd = backend->Allocate(m * n * 4);
         backend->CopyFromHost(x.data(), m * k * 4, xd->data());

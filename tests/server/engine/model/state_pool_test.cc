@@ -50,8 +50,8 @@ class RecordingBackend final : public kernels::Backend {
   void Copy(const void* src, int64_t bytes, void* dst) override {
     std::memcpy(dst, src, static_cast<size_t>(bytes));
   }
-  absl::StatusOr<std::unique_ptr<kernels::LinearWeight>> PrepareLinear(absl::Span<const float>,
-                                                                       int64_t, int64_t) override {
+  absl::StatusOr<std::unique_ptr<kernels::LinearWeight>> PrepareLinear(
+      absl::Span<const float>, int64_t, int64_t, kernels::WeightDtype) override {
     return absl::UnimplementedError("not a compute backend");
   }
   void Linear(const float*, int64_t, const kernels::LinearWeight&, float*, bool) override {}

@@ -591,8 +591,11 @@ void Scheduler::Admit(absl::Time now) {
     active->first_token = absl::InfinitePast();
     running_.fetch_add(1);
     if (absl::Status status = PrepareState(*active); !status.ok()) {
+      // Unhealthy before the request's error reaches its client (see FailEngine).
+      const bool failed = model_->backend_failed();
+      if (failed) FailEngine(status);
       Finish(*active, FinishReason::kError, status);
-      if (model_->backend_failed()) return FailEngine(status);
+      if (failed) return;
       continue;
     }
     active_.push_back(std::move(active));
@@ -706,6 +709,8 @@ void Scheduler::RunDecode(StepStats& stats) {
   const int64_t V = model_->config().vocab_size;
   const absl::Span<float> logits = absl::MakeSpan(logits_).subspan(0, items.size() * V);
   const absl::Status status = model_->Decode(items, logits);
+  // Unhealthy before the requests' errors reach their clients (see FailEngine).
+  if (!status.ok() && model_->backend_failed()) FailEngine(status);
   for (size_t i = 0; i < batch.size(); ++i) {
     if (!status.ok()) {
       Finish(*batch[i], FinishReason::kError, status);
@@ -715,7 +720,6 @@ void Scheduler::RunDecode(StepStats& stats) {
   }
   stats.decode_batch = static_cast<int64_t>(items.size());
   stats.decode_time = absl::Now() - start;
-  if (!status.ok() && model_->backend_failed()) FailEngine(status);
 }
 
 void Scheduler::RunPrefill(StepStats& stats) {
@@ -754,11 +758,11 @@ void Scheduler::RunPrefill(StepStats& stats) {
     budget -= n;
     stats.prefill_tokens += n;
     if (!status.ok()) {
+      // Unhealthy before the request's error reaches its client (see FailEngine).
+      const bool failed = model_->backend_failed();
+      if (failed) FailEngine(status);
       Finish(*active, FinishReason::kError, status);
-      if (model_->backend_failed()) {
-        FailEngine(status);
-        break;
-      }
+      if (failed) break;
       continue;
     }
     active->prefilled += n;

@@ -39,6 +39,7 @@
 
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
+#include "server/engine/model/kv_cache_dtype.h"
 #include "server/engine/model/model.h"
 #include "server/engine/model_io/weights.h"
 #include "server/engine/serving/scheduler.h"
@@ -70,6 +71,11 @@ ABSL_FLAG(int64_t, max_context, 0,
           "layers. 0 = the model's default (max_seq_len for KV layers, unlimited otherwise).");
 ABSL_FLAG(int64_t, prefill_chunk, 512,
           "Prompt tokens per prefill pass (bounds activation memory).");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto",
+          "KV caches of softmax, polynomial, sliding-window and sparse layers: fp32, fp16 (half "
+          "the memory and decode traffic; scores and sums stay fp32), or auto (fp16 on the cpu "
+          "backend, fp32 on cuda). States export with their dtype and import only into a "
+          "server of the same one.");
 ABSL_FLAG(int64_t, prefill_tokens_per_step, 512,
           "Prompt tokens prefilled per engine step, interleaved with decode steps.");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = all cores.");
@@ -190,6 +196,9 @@ absl::Status CheckFlags() {
   if (absl::GetFlag(FLAGS_model).empty()) {
     return absl::InvalidArgumentError("--model is required (see --help)");
   }
+  // The value's spelling; BuildEngine resolves it for the backend.
+  PS_RETURN_IF_ERROR(
+      engine::ResolveKvCacheDtype(absl::GetFlag(FLAGS_kv_cache_dtype), "cpu").status());
   for (const auto& [name, value] : std::vector<std::pair<const char*, int64_t>>{
            {"port", absl::GetFlag(FLAGS_port)},
            {"metrics_port", absl::GetFlag(FLAGS_metrics_port)}}) {
@@ -624,6 +633,9 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir, const Ser
       absl::GetFlag(FLAGS_max_batch) > 0 ? absl::GetFlag(FLAGS_max_batch) : model_options.num_slots;
   model_options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
   model_options.max_context = absl::GetFlag(FLAGS_max_context);
+  PS_ASSIGN_OR_RETURN(
+      model_options.kv_cache_dtype,
+      engine::ResolveKvCacheDtype(absl::GetFlag(FLAGS_kv_cache_dtype), loaded.backend->name()));
   PS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model,
                       engine::Model::Create(loaded.weights, *loaded.backend, model_options));
   loaded.gauges = std::make_unique<EngineGauges>(metrics, BytesPerSlotByKind(model->layout()));

@@ -29,6 +29,7 @@
 
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
+#include "server/engine/model/kv_cache_dtype.h"
 #include "server/engine/model/model.h"
 #include "server/engine/model_io/tokenizer.h"
 #include "server/engine/model_io/weights.h"
@@ -64,6 +65,9 @@ ABSL_FLAG(int64_t, max_context, 0,
           "and sparse layers. 0 = the model's max_seq_len for those, unlimited for models whose "
           "layers all keep a constant state (polysketch, sliding_window).");
 ABSL_FLAG(int64_t, prefill_chunk, 512, "Prompt tokens per prefill pass (bounded memory).");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto",
+          "KV caches of softmax and sparse layers: fp32, fp16, or auto (fp16 on cpu, fp32 on "
+          "cuda).");
 
 namespace {
 
@@ -173,6 +177,9 @@ absl::Status Generate() {
   options.max_batch = 1;
   options.max_context = absl::GetFlag(FLAGS_max_context);
   options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  PS_ASSIGN_OR_RETURN(
+      options.kv_cache_dtype,
+      ps::engine::ResolveKvCacheDtype(absl::GetFlag(FLAGS_kv_cache_dtype), backend.name()));
   PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::engine::Model> model,
                       ps::engine::Model::Create(weights, backend, options));
   PS_ASSIGN_OR_RETURN(ps::engine::ByteTokenizer tokenizer,

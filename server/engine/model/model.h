@@ -45,6 +45,12 @@ struct ModelOptions {
   // constant state (polysketch, sliding_window) accept any position below kUnlimitedContext
   // whatever this says, unless it is set explicitly.
   int64_t max_context = 0;
+  // How the KV caches of softmax, polynomial, sliding_window and sparse layers store keys and
+  // values (kernels/backend.h KvCacheDtype). kFp32 keeps the 1e-4 golden parity; kFp16 halves the
+  // cache's bytes (slot size, and what a decode step streams) at binary16 rounding of k and v.
+  // The servers' --kv_cache_dtype (kv_cache_dtype.h) chooses; Unimplemented at Create when the
+  // backend cannot keep fp16 caches.
+  kernels::KvCacheDtype kv_cache_dtype = kernels::KvCacheDtype::kFp32;
 };
 
 // Positions of constant-state models are limited only by this (2^40 tokens).

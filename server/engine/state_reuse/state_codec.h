@@ -9,7 +9,8 @@
 //   u32 format_version               kStateFormatVersion
 //   u64 model_fingerprint            ModelFingerprint of the exporting server's model
 //   u32 num_layers, u8 kind[num_layers]   AttentionKind of each layer
-//   u8  dtype                        0: fp32 (the only one)
+//   u8  dtype                        0: fp32; 1: the KV-cache rows are binary16 (--kv_cache_dtype
+//                                    fp16 on a model with KV layers; StateLayout::IsFp16)
 //   i64 position                     tokens the state holds
 //   u32 num_pending, i32 pending[num_pending]   tokens produced but not yet fed to the state
 //   i64 state_bytes, state_bytes bytes          the slot (StateLayout::bytes_per_slot)
@@ -18,6 +19,10 @@
 // Version history: 1 (until issue 18): checksum and model fingerprint with a hash of this
 // project's own; 2: with xxHash's XXH3. A version-1 state is refused by name, before its
 // checksum is read (the checksum could only fail): export it again from a current server.
+// Dtype 1 (issue 19) needed no new version: version-2 readers before it refuse it by the dtype
+// byte. A state is imported only by a server of the same dtype (FailedPrecondition naming both
+// otherwise): converting would change the slot's size, and fp32 -> fp16 would change results
+// silently, so a fleet sharing states (sessions, prefix tier) runs one --kv_cache_dtype.
 #ifndef POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 #define POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 

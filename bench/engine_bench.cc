@@ -15,6 +15,8 @@
 //   1b-softmax             the same with softmax attention.
 // --weights_dtype fp32,bf16,int8 measures each weight format of the linear layers (issue 19) in
 // the same run, so that their ratios come from one machine state.
+// --kv_cache_dtype fp32,fp16 likewise measures every context with each KV-cache dtype in turn
+// (same run, same prompt), for the models with KV layers.
 // Prints a table to stdout and, with --csv, one row per measurement.
 #include <algorithm>
 #include <chrono>
@@ -41,6 +43,7 @@
 #include "kernels/attention_mask.h"
 #include "kernels/backend_factory.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "server/engine/model/kv_cache_dtype.h"
 #include "server/engine/model/model.h"
 #include "server/engine/model/weights_dtype.h"
 #include "server/engine/model_io/weights.h"
@@ -61,6 +64,9 @@ ABSL_FLAG(std::string, csv, "", "Also write the measurements to this CSV file.")
 ABSL_FLAG(std::string, weights_dtype, "auto",
           "Comma list of --weights_dtype values (auto, fp32, bf16, int8), each measured in turn in "
           "the same run: e.g. fp32,bf16,int8 for their ratios.");
+ABSL_FLAG(std::string, kv_cache_dtype, "fp32",
+          "Comma list of --kv_cache_dtype values (auto, fp32, fp16) to measure each context with, "
+          "in turn in the same run; only the models with KV layers differ.");
 
 namespace {
 
@@ -142,7 +148,6 @@ int64_t StateBytesPerStep(const Model& model, int64_t position) {
   using ps::engine::AttentionKind;
   using C = ps::engine::StateComponent;
   const ps::engine::ModelConfig& cfg = model.config();
-  const int64_t row_bytes = 2 * cfg.d_model * static_cast<int64_t>(sizeof(float));  // k and v
   int64_t bytes = 0;
   for (int64_t l = 0; l < model.layout().num_layers(); ++l) {
     const ps::engine::LayerStateLayout& ll = model.layout().layer(l);
@@ -159,7 +164,8 @@ int64_t StateBytesPerStep(const Model& model, int64_t position) {
       // The rows the step's query reads: every kept row, or a strided query's w + t/s.
       const auto mask = ps::engine::AttentionKeyMask(cfg.layers[static_cast<size_t>(l)]);
       const bool strided = mask.kind == ps::kernels::KeyMask::Kind::kStrided;
-      bytes += (strided ? mask.NumVisible(position) : mask.KeptAfter(position + 1)) * row_bytes;
+      bytes += (strided ? mask.NumVisible(position) : mask.KeptAfter(position + 1)) *
+               ll.kv_bytes_per_token;  // k and v rows in the cache's dtype
     }
   }
   return bytes;
@@ -227,6 +233,9 @@ absl::Status Run() {
   PS_ASSIGN_OR_RETURN(const std::vector<int64_t> batches,
                       ParseList(absl::GetFlag(FLAGS_batches), "batches"));
   const int steps = std::max(1, absl::GetFlag(FLAGS_steps));
+  std::vector<std::string> kv_names =
+      absl::StrSplit(absl::GetFlag(FLAGS_kv_cache_dtype), ',', absl::SkipEmpty());
+  if (kv_names.empty()) return absl::InvalidArgumentError("--kv_cache_dtype is empty");
   ModelWeights weights;
   if (IsSyntheticModel(model_name)) {
     PS_ASSIGN_OR_RETURN(weights, SyntheticModel(model_name));
@@ -254,15 +263,21 @@ absl::Status Run() {
                         ps::engine::ResolveWeightsDtype(flag, weights, backend));
     dtypes.push_back(dtype);
   }
+  std::vector<ps::kernels::KvCacheDtype> kv_dtypes;
+  for (const std::string& name : kv_names) {
+    PS_ASSIGN_OR_RETURN(kv_dtypes.emplace_back(),
+                        ps::engine::ResolveKvCacheDtype(name, backend.name()));
+  }
   std::printf("model %s: %s bandwidth %.2f GB/s (read+write)\n", model_name.c_str(), where.c_str(),
               copy_bw / 1e9);
-  std::printf("%7s %9s %5s %12s %12s %12s %14s %10s %8s\n", "weights", "context", "batch",
+  std::printf("%7s %9s %4s %5s %12s %12s %12s %14s %10s %8s\n", "weights", "context", "kv", "batch",
               "prefill_s", "step_ms", "tokens/s", "attn_bytes/req", "GB/s", "%copy");
   std::ofstream csv;
   if (!absl::GetFlag(FLAGS_csv).empty()) {
     csv.open(absl::GetFlag(FLAGS_csv));
     if (!csv) return absl::NotFoundError(absl::StrCat("cannot write ", absl::GetFlag(FLAGS_csv)));
-    csv << "model,weights,context,batch,prefill_s,step_ms,tokens_per_s,attention_bytes_per_request,"
+    csv << "model,weights,context,kv_cache_dtype,batch,prefill_s,step_ms,tokens_per_s,"
+           "attention_bytes_per_request,"
            "bytes_per_step,gb_per_s,copy_gb_per_s\n";
   }
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
@@ -277,72 +292,78 @@ absl::Status Run() {
     std::printf("weights %s: %lld bytes as held by the backend\n", dtype_name.c_str(),
                 static_cast<long long>(weight_bytes));
     for (const int64_t context : contexts) {
-      ModelOptions options;
-      options.weights_dtype = dtype;
-      options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
-      options.max_batch = max_batch;
-      options.num_slots = 1;
-      // KV models need room for the context plus the timed steps; constant-state ones ignore it.
-      options.max_context = context + steps + 2;
-      PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> probe, Model::Create(weights, backend, options));
-      const int64_t slot_bytes = std::max<int64_t>(1, probe->layout().bytes_per_slot());
-      probe.reset();
-      const auto budget = static_cast<int64_t>(absl::GetFlag(FLAGS_budget_gib) * (1 << 30));
-      options.num_slots = std::clamp<int64_t>(budget / slot_bytes, 1, max_batch + 1);
-      PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(weights, backend, options));
-      const int64_t V = model->config().vocab_size;
+      for (const ps::kernels::KvCacheDtype kv_dtype : kv_dtypes) {
+        const std::string kv(ps::engine::KvCacheDtypeName(kv_dtype));
+        ModelOptions options;
+        options.weights_dtype = dtype;
+        options.kv_cache_dtype = kv_dtype;
+        options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+        options.max_batch = max_batch;
+        options.num_slots = 1;
+        // KV models need room for the context plus the timed steps; constant-state ones ignore it.
+        options.max_context = context + steps + 2;
+        PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> probe, Model::Create(weights, backend, options));
+        const int64_t slot_bytes = std::max<int64_t>(1, probe->layout().bytes_per_slot());
+        probe.reset();
+        const auto budget = static_cast<int64_t>(absl::GetFlag(FLAGS_budget_gib) * (1 << 30));
+        options.num_slots = std::clamp<int64_t>(budget / slot_bytes, 1, max_batch + 1);
+        PS_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Create(weights, backend, options));
+        const int64_t V = model->config().vocab_size;
 
-      std::vector<int32_t> prompt(static_cast<size_t>(context));
-      for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % static_cast<uint32_t>(V));
-      PS_ASSIGN_OR_RETURN(const SlotId source, model->AcquireSlot());
-      std::vector<float> last(static_cast<size_t>(V));
-      const auto prefill_start = Clock::now();
-      PS_RETURN_IF_ERROR(model->Prefill(source, 0, prompt, absl::MakeSpan(last)));
-      const double prefill_s = Seconds(prefill_start);
-      const int64_t attn_bytes = model->AttentionBytesAt(context);
+        std::vector<int32_t> prompt(static_cast<size_t>(context));
+        for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % static_cast<uint32_t>(V));
+        PS_ASSIGN_OR_RETURN(const SlotId source, model->AcquireSlot());
+        std::vector<float> last(static_cast<size_t>(V));
+        const auto prefill_start = Clock::now();
+        PS_RETURN_IF_ERROR(model->Prefill(source, 0, prompt, absl::MakeSpan(last)));
+        const double prefill_s = Seconds(prefill_start);
+        const int64_t attn_bytes = model->AttentionBytesAt(context);
 
-      for (const int64_t batch : batches) {
-        if (batch + 1 > model->pool().num_slots()) {
-          std::printf(
-              "%7s %9lld %5lld %12.3f  skipped: %lld slots of %lld bytes exceed --budget_gib\n",
-              dtype_name.c_str(), static_cast<long long>(context), static_cast<long long>(batch),
-              prefill_s, static_cast<long long>(batch + 1), static_cast<long long>(slot_bytes));
-          continue;
-        }
-        std::vector<SlotId> slots;
-        for (int64_t b = 0; b < batch; ++b) {
-          PS_ASSIGN_OR_RETURN(SlotId slot, model->AcquireSlot());
-          PS_RETURN_IF_ERROR(model->CopySlot(source, slot));
-          slots.push_back(slot);
-        }
-        std::vector<float> logits(static_cast<size_t>(batch * V));
-        std::vector<double> times;
-        for (int s = 0; s < steps + 2; ++s) {  // two warm-up steps
-          std::vector<DecodeItem> items;
-          for (const SlotId slot : slots) {
-            items.push_back({slot, model->SlotPosition(slot),
-                             static_cast<int32_t>(rng() % static_cast<uint32_t>(V))});
+        for (const int64_t batch : batches) {
+          if (batch + 1 > model->pool().num_slots()) {
+            std::printf(
+                "%7s %9lld %4s %5lld %12.3f  skipped: %lld slots of %lld bytes exceed "
+                "--budget_gib\n",
+                dtype_name.c_str(), static_cast<long long>(context), kv.c_str(),
+                static_cast<long long>(batch), prefill_s, static_cast<long long>(batch + 1),
+                static_cast<long long>(slot_bytes));
+            continue;
           }
-          const auto start = Clock::now();
-          PS_RETURN_IF_ERROR(model->Decode(items, absl::MakeSpan(logits)));
-          if (s >= 2) times.push_back(Seconds(start));
+          std::vector<SlotId> slots;
+          for (int64_t b = 0; b < batch; ++b) {
+            PS_ASSIGN_OR_RETURN(SlotId slot, model->AcquireSlot());
+            PS_RETURN_IF_ERROR(model->CopySlot(source, slot));
+            slots.push_back(slot);
+          }
+          std::vector<float> logits(static_cast<size_t>(batch * V));
+          std::vector<double> times;
+          for (int s = 0; s < steps + 2; ++s) {  // two warm-up steps
+            std::vector<DecodeItem> items;
+            for (const SlotId slot : slots) {
+              items.push_back({slot, model->SlotPosition(slot),
+                               static_cast<int32_t>(rng() % static_cast<uint32_t>(V))});
+            }
+            const auto start = Clock::now();
+            PS_RETURN_IF_ERROR(model->Decode(items, absl::MakeSpan(logits)));
+            if (s >= 2) times.push_back(Seconds(start));
+          }
+          std::sort(times.begin(), times.end());
+          const double step = times[times.size() / 2];
+          const int64_t bytes = weight_bytes + batch * StateBytesPerStep(*model, context);
+          const double gbps = static_cast<double>(bytes) / step / 1e9;
+          std::printf("%7s %9lld %4s %5lld %12.3f %12.3f %12.1f %14lld %10.2f %7.1f%%\n",
+                      dtype_name.c_str(), static_cast<long long>(context), kv.c_str(),
+                      static_cast<long long>(batch), prefill_s, step * 1e3,
+                      static_cast<double>(batch) / step, static_cast<long long>(attn_bytes), gbps,
+                      100.0 * gbps * 1e9 / copy_bw);
+          std::fflush(stdout);
+          if (csv.is_open()) {
+            csv << model_name << ',' << dtype_name << ',' << context << ',' << kv << ',' << batch
+                << ',' << prefill_s << ',' << step * 1e3 << ',' << static_cast<double>(batch) / step
+                << ',' << attn_bytes << ',' << bytes << ',' << gbps << ',' << copy_bw / 1e9 << '\n';
+          }
+          for (const SlotId slot : slots) PS_RETURN_IF_ERROR(model->ReleaseSlot(slot));
         }
-        std::sort(times.begin(), times.end());
-        const double step = times[times.size() / 2];
-        const int64_t bytes = weight_bytes + batch * StateBytesPerStep(*model, context);
-        const double gbps = static_cast<double>(bytes) / step / 1e9;
-        std::printf("%7s %9lld %5lld %12.3f %12.3f %12.1f %14lld %10.2f %7.1f%%\n",
-                    dtype_name.c_str(), static_cast<long long>(context),
-                    static_cast<long long>(batch), prefill_s, step * 1e3,
-                    static_cast<double>(batch) / step, static_cast<long long>(attn_bytes), gbps,
-                    100.0 * gbps * 1e9 / copy_bw);
-        std::fflush(stdout);
-        if (csv.is_open()) {
-          csv << model_name << ',' << dtype_name << ',' << context << ',' << batch << ','
-              << prefill_s << ',' << step * 1e3 << ',' << static_cast<double>(batch) / step << ','
-              << attn_bytes << ',' << bytes << ',' << gbps << ',' << copy_bw / 1e9 << '\n';
-        }
-        for (const SlotId slot : slots) PS_RETURN_IF_ERROR(model->ReleaseSlot(slot));
       }
     }
   }

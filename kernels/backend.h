@@ -128,6 +128,12 @@ enum class KvWeighting {
   kPolynomial,  // (q.k)^4 on qk-normalised q and k (the caller normalises), sum w v / (1 + sum w)
 };
 
+// How a KV cache stores its keys and values. Scores, softmax and sums are fp32 either way.
+enum class KvCacheDtype {
+  kFp32,  // float: the reference numerics (the 1e-4 golden parity)
+  kFp16,  // IEEE binary16, rounded to nearest even on write: half the bytes a decode step reads
+};
+
 // The shape of one KV-cache layer.
 struct KvAttentionShape {
   int64_t heads = 0;     // H
@@ -140,14 +146,21 @@ struct KvAttentionShape {
   // most `capacity` of them (mask.MaxKept of the engine's context limit).
   bool ring = false;
   int64_t capacity = 0;
+  // kFp16: every key and value is rounded to binary16 when it enters the cache, and attention
+  // (decode, and prefill over both the cached rows and the chunk's own tokens) reads only those
+  // rounded values, so prefill and decode still agree. A backend that cannot keep fp16 caches
+  // refuses the shape in CheckShape.
+  KvCacheDtype cache_dtype = KvCacheDtype::kFp32;
 };
 
 // One sequence's KV cache for one layer (backend pointers into its slot).
 struct KvSlotState {
-  float* keys = nullptr;         // [capacity, H, h]
-  float* values = nullptr;       // [capacity, H, h]
-  int64_t* positions = nullptr;  // [capacity]: position of each kept row; list caches only
-  int64_t* count = nullptr;      // list: rows kept; ring: tokens written so far (all time)
+  float* keys = nullptr;           // [capacity, H, h]; fp32 caches, else null
+  float* values = nullptr;         // [capacity, H, h]; fp32 caches, else null
+  int64_t* positions = nullptr;    // [capacity]: position of each kept row; list caches only
+  int64_t* count = nullptr;        // list: rows kept; ring: tokens written so far (all time)
+  uint16_t* keys_f16 = nullptr;    // [capacity, H, h] binary16 bits; fp16 caches, else null
+  uint16_t* values_f16 = nullptr;  // [capacity, H, h] binary16 bits; fp16 caches, else null
 };
 
 class Backend {

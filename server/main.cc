@@ -39,6 +39,7 @@
 
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
+#include "server/engine/model/kv_cache_dtype.h"
 #include "server/engine/model/model.h"
 #include "server/engine/model/weights_dtype.h"
 #include "server/engine/model_io/weights.h"
@@ -71,6 +72,11 @@ ABSL_FLAG(int64_t, max_context, 0,
           "layers. 0 = the model's default (max_seq_len for KV layers, unlimited otherwise).");
 ABSL_FLAG(int64_t, prefill_chunk, 512,
           "Prompt tokens per prefill pass (bounds activation memory).");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto",
+          "KV caches of softmax, polynomial, sliding-window and sparse layers: fp32, fp16 (half "
+          "the memory and decode traffic; scores and sums stay fp32), or auto (fp16 on the cpu "
+          "backend, fp32 on cuda). States export with their dtype and import only into a "
+          "server of the same one.");
 ABSL_FLAG(int64_t, prefill_tokens_per_step, 512,
           "Prompt tokens prefilled per engine step, interleaved with decode steps.");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads for the kernels; 0 = all cores.");
@@ -197,6 +203,9 @@ absl::Status CheckFlags() {
   if (absl::GetFlag(FLAGS_model).empty()) {
     return absl::InvalidArgumentError("--model is required (see --help)");
   }
+  // The value's spelling; BuildEngine resolves it for the backend.
+  PS_RETURN_IF_ERROR(
+      engine::ResolveKvCacheDtype(absl::GetFlag(FLAGS_kv_cache_dtype), "cpu").status());
   for (const auto& [name, value] : std::vector<std::pair<const char*, int64_t>>{
            {"port", absl::GetFlag(FLAGS_port)},
            {"metrics_port", absl::GetFlag(FLAGS_metrics_port)}}) {
@@ -637,6 +646,9 @@ absl::StatusOr<LoadedEngine> BuildEngine(const std::string& model_dir, const Ser
   std::fprintf(stderr, "polysketch-server: linear weights in %s (--weights_dtype %s)\n",
                std::string(ps::kernels::WeightDtypeName(model_options.weights_dtype)).c_str(),
                absl::GetFlag(FLAGS_weights_dtype).c_str());
+  PS_ASSIGN_OR_RETURN(
+      model_options.kv_cache_dtype,
+      engine::ResolveKvCacheDtype(absl::GetFlag(FLAGS_kv_cache_dtype), loaded.backend->name()));
   PS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model,
                       engine::Model::Create(loaded.weights, *loaded.backend, model_options));
   loaded.gauges = std::make_unique<EngineGauges>(metrics, BytesPerSlotByKind(model->layout()));

@@ -29,6 +29,7 @@
 
 #include "base/status_macros.h"
 #include "kernels/backend_factory.h"
+#include "server/engine/model/kv_cache_dtype.h"
 #include "server/engine/model/model.h"
 #include "server/engine/model/weights_dtype.h"
 #include "server/engine/model_io/tokenizer.h"
@@ -70,6 +71,9 @@ ABSL_FLAG(std::string, weights_dtype, "auto",
           "stored format: bf16 when it is stored in bf16 and the backend is cpu, else fp32), "
           "fp32, bf16, int8 (per-channel, weight-only). bf16 and int8 are cpu only. "
           "docs/model-format.md, \"weights_dtype\".");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto",
+          "KV caches of softmax and sparse layers: fp32, fp16, or auto (fp16 on cpu, fp32 on "
+          "cuda).");
 
 namespace {
 
@@ -182,6 +186,9 @@ absl::Status Generate() {
   PS_ASSIGN_OR_RETURN(
       options.weights_dtype,
       ps::engine::ResolveWeightsDtype(absl::GetFlag(FLAGS_weights_dtype), weights, backend));
+  PS_ASSIGN_OR_RETURN(
+      options.kv_cache_dtype,
+      ps::engine::ResolveKvCacheDtype(absl::GetFlag(FLAGS_kv_cache_dtype), backend.name()));
   PS_ASSIGN_OR_RETURN(std::unique_ptr<ps::engine::Model> model,
                       ps::engine::Model::Create(weights, backend, options));
   PS_ASSIGN_OR_RETURN(ps::engine::ByteTokenizer tokenizer,

@@ -15,17 +15,23 @@
 // updated only after every output is computed. Never more than a 32 x 64 score block in memory.
 // Numerics: fp32 products and sums; exp by a degree-7 polynomial after range reduction (relative
 // error ~1e-7, vectorises); polynomial weights (x*x)*(x*x), normaliser 1 + sum w with the 1 exact.
+// fp16 caches (shape.cache_dtype): rows are rounded to binary16 on write (F16C, half_convert.h)
+// and widened a tile at a time into an L1 scratch block before the same fp32 loops run, so a
+// decode step streams 2 * rows * H * h * 2 bytes, half the fp32 cache's. Prefill rounds the
+// chunk's own keys and values the same way before using them, so prefill == decode steps holds.
 #include "kernels/cpu/kv_attention.h"
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "base/check.h"
+#include "kernels/cpu/half_convert.h"
 
 namespace ps::kernels::cpu {
 namespace {
@@ -310,6 +316,38 @@ inline bool TileHidden(const KeyMask& mask, int64_t i_first, int64_t i_last, int
   return false;
 }
 
+// --- cache rows: fp32 or binary16 storage ---------------------------------------------------
+
+inline bool IsHalf(const KvAttentionShape& shape) {
+  return shape.cache_dtype == KvCacheDtype::kFp16;
+}
+
+// Bytes of one cache row [H, h].
+inline size_t RowBytes(const KvAttentionShape& shape) {
+  return static_cast<size_t>(shape.heads * shape.head_dim) *
+         (IsHalf(shape) ? sizeof(uint16_t) : sizeof(float));
+}
+
+inline std::byte* KeyBytes(const KvAttentionShape& shape, const KvSlotState& slot) {
+  return IsHalf(shape) ? reinterpret_cast<std::byte*>(slot.keys_f16)
+                       : reinterpret_cast<std::byte*>(slot.keys);
+}
+
+inline std::byte* ValueBytes(const KvAttentionShape& shape, const KvSlotState& slot) {
+  return IsHalf(shape) ? reinterpret_cast<std::byte*>(slot.values_f16)
+                       : reinterpret_cast<std::byte*>(slot.values);
+}
+
+// Writes the fp32 row src [H, h] into the cache row at dst (rounded to binary16 for fp16 caches).
+inline void StoreRow(const KvAttentionShape& shape, const float* src, std::byte* dst) {
+  const int64_t n = shape.heads * shape.head_dim;
+  if (IsHalf(shape)) {
+    FloatToHalf(src, n, reinterpret_cast<uint16_t*>(dst));
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+
 // --- decode ----------------------------------------------------------------------------------
 
 // List cache: drops the rows that neither query position t nor a later one sees, keeping the
@@ -317,16 +355,17 @@ inline bool TileHidden(const KeyMask& mask, int64_t i_first, int64_t i_last, int
 // move only what follows a gap.
 void DropUnkept(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot) {
   if (shape.mask.KeepsEveryKey()) return;
-  const int64_t row = shape.heads * shape.head_dim;
-  const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
+  const size_t row_bytes = RowBytes(shape);
+  std::byte* keys = KeyBytes(shape, slot);
+  std::byte* values = ValueBytes(shape, slot);
   const int64_t count = *slot.count;
   int64_t kept = 0;
   for (int64_t r = 0; r < count; ++r) {
     if (!shape.mask.Kept(t, slot.positions[r])) continue;
     if (kept != r) {
       slot.positions[kept] = slot.positions[r];
-      std::memcpy(slot.keys + kept * row, slot.keys + r * row, row_bytes);
-      std::memcpy(slot.values + kept * row, slot.values + r * row, row_bytes);
+      std::memcpy(keys + kept * row_bytes, keys + r * row_bytes, row_bytes);
+      std::memcpy(values + kept * row_bytes, values + r * row_bytes, row_bytes);
     }
     ++kept;
   }
@@ -337,21 +376,22 @@ void DropUnkept(const KvAttentionShape& shape, int64_t t, const KvSlotState& slo
 // sees.
 void AppendDecode(const KvAttentionShape& shape, int64_t t, const KvSlotState& slot,
                   const float* k_row, const float* v_row) {
-  const int64_t row = shape.heads * shape.head_dim;
-  const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
+  const size_t row_bytes = RowBytes(shape);
+  std::byte* keys = KeyBytes(shape, slot);
+  std::byte* values = ValueBytes(shape, slot);
   if (shape.ring) {
     PS_DCHECK(*slot.count == t);
     const int64_t r = t % shape.capacity;
-    std::memcpy(slot.keys + r * row, k_row, row_bytes);
-    std::memcpy(slot.values + r * row, v_row, row_bytes);
+    StoreRow(shape, k_row, keys + r * row_bytes);
+    StoreRow(shape, v_row, values + r * row_bytes);
     ++*slot.count;
     return;
   }
   int64_t count = *slot.count;
   PS_DCHECK(count < shape.capacity);
   PS_DCHECK(count == 0 || slot.positions[count - 1] < t);
-  std::memcpy(slot.keys + count * row, k_row, row_bytes);
-  std::memcpy(slot.values + count * row, v_row, row_bytes);
+  StoreRow(shape, k_row, keys + count * row_bytes);
+  StoreRow(shape, v_row, values + count * row_bytes);
   slot.positions[count++] = t;
   *slot.count = count;
   DropUnkept(shape, t, slot);
@@ -365,24 +405,40 @@ struct Partial {
 };
 
 // Attends query q [h] over the cache rows rows.Key(v), v in [r0, r1) (keys/values of this head,
-// `stride` floats apart).
-Partial AttendRange(const KvAttentionShape& shape, const float* q, const float* keys,
-                    const float* values, int64_t stride, const VisibleRuns& rows, int64_t r0,
-                    int64_t r1, float* acc) {
+// `stride` elements apart: float, or binary16 bits for fp16 caches, which are widened a tile at a
+// time into `tile` [2, kDecodeTile, h]).
+Partial AttendRange(const KvAttentionShape& shape, const float* q, const void* keys,
+                    const void* values, int64_t stride, const VisibleRuns& rows, int64_t r0,
+                    int64_t r1, float* acc, float* tile) {
   const int64_t h = shape.head_dim;
   std::fill(acc, acc + h, 0.0f);
   Partial part;
   const bool polynomial = shape.weighting == KvWeighting::kPolynomial;
+  const bool half = IsHalf(shape);
   const float scale = 1.0f / std::sqrt(static_cast<float>(h));
   float scores[kDecodeTile];
   const float* value_rows[kDecodeTile];
   const float* key_rows[kDecodeTile];
+  const uint16_t* key_half[kDecodeTile];
+  const uint16_t* value_half[kDecodeTile];
   for (int64_t t0 = r0; t0 < r1; t0 += kDecodeTile) {
     const int64_t nt = std::min(kDecodeTile, r1 - t0);
-    for (int64_t j = 0; j < nt; ++j) {
-      const int64_t row = rows.Key(t0 + j);
-      key_rows[j] = keys + row * stride;
-      value_rows[j] = values + row * stride;
+    if (half) {
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t row = rows.Key(t0 + j);
+        key_half[j] = static_cast<const uint16_t*>(keys) + row * stride;
+        value_half[j] = static_cast<const uint16_t*>(values) + row * stride;
+        key_rows[j] = tile + j * h;
+        value_rows[j] = tile + (kDecodeTile + j) * h;
+      }
+      HalfRowsToFloat(key_half, nt, h, tile);
+      HalfRowsToFloat(value_half, nt, h, tile + kDecodeTile * h);
+    } else {
+      for (int64_t j = 0; j < nt; ++j) {
+        const int64_t row = rows.Key(t0 + j);
+        key_rows[j] = static_cast<const float*>(keys) + row * stride;
+        value_rows[j] = static_cast<const float*>(values) + row * stride;
+      }
     }
     if (polynomial) {
       for (int64_t j = 0; j < nt; ++j) {
@@ -458,6 +514,8 @@ struct PrefillScratch {
   std::vector<float> acc;     // [kQueryTile, h]
   std::vector<float> scores;  // [kQueryTile, kKeyTile]
   std::vector<float> keys_t;  // [h, kKeyTile]: the key tile transposed, zero past nk
+  std::vector<float> wide;    // [2, kKeyTile, h]: fp16 cached keys, then values, widened
+  const uint16_t* half_ptr[2][kKeyTile];
   float m[kQueryTile];
   float l[kQueryTile];
   const float* key_ptr[kKeyTile];
@@ -563,6 +621,7 @@ void PrefillQueryTile(const PrefillContext& ctx, int64_t head, int64_t i0, int64
   std::fill(s.l, s.l + kQueryTile, 0.0f);
 
   // Cached keys, in position order.
+  const bool half = IsHalf(shape);
   for (int64_t t0 = 0; t0 < ctx.old_rows; t0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, ctx.old_rows - t0);
     for (int64_t j = 0; j < nk; ++j) {
@@ -573,8 +632,19 @@ void PrefillQueryTile(const PrefillContext& ctx, int64_t head, int64_t i0, int64
       } else {
         s.key_pos[j] = slot.positions[row];
       }
-      s.key_ptr[j] = slot.keys + row * stride + head * h;
-      s.value_ptr[j] = slot.values + row * stride + head * h;
+      if (half) {
+        s.half_ptr[0][j] = slot.keys_f16 + row * stride + head * h;
+        s.half_ptr[1][j] = slot.values_f16 + row * stride + head * h;
+        s.key_ptr[j] = s.wide.data() + j * h;
+        s.value_ptr[j] = s.wide.data() + (kKeyTile + j) * h;
+      } else {
+        s.key_ptr[j] = slot.keys + row * stride + head * h;
+        s.value_ptr[j] = slot.values + row * stride + head * h;
+      }
+    }
+    if (half) {
+      HalfRowsToFloat(s.half_ptr[0], nk, h, s.wide.data());
+      HalfRowsToFloat(s.half_ptr[1], nk, h, s.wide.data() + kKeyTile * h);
     }
     PrefillKeyTile(ctx, head, i0, nq, nk, s);
   }
@@ -602,13 +672,15 @@ void PrefillQueryTile(const PrefillContext& ctx, int64_t head, int64_t i0, int64
 void UpdateAfterPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
                         const KvSlotState& slot, const float* k, const float* v) {
   const int64_t row = shape.heads * shape.head_dim;
-  const size_t row_bytes = static_cast<size_t>(row) * sizeof(float);
+  const size_t row_bytes = RowBytes(shape);
+  std::byte* keys = KeyBytes(shape, slot);
+  std::byte* values = ValueBytes(shape, slot);
   const int64_t last = start + n - 1;
   if (shape.ring) {
     const int64_t w = shape.capacity;
     for (int64_t p = std::max(start, last - w + 1); p <= last; ++p) {
-      std::memcpy(slot.keys + (p % w) * row, k + (p - start) * row, row_bytes);
-      std::memcpy(slot.values + (p % w) * row, v + (p - start) * row, row_bytes);
+      StoreRow(shape, k + (p - start) * row, keys + (p % w) * row_bytes);
+      StoreRow(shape, v + (p - start) * row, values + (p % w) * row_bytes);
     }
     *slot.count += n;
     return;
@@ -618,8 +690,8 @@ void UpdateAfterPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
   for (int64_t p = start; p <= last; ++p) {
     if (!shape.mask.Kept(last, p)) continue;
     PS_DCHECK(count < shape.capacity);
-    std::memcpy(slot.keys + count * row, k + (p - start) * row, row_bytes);
-    std::memcpy(slot.values + count * row, v + (p - start) * row, row_bytes);
+    StoreRow(shape, k + (p - start) * row, keys + count * row_bytes);
+    StoreRow(shape, v + (p - start) * row, values + count * row_bytes);
     slot.positions[count++] = p;
   }
   *slot.count = count;
@@ -636,6 +708,7 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
   const int64_t H = shape.heads;
   const int64_t h = shape.head_dim;
   const int64_t stride = H * h;
+  const bool half = IsHalf(shape);
 
   pool.ParallelFor(B, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -675,14 +748,20 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
 
   pool.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
     thread_local std::vector<float> acc;
+    thread_local std::vector<float> tile;  // fp16 caches: [2, kDecodeTile, h] widened rows
     acc.resize(static_cast<size_t>(h));
+    if (half) tile.resize(static_cast<size_t>(2 * kDecodeTile * h));
     for (int64_t i = i0; i < i1; ++i) {
       const DecodeItem& item = item_data[i];
       const KvSlotState& slot = slots[item.seq];
       const int64_t offset = item.seq * stride + item.head * h;
-      const Partial part = AttendRange(
-          shape, q + offset, slot.keys + item.head * h, slot.values + item.head * h, stride,
-          RowsOf(shape, positions[item.seq], slot), item.r0, item.r1, acc.data());
+      const void* keys = half ? static_cast<const void*>(slot.keys_f16 + item.head * h)
+                              : static_cast<const void*>(slot.keys + item.head * h);
+      const void* values = half ? static_cast<const void*>(slot.values_f16 + item.head * h)
+                                : static_cast<const void*>(slot.values + item.head * h);
+      const Partial part = AttendRange(shape, q + offset, keys, values, stride,
+                                       RowsOf(shape, positions[item.seq], slot), item.r0, item.r1,
+                                       acc.data(), tile.data());
       if (item.partial < 0) {
         Finish(shape, part, acc.data(), out + offset);
         continue;
@@ -747,6 +826,21 @@ void KvPrefill(ThreadPool& pool, const KvAttentionShape& shape, int64_t start, i
 
   const int64_t H = shape.heads;
   const int64_t h = shape.head_dim;
+  if (IsHalf(shape)) {
+    // The chunk's keys and values as the cache will hold them, so that query i sees exactly
+    // what a decode step at i would (its own key included).
+    thread_local std::vector<float> rounded;  // [2, n, H, h]: k, then v
+    thread_local std::vector<uint16_t> bits;  // [n, H, h]
+    const int64_t size = n * H * h;
+    rounded.resize(static_cast<size_t>(2 * size));
+    bits.resize(static_cast<size_t>(size));
+    FloatToHalf(k, size, bits.data());
+    HalfToFloat(bits.data(), size, rounded.data());
+    FloatToHalf(v, size, bits.data());
+    HalfToFloat(bits.data(), size, rounded.data() + size);
+    ctx.k = rounded.data();
+    ctx.v = rounded.data() + size;
+  }
   const int64_t num_tiles = (n + kQueryTile - 1) / kQueryTile;
   // The last query tiles see the most keys: hand them out first so the tail balances.
   pool.ParallelFor(H * num_tiles, 1, [&](int64_t i0, int64_t i1) {
@@ -754,6 +848,7 @@ void KvPrefill(ThreadPool& pool, const KvAttentionShape& shape, int64_t start, i
     scratch.acc.resize(static_cast<size_t>(kQueryTile * h));
     scratch.scores.resize(static_cast<size_t>(kQueryTile * kKeyTile));
     scratch.keys_t.resize(static_cast<size_t>(h * kKeyTile));
+    if (IsHalf(shape)) scratch.wide.resize(static_cast<size_t>(2 * kKeyTile * h));
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t tile = num_tiles - 1 - item / H;
       const int64_t head = item % H;
@@ -761,7 +856,7 @@ void KvPrefill(ThreadPool& pool, const KvAttentionShape& shape, int64_t start, i
       PrefillQueryTile(ctx, head, first, std::min(kQueryTile, start + n - first), scratch);
     }
   });
-  UpdateAfterPrefill(shape, start, n, slot, k, v);
+  UpdateAfterPrefill(shape, start, n, slot, ctx.k, ctx.v);
 }
 
 }  // namespace ps::kernels::cpu

@@ -34,6 +34,9 @@ namespace ps::kernels::cpu {
 // caches are split over several items (flash-decoding) and the partial results merged.
 // Numerics: fp32 dot products and sums; softmax weights exp(q.k / sqrt(h) - max); polynomial
 // weights (q.k)^4 as (x*x)*(x*x), out = sum w v / (1 + sum w) with the 1 exact.
+// shape.cache_dtype kFp16: the cache rows are slot.keys_f16 / values_f16 (binary16 bits, same
+// [row, H, h] layout); k and v are rounded to nearest even when stored, and attention reads the
+// rounded values (widened to fp32 exactly), the current token's included.
 void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const int64_t> positions,
               absl::Span<const KvSlotState> slots, const float* q, const float* k, const float* v,
               float* out);

@@ -254,6 +254,12 @@ absl::Status CudaBackend::TakeStatus() {
 }
 
 absl::Status CudaBackend::CheckShape(const KvAttentionShape& shape) const {
+  if (shape.cache_dtype != KvCacheDtype::kFp32) {
+    // TODO(issue 19): fp16 KV caches in kv_kernels.cu (the CPU backend has them).
+    return absl::UnimplementedError(
+        "the cuda backend keeps KV caches in fp32 only: run with --kv_cache_dtype fp32 (or "
+        "auto), or use the cpu backend for fp16 KV caches");
+  }
   if (shape.head_dim > kMaxKvHeadDim) {
     return absl::UnimplementedError(
         absl::StrCat("the cuda backend's KV attention kernels support head_dim up to ",
@@ -553,10 +559,9 @@ void CudaBackend::KvDecode(const KvAttentionShape& shape, absl::Span<const int64
                            const float* v, float* out) {
   const int64_t B = static_cast<int64_t>(positions.size());
   if (B == 0) return;
-  if (shape.head_dim > kMaxKvHeadDim) {
+  if (absl::Status refused = CheckShape(shape); !refused.ok()) {
     // Model::Create refuses such a model (CheckShape); a direct caller learns it here.
-    Record(absl::UnimplementedError(absl::StrCat("cuda KvDecode: head_dim ", shape.head_dim, " > ",
-                                                 kMaxKvHeadDim, " is not supported")),
+    Record(absl::UnimplementedError(absl::StrCat("cuda KvDecode: ", refused.message())),
            /*sticky=*/false);
     return;
   }
@@ -601,9 +606,8 @@ void CudaBackend::KvPrefill(const KvAttentionShape& shape, int64_t start, int64_
                             const KvSlotState& slot, const float* q, const float* k, const float* v,
                             float* out) {
   if (n <= 0) return;
-  if (shape.head_dim > kMaxKvHeadDim) {
-    Record(absl::UnimplementedError(absl::StrCat("cuda KvPrefill: head_dim ", shape.head_dim, " > ",
-                                                 kMaxKvHeadDim, " is not supported")),
+  if (absl::Status refused = CheckShape(shape); !refused.ok()) {
+    Record(absl::UnimplementedError(absl::StrCat("cuda KvPrefill: ", refused.message())),
            /*sticky=*/false);
     return;
   }

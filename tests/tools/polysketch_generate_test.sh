@@ -101,6 +101,18 @@ grep -q "generated tokens: 5 " "${tmp}/err" ||
   fail "generation to max_context: want 5 tokens (4 + 5 > 8 needs no 6th): $(cat "${tmp}/err")"
 run --model "${model}" --prompt "x" --threads -1
 [[ ${rc} -eq 1 ]] || fail "threads -1: exit ${rc}, want 1"
+# --kv_cache_dtype: a bad value is refused naming the flag; fp32 and fp16 both generate (greedy,
+# the same 5 tokens to the limit on this tiny prompt).
+run --model "${softmax}" --prompt "0123" --kv_cache_dtype fp8
+[[ ${rc} -eq 1 ]] || fail "kv_cache_dtype fp8: exit ${rc}, want 1"
+grep -q -- '--kv_cache_dtype: expected auto, fp32 or fp16, got "fp8"' "${tmp}/err" ||
+  fail "kv_cache_dtype fp8: $(cat "${tmp}/err")"
+for dtype in fp32 fp16 auto; do
+  run --model "${softmax}" --prompt "0123" --max_context 8 --max_new_tokens 50 --temperature 0 \
+    --kv_cache_dtype "${dtype}"
+  [[ ${rc} -eq 0 ]] || fail "kv_cache_dtype ${dtype}: exit ${rc}: $(cat "${tmp}/err")"
+  grep -q "generated tokens: 5 " "${tmp}/err" || fail "kv_cache_dtype ${dtype}: $(cat "${tmp}/err")"
+done
 
 # 9. The shipped model runs and reports throughput.
 run --model "${model}" --prompt "And God said" --max_new_tokens 20

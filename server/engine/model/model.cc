@@ -149,8 +149,8 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
   ModelOptions opts = options;
   if (opts.prefill_chunk > block) opts.prefill_chunk = opts.prefill_chunk / block * block;
 
-  PS_ASSIGN_OR_RETURN(StateLayout layout,
-                      StateLayout::Create(cfg, grows ? max_context : int64_t{0}));
+  PS_ASSIGN_OR_RETURN(StateLayout layout, StateLayout::Create(cfg, grows ? max_context : int64_t{0},
+                                                              options.kv_cache_dtype));
   // Device backends keep the slots in their own memory; the CPU backend in plain host memory.
   PS_ASSIGN_OR_RETURN(StatePool pool,
                       StatePool::Create(std::move(layout), opts.num_slots,
@@ -196,6 +196,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelWeights& weights
           .ring = ring,
           .capacity =
               ring ? lp.attn.window : model->layout().layer(static_cast<int64_t>(l)).kv_capacity,
+          .cache_dtype = options.kv_cache_dtype,
       };
       PS_RETURN_IF_ERROR(CheckBackendShape(backend, l, lp.kv_shape));
     }
@@ -585,20 +586,24 @@ void Model::Attention(int64_t layer, int64_t rows, absl::Span<const int64_t> pos
   }
   kv_slots_.clear();
   const bool ring = lp.kv_shape.ring;
+  const StateComponent keys = ring ? StateComponent::kRingKeys : StateComponent::kKvKeys;
+  const StateComponent values = ring ? StateComponent::kRingValues : StateComponent::kKvValues;
+  const bool half = lp.kv_shape.cache_dtype == kernels::KvCacheDtype::kFp16;
   for (const SlotId slot : slots) {
-    kv_slots_.push_back({
-        .keys =
-            pool_.Floats(slot, layer, ring ? StateComponent::kRingKeys : StateComponent::kKvKeys)
-                .data(),
-        .values =
-            pool_
-                .Floats(slot, layer, ring ? StateComponent::kRingValues : StateComponent::kKvValues)
-                .data(),
+    kernels::KvSlotState state{
         .positions =
             ring ? nullptr : pool_.Int64s(slot, layer, StateComponent::kKvPositions).data(),
         .count = pool_.Counter(slot, layer,
                                ring ? StateComponent::kRingCount : StateComponent::kKvCount),
-    });
+    };
+    if (half) {
+      state.keys_f16 = pool_.Halves(slot, layer, keys).data();
+      state.values_f16 = pool_.Halves(slot, layer, values).data();
+    } else {
+      state.keys = pool_.Floats(slot, layer, keys).data();
+      state.values = pool_.Floats(slot, layer, values).data();
+    }
+    kv_slots_.push_back(state);
   }
   if (prefill) {
     backend_.KvPrefill(lp.kv_shape, positions[0], rows, kv_slots_[0], q, k, s.v.f32(), s.o.f32());
@@ -619,17 +624,17 @@ void Model::Logits(int64_t first, int64_t count, float* logits) {
 
 int64_t Model::AttentionBytesAt(int64_t position) const {
   int64_t bytes = 0;
-  const int64_t H = config_.n_heads, h = config_.head_dim();
   for (int64_t l = 0; l < layout().num_layers(); ++l) {
     const LayerStateLayout& ll = layout().layer(l);
     if (!ll.needs_kv_cache) {
       bytes += ll.bytes();
       continue;
     }
-    // A list cache: the kept rows (keys and values, and their positions) plus the row count.
+    // A list cache: the kept rows (keys and values in the KV dtype, and their positions) plus the
+    // row count.
     const int64_t kept =
         AttentionKeyMask(config_.layers[static_cast<size_t>(l)]).KeptAfter(position);
-    bytes += kept * (2 * H * h * static_cast<int64_t>(sizeof(float)) + 8) + 8;
+    bytes += kept * (ll.kv_bytes_per_token + 8) + 8;
   }
   return bytes;
 }

@@ -49,6 +49,12 @@ struct ModelOptions {
   // 19): converted once at Create. kFp32 keeps the golden-parity contract; ResolveWeightsDtype
   // (weights_dtype.h) turns the --weights_dtype flag into this.
   kernels::WeightDtype weights_dtype = kernels::WeightDtype::kFp32;
+  // How the KV caches of softmax, polynomial, sliding_window and sparse layers store keys and
+  // values (kernels/backend.h KvCacheDtype). kFp32 keeps the 1e-4 golden parity; kFp16 halves the
+  // cache's bytes (slot size, and what a decode step streams) at binary16 rounding of k and v.
+  // The servers' --kv_cache_dtype (kv_cache_dtype.h) chooses; Unimplemented at Create when the
+  // backend cannot keep fp16 caches.
+  kernels::KvCacheDtype kv_cache_dtype = kernels::KvCacheDtype::kFp32;
 };
 
 // Positions of constant-state models are limited only by this (2^40 tokens).

@@ -85,12 +85,18 @@ absl::string_view StateComponentName(StateComponent component) {
   return "unknown";
 }
 
+bool IsKvCacheRows(StateComponent component) {
+  return component == StateComponent::kRingKeys || component == StateComponent::kRingValues ||
+         component == StateComponent::kKvKeys || component == StateComponent::kKvValues;
+}
+
 bool IsInt64(StateComponent component) {
   return component == StateComponent::kLocalCount || component == StateComponent::kRingCount ||
          component == StateComponent::kKvPositions || component == StateComponent::kKvCount;
 }
 
-absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64_t max_context) {
+absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64_t max_context,
+                                                kernels::KvCacheDtype kv_dtype) {
   PS_RETURN_IF_ERROR(config.Validate());
   if (max_context < 0) {
     return absl::InvalidArgumentError(
@@ -105,8 +111,11 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64
   const int64_t H = config.n_heads;
   const int64_t h = config.head_dim();
 
+  // Bytes of one KV-cache element (IsKvCacheRows).
+  const int64_t kv_element_bytes = kv_dtype == kernels::KvCacheDtype::kFp16 ? 2 : kFloatBytes;
   StateLayout layout;
   layout.max_context_ = max_context;
+  layout.kv_cache_dtype_ = kv_dtype;
   layout.layers_.reserve(config.layers.size());
   SlotBuilder slot;
   for (size_t i = 0; i < config.layers.size(); ++i) {
@@ -139,7 +148,8 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64
       case AttentionKind::kSlidingWindow: {
         const int64_t w = attn.window;
         layer.window = w;
-        const std::optional<int64_t> ring_bytes = CheckedProduct({H, w, h, kFloatBytes});
+        const std::optional<int64_t> ring_bytes = CheckedProduct({H, w, h, kv_element_bytes});
+        layout.has_kv_cache_rows_ = true;
         PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kRingKeys, ring_bytes));
         PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kRingValues, ring_bytes));
         PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kRingCount, kCounterBytes));
@@ -152,7 +162,7 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64
         // H * h = d_model <= kMaxConfigInt, so one layer's bytes fit; the sum over layers is
         // checked all the same.
         layer.needs_kv_cache = true;
-        if (std::optional<int64_t> bytes = CheckedProduct({H, h, 2, kFloatBytes});
+        if (std::optional<int64_t> bytes = CheckedProduct({H, h, 2, kv_element_bytes});
             bytes.has_value() && !__builtin_add_overflow(layout.kv_bytes_per_token_, *bytes,
                                                          &layout.kv_bytes_per_token_)) {
           layer.kv_bytes_per_token = *bytes;
@@ -163,7 +173,8 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64
         if (max_context > 0) {
           const int64_t cap = AttentionKeyMask(attn).MaxKept(max_context);
           layer.kv_capacity = cap;
-          const std::optional<int64_t> rows_bytes = CheckedProduct({cap, H, h, kFloatBytes});
+          const std::optional<int64_t> rows_bytes = CheckedProduct({cap, H, h, kv_element_bytes});
+          layout.has_kv_cache_rows_ = true;
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kKvKeys, rows_bytes));
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kKvValues, rows_bytes));
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kKvPositions,

@@ -17,6 +17,7 @@
 #include <absl/status/statusor.h>
 #include <absl/strings/string_view.h>
 
+#include "kernels/backend.h"
 #include "kernels/packed_index.h"
 #include "server/engine/model_io/model_config.h"
 
@@ -31,8 +32,9 @@ using ::ps::kernels::PackedSymmetricIndex;
 using ::ps::kernels::PackedSymmetricRows;
 
 // The buffers one layer may keep in a slot. Float components are fp32 (algorithm.md section 5:
-// sums overflow fp16), row-major in the shape given; counters are one int64_t, positions an int64_t
-// array.
+// sums overflow fp16), row-major in the shape given, except the KV-cache rows (kRingKeys,
+// kRingValues, kKvKeys, kKvValues), which are binary16 bits when the layout's kv_cache_dtype is
+// kFp16 (StateLayout::IsFp16); counters are one int64_t, positions an int64_t array.
 enum class StateComponent {
   // polysketch: [H, P, h+1] f32. Element (head, PackedSymmetricIndex(a, c), j) holds S[a, c, j];
   // j < h are the value sums, j == h the normaliser sum. Plain sketch: S over all tokens so far;
@@ -60,6 +62,9 @@ absl::string_view StateComponentName(StateComponent component);  // "sketch", "r
 // True for the int64_t components (the counters kLocalCount, kRingCount, kKvCount and the
 // kKvPositions array), false for the f32 buffers.
 bool IsInt64(StateComponent component);
+// True for the KV-cache rows (kRingKeys, kRingValues, kKvKeys, kKvValues): the buffers that
+// --kv_cache_dtype stores in fp16.
+bool IsKvCacheRows(StateComponent component);
 
 // Where one component lives inside a slot. size_bytes == 0: the layer does not have it.
 struct StateRegion {
@@ -83,7 +88,8 @@ struct LayerStateLayout {
 
   // softmax, polynomial, sparse_strided and sparse_fixed keep keys and values of (some of) the
   // tokens so far: memory that grows with the sequence. kv_bytes_per_token is what one kept
-  // token costs in this layer: keys and values, H x h x 2 f32 (positions not counted). Which
+  // token costs in this layer: keys and values, H x h x 2 elements of the layout's KV dtype
+  // (4 bytes fp32, 2 fp16; positions not counted). Which
   // tokens a layer keeps is its kind's business (softmax, polynomial and sparse_strided: all,
   // since every key of a strided layer is seen again by a later query; sparse_fixed: the current
   // chunk and k_sum per earlier chunk). Without a context limit (max_context 0) the cache is NOT in
@@ -118,8 +124,10 @@ class StateLayout {
   // InvalidArgument "max_context: ..." when it is negative or too large to size a cache with;
   // InvalidArgument "layers[i]: per-request state ... overflows" when a size does not fit in
   // int64_t (only absurd configs or limits; every config integer is <= kMaxConfigInt).
-  [[nodiscard]] static absl::StatusOr<StateLayout> Create(const ModelConfig& config,
-                                                          int64_t max_context = 0);
+  // kv_dtype: the element type of the KV-cache rows (ring and list caches; IsKvCacheRows).
+  [[nodiscard]] static absl::StatusOr<StateLayout> Create(
+      const ModelConfig& config, int64_t max_context = 0,
+      kernels::KvCacheDtype kv_dtype = kernels::KvCacheDtype::kFp32);
 
   const std::vector<LayerStateLayout>& layers() const { return layers_; }
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -134,6 +142,14 @@ class StateLayout {
   int64_t kv_bytes_per_token() const { return kv_bytes_per_token_; }
   // The context limit the layout was made for (0: none, KV caches outside the slot).
   int64_t max_context() const { return max_context_; }
+  // The element type of the KV-cache rows, as asked for in Create.
+  kernels::KvCacheDtype kv_cache_dtype() const { return kv_cache_dtype_; }
+  // True when some layer keeps KV-cache rows in its slot (list or ring): kv_cache_dtype matters.
+  bool has_kv_cache_rows() const { return has_kv_cache_rows_; }
+  // True when `component` is stored as binary16: KV-cache rows of an fp16 layout.
+  bool IsFp16(StateComponent component) const {
+    return kv_cache_dtype_ == kernels::KvCacheDtype::kFp16 && IsKvCacheRows(component);
+  }
 
  private:
   StateLayout() = default;
@@ -142,6 +158,8 @@ class StateLayout {
   int64_t bytes_per_slot_ = 0;
   int64_t kv_bytes_per_token_ = 0;
   int64_t max_context_ = 0;
+  kernels::KvCacheDtype kv_cache_dtype_ = kernels::KvCacheDtype::kFp32;
+  bool has_kv_cache_rows_ = false;
 };
 
 }  // namespace ps::engine

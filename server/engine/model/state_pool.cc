@@ -150,8 +150,17 @@ absl::Span<const std::byte> StatePool::SlotBytes(SlotId id) const {
   return {SlotData(id), static_cast<size_t>(bytes_per_slot())};
 }
 
+absl::Span<uint16_t> StatePool::Halves(SlotId id, int64_t layer, StateComponent component) {
+  PS_DCHECK(layout_.IsFp16(component));
+  std::byte* data = RegionData(id, layer, component);
+  if (data == nullptr) return {};
+  const size_t size =
+      static_cast<size_t>(layout_.layer(layer).region(component).size_bytes) / sizeof(uint16_t);
+  return {reinterpret_cast<uint16_t*>(data), size};
+}
+
 absl::Span<float> StatePool::Floats(SlotId id, int64_t layer, StateComponent component) {
-  PS_DCHECK(!IsInt64(component));
+  PS_DCHECK(!IsInt64(component) && !layout_.IsFp16(component));
   std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =
@@ -161,7 +170,7 @@ absl::Span<float> StatePool::Floats(SlotId id, int64_t layer, StateComponent com
 
 absl::Span<const float> StatePool::Floats(SlotId id, int64_t layer,
                                           StateComponent component) const {
-  PS_DCHECK(!IsInt64(component));
+  PS_DCHECK(!IsInt64(component) && !layout_.IsFp16(component));
   const std::byte* data = RegionData(id, layer, component);
   if (data == nullptr) return {};
   const size_t size =

@@ -78,10 +78,13 @@ class StatePool {
   // bytes_per_slot() is 0.
   absl::Span<std::byte> SlotBytes(SlotId id);
   absl::Span<const std::byte> SlotBytes(SlotId id) const;
-  // A float component of a layer (not IsInt64), shaped as StateComponent documents; empty
-  // when the layer does not have it.
+  // A float component of a layer (not IsInt64, not layout().IsFp16), shaped as StateComponent
+  // documents; empty when the layer does not have it.
   absl::Span<float> Floats(SlotId id, int64_t layer, StateComponent component);
   absl::Span<const float> Floats(SlotId id, int64_t layer, StateComponent component) const;
+  // A binary16 component (layout().IsFp16: KV-cache rows of an fp16 layout) as its bits; empty
+  // when the layer does not have it.
+  absl::Span<uint16_t> Halves(SlotId id, int64_t layer, StateComponent component);
   // A single counter (kLocalCount, kRingCount, kKvCount); nullptr when the layer does not have
   // it.
   int64_t* Counter(SlotId id, int64_t layer, StateComponent component);

@@ -1,6 +1,7 @@
 #include "server/engine/model/state_snapshot.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include <absl/strings/str_cat.h>
@@ -39,6 +40,18 @@ absl::Status ValidateStateBytes(const ModelConfig& config, const StateLayout& la
       const auto component = static_cast<StateComponent>(c);
       const StateRegion& region = layer.region(component);
       if (!region.present()) continue;
+      if (layout.IsFp16(component)) {
+        // binary16: exponent all ones is an infinity or NaN.
+        const int64_t n = region.size_bytes / 2;
+        for (int64_t i = 0; i < n; ++i) {
+          uint16_t v;
+          std::memcpy(&v, bytes.data() + region.offset_bytes + i * 2, sizeof(v));
+          if ((v & 0x7c00u) == 0x7c00u) {
+            return Corrupt(l, component, "holds a value that is not finite");
+          }
+        }
+        continue;
+      }
       if (!IsInt64(component)) {
         const int64_t n = region.size_bytes / static_cast<int64_t>(sizeof(float));
         for (int64_t i = 0; i < n; ++i) {

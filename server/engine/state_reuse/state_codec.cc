@@ -12,6 +12,20 @@ namespace {
 
 constexpr char kMagic[8] = {'P', 'S', 'K', 'S', 'T', 'A', 'T', 'E'};
 constexpr uint8_t kDtypeF32 = 0;
+constexpr uint8_t kDtypeKvF16 = 1;
+
+// The dtype byte a state of `layout` carries: 1 when it holds fp16 KV-cache rows, else 0 (also
+// for an fp16 server whose model keeps no KV cache: its states are the fp32 ones).
+uint8_t DtypeOf(const StateLayout& layout) {
+  return layout.has_kv_cache_rows() && layout.kv_cache_dtype() == kernels::KvCacheDtype::kFp16
+             ? kDtypeKvF16
+             : kDtypeF32;
+}
+
+const char* DtypeName(uint8_t dtype) {
+  return dtype == kDtypeKvF16 ? "fp16 KV caches (--kv_cache_dtype fp16)"
+                              : "fp32 (--kv_cache_dtype fp32)";
+}
 
 template <typename T>
 void Put(std::string& out, T value) {
@@ -61,7 +75,7 @@ std::string EncodeState(const SequenceState& state, const ModelIdentity& model) 
   for (const AttentionConfig& layer : config.layers) {
     Put<uint8_t>(out, static_cast<uint8_t>(layer.kind));
   }
-  Put<uint8_t>(out, kDtypeF32);
+  Put<uint8_t>(out, DtypeOf(*model.layout));
   Put<int64_t>(out, state.snapshot.position);
   Put<uint32_t>(out, static_cast<uint32_t>(state.pending.size()));
   for (int32_t token : state.pending) Put<int32_t>(out, token);
@@ -131,9 +145,14 @@ absl::StatusOr<SequenceState> DecodeState(absl::string_view bytes, const ModelId
     }
   }
   PS_ASSIGN_OR_RETURN(const uint8_t dtype, in.Get<uint8_t>("dtype"));
-  if (dtype != kDtypeF32) {
+  if (dtype != kDtypeF32 && dtype != kDtypeKvF16) {
     return absl::FailedPreconditionError(
-        absl::StrCat("state: dtype ", dtype, "; this server keeps fp32 (0)"));
+        absl::StrCat("state: unknown dtype ", dtype, " (this server reads 0: fp32, 1: fp16 KV)"));
+  }
+  if (const uint8_t want = DtypeOf(*model.layout); dtype != want) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("state: exported with ", DtypeName(dtype), "; this server keeps ",
+                     DtypeName(want), ": import it into a server with the same --kv_cache_dtype"));
   }
   SequenceState state;
   PS_ASSIGN_OR_RETURN(state.snapshot.position, in.Get<int64_t>("position"));

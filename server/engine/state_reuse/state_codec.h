@@ -9,7 +9,8 @@
 //   u32 format_version               kStateFormatVersion
 //   u64 model_fingerprint            ModelFingerprint of the exporting server's model
 //   u32 num_layers, u8 kind[num_layers]   AttentionKind of each layer
-//   u8  dtype                        0: fp32 (the only one)
+//   u8  dtype                        0: fp32; 1: the KV-cache rows are binary16 (--kv_cache_dtype
+//                                    fp16 on a model with KV layers; StateLayout::IsFp16)
 //   i64 position                     tokens the state holds
 //   u32 num_pending, i32 pending[num_pending]   tokens produced but not yet fed to the state
 //   i64 state_bytes, state_bytes bytes          the slot (StateLayout::bytes_per_slot)
@@ -18,9 +19,12 @@
 // Version history: 1 (until issue 18): checksum and model fingerprint with a hash of this
 // project's own; 2: with xxHash's XXH3; 3 (issue 19): a local_exact layer keeps its current
 // block's sketched keys psi(k) [H, b, r] instead of the running sum S_cur [H, P, h+1], so its
-// slot bytes mean something else. A state of an earlier version is refused by name, before its
-// checksum is read (a version-1 checksum could only fail), with both versions and what to do:
-// export it again from a current server.
+// slot bytes mean something else, and the dtype byte may be 1 (fp16 KV caches). A state of an
+// earlier version is refused by name, before its checksum is read (a version-1 checksum could
+// only fail), with both versions and what to do: export it again from a current server. A state
+// is imported only by a server of the same dtype (FailedPrecondition naming both otherwise):
+// converting would change the slot's size, and fp32 -> fp16 would change results silently, so a
+// fleet sharing states (sessions, prefix tier) runs one --kv_cache_dtype.
 #ifndef POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 #define POLYSKETCH_SERVER_ENGINE_STATE_REUSE_STATE_CODEC_H_
 

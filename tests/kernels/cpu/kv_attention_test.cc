@@ -2,12 +2,16 @@
 // the mask applied at read time, reference::Dot / Softmax / Pow4 in double), for every mask kind,
 // with pools of 1 and 3 threads: batched decode at different positions, prefill == decode steps
 // (outputs and cache contents), prefill in unaligned pieces, decode after prefill, long caches
-// that take the split (flash-decoding) path.
+// that take the split (flash-decoding) path. Every case runs with fp32 and fp16 caches: with fp16,
+// the tokens' k and v are made binary16-exact first, so the same oracle and tolerances apply and
+// the cache must hold them bit for bit; Fp16CacheStaysWithinTheRoundingBound then feeds unrounded
+// k and v and bounds the difference from the fp32 oracle.
 #include "kernels/cpu/kv_attention.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iostream>
 #include <ostream>
 #include <random>
 #include <string>
@@ -17,6 +21,7 @@
 #include <absl/types/span.h>
 #include <gtest/gtest.h>
 
+#include "base/half.h"
 #include "kernels/attention_mask.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/thread_pool.h"
@@ -67,38 +72,67 @@ std::vector<MaskCase> MaskCases() {
           {"Fixed", KvWeighting::kSoftmax, fixed, false}};
 }
 
-// A sequence's cache in test-owned memory.
+// A sequence's cache in test-owned memory, in the shape's dtype (the other pair stays empty).
 struct Cache {
-  Cache(const KvAttentionShape& shape)
-      : keys(static_cast<size_t>(shape.capacity * shape.heads * shape.head_dim)),
-        values(keys.size()),
-        positions(static_cast<size_t>(shape.capacity)) {}
+  Cache(const KvAttentionShape& shape) : positions(static_cast<size_t>(shape.capacity)) {
+    const auto size = static_cast<size_t>(shape.capacity * shape.heads * shape.head_dim);
+    if (shape.cache_dtype == KvCacheDtype::kFp16) {
+      keys16.resize(size);
+      values16.resize(size);
+    } else {
+      keys.resize(size);
+      values.resize(size);
+    }
+  }
   KvSlotState Slot(bool ring) {
-    return KvSlotState{keys.data(), values.data(), ring ? nullptr : positions.data(), &count};
+    KvSlotState slot{keys.empty() ? nullptr : keys.data(), values.empty() ? nullptr : values.data(),
+                     ring ? nullptr : positions.data(), &count};
+    if (!keys16.empty()) {
+      slot.keys_f16 = keys16.data();
+      slot.values_f16 = values16.data();
+    }
+    return slot;
+  }
+  // Element i of the keys / values as float, whatever the dtype.
+  float Key(int64_t i) const { return keys16.empty() ? keys[i] : HalfBitsToFloat(keys16[i]); }
+  float Value(int64_t i) const {
+    return values16.empty() ? values[i] : HalfBitsToFloat(values16[i]);
   }
   std::vector<float> keys;
   std::vector<float> values;
+  std::vector<uint16_t> keys16;
+  std::vector<uint16_t> values16;
   std::vector<int64_t> positions;
   int64_t count = 0;
 };
 
-// Every token of a sequence: q, k, v rows [H, h] per position.
+float RoundToHalf(float x) { return HalfBitsToFloat(FloatToHalfBits(x)); }
+
+// Every token of a sequence: q, k, v rows [H, h] per position. `half_exact`: k and v rounded to
+// binary16 values (what an fp16 cache stores), so that an fp16 cache loses nothing of them.
 struct Tokens {
-  Tokens(int64_t num, int64_t row, uint32_t seed) : q(num * row), k(num * row), v(num * row) {
+  Tokens(int64_t num, int64_t row, uint32_t seed, bool half_exact = false)
+      : q(num * row), k(num * row), v(num * row) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     for (float& x : q) x = normal(rng);
     for (float& x : k) x = normal(rng);
     for (float& x : v) x = normal(rng);
+    if (half_exact) {
+      for (float& x : k) x = RoundToHalf(x);
+      for (float& x : v) x = RoundToHalf(x);
+    }
   }
   std::vector<float> q, k, v;
 };
 
-class KvAttentionTest : public ::testing::TestWithParam<std::tuple<MaskCase, int>> {
+class KvAttentionTest : public ::testing::TestWithParam<std::tuple<MaskCase, int, KvCacheDtype>> {
  protected:
   KvAttentionTest() : pool_(std::get<1>(GetParam())) {}
 
   const MaskCase& mask_case() const { return std::get<0>(GetParam()); }
+  KvCacheDtype dtype() const { return std::get<2>(GetParam()); }
+  bool half() const { return dtype() == KvCacheDtype::kFp16; }
 
   KvAttentionShape Shape(int64_t head_dim, int64_t max_context) const {
     KvAttentionShape shape;
@@ -108,6 +142,7 @@ class KvAttentionTest : public ::testing::TestWithParam<std::tuple<MaskCase, int
     shape.mask = mask_case().mask;
     shape.ring = mask_case().ring;
     shape.capacity = shape.ring ? shape.mask.window : shape.mask.MaxKept(max_context);
+    shape.cache_dtype = dtype();
     return shape;
   }
 
@@ -173,8 +208,8 @@ void ExpectCacheHolds(const KvAttentionShape& shape, Cache& cache, const Tokens&
     const int64_t w = shape.capacity;
     for (int64_t p = std::max<int64_t>(0, t - w + 1); p <= t; ++p) {
       for (int64_t i = 0; i < row; ++i) {
-        ASSERT_EQ(cache.keys[(p % w) * row + i], tok.k[p * row + i]) << what << " p " << p;
-        ASSERT_EQ(cache.values[(p % w) * row + i], tok.v[p * row + i]) << what << " p " << p;
+        ASSERT_EQ(cache.Key((p % w) * row + i), tok.k[p * row + i]) << what << " p " << p;
+        ASSERT_EQ(cache.Value((p % w) * row + i), tok.v[p * row + i]) << what << " p " << p;
       }
     }
     return;
@@ -194,8 +229,8 @@ void ExpectCacheHolds(const KvAttentionShape& shape, Cache& cache, const Tokens&
   for (size_t r = 0; r < kept.size(); ++r) {
     ASSERT_EQ(cache.positions[r], kept[r]) << what << " row " << r;
     for (int64_t i = 0; i < row; ++i) {
-      ASSERT_EQ(cache.keys[r * row + i], tok.k[kept[r] * row + i]) << what << " row " << r;
-      ASSERT_EQ(cache.values[r * row + i], tok.v[kept[r] * row + i]) << what << " row " << r;
+      ASSERT_EQ(cache.Key(r * row + i), tok.k[kept[r] * row + i]) << what << " row " << r;
+      ASSERT_EQ(cache.Value(r * row + i), tok.v[kept[r] * row + i]) << what << " row " << r;
     }
   }
 }
@@ -220,7 +255,7 @@ TEST_P(KvAttentionTest, BatchedDecodeMatchesOracle) {
   std::vector<Tokens> tokens;
   std::vector<Cache> caches;
   for (int b = 0; b < 3; ++b) {
-    tokens.emplace_back(offsets[b] + kSteps, row, 100 + b);
+    tokens.emplace_back(offsets[b] + kSteps, row, 100 + b, half());
     caches.emplace_back(shape);
   }
   // Bring sequences 1 and 2 to their starting positions one by one.
@@ -258,7 +293,7 @@ TEST_P(KvAttentionTest, PrefillEqualsDecodeSteps) {
   const KvAttentionShape shape = Shape(8, 256);
   const int64_t row = shape.heads * shape.head_dim;
   for (int64_t n : {1, 7, 33, 150}) {
-    const Tokens tok(n + 5, row, 7 + static_cast<uint32_t>(n));
+    const Tokens tok(n + 5, row, 7 + static_cast<uint32_t>(n), half());
     Cache decoded(shape);
     std::vector<float> want;
     for (int64_t t = 0; t < n; ++t) {
@@ -293,7 +328,7 @@ TEST_P(KvAttentionTest, PrefillInPiecesEqualsOnePiece) {
   const int64_t splits[] = {0, 1, 14, 47, 111, kN};  // unaligned with the 32 / 64 tiles
   const KvAttentionShape shape = Shape(8, 256);
   const int64_t row = shape.heads * shape.head_dim;
-  const Tokens tok(kN, row, 31);
+  const Tokens tok(kN, row, 31, half());
   Cache whole(shape);
   std::vector<float> want(static_cast<size_t>(kN * row));
   KvPrefill(pool_, shape, 0, kN, whole.Slot(shape.ring), tok.q.data(), tok.k.data(), tok.v.data(),
@@ -312,6 +347,8 @@ TEST_P(KvAttentionTest, PrefillInPiecesEqualsOnePiece) {
   EXPECT_EQ(pieces.positions, whole.positions);
   EXPECT_EQ(pieces.keys, whole.keys);
   EXPECT_EQ(pieces.values, whole.values);
+  EXPECT_EQ(pieces.keys16, whole.keys16);
+  EXPECT_EQ(pieces.values16, whole.values16);
 }
 
 // h 64 (and 24: a 16-wide block plus a scalar tail) with caches long enough (700 keys) that a
@@ -333,6 +370,10 @@ void KvAttentionTest::WideHeadsAndLongCaches(int64_t head_dim) {
     for (float& x : tok.q) x /= std::sqrt(static_cast<float>(head_dim));
     for (float& x : tok.k) x /= std::sqrt(static_cast<float>(head_dim));
   }
+  if (half()) {
+    for (float& x : tok.k) x = RoundToHalf(x);
+    for (float& x : tok.v) x = RoundToHalf(x);
+  }
   Cache cache(shape);
   std::vector<float> out(static_cast<size_t>(kN * row));
   KvPrefill(pool_, shape, 0, kN, cache.Slot(shape.ring), tok.q.data(), tok.k.data(), tok.v.data(),
@@ -348,14 +389,76 @@ void KvAttentionTest::WideHeadsAndLongCaches(int64_t head_dim) {
   }
 }
 
-std::string CaseName(const ::testing::TestParamInfo<std::tuple<MaskCase, int>>& param) {
-  return std::get<0>(param.param).name + "Threads" + std::to_string(std::get<1>(param.param));
+// fp16 caches on k and v that are NOT binary16-exact, against the fp32 oracle: prefill then
+// decode. Bound, per output row (first order in the rounding): each stored k and v element moves
+// by at most u|x| with u = 2^-11 (round to nearest binary16; none of these values is subnormal or
+// near overflow). A softmax score then moves by at most d = u * sum_i |q_i k_i| / sqrt(h), so
+// every weight by a factor in [e^-2d, e^2d], and the output (a convex combination of value rows)
+// by at most (e^2d - 1) max|v| + u max|v|, max over the keys the query sees; plus the fp32
+// tolerance of the other tests. Polynomial weights (q.k)^4 have no such scale-free bound (their
+// relative change grows without limit as q.k -> 0), so they are checked only against the
+// half-exact oracle above.
+TEST_P(KvAttentionTest, Fp16CacheStaysWithinTheRoundingBound) {
+  if (!half() || mask_case().weighting != KvWeighting::kSoftmax) {
+    GTEST_SKIP() << "fp16 caches with softmax weights only";
+  }
+  constexpr int64_t kN = 300;
+  constexpr double kU = 1.0 / 2048.0;
+  for (int64_t head_dim : {8, 64}) {
+    SCOPED_TRACE(head_dim);
+    const KvAttentionShape shape = Shape(head_dim, 512);
+    const int64_t H = shape.heads, h = head_dim, row = H * h;
+    const Tokens tok(kN + 4, row, 77);  // not rounded
+    Cache cache(shape);
+    std::vector<float> got(static_cast<size_t>(kN * row));
+    KvPrefill(pool_, shape, 0, kN, cache.Slot(shape.ring), tok.q.data(), tok.k.data(), tok.v.data(),
+              got.data());
+    double worst_ratio = 0.0;  // largest |error| / bound seen, printed to show the bound's slack
+    for (int64_t t = 0; t < kN + 4; ++t) {
+      std::vector<float> out;
+      if (t < kN) {
+        out.assign(got.begin() + t * row, got.begin() + (t + 1) * row);
+      } else {
+        out = DecodeOne(pool_, shape, cache, tok, t);
+      }
+      const std::vector<float> want = Oracle(shape, tok, t);
+      for (int64_t head = 0; head < H; ++head) {
+        double d = 0.0, vmax = 0.0;
+        for (int64_t j = 0; j <= t; ++j) {
+          if (!shape.mask.Visible(t, j)) continue;
+          double qk = 0.0;
+          for (int64_t i = 0; i < h; ++i) {
+            qk += std::abs(double{tok.q[(t * H + head) * h + i]} * tok.k[(j * H + head) * h + i]);
+            vmax = std::max(vmax, std::abs(double{tok.v[(j * H + head) * h + i]}));
+          }
+          d = std::max(d, kU * qk / std::sqrt(static_cast<double>(h)));
+        }
+        const double bound = (std::exp(2 * d) - 1) * vmax + kU * vmax;
+        for (int64_t i = 0; i < h; ++i) {
+          const double w = want[head * h + i];
+          const double error = std::abs(out[head * h + i] - w);
+          ASSERT_LE(error, bound + kAtol + kRtol * std::abs(w))
+              << "t " << t << " head " << head << " element " << i;
+          worst_ratio = std::max(worst_ratio, error / bound);
+        }
+      }
+    }
+    std::cout << "[ fp16 ] " << mask_case().name << " h " << h << ": max error / bound "
+              << worst_ratio << "\n";
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Masks, KvAttentionTest,
-                         ::testing::Combine(::testing::ValuesIn(MaskCases()),
-                                            ::testing::Values(1, 3)),
-                         CaseName);
+std::string CaseName(
+    const ::testing::TestParamInfo<std::tuple<MaskCase, int, KvCacheDtype>>& param) {
+  return std::get<0>(param.param).name + "Threads" + std::to_string(std::get<1>(param.param)) +
+         (std::get<2>(param.param) == KvCacheDtype::kFp16 ? "Fp16" : "");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Masks, KvAttentionTest,
+    ::testing::Combine(::testing::ValuesIn(MaskCases()), ::testing::Values(1, 3),
+                       ::testing::Values(KvCacheDtype::kFp32, KvCacheDtype::kFp16)),
+    CaseName);
 
 }  // namespace
 }  // namespace ps::kernels::cpu

@@ -201,6 +201,28 @@ TEST_F(CudaBackendTest, RefusesTheCpuOnlyWeightFormats) {
   }
 }
 
+// fp16 KV caches are a CPU-backend feature so far: the cuda backend refuses them at load, naming
+// the flag, and an op that meets one anyway writes nothing and reports it.
+TEST_F(CudaBackendTest, RefusesFp16KvCachesNamingTheFlag) {
+  KvAttentionShape shape{.heads = 1,
+                         .head_dim = 64,
+                         .weighting = KvWeighting::kSoftmax,
+                         .mask = KeyMask{},
+                         .ring = false,
+                         .capacity = 4,
+                         .cache_dtype = KvCacheDtype::kFp16};
+  const absl::Status refused = gpu_->CheckShape(shape);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnimplemented);
+  EXPECT_TRUE(absl::StrContains(refused.message(), "--kv_cache_dtype fp32")) << refused;
+  const int64_t positions[1] = {0};
+  const KvSlotState slots[1] = {};
+  gpu_->KvDecode(shape, positions, slots, nullptr, nullptr, nullptr, nullptr);
+  EXPECT_EQ(gpu_->TakeStatus().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_FALSE(gpu_->failed());
+  shape.cache_dtype = KvCacheDtype::kFp32;
+  EXPECT_TRUE(gpu_->CheckShape(shape).ok());
+}
+
 TEST_F(CudaBackendTest, LinearMatchesCpuInBf16AndFp32) {
   auto fp32 = CudaBackend::Create({.device = 0, .gemm = GemmPrecision::kFp32});
   ASSERT_TRUE(fp32.ok());

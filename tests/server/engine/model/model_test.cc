@@ -51,6 +51,11 @@ class ModelGoldenTest : public ::testing::TestWithParam<std::string> {
     PS_ASSERT_OK_AND_ASSIGN(golden_, test::LoadGoldenFixture(GetParam()));
     PS_ASSERT_OK_AND_ASSIGN(weights_, LoadWeights(golden_.model_dir));
   }
+  // The checks of DecodeAfterPrefillAndChunkedPrefillEqualOneShotPrefill under `options`; the
+  // one-shot prefill's logits go to *one_shot.
+  void ExpectDecodeAndPiecesEqualOneShot(const ModelOptions& options, double tol,
+                                         std::vector<float>* one_shot);
+
   test::GoldenFixture golden_;
   ModelWeights weights_;
   kernels::cpu::CpuBackend backend_{2};
@@ -99,14 +104,44 @@ TEST_P(ModelGoldenTest, MatchesGoldenLogitsAndGreedyTokens) {
 // The same token sequence three ways: one prefill; one token of prefill then decode steps; and
 // prefill in uneven pieces (starting mid-block) followed by decode. All logits must agree.
 TEST_P(ModelGoldenTest, DecodeAfterPrefillAndChunkedPrefillEqualOneShotPrefill) {
+  std::vector<float> one_shot;
+  ExpectDecodeAndPiecesEqualOneShot(TestOptions(16), kRelTol, &one_shot);
+}
+
+// fp16 KV caches (--kv_cache_dtype fp16), on the fixtures with KV layers: decode after prefill
+// and prefill in pieces still equal one prefill within kFp16EqualTol, and the logits stay within
+// kFp16RelTol of the float64 reference. Equality bound: every path rounds the same k and v to
+// binary16, but the fp32 paths compute those k and v with different summation orders (a GEMM over
+// the chunk vs one row), ~1e-6 apart, which flips the rounding of a few elements by one
+// binary16 step (2^-11 relative) after the first layer: observed up to 3.3e-4, so 1e-3. Bound: k
+// and v rounded to 11 significant bits (relative error <= 2^-11 ~ 4.9e-4) move attention outputs by
+// about that much per layer, which the fixtures' few layers carry to the logits at the same order;
+// 1e-2 leaves room over the worst error printed.
+TEST_P(ModelGoldenTest, Fp16KvCachesStayNearTheReferenceAndDecodeEqualsPrefill) {
+  constexpr double kFp16RelTol = 1e-2;
+  constexpr double kFp16EqualTol = 1e-3;
+  ModelOptions options = TestOptions(16);
+  options.kv_cache_dtype = kernels::KvCacheDtype::kFp16;
+  PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> probe, Model::Create(weights_, backend_, options));
+  if (!probe->layout().has_kv_cache_rows()) GTEST_SKIP() << "no KV-cache layer";
+  probe.reset();
+  std::vector<float> one_shot;
+  ExpectDecodeAndPiecesEqualOneShot(options, kFp16EqualTol, &one_shot);
+  // The prompt's rows of the one-shot prefill against the golden prefill logits.
+  one_shot.resize(golden_.tokens.size() * static_cast<size_t>(golden_.vocab_size));
+  const double worst = test::ExpectPrefillMatchesGolden(one_shot, golden_, kFp16RelTol);
+  std::cout << "[ fixture ] " << GetParam() << " fp16 KV: max rel error " << worst << "\n";
+}
+
+void ModelGoldenTest::ExpectDecodeAndPiecesEqualOneShot(const ModelOptions& options, double tol,
+                                                        std::vector<float>* one_shot_logits) {
   const int64_t V = golden_.vocab_size;
   std::vector<int32_t> seq = golden_.tokens;
   seq.insert(seq.end(), golden_.greedy.begin(), golden_.greedy.end());
   const int64_t n = static_cast<int64_t>(seq.size());
-  PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> model,
-                          Model::Create(weights_, backend_, TestOptions(16)));
+  PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> model, Model::Create(weights_, backend_, options));
   PS_ASSERT_OK_AND_ASSIGN(SlotId one_shot, model->AcquireSlot());
-  std::vector<float> want;
+  std::vector<float>& want = *one_shot_logits;
   ASSERT_THAT(model->Prefill(one_shot, 0, seq, {}, &want), IsOk());
 
   // Decode only.
@@ -115,11 +150,11 @@ TEST_P(ModelGoldenTest, DecodeAfterPrefillAndChunkedPrefillEqualOneShotPrefill) 
   ASSERT_THAT(
       model->Prefill(stepped, 0, absl::MakeConstSpan(seq).subspan(0, 1), absl::MakeSpan(got)),
       IsOk());
-  EXPECT_LE(MaxRelError(got.data(), want.data(), static_cast<size_t>(V)), kRelTol);
+  EXPECT_LE(MaxRelError(got.data(), want.data(), static_cast<size_t>(V)), tol);
   for (int64_t t = 1; t < n; ++t) {
     const DecodeItem item{stepped, t, seq[t]};
     ASSERT_THAT(model->Decode({&item, 1}, absl::MakeSpan(got)), IsOk());
-    EXPECT_LE(MaxRelError(got.data(), want.data() + t * V, static_cast<size_t>(V)), kRelTol)
+    EXPECT_LE(MaxRelError(got.data(), want.data() + t * V, static_cast<size_t>(V)), tol)
         << "decode at position " << t;
   }
 
@@ -136,7 +171,7 @@ TEST_P(ModelGoldenTest, DecodeAfterPrefillAndChunkedPrefillEqualOneShotPrefill) 
                 IsOk());
     for (int64_t i = 0; i < piece; ++i) {
       EXPECT_LE(MaxRelError(all.data() + i * V, want.data() + (t + i) * V, static_cast<size_t>(V)),
-                kRelTol)
+                tol)
           << "piece prefill at position " << t + i;
     }
     t += piece;
@@ -144,7 +179,7 @@ TEST_P(ModelGoldenTest, DecodeAfterPrefillAndChunkedPrefillEqualOneShotPrefill) 
   for (; t < n; ++t) {
     const DecodeItem item{pieces, t, seq[t]};
     ASSERT_THAT(model->Decode({&item, 1}, absl::MakeSpan(got)), IsOk());
-    EXPECT_LE(MaxRelError(got.data(), want.data() + t * V, static_cast<size_t>(V)), kRelTol)
+    EXPECT_LE(MaxRelError(got.data(), want.data() + t * V, static_cast<size_t>(V)), tol)
         << "decode after pieces at position " << t;
   }
 }
@@ -456,26 +491,32 @@ TEST_F(ModelTest, ConstantStateModelsHaveNoContextLimitAndConstantMemory) {
 // AttentionBytesAt counts exactly the rows the KV kernels keep in the slot.
 TEST_F(ModelTest, AttentionBytesAtCountsTheRowsTheCachesKeep) {
   for (const char* fixture : {"softmax", "sparse-strided", "sparse-fixed", "mixed"}) {
-    PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> model, Load(fixture, TestOptions(512)));
-    const int64_t row = 2 * model->config().d_model * static_cast<int64_t>(sizeof(float)) + 8;
-    PS_ASSERT_OK_AND_ASSIGN(SlotId slot, model->AcquireSlot());
-    std::vector<int32_t> tokens;
-    for (int64_t n : {1, 9, 23, 40}) {
-      while (static_cast<int64_t>(tokens.size()) < n) tokens.push_back(n % 256);
-      const int64_t start = model->SlotPosition(slot);
-      ASSERT_THAT(model->Prefill(slot, start, absl::MakeConstSpan(tokens).subspan(start), {}),
-                  IsOk());
-      int64_t want = 0;
-      for (int64_t l = 0; l < model->layout().num_layers(); ++l) {
-        const LayerStateLayout& layer = model->layout().layer(l);
-        if (!layer.needs_kv_cache) {
-          want += layer.bytes();
-          continue;
+    for (const kernels::KvCacheDtype dtype :
+         {kernels::KvCacheDtype::kFp32, kernels::KvCacheDtype::kFp16}) {
+      ModelOptions options = TestOptions(512);
+      options.kv_cache_dtype = dtype;
+      PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> model, Load(fixture, options));
+      const int64_t element = dtype == kernels::KvCacheDtype::kFp16 ? 2 : 4;
+      const int64_t row = 2 * model->config().d_model * element + 8;
+      PS_ASSERT_OK_AND_ASSIGN(SlotId slot, model->AcquireSlot());
+      std::vector<int32_t> tokens;
+      for (int64_t n : {1, 9, 23, 40}) {
+        while (static_cast<int64_t>(tokens.size()) < n) tokens.push_back(n % 256);
+        const int64_t start = model->SlotPosition(slot);
+        ASSERT_THAT(model->Prefill(slot, start, absl::MakeConstSpan(tokens).subspan(start), {}),
+                    IsOk());
+        int64_t want = 0;
+        for (int64_t l = 0; l < model->layout().num_layers(); ++l) {
+          const LayerStateLayout& layer = model->layout().layer(l);
+          if (!layer.needs_kv_cache) {
+            want += layer.bytes();
+            continue;
+          }
+          const int64_t count = model->pool().Int64s(slot, l, StateComponent::kKvCount)[0];
+          want += count * row + 8;
         }
-        const int64_t count = model->pool().Int64s(slot, l, StateComponent::kKvCount)[0];
-        want += count * row + 8;
+        EXPECT_EQ(model->AttentionBytesAt(n), want) << fixture << " after " << n << " tokens";
       }
-      EXPECT_EQ(model->AttentionBytesAt(n), want) << fixture << " after " << n << " tokens";
     }
   }
 }

@@ -181,6 +181,44 @@ TEST(StateLayoutTest, MaxContextPutsASoftmaxCacheInTheSlot) {
   EXPECT_EQ(layout.kv_bytes_per_token(), 128);
 }
 
+TEST(StateLayoutTest, Fp16KvCachesHalveTheRowsAndNothingElse) {
+  // As MaxContextPutsASoftmaxCacheInTheSlot with 2-byte elements: keys and values 3200 bytes
+  // each, positions 800 at 6400 (ends 7200, padded to 7232), count at 7232. The sliding window's
+  // ring [H 2, w 3, h 8] is 96 bytes per buffer; the polysketch layer's state keeps fp32.
+  const ModelConfig config =
+      Config(16, 2, {Kind(AttentionKind::kSoftmax), SlidingWindow(3), Polysketch(4, true, 4)});
+  PS_ASSERT_OK_AND_ASSIGN(StateLayout fp32, StateLayout::Create(config, 100));
+  PS_ASSERT_OK_AND_ASSIGN(StateLayout fp16,
+                          StateLayout::Create(config, 100, kernels::KvCacheDtype::kFp16));
+  EXPECT_EQ(fp16.kv_cache_dtype(), kernels::KvCacheDtype::kFp16);
+  EXPECT_TRUE(fp16.has_kv_cache_rows());
+  const LayerStateLayout& kv = fp16.layer(0);
+  EXPECT_EQ(kv.kv_bytes_per_token, 64);
+  EXPECT_EQ(fp16.kv_bytes_per_token(), 64);
+  EXPECT_EQ(fp32.kv_bytes_per_token(), 128);
+  EXPECT_EQ(kv.region(StateComponent::kKvKeys), (StateRegion{0, 3200}));
+  EXPECT_EQ(kv.region(StateComponent::kKvValues), (StateRegion{3200, 3200}));
+  EXPECT_EQ(kv.region(StateComponent::kKvPositions), (StateRegion{6400, 800}));
+  EXPECT_EQ(kv.region(StateComponent::kKvCount), (StateRegion{7232, 8}));
+  EXPECT_EQ(fp16.layer(1).region(StateComponent::kRingKeys).size_bytes, 96);
+  EXPECT_EQ(fp32.layer(1).region(StateComponent::kRingKeys).size_bytes, 192);
+  EXPECT_EQ(fp16.layer(2).bytes(), fp32.layer(2).bytes());
+  for (StateComponent c : {StateComponent::kKvKeys, StateComponent::kKvValues,
+                           StateComponent::kRingKeys, StateComponent::kRingValues}) {
+    EXPECT_TRUE(fp16.IsFp16(c));
+    EXPECT_FALSE(fp32.IsFp16(c));
+  }
+  for (StateComponent c : {StateComponent::kSketch, StateComponent::kLocalKeys,
+                           StateComponent::kKvPositions, StateComponent::kRingCount}) {
+    EXPECT_FALSE(fp16.IsFp16(c));
+  }
+  // Only a polysketch model: no KV rows, so the dtype changes nothing.
+  PS_ASSERT_OK_AND_ASSIGN(
+      StateLayout constant,
+      StateLayout::Create(Config(16, 2, {Polysketch(4)}), 0, kernels::KvCacheDtype::kFp16));
+  EXPECT_FALSE(constant.has_kv_cache_rows());
+}
+
 TEST(StateLayoutTest, MaxContextSizesSparseCachesByTheirMask) {
   AttentionConfig strided = Kind(AttentionKind::kSparseStrided);
   strided.window = 4;

@@ -28,12 +28,14 @@ using ::ps::test::StatusIs;
 class StateCodecTest : public ::testing::Test {
  protected:
   // A model of `fixture` with one slot that has seen `n` tokens; its state and identity.
-  void Load(const std::string& fixture, int64_t n) {
+  void Load(const std::string& fixture, int64_t n,
+            kernels::KvCacheDtype kv_dtype = kernels::KvCacheDtype::kFp32) {
     absl::StatusOr<ModelWeights> weights = LoadWeights(test::SourcePath("tests/golden/" + fixture));
     ASSERT_THAT(weights.status(), IsOk());
     ModelOptions options;
     options.num_slots = 1;
     options.max_context = 128;
+    options.kv_cache_dtype = kv_dtype;
     auto model = Model::Create(*weights, backend_, options);
     ASSERT_THAT(model.status(), IsOk());
     model_ = *std::move(model);
@@ -45,6 +47,7 @@ class StateCodecTest : public ::testing::Test {
     state_.pending = {3};
     identity_ = {ModelFingerprint(*weights), &model_->config(), &model_->layout(),
                  model_->max_context()};
+    weights_ = *std::move(weights);
   }
 
   // `bytes` with its checksum recomputed, as an attacker would.
@@ -62,6 +65,7 @@ class StateCodecTest : public ::testing::Test {
   }
 
   kernels::cpu::CpuBackend backend_{1};
+  ModelWeights weights_;
   std::unique_ptr<Model> model_;
   SequenceState state_;
   ModelIdentity identity_;
@@ -208,6 +212,55 @@ TEST_F(StateCodecTest, NonFiniteValuesAndBadPendingTokensAreRefused) {
   state_.snapshot.position = 129;  // past max_context
   EXPECT_THAT(DecodeState(EncodeState(state_, identity_), identity_),
               StatusIs(absl::StatusCode::kInvalidArgument, "context limit"));
+}
+
+// fp16 KV caches (--kv_cache_dtype fp16): the state is half the size in its KV rows, round-trips
+// bit for bit, carries dtype 1, and a server of the other dtype refuses it by name (both ways).
+TEST_F(StateCodecTest, Fp16KvStatesRoundTripAndAreRefusedByAnFp32Server) {
+  Load("mixed", 37);
+  const SequenceState fp32_state = state_;
+  const ModelIdentity fp32_identity = identity_;
+  std::unique_ptr<Model> fp32_model = std::move(model_);
+  Load("mixed", 37, kernels::KvCacheDtype::kFp16);
+  ASSERT_TRUE(model_->layout().has_kv_cache_rows());
+  EXPECT_LT(model_->layout().bytes_per_slot(), fp32_model->layout().bytes_per_slot());
+  const std::string bytes = EncodeState(state_, identity_);
+  PS_ASSERT_OK_AND_ASSIGN(const SequenceState back, DecodeState(bytes, identity_));
+  EXPECT_EQ(back.snapshot.position, 37);
+  EXPECT_EQ(back.snapshot.bytes, state_.snapshot.bytes);
+  EXPECT_THAT(DecodeState(bytes, fp32_identity),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       "exported with fp16 KV caches (--kv_cache_dtype fp16); this server keeps "
+                       "fp32 (--kv_cache_dtype fp32)"));
+  EXPECT_THAT(DecodeState(EncodeState(fp32_state, fp32_identity), identity_),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       "exported with fp32 (--kv_cache_dtype fp32); this server keeps fp16"));
+  // An unknown dtype byte (after magic, version, fingerprint, layer count and kinds).
+  std::string edited = bytes;
+  edited[8 + 4 + 8 + 4 + model_->config().layers.size()] = 7;
+  EXPECT_THAT(DecodeState(Reseal(edited), identity_),
+              StatusIs(absl::StatusCode::kFailedPrecondition, "unknown dtype 7"));
+  // A non-finite binary16 in a KV row (exponent all ones), checksum resealed, is refused.
+  const int64_t layer = 1;  // mixed: polysketch, softmax, sparse_fixed
+  ASSERT_TRUE(model_->layout().IsFp16(StateComponent::kKvKeys) &&
+              model_->layout().layer(layer).region(StateComponent::kKvKeys).present());
+  edited = bytes;
+  const uint16_t infinity = 0x7c00;
+  std::memcpy(edited.data() + PayloadOffset(edited, StateComponent::kKvKeys, layer) + 2, &infinity,
+              2);
+  EXPECT_THAT(DecodeState(Reseal(edited), identity_),
+              StatusIs(absl::StatusCode::kDataLoss, "kv_keys: holds a value that is not finite"));
+}
+
+// A model without KV-cache rows exports the same fp32 state whatever --kv_cache_dtype says, so
+// such states move freely between servers of either setting.
+TEST_F(StateCodecTest, StatesWithoutKvRowsIgnoreTheKvDtype) {
+  Load("polysketch-random-local", 12);
+  const std::string fp32_bytes = EncodeState(state_, identity_);
+  Load("polysketch-random-local", 12, kernels::KvCacheDtype::kFp16);
+  ASSERT_FALSE(model_->layout().has_kv_cache_rows());
+  EXPECT_EQ(EncodeState(state_, identity_), fp32_bytes);
+  EXPECT_THAT(DecodeState(fp32_bytes, identity_).status(), IsOk());
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include "base/half.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define PS_HALF_X86 1
 #else
@@ -21,11 +22,20 @@ namespace {
 
 enum class Isa { kScalar, kF16c, kAvx512 };
 
+#if PS_HALF_X86
+// F16C from cpuid leaf 1 (ECX bit 29): clang's __builtin_cpu_supports has no "f16c" feature name.
+// F16C's instructions are VEX-encoded, so the caller checks AVX (OS ymm support) as well.
+bool HasF16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+#endif
+
 Isa DetectIsa() {
 #if PS_HALF_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) return Isa::kF16c;
+  if (__builtin_cpu_supports("avx") && HasF16c()) return Isa::kF16c;
 #endif
   return Isa::kScalar;
 }

@@ -5,8 +5,8 @@ Checks, in order:
   1. two servers sharing one Redis continue each other's sessions: turns alternating between
      them give exactly the tokens one server alone gives (greedy);
   2. SIGKILL of a server in the middle of a turn: the other continues the session, losing only
-     the turn in flight (after the dead server's lease expires: FAILED_PRECONDITION until then,
-     naming the replica);
+     the turn in flight, once the earlier turns' writes behind have landed (after the dead
+     server's lease expires: FAILED_PRECONDITION until then, naming the replica);
   3. SIGTERM flushes: a turn's state reaches Redis before the process exits, and a new server
      continues it;
   4. Redis restarted (empty): a server holding the session continues from memory and writes it
@@ -218,7 +218,14 @@ def main() -> None:
             fail(f"alternating replicas: {got} != one process {want}")
         print("alternating replicas a, b, a, b: outputs equal one process")
 
-        # 2. SIGKILL of b mid-turn: a continues; only the turn in flight is lost.
+        # 2. SIGKILL of b mid-turn: a continues; only the turn in flight is lost. The turns before
+        # it are safe once their writes behind have landed (docs/sessions.md): wait for b's two
+        # (turns 1 and 3), which a loaded machine can delay past the start of the next turn.
+        deadline = time.monotonic() + 20
+        while b.metrics().get("polysketch_state_tier_writes_total", 0) < 2:
+            if time.monotonic() > deadline:
+                fail(f"b's writes behind did not land in 20 s: {b.metrics()}")
+            time.sleep(0.05)
         stream = b.stub.GenerateStream(
             pb.GenerateRequest(text=TURNS[4], session_id=session, max_new_tokens=100000,
                                sampling=pb.SamplingParams(temperature=0.0)), timeout=60)

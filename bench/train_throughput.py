@@ -13,6 +13,10 @@ Variants (every one through the linear-memory training forms of train/blockwise.
 Shapes: tiny (width 192, 4 layers, 3 heads; the shipped models) and gpt2-small (width 768,
 12 layers, 12 heads, FFN 2048 gated: 85M weights outside the byte embedding).
 
+Each cell keeps freed memory in its process (train/heap.py, as train.py does; --heap glibc-default
+measures without it): with glibc's defaults every large tensor is page-faulted anew each step and
+long sequences pay for it per token.
+
 Cells already in --results are skipped (a long sweep resumes where it stopped); --report turns the
 results into a markdown table (tokens/s, peak memory, ratio to softmax-tiled) and a PNG plot.
 
@@ -50,11 +54,14 @@ BASELINE = "softmax-tiled"
 
 
 def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: int, chunk: int,
-             threads: int) -> Dict[str, Any]:
+             threads: int, heap_mode: str) -> Dict[str, Any]:
     """Runs in the child: builds the model, times `steps` training steps after `warmup`."""
     import torch
     sys.path.insert(0, str(ROOT / "train"))
+    import heap
     from model import ModelConfig, PolySketchFormer
+
+    kept = heap.keep_freed_memory() if heap_mode == "kept" else False
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -90,13 +97,16 @@ def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: i
             # take cores away, tokens per CPU-second still measures the work a step needs.
             "step_cpu_seconds": cpu, "tokens_per_cpu_s": batch * n * steps / sum(cpu),
             "params": sum(p.numel() for p in model.parameters()),
+            "heap": "kept" if kept else "glibc-default",
             "peak_rss_bytes": peak, "activation_peak_bytes": peak - rss_before,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_average": os.getloadavg()}
 
 
 def key(r: Dict[str, Any]):
-    return (r["shape"], r["variant"], r["n"], r["batch"], r["threads"])
+    # Records from before the heap setting was recorded ran with glibc's defaults.
+    return (r["shape"], r["variant"], r["n"], r["batch"], r["threads"],
+            r.get("heap", "glibc-default"))
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -109,13 +119,14 @@ def sweep(args: argparse.Namespace) -> None:
             for variant in args.variants.split(","):
                 batch = max(1, args.tokens_per_step // n)
                 cell = {"shape": shape, "variant": variant, "n": n, "batch": batch,
-                        "threads": args.threads}
+                        "threads": args.threads, "heap": args.heap}
                 if key(cell) in done:
                     print(f"{shape} {variant} n={n}: already in {results}", flush=True)
                     continue
                 t0 = time.time()
                 cmd = [sys.executable, __file__, "--cell", shape, variant, str(n), str(batch),
-                       str(args.steps), str(args.warmup), str(args.chunk), str(args.threads)]
+                       str(args.steps), str(args.warmup), str(args.chunk), str(args.threads),
+                       args.heap]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{shape} {variant} n={n}: FAILED (exit {proc.returncode})\n"
@@ -133,9 +144,10 @@ def sweep(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     recs = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line]
     wanted = args.shapes.split(",")
-    recs = [r for r in recs if r["shape"] in wanted]
+    recs = [r for r in recs if r["shape"] in wanted and r.get("heap", "glibc-default") == args.heap]
     if not recs:
-        sys.exit(f"train_throughput: no results for shapes {wanted} in {args.report}")
+        sys.exit(f"train_throughput: no results for shapes {wanted} with --heap {args.heap} in "
+                 f"{args.report}")
     measure = "tokens_per_s" if args.measure == "wall" else "tokens_per_cpu_s"
     unit = "tokens/s" if args.measure == "wall" else "tokens per CPU-second"
     missing = [key(r) for r in recs if measure not in r]
@@ -149,7 +161,7 @@ def report(args: argparse.Namespace) -> None:
         variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
         by = {(r["variant"], r["n"]): r for r in rows}
         lines += [f"### {shape} ({rows[0]['params'] / 1e6:.1f}M parameters with a polysketch "
-                  f"layer stack; {unit}, activation peak in MiB)", "",
+                  f"layer stack; {unit}, activation peak in MiB; heap {args.heap})", "",
                   "| variant | " + " | ".join(f"{n // 1024}k" if n >= 1024 else str(n)
                                               for n in ns) + " |",
                   "|---|" + "---|" * len(ns)]
@@ -220,12 +232,16 @@ def main() -> None:
                     help="with --report: tokens per wall second, or per CPU-second of the cell's "
                          "process (steadier on a shared machine; with --threads 1 the two agree "
                          "on an idle one)")
-    ap.add_argument("--cell", nargs=8, help=argparse.SUPPRESS)
+    ap.add_argument("--heap", choices=["kept", "glibc-default"], default="kept",
+                    help="kept: freed memory stays in the process (train/heap.py, what train.py "
+                         "does); glibc-default: large tensors are mmapped and page-faulted anew "
+                         "every step. --report tabulates the records of this setting only")
+    ap.add_argument("--cell", nargs=9, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
-        shape, variant, n, batch, steps, warmup, chunk, threads = args.cell
+        shape, variant, n, batch, steps, warmup, chunk, threads, heap_mode = args.cell
         print(json.dumps(run_cell(shape, variant, int(n), int(batch), int(steps), int(warmup),
-                                  int(chunk), int(threads))))
+                                  int(chunk), int(threads), heap_mode)))
         return
     if args.report:
         report(args)

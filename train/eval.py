@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Position buckets are those of the serving-path evaluation, so both tables read alike.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients" / "python"))
+import heap  # noqa: E402
 from modelio import load_model_dir  # noqa: E402
 from polysketch_eval import perplexity as buckets  # noqa: E402
 
@@ -77,6 +78,7 @@ def main() -> None:
                     help="instead: bits per byte by position bucket for each context length")
     ap.add_argument("--json", type=Path, default=None, help="with --by-position: write JSON")
     args = ap.parse_args()
+    heap.keep_freed_memory()  # long windows: reuse freed pages (train/heap.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.data.exists():

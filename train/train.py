@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The passkey format is shared with the eval tool (clients/python/polysketch_eval/retrieval.py):
 # one source of truth, pure standard library.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients" / "python"))
+import heap  # noqa: E402
 from model import ModelConfig, PolySketchFormer  # noqa: E402
 from polysketch_eval import retrieval  # noqa: E402
 
@@ -232,6 +233,7 @@ def main() -> None:
                     help="stop (with a checkpoint) after this step without changing the schedule; "
                          "a later run resumes as if never stopped")
     args = ap.parse_args()
+    heap.keep_freed_memory()  # long sequences: reuse freed pages instead of faulting them anew
 
     mc, tc = load_run_config(args.config)
     if args.steps is not None:

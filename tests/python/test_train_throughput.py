@@ -33,6 +33,7 @@ def test_sweep_resume_and_report(tmp_path: Path) -> None:
         assert r["tokens_per_s"] == r["n"] / r["step_seconds"][0]
         assert r["tokens_per_cpu_s"] == r["n"] / r["step_cpu_seconds"][0]
         assert r["step_cpu_seconds"][0] > 0
+        assert r["heap"] == "kept"  # the default, as train.py runs
 
     again = run(*sweep)  # every cell is in the results: nothing is measured twice
     assert again.returncode == 0 and again.stdout.count("already in") == 4, again.stdout
@@ -56,7 +57,28 @@ def test_cpu_report_refuses_records_without_cpu_time(tmp_path: Path) -> None:
     old.write_text(json.dumps({"shape": "tiny", "variant": "softmax-tiled", "n": 1024,
                                "batch": 1, "threads": 2, "tokens_per_s": 100.0,
                                "activation_peak_bytes": 1, "params": 1}) + "\n")
-    proc = run("--report", str(old), "--measure", "cpu")
+    # Records from before the heap setting was recorded ran with glibc's defaults.
+    proc = run("--report", str(old), "--measure", "cpu", "--heap", "glibc-default")
     assert proc.returncode != 0
     assert "1 results lack tokens_per_cpu_s" in proc.stderr
-    assert run("--report", str(old), "--measure", "wall").returncode == 0
+    assert run("--report", str(old), "--measure", "wall", "--heap",
+               "glibc-default").returncode == 0
+
+
+def test_report_tabulates_one_heap_setting(tmp_path: Path) -> None:
+    results = tmp_path / "mixed.jsonl"
+    base = {"shape": "tiny", "variant": "softmax-tiled", "n": 1024, "batch": 1, "threads": 2,
+            "activation_peak_bytes": 1, "params": 1}
+    results.write_text(json.dumps({**base, "tokens_per_s": 111.0}) + "\n" +
+                       json.dumps({**base, "tokens_per_s": 222.0, "heap": "kept"}) + "\n")
+    kept = run("--report", str(results))
+    assert kept.returncode == 0, kept.stderr
+    assert "heap kept" in kept.stdout and "| 222 (0) |" in kept.stdout
+    assert "111" not in kept.stdout
+    default = run("--report", str(results), "--heap", "glibc-default")
+    assert default.returncode == 0, default.stderr
+    assert "| 111 (0) |" in default.stdout and "222" not in default.stdout
+    only_default = tmp_path / "old.jsonl"
+    only_default.write_text(json.dumps({**base, "tokens_per_s": 111.0}) + "\n")
+    none = run("--report", str(only_default))
+    assert none.returncode != 0 and "with --heap kept" in none.stderr

@@ -289,3 +289,52 @@ def tiled_polynomial(qn: torch.Tensor, kn: torch.Tensor, c: torch.Tensor,
 
 def softmax_scale(h: int) -> float:
     return 1.0 / math.sqrt(h)
+
+
+class _Recomputed(torch.autograd.Function):
+    """y = fn(x) for a token-wise fn (rows along dim 2 independent), keeping only x: backward
+    recomputes fn one chunk of rows at a time and differentiates that chunk, so fn's inner
+    activations exist for one chunk at a time instead of for all n rows."""
+
+    @staticmethod
+    def forward(ctx, x, fn, chunk, *params):
+        ctx.fn, ctx.chunk, ctx.params = fn, chunk, params
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.cat([fn(x[:, :, s:e]) for s, e in _spans(x.shape[2], chunk)], dim=2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[0]
+        wanted = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        dx = torch.empty_like(x) if want_x else None
+        dparams = [torch.zeros_like(p) for p in wanted]
+        for s, e in _spans(x.shape[2], ctx.chunk):
+            with torch.enable_grad():
+                xc = x[:, :, s:e].detach().requires_grad_(want_x)
+                y = ctx.fn(xc)
+                grads = torch.autograd.grad(y, ([xc] if want_x else []) + wanted,
+                                            dy[:, :, s:e], allow_unused=True)
+            if want_x:
+                dx[:, :, s:e] = grads[0]
+                grads = grads[1:]
+            for acc, g in zip(dparams, grads):
+                if g is not None:
+                    acc += g
+        it = iter(dparams)
+        return (dx, None, None,
+                *[next(it) if need else None for need in ctx.needs_input_grad[3:]])
+
+
+def recomputed(fn, x: torch.Tensor, params: List[torch.Tensor], chunk: int) -> torch.Tensor:
+    """fn(x) (token-wise along dim 2, using exactly the parameters `params`) with its activations
+    recomputed in backward, `chunk` rows at a time: values and gradients of fn(x), memory of one
+    chunk's activations. The learned sketch's MLP (8r wide per head, on q and on k) is most of a
+    polysketch layer's activation memory at long n; this keeps it to one chunk for one more
+    forward of that MLP per step."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if not torch.is_grad_enabled():
+        return fn(x)
+    return _Recomputed.apply(x, fn, chunk, *params)

@@ -440,17 +440,25 @@ class Attention(nn.Module):
     # -- training form: linear memory (blockwise.py) --------------------------------------------
     def train_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       local: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                      chunk: int = 256) -> torch.Tensor:
+                      chunk: int = 256, recompute: bool = False) -> torch.Tensor:
         """The dense form's values and gradients without any [n, n] tensor: the block algorithm
         for polysketch, FlashAttention-style tiles for softmax, sliding window (only the tiles the
-        window reaches) and exact polynomial. The sparse kinds fall back to the dense form."""
+        window reaches) and exact polynomial. The sparse kinds fall back to the dense form.
+        recompute: the learned sketch's MLP keeps no activations, backward recomputes it `chunk`
+        tokens at a time (blockwise.recomputed)."""
         kind = self.cfg.kind
         if kind == "polysketch":
             ql = kl = None
             if self.cfg.local_exact:
                 lq, lk = local or (q, k)
                 ql, kl = self.local_q_norm(lq), self.local_k_norm(lk)
-            u = blockwise.sketch_attention(self.psi(q), self.psi(k), with_ones(v), ql, kl,
+            if recompute and self.cfg.sketch == "learned":
+                params = list(self.sketch.parameters())
+                a = blockwise.recomputed(self.psi, q, params, chunk)
+                bk = blockwise.recomputed(self.psi, k, params, chunk)
+            else:
+                a, bk = self.psi(q), self.psi(k)
+            u = blockwise.sketch_attention(a, bk, with_ones(v), ql, kl,
                                            self.cfg.block_size if self.cfg.local_exact else None,
                                            chunk)
             return u[..., :-1] / (1.0 + u[..., -1:])
@@ -700,7 +708,9 @@ class PolySketchFormer(nn.Module):
         form "dense": the masked quadratic definition. form "block": the same function in linear
         memory for training at long n (Attention.train_forward; `chunk` tokens per chunk or tile).
         checkpoint: recompute each block's activations in backward (torch.utils.checkpoint), so
-        stored activations are one [B, n, D] tensor per block."""
+        stored activations are one [B, n, D] tensor per block; in form "block" the learned
+        sketch's MLP is also recomputed chunk by chunk inside the block's backward, so that its
+        activations (8r wide per head) exist for one chunk at a time."""
         if form not in ("dense", "block"):
             raise ValueError(f"form must be 'dense' or 'block', got {form!r}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -708,17 +718,18 @@ class PolySketchFormer(nn.Module):
         for blk in self.blocks:
             if checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self._block, blk, x, positions, form, chunk,
-                                                      use_reentrant=False)
+                                                      True, use_reentrant=False)
             else:
                 x = self._block(blk, x, positions, form, chunk)
         return self._head(x)
 
     def _block(self, blk: Block, x: torch.Tensor, positions: torch.Tensor, form: str,
-               chunk: int) -> torch.Tensor:
+               chunk: int, recompute: bool = False) -> torch.Tensor:
         q, k, v, local = self._qkv(blk, x, positions)
         if form == "dense":
             return self._finish_attn(blk, x, blk.attn.dense(q, k, v, local))
-        return self._finish_attn(blk, x, blk.attn.train_forward(q, k, v, local, chunk))
+        return self._finish_attn(blk, x, blk.attn.train_forward(q, k, v, local, chunk,
+                                                                recompute))
 
     def init_state(self, batch: int = 1, dtype: Optional[torch.dtype] = None) -> List[Any]:
         dtype = dtype or self.embed.weight.dtype

@@ -10,7 +10,7 @@ import torch
 
 import blockwise
 from helpers import make_model, make_tokens
-from model import with_ones
+from model import LearnedSketch, with_ones
 
 # float64 throughout: the forms only regroup sums (~1e-15 relative), while a wrong mask, block
 # alignment or adjoint moves a gradient by far more than 1e-10 relative.
@@ -73,9 +73,44 @@ def test_block_form_under_every_position_encoding(mode: str) -> None:
     assert_forms_agree(model, make_tokens(2, 20), chunk=8)
 
 
-def test_checkpointed_block_form_equals_dense() -> None:
-    model = make_model([sketch_layer("random", True), {"kind": "softmax"}], seed=4)
+@pytest.mark.parametrize("sketch", ["random", "learned"])
+def test_checkpointed_block_form_equals_dense(sketch: str) -> None:
+    # With checkpoint the learned sketch's MLP is also recomputed in chunks (blockwise.recomputed).
+    model = make_model([sketch_layer(sketch, True), {"kind": "softmax"}], seed=4)
     assert_forms_agree(model, make_tokens(1, 18), chunk=4, checkpoint=True)
+
+
+@pytest.mark.parametrize("n,chunk", [(23, 5), (16, 8), (7, 64), (9, 1)])
+def test_recomputed_sketch_equals_the_direct_one(n: int, chunk: int) -> None:
+    torch.manual_seed(n * 100 + chunk)
+    sketch = LearnedSketch(8, 4, 1e-5).double()
+    params = list(sketch.parameters())
+    x = torch.randn(2, 3, n, 8, dtype=torch.float64)
+    dy = torch.randn(2, 3, n, 4, dtype=torch.float64)
+
+    def grads(fn, with_x: bool):
+        xi = x.clone().requires_grad_(with_x)
+        y = fn(xi)
+        got = torch.autograd.grad(y, ([xi] if with_x else []) + params, dy)
+        return y.detach(), got
+
+    for with_x in (True, False):  # q and k carry gradients; a frozen input only the weights'
+        want_y, want = grads(sketch, with_x)
+        got_y, got = grads(lambda xi: blockwise.recomputed(sketch, xi, params, chunk), with_x)
+        assert rel_err(got_y, want_y) <= RTOL
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) <= RTOL
+
+
+def test_recomputed_refuses_a_bad_chunk_and_is_plain_without_grad() -> None:
+    sketch = LearnedSketch(8, 4, 1e-5)
+    x = torch.randn(1, 1, 5, 8)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        blockwise.recomputed(sketch, x, list(sketch.parameters()), 0)
+    with torch.no_grad():
+        y = blockwise.recomputed(sketch, x, list(sketch.parameters()), 2)
+    assert y.grad_fn is None and torch.equal(y, sketch(x))
 
 
 @pytest.mark.parametrize("n,tile", [(16, 4), (23, 4), (7, 32), (10, 1)])

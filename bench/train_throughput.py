@@ -51,10 +51,11 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "polynomial-tiled": {"kind": "polynomial"},
 }
 BASELINE = "softmax-tiled"
+RECOMPUTED = " (sketch recomputed)"
 
 
 def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: int, chunk: int,
-             threads: int, heap_mode: str) -> Dict[str, Any]:
+             threads: int, heap_mode: str, recompute_sketch: bool) -> Dict[str, Any]:
     """Runs in the child: builds the model, times `steps` training steps after `warmup`."""
     import torch
     sys.path.insert(0, str(ROOT / "train"))
@@ -77,7 +78,8 @@ def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: i
         tokens = torch.randint(0, 256, (batch, n + 1), generator=gen)
         c0 = time.process_time()
         t0 = time.perf_counter()
-        logits = model(tokens[:, :-1], form="block", chunk=chunk, checkpoint=True)
+        logits = model(tokens[:, :-1], form="block", chunk=chunk, checkpoint=True,
+                       recompute_sketch=recompute_sketch)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,7 +99,7 @@ def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: i
             # take cores away, tokens per CPU-second still measures the work a step needs.
             "step_cpu_seconds": cpu, "tokens_per_cpu_s": batch * n * steps / sum(cpu),
             "params": sum(p.numel() for p in model.parameters()),
-            "heap": "kept" if kept else "glibc-default",
+            "heap": "kept" if kept else "glibc-default", "recompute_sketch": recompute_sketch,
             "peak_rss_bytes": peak, "activation_peak_bytes": peak - rss_before,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_average": os.getloadavg()}
@@ -105,8 +107,13 @@ def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: i
 
 def key(r: Dict[str, Any]):
     # Records from before the heap setting was recorded ran with glibc's defaults.
-    return (r["shape"], r["variant"], r["n"], r["batch"], r["threads"],
+    return (r["shape"], row_name(r), r["n"], r["batch"], r["threads"],
             r.get("heap", "glibc-default"))
+
+
+def row_name(r: Dict[str, Any]) -> str:
+    """The table row of a record: its variant, marked when the learned sketch was recomputed."""
+    return r["variant"] + (RECOMPUTED if r.get("recompute_sketch") else "")
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -119,14 +126,15 @@ def sweep(args: argparse.Namespace) -> None:
             for variant in args.variants.split(","):
                 batch = max(1, args.tokens_per_step // n)
                 cell = {"shape": shape, "variant": variant, "n": n, "batch": batch,
-                        "threads": args.threads, "heap": args.heap}
+                        "threads": args.threads, "heap": args.heap,
+                        "recompute_sketch": args.recompute_sketch}
                 if key(cell) in done:
                     print(f"{shape} {variant} n={n}: already in {results}", flush=True)
                     continue
                 t0 = time.time()
                 cmd = [sys.executable, __file__, "--cell", shape, variant, str(n), str(batch),
                        str(args.steps), str(args.warmup), str(args.chunk), str(args.threads),
-                       args.heap]
+                       args.heap, "1" if args.recompute_sketch else "0"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{shape} {variant} n={n}: FAILED (exit {proc.returncode})\n"
@@ -158,8 +166,9 @@ def report(args: argparse.Namespace) -> None:
     for shape in [s for s in SHAPES if any(r["shape"] == s for r in recs)]:
         rows = [r for r in recs if r["shape"] == shape]
         ns = sorted({r["n"] for r in rows})
-        variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-        by = {(r["variant"], r["n"]): r for r in rows}
+        names = [v + m for v in VARIANTS for m in ("", RECOMPUTED)]
+        variants = [v for v in names if any(row_name(r) == v for r in rows)]
+        by = {(row_name(r), r["n"]): r for r in rows}
         lines += [f"### {shape} ({rows[0]['params'] / 1e6:.1f}M parameters with a polysketch "
                   f"layer stack; {unit}, activation peak in MiB; heap {args.heap})", "",
                   "| variant | " + " | ".join(f"{n // 1024}k" if n >= 1024 else str(n)
@@ -193,9 +202,9 @@ def report(args: argparse.Namespace) -> None:
         shapes = [s for s in SHAPES if any(r["shape"] == s for r in recs)]
         fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
         for ax, shape in zip(axes[0], shapes):
-            for v in VARIANTS:
+            for v in [v + m for v in VARIANTS for m in ("", RECOMPUTED)]:
                 pts = sorted((r["n"], r[measure]) for r in recs
-                             if r["shape"] == shape and r["variant"] == v)
+                             if r["shape"] == shape and row_name(r) == v)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
             ax.set_xscale("log", base=2)
@@ -236,12 +245,15 @@ def main() -> None:
                     help="kept: freed memory stays in the process (train/heap.py, what train.py "
                          "does); glibc-default: large tensors are mmapped and page-faulted anew "
                          "every step. --report tabulates the records of this setting only")
-    ap.add_argument("--cell", nargs=9, help=argparse.SUPPRESS)
+    ap.add_argument("--recompute-sketch", action="store_true",
+                    help="recompute the learned sketch's MLP in backward too (less memory, slower; "
+                         "PolySketchFormer.forward); its rows are marked " + repr(RECOMPUTED))
+    ap.add_argument("--cell", nargs=10, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
-        shape, variant, n, batch, steps, warmup, chunk, threads, heap_mode = args.cell
+        shape, variant, n, batch, steps, warmup, chunk, threads, heap_mode, recompute = args.cell
         print(json.dumps(run_cell(shape, variant, int(n), int(batch), int(steps), int(warmup),
-                                  int(chunk), int(threads), heap_mode)))
+                                  int(chunk), int(threads), heap_mode, recompute == "1")))
         return
     if args.report:
         report(args)

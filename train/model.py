@@ -702,15 +702,18 @@ class PolySketchFormer(nn.Module):
 
     # -- the three forms ------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, form: str = "dense", chunk: int = 256,
-                checkpoint: bool = False) -> torch.Tensor:
+                checkpoint: bool = False, recompute_sketch: bool = False) -> torch.Tensor:
         """tokens: [B, n] int64 -> logits [B, n, V], from position 0.
 
         form "dense": the masked quadratic definition. form "block": the same function in linear
         memory for training at long n (Attention.train_forward; `chunk` tokens per chunk or tile).
         checkpoint: recompute each block's activations in backward (torch.utils.checkpoint), so
-        stored activations are one [B, n, D] tensor per block; in form "block" the learned
-        sketch's MLP is also recomputed chunk by chunk inside the block's backward, so that its
-        activations (8r wide per head) exist for one chunk at a time."""
+        stored activations are one [B, n, D] tensor per block.
+        recompute_sketch (form "block", with checkpoint): the learned sketch's MLP is also
+        recomputed chunk by chunk inside the block's backward, so its activations (8r wide per
+        head) exist for one chunk at a time: 2.5x less activation memory for the learned sketch,
+        for one more forward of its MLP (30% slower on the tiny shape, where that MLP is more
+        than half of a layer's work; docs/performance.md)."""
         if form not in ("dense", "block"):
             raise ValueError(f"form must be 'dense' or 'block', got {form!r}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -718,7 +721,7 @@ class PolySketchFormer(nn.Module):
         for blk in self.blocks:
             if checkpoint and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(self._block, blk, x, positions, form, chunk,
-                                                      True, use_reentrant=False)
+                                                      recompute_sketch, use_reentrant=False)
             else:
                 x = self._block(blk, x, positions, form, chunk)
         return self._head(x)

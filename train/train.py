@@ -54,6 +54,9 @@ class TrainConfig:
     form: str = "dense"
     chunk: int = 256
     checkpoint: bool = False  # recompute each block's activations in backward
+    # With checkpoint and form "block": recompute the learned sketch's MLP too, chunk by chunk
+    # (PolySketchFormer.forward): less memory, slower steps.
+    recompute_sketch: bool = False
     # Synthetic retrieval mix (docs/evaluation.md): each training sequence, with this
     # probability, becomes corpus filler with a random 5-digit key planted at a random depth and
     # the passkey question and answer at its end, in the format of `polysketch_eval passkey`.
@@ -312,7 +315,8 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         batch = sample_batch(train_data, tc, rng, device)
-        logits = model(batch.x, form=tc.form, chunk=tc.chunk, checkpoint=tc.checkpoint)
+        logits = model(batch.x, form=tc.form, chunk=tc.chunk, checkpoint=tc.checkpoint,
+                       recompute_sketch=tc.recompute_sketch)
         loss, key_stats = batch_loss(logits, batch, tc)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -30,10 +30,11 @@ def loss_and_grads(model, tokens: torch.Tensor, **forward: Any):
     return float(loss), grads
 
 
-def assert_forms_agree(model, tokens: torch.Tensor, chunk: int, checkpoint: bool = False) -> None:
+def assert_forms_agree(model, tokens: torch.Tensor, chunk: int, checkpoint: bool = False,
+                       recompute_sketch: bool = False) -> None:
     want_loss, want = loss_and_grads(model, tokens)
     got_loss, got = loss_and_grads(model, tokens, form="block", chunk=chunk,
-                                   checkpoint=checkpoint)
+                                   checkpoint=checkpoint, recompute_sketch=recompute_sketch)
     assert abs(got_loss - want_loss) <= RTOL * abs(want_loss), (got_loss, want_loss)
     assert set(got) == set(want)
     for name in want:
@@ -74,10 +75,13 @@ def test_block_form_under_every_position_encoding(mode: str) -> None:
 
 
 @pytest.mark.parametrize("sketch", ["random", "learned"])
-def test_checkpointed_block_form_equals_dense(sketch: str) -> None:
-    # With checkpoint the learned sketch's MLP is also recomputed in chunks (blockwise.recomputed).
+@pytest.mark.parametrize("recompute_sketch", [False, True])
+def test_checkpointed_block_form_equals_dense(sketch: str, recompute_sketch: bool) -> None:
+    # recompute_sketch: the learned sketch's MLP is also recomputed in chunks
+    # (blockwise.recomputed); the random sketch has no MLP and ignores it.
     model = make_model([sketch_layer(sketch, True), {"kind": "softmax"}], seed=4)
-    assert_forms_agree(model, make_tokens(1, 18), chunk=4, checkpoint=True)
+    assert_forms_agree(model, make_tokens(1, 18), chunk=4, checkpoint=True,
+                       recompute_sketch=recompute_sketch)
 
 
 @pytest.mark.parametrize("n,chunk", [(23, 5), (16, 8), (7, 64), (9, 1)])

@@ -34,6 +34,7 @@ def test_sweep_resume_and_report(tmp_path: Path) -> None:
         assert r["tokens_per_cpu_s"] == r["n"] / r["step_cpu_seconds"][0]
         assert r["step_cpu_seconds"][0] > 0
         assert r["heap"] == "kept"  # the default, as train.py runs
+        assert r["recompute_sketch"] is False
 
     again = run(*sweep)  # every cell is in the results: nothing is measured twice
     assert again.returncode == 0 and again.stdout.count("already in") == 4, again.stdout
@@ -78,6 +79,15 @@ def test_report_tabulates_one_heap_setting(tmp_path: Path) -> None:
     default = run("--report", str(results), "--heap", "glibc-default")
     assert default.returncode == 0, default.stderr
     assert "| 111 (0) |" in default.stdout and "222" not in default.stdout
+    recomputed = tmp_path / "recomputed.jsonl"
+    learned = {**base, "variant": "polysketch-learned-local", "heap": "kept"}
+    recomputed.write_text(json.dumps({**learned, "tokens_per_s": 50.0}) + "\n" +
+                          json.dumps({**learned, "tokens_per_s": 40.0,
+                                      "recompute_sketch": True}) + "\n")
+    both = run("--report", str(recomputed))
+    assert both.returncode == 0, both.stderr
+    assert "| polysketch-learned-local | 50 (0) |" in both.stdout
+    assert "| polysketch-learned-local (sketch recomputed) | 40 (0) |" in both.stdout
     only_default = tmp_path / "old.jsonl"
     only_default.write_text(json.dumps({**base, "tokens_per_s": 111.0}) + "\n")
     none = run("--report", str(only_default))

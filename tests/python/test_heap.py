@@ -7,6 +7,7 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,13 @@ for step in range(12):  # a training step's pattern: tensors above glibc's 32 Mi
 TOUCHED_PAGES = (268 << 20) // 4096  # a step writes 268 MiB
 
 
+def huge_pages_always() -> bool:
+    try:
+        return "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
 def faults_per_step(keep: bool) -> list:
     proc = subprocess.run([sys.executable, "-c", PROBE.format(train=str(TRAIN_DIR), keep=keep)],
                           capture_output=True, text=True, timeout=120)
@@ -45,9 +53,11 @@ def faults_per_step(keep: bool) -> list:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
 def test_freed_large_tensors_are_reused_without_page_faults() -> None:
-    # glibc's defaults: every step's large tensors are fresh mappings, faulted in page by page.
+    # glibc's defaults: every step's large tensors are fresh mappings, faulted in page by page
+    # (in 2 MiB pages, 512x fewer faults, where transparent huge pages are "always").
     default = faults_per_step(keep=False)
-    assert len(default) == 12 and min(default[-4:]) > TOUCHED_PAGES // 2, default
+    pages = TOUCHED_PAGES // 512 if huge_pages_always() else TOUCHED_PAGES
+    assert len(default) == 12 and min(default[-4:]) > pages // 2, default
     # Kept: after a few steps the heap holds enough freed pages for a whole step.
     kept = faults_per_step(keep=True)
     assert len(kept) == 12 and sum(kept[-4:]) < TOUCHED_PAGES // 50, kept

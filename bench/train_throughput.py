@@ -52,6 +52,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 BASELINE = "softmax-tiled"
 RECOMPUTED = " (sketch recomputed)"
+ROWS = [v + mark for v in VARIANTS for mark in ("", RECOMPUTED)]  # table rows, in order
 
 
 def run_cell(shape: str, variant: str, n: int, batch: int, steps: int, warmup: int, chunk: int,
@@ -166,8 +167,7 @@ def report(args: argparse.Namespace) -> None:
     for shape in [s for s in SHAPES if any(r["shape"] == s for r in recs)]:
         rows = [r for r in recs if r["shape"] == shape]
         ns = sorted({r["n"] for r in rows})
-        names = [v + m for v in VARIANTS for m in ("", RECOMPUTED)]
-        variants = [v for v in names if any(row_name(r) == v for r in rows)]
+        variants = [v for v in ROWS if any(row_name(r) == v for r in rows)]
         by = {(row_name(r), r["n"]): r for r in rows}
         lines += [f"### {shape} ({rows[0]['params'] / 1e6:.1f}M parameters with a polysketch "
                   f"layer stack; {unit}, activation peak in MiB; heap {args.heap})", "",
@@ -202,7 +202,7 @@ def report(args: argparse.Namespace) -> None:
         shapes = [s for s in SHAPES if any(r["shape"] == s for r in recs)]
         fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
         for ax, shape in zip(axes[0], shapes):
-            for v in [v + m for v in VARIANTS for m in ("", RECOMPUTED)]:
+            for v in ROWS:
                 pts = sorted((r["n"], r[measure]) for r in recs
                              if r["shape"] == shape and row_name(r) == v)
                 if pts:

@@ -709,13 +709,16 @@ class PolySketchFormer(nn.Module):
         memory for training at long n (Attention.train_forward; `chunk` tokens per chunk or tile).
         checkpoint: recompute each block's activations in backward (torch.utils.checkpoint), so
         stored activations are one [B, n, D] tensor per block.
-        recompute_sketch (form "block", with checkpoint): the learned sketch's MLP is also
-        recomputed chunk by chunk inside the block's backward, so its activations (8r wide per
-        head) exist for one chunk at a time: 2.5x less activation memory for the learned sketch,
-        for one more forward of its MLP (30% slower on the tiny shape, where that MLP is more
-        than half of a layer's work; docs/performance.md)."""
+        recompute_sketch (form "block" only): the learned sketch's MLP keeps no activations and
+        backward recomputes it chunk by chunk, so its activations (8r wide per head) exist for
+        one chunk at a time: 2.5-2.8x less activation memory, for one more forward of the MLP
+        (0.55-0.70x the tokens/s on the tiny shape, where that MLP is more than half of a
+        layer's work; docs/performance.md). No effect on the other kinds."""
         if form not in ("dense", "block"):
             raise ValueError(f"form must be 'dense' or 'block', got {form!r}")
+        if recompute_sketch and form != "block":
+            raise ValueError("recompute_sketch needs form 'block' (the dense form has no "
+                             "chunks to recompute)")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self._embed(tokens, positions)
         for blk in self.blocks:
@@ -723,7 +726,7 @@ class PolySketchFormer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(self._block, blk, x, positions, form, chunk,
                                                       recompute_sketch, use_reentrant=False)
             else:
-                x = self._block(blk, x, positions, form, chunk)
+                x = self._block(blk, x, positions, form, chunk, recompute_sketch)
         return self._head(x)
 
     def _block(self, blk: Block, x: torch.Tensor, positions: torch.Tensor, form: str,

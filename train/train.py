@@ -54,7 +54,7 @@ class TrainConfig:
     form: str = "dense"
     chunk: int = 256
     checkpoint: bool = False  # recompute each block's activations in backward
-    # With checkpoint and form "block": recompute the learned sketch's MLP too, chunk by chunk
+    # Form "block" only: recompute the learned sketch's MLP in backward, chunk by chunk
     # (PolySketchFormer.forward): less memory, slower steps.
     recompute_sketch: bool = False
     # Synthetic retrieval mix (docs/evaluation.md): each training sequence, with this
@@ -84,6 +84,9 @@ class TrainConfig:
             raise ValueError(f"train.form must be 'dense' or 'block', got {self.form!r}")
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
             raise ValueError(f"train.chunk must be a positive integer, got {self.chunk!r}")
+        if self.recompute_sketch and self.form != "block":
+            raise ValueError(f"train.recompute_sketch needs train.form 'block', got "
+                             f"{self.form!r}")
         if not 0.0 <= self.retrieval_fraction <= 1.0:
             raise ValueError(f"train.retrieval_fraction must be in [0, 1], got "
                              f"{self.retrieval_fraction}")

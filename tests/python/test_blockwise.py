@@ -75,13 +75,41 @@ def test_block_form_under_every_position_encoding(mode: str) -> None:
 
 
 @pytest.mark.parametrize("sketch", ["random", "learned"])
-@pytest.mark.parametrize("recompute_sketch", [False, True])
-def test_checkpointed_block_form_equals_dense(sketch: str, recompute_sketch: bool) -> None:
-    # recompute_sketch: the learned sketch's MLP is also recomputed in chunks
-    # (blockwise.recomputed); the random sketch has no MLP and ignores it.
+@pytest.mark.parametrize("checkpoint,recompute_sketch", [(True, False), (True, True),
+                                                         (False, True)])
+def test_checkpointed_block_form_equals_dense(sketch: str, checkpoint: bool,
+                                              recompute_sketch: bool) -> None:
+    # recompute_sketch: the learned sketch's MLP is recomputed in chunks (blockwise.recomputed),
+    # with or without the blocks' checkpoint; the random sketch has no MLP and ignores it.
     model = make_model([sketch_layer(sketch, True), {"kind": "softmax"}], seed=4)
-    assert_forms_agree(model, make_tokens(1, 18), chunk=4, checkpoint=True,
+    assert_forms_agree(model, make_tokens(1, 18), chunk=4, checkpoint=checkpoint,
                        recompute_sketch=recompute_sketch)
+
+
+def test_recompute_sketch_keeps_less_for_backward() -> None:
+    """The flag reaches the learned sketch: autograd keeps far fewer floats for backward (the
+    sketch MLP's 8r-wide activations are gone), counted with saved-tensor hooks."""
+    model = make_model([sketch_layer("learned", True, b=16)], seed=1)
+    tokens = make_tokens(1, 257)
+
+    def saved_floats(recompute_sketch: bool) -> int:
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(tokens[:, :-1], form="block", chunk=32, recompute_sketch=recompute_sketch)
+        return total[0]
+
+    assert saved_floats(True) < 0.6 * saved_floats(False)
+
+
+def test_recompute_sketch_refuses_the_dense_form() -> None:
+    model = make_model([sketch_layer("learned", True)])
+    with pytest.raises(ValueError, match="recompute_sketch needs form 'block'"):
+        model(make_tokens(1, 4), recompute_sketch=True)
 
 
 @pytest.mark.parametrize("n,chunk", [(23, 5), (16, 8), (7, 64), (9, 1)])
@@ -225,7 +253,8 @@ def test_no_n_by_n_tensor_in_block_form() -> None:
 
 @pytest.mark.parametrize("bad,name", [({"form": "sparse"}, "train.form"),
                                       ({"chunk": 0}, "train.chunk"),
-                                      ({"chunk": 2.5}, "train.chunk")])
+                                      ({"chunk": 2.5}, "train.chunk"),
+                                      ({"recompute_sketch": True}, "train.recompute_sketch")])
 def test_train_config_refuses_bad_form_keys(bad: Dict[str, Any], name: str) -> None:
     from train import TrainConfig
     with pytest.raises(ValueError, match=name):

@@ -92,3 +92,17 @@ def test_report_tabulates_one_heap_setting(tmp_path: Path) -> None:
     only_default.write_text(json.dumps({**base, "tokens_per_s": 111.0}) + "\n")
     none = run("--report", str(only_default))
     assert none.returncode != 0 and "with --heap kept" in none.stderr
+
+
+def test_recompute_sketch_reaches_the_cell_and_marks_its_row(tmp_path: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    sweep = ["--shapes", "tiny", "--variants", "polysketch-learned-local", "--lengths", "128",
+             "--chunk", "64", "--threads", "1", "--results", str(results)]
+    for extra in ([], ["--recompute-sketch"]):
+        proc = run(*sweep, *extra)
+        assert proc.returncode == 0, proc.stderr
+    recs = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["recompute_sketch"] for r in recs] == [False, True]  # two cells, not one resumed
+    table = run("--report", str(results))
+    assert table.returncode == 0, table.stderr
+    assert "| polysketch-learned-local (sketch recomputed) |" in table.stdout

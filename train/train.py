@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients" / "python"))
 import heap  # noqa: E402
 from model import ModelConfig, PolySketchFormer  # noqa: E402
+from modelio import load_model_dir  # noqa: E402
 from polysketch_eval import retrieval  # noqa: E402
 
 LN2 = math.log(2.0)
@@ -220,6 +221,43 @@ def save_checkpoint(path: Path, model, opt, step: int, rng: np.random.Generator,
     os.replace(tmp, path)  # atomic: a killed run never leaves half a checkpoint
 
 
+def same_model_but_context(source: Dict[str, Any], target: Dict[str, Any]) -> bool:
+    """True when two model configs differ at most in max_seq_len, and the target's is not
+    shorter: max_seq_len is the training context, which a fine-tune may extend."""
+    if "max_seq_len" not in source or "max_seq_len" not in target:
+        return source == target
+    rest = {k: v for k, v in source.items() if k != "max_seq_len"}
+    return (rest == {k: v for k, v in target.items() if k != "max_seq_len"}
+            and target["max_seq_len"] >= source["max_seq_len"])
+
+
+def load_init(path: Path, mc: ModelConfig,
+              config_path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
+    """--init: the weights of a run checkpoint (ckpt.pt) or of an exported model directory
+    (config.json + model.safetensors), checked against this run's model config; exits naming
+    the problem. Returns the state dict and where it came from, for the log."""
+    if not path.exists():
+        sys.exit(f"train: --init {path} does not exist")
+    if path.is_dir():
+        try:
+            source_model = load_model_dir(path)
+        except (OSError, ValueError) as e:
+            sys.exit(f"train: --init {path}: {e}")
+        source_config, weights = source_model.cfg.to_json(), source_model.state_dict()
+        origin = "exported model directory"
+    else:
+        init = torch.load(path, map_location="cpu")
+        if not isinstance(init, dict) or "model" not in init:
+            sys.exit(f"train: --init {path} is neither a run checkpoint nor a model directory")
+        source_config, weights = init.get("model_config"), init["model"]
+        origin = f"step {init.get('step')} of its run"
+    if not isinstance(source_config, dict) or not same_model_but_context(source_config,
+                                                                         mc.to_json()):
+        sys.exit(f"train: --init {path} was made with another model config than {config_path} "
+                 "(only max_seq_len may differ, and only upward)")
+    return weights, origin
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,14 +318,9 @@ def main() -> None:
             print(f"--init {args.init} ignored: the run resumes from its own checkpoint",
                   flush=True)
     elif args.init is not None:
-        if not args.init.exists():
-            sys.exit(f"train: --init {args.init} does not exist")
-        init = torch.load(args.init, map_location=device)
-        if init.get("model_config") != mc.to_json():
-            sys.exit(f"train: --init {args.init} was made with another model config than "
-                     f"{args.config}")
-        model.load_state_dict(init["model"])
-        print(f"initialised from {args.init} (step {init['step']} of its run)", flush=True)
+        weights, origin = load_init(args.init, mc, args.config)
+        model.load_state_dict(weights)
+        print(f"initialised from {args.init} ({origin})", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, device {device}, "
           f"threads {torch.get_num_threads()}, {len(train_data)} train bytes", flush=True)

@@ -186,3 +186,44 @@ def test_init_starts_a_new_run_from_another_runs_weights(trained: Dict[str, Path
         run_train(config, trained["root"] / "bad-init", trained["data"], "--init",
                   str(trained["root"] / "missing.pt"))
     assert "missing.pt does not exist" in str(info.value.code)
+
+
+def test_init_from_an_exported_model_directory_may_extend_the_context(
+        trained: Dict[str, Path]) -> None:
+    """--init also takes an exported model directory (what `models/` ships: run checkpoints stay
+    out of git), and the fine-tune may raise max_seq_len, the training context; any other change
+    of the model, a shorter context, or a directory that is not a model is refused by name."""
+    from model import PolySketchFormer
+    from modelio import save_model_dir
+
+    source = load_ckpt(trained["out"])
+    model = PolySketchFormer(train.ModelConfig.from_json(source["model_config"]))
+    model.load_state_dict(source["model"])
+    exported = trained["root"] / "exported"
+    save_model_dir(model, exported)
+
+    longer = dict(MODEL, max_seq_len=2 * MODEL["max_seq_len"])
+    config = trained["root"] / "longer.json"
+    config.write_text(json.dumps({"model": longer, "train": dict(TRAIN, lr=0.0)}))
+    out = trained["root"] / "finetune-dir"
+    stdout = run_train(config, out, trained["data"], "--init", str(exported), "--steps", "1")
+    assert f"initialised from {exported} (exported model directory)" in stdout
+    ck = load_ckpt(out)
+    assert ck["model_config"]["max_seq_len"] == 2 * MODEL["max_seq_len"]
+    for name, tensor in source["model"].items():  # lr 0: the weights exactly as exported
+        assert torch.equal(ck["model"][name], tensor), name
+
+    shorter = trained["root"] / "shorter.json"
+    shorter.write_text(json.dumps({"model": dict(MODEL, max_seq_len=16), "train":
+                                   dict(TRAIN, seq_len=16)}))
+    with pytest.raises(SystemExit) as info:
+        run_train(shorter, trained["root"] / "bad-dir", trained["data"], "--init", str(exported))
+    assert "only max_seq_len may differ, and only upward" in str(info.value.code)
+    wider = write_config(trained["root"] / "wider-dir.json", dict(MODEL, d_model=32))
+    with pytest.raises(SystemExit) as info:
+        run_train(wider, trained["root"] / "bad-dir", trained["data"], "--init", str(exported))
+    assert "was made with another model config" in str(info.value.code)
+    with pytest.raises(SystemExit) as info:
+        run_train(config, trained["root"] / "bad-dir", trained["data"], "--init",
+                  str(trained["data"]))
+    assert f"--init {trained['data']}:" in str(info.value.code)

@@ -6,10 +6,14 @@
 //   (sequence, head) and step (DecodeTrafficBytes):
 //     plain: 2 P (h+1) 4 (read S, write S);
 //     local_exact: P (h+1) 4 (read S) + (m+1) 2 h 4 (buffer rows read) + (r + 2h) 4 (row written),
-//       m = position % b; at a block start (step=1, m = 0) S is also written and the whole buffer
-//       (psi(k) and v, b (r + h) 4) read by the fold GEMM (2 P (h+1) b flops);
+//       m = position % b; in the first b / 8 steps of a block (the lazy fold) S is also written,
+//       and the previous block's rows still pending are read, (r + h) 4 each: the 8 the step
+//       folds (2 P (h+1) 8 flops) and the rest, read out exactly; at a block start (step=1, m = 0)
+//       that is the whole buffer;
 //     local_exact with S_cur (kernel=1, the layout before issue 19, bench/legacy_sketch_decode.h):
 //       3 P (h+1) 4 (read S, read and write S_cur) + the buffer rows; 4 P (h+1) 4 at a block start.
+//   step=2 runs a whole block, b steps from a block start, and reports the mean step (bytes: the
+//   mean of the above over the block): what a stream of tokens costs, spikes included.
 //   Compare its bytes/s with BM_StreamRoofline (the same reads and writes without the arithmetic)
 //   and BM_Memcpy of the same traffic (memcpy of half of it: read + write; a cold memcpy also pays
 //   the write-allocate reads of its destination, the decode does not).
@@ -55,6 +59,7 @@ SketchAttentionShape Shape(int64_t id) {
 // or (legacy) the one with S_cur.
 struct LayerStates {
   std::vector<float> sketch, sketched, sketch_cur, keys, values;
+  std::vector<int64_t> pending;  // local_exact: each sequence's lazy-fold count
   std::vector<SketchSlotState> slots;
   std::vector<bench::legacy::SlotState> legacy_slots;
 
@@ -64,6 +69,7 @@ struct LayerStates {
     const int64_t buffer = shape.heads * shape.block_size * shape.head_dim;
     const int64_t sketched_rows = shape.heads * shape.block_size * shape.sketch_size;
     sketch.assign(B * per_seq, 0.0f);
+    pending.assign(B, 0);
     if (shape.local_exact) {
       if (legacy) {
         sketch_cur.assign(B * per_seq, 0.0f);
@@ -84,6 +90,7 @@ struct LayerStates {
           old.sketch_cur = sketch_cur.data() + i * per_seq;
         } else {
           slot.local_sketch = sketched.data() + i * sketched_rows;
+          slot.local_pending = &pending[i];
         }
       }
       slots.push_back(slot);
@@ -112,31 +119,47 @@ int64_t StateBytes(const SketchAttentionShape& shape, int64_t B, bool legacy) {
   return B * (s * (legacy ? 2 : 1) + H * b * (2 * h + (legacy ? 0 : r)) * 4);
 }
 
-// The napkin formula of the file comment.
-int64_t DecodeTrafficBytes(const SketchAttentionShape& shape, int64_t B, bool fold, bool legacy) {
+// The napkin formula of the file comment for one local_exact step at m = position % b (the
+// pending rows as a run from the block start leaves them: b - 8 m before the step).
+int64_t LocalStepBytesPerHead(const SketchAttentionShape& shape, int64_t m, bool legacy) {
   const int64_t h = shape.head_dim, r = shape.sketch_size, b = shape.block_size;
   const int64_t head_state_bytes = PackedSymmetricRows(r) * (h + 1) * 4;
-  if (!shape.local_exact) return B * shape.heads * 2 * head_state_bytes;
-  const int64_t m = DecodePosition(shape, fold) % b;
   const int64_t buffer_rows = 2 * (m + 1) * h * 4;
+  if (legacy) return (m == 0 ? 4 : 3) * head_state_bytes + buffer_rows;
+  const int64_t pending_before = std::max<int64_t>(0, b - 8 * m);
+  return (pending_before > 0 ? 2 : 1) * head_state_bytes + buffer_rows + (r + 2 * h) * 4 +
+         pending_before * (r + h) * 4;
+}
+
+// The napkin formula of the file comment. step: 0 ordinary, 1 block start, 2 mean over a block.
+int64_t DecodeTrafficBytes(const SketchAttentionShape& shape, int64_t B, int64_t step,
+                           bool legacy) {
+  const int64_t h = shape.head_dim, r = shape.sketch_size, b = shape.block_size;
+  if (!shape.local_exact) return B * shape.heads * 2 * PackedSymmetricRows(r) * (h + 1) * 4;
   int64_t per_head = 0;
-  if (legacy) {
-    per_head = (fold ? 4 : 3) * head_state_bytes + buffer_rows;
+  if (step == 2) {
+    for (int64_t m = 0; m < b; ++m) per_head += LocalStepBytesPerHead(shape, m, legacy);
+    per_head /= b;
   } else {
-    per_head = (fold ? 2 : 1) * head_state_bytes + buffer_rows + (r + 2 * h) * 4 +
-               (fold ? b * (r + h) * 4 : 0);
+    per_head = LocalStepBytesPerHead(shape, DecodePosition(shape, step == 1) % b, legacy);
   }
   return B * shape.heads * per_head;
 }
 
 // Args: shape (0 plain, 1 tiny local_exact, 2 GPT-2-small local_exact), B, ws_mib, step (0: an
-// ordinary step, 1: the block-start step that folds), kernel (0: current, 1: with S_cur).
+// ordinary step, 1: the block-start step, the most expensive one, 2: a whole block of b steps,
+// timed per step), kernel (0: current, 1: with S_cur).
 void BM_SketchDecode(benchmark::State& state) {
   const SketchAttentionShape shape = Shape(state.range(0));
   const int64_t B = state.range(1);
   const int64_t ws_mib = state.range(2);
-  const bool fold = state.range(3) != 0;
+  const int64_t step = state.range(3);
+  const bool fold = step == 1;
   const bool legacy = state.range(4) != 0;
+  if (step == 2 && !shape.local_exact) {
+    state.SkipWithError("step=2 (a whole block) is for local_exact layouts");
+    return;
+  }
   if (legacy && !shape.local_exact) {
     state.SkipWithError("kernel=1 (S_cur) is a local_exact layout");
     return;
@@ -150,24 +173,46 @@ void BM_SketchDecode(benchmark::State& state) {
   const std::vector<float> q_local = RandomNormal(B * H * h, 4),
                            k_local = RandomNormal(B * H * h, 5);
   std::vector<float> out(B * H * h);
-  const std::vector<int64_t> positions(B, DecodePosition(shape, fold));
+  std::vector<int64_t> positions(B, DecodePosition(shape, fold));
   const float* ql = shape.local_exact ? q_local.data() : nullptr;
   const float* kl = shape.local_exact ? k_local.data() : nullptr;
+  auto decode = [&](LayerStates& states) {
+    if (legacy) {
+      bench::legacy::SketchDecode(Pool(), shape, positions, states.legacy_slots, psi_q.data(),
+                                  psi_k.data(), v.data(), ql, kl, out.data());
+    } else {
+      SketchDecode(Pool(), shape, positions, states.slots, psi_q.data(), psi_k.data(), v.data(), ql,
+                   kl, out.data());
+    }
+  };
+  // Steps per iteration: one (on the next copy), or (step 2) the b steps of a block from its
+  // start on every copy, a position at a time, so that each step's state comes from DRAM too.
+  const int64_t steps = step == 2 ? shape.block_size * copies : 1;
   int64_t layer = 0;
   for (auto _ : state) {
-    if (legacy) {
-      bench::legacy::SketchDecode(Pool(), shape, positions, layers[layer].legacy_slots,
-                                  psi_q.data(), psi_k.data(), v.data(), ql, kl, out.data());
+    if (step == 2) {
+      for (LayerStates& states : layers) std::fill(states.pending.begin(), states.pending.end(), 0);
+      for (int64_t i = 0; i < shape.block_size; ++i) {
+        std::fill(positions.begin(), positions.end(), DecodePosition(shape, true) + i);
+        for (LayerStates& states : layers) decode(states);
+      }
     } else {
-      SketchDecode(Pool(), shape, positions, layers[layer].slots, psi_q.data(), psi_k.data(),
-                   v.data(), ql, kl, out.data());
+      // No rows pending before a block start or the ordinary mid-block step (m = 64 is past the
+      // lazy fold's first b / 8 steps), as a run from the block start leaves them.
+      std::fill(layers[layer].pending.begin(), layers[layer].pending.end(), 0);
+      decode(layers[layer]);
+      if (++layer == copies) layer = 0;
     }
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-    if (++layer == copies) layer = 0;
   }
-  const int64_t bytes = DecodeTrafficBytes(shape, B, fold, legacy);
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * bytes);
+  const int64_t bytes = DecodeTrafficBytes(shape, B, step, legacy);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * steps * bytes);
+  state.counters["steps_per_iteration"] = static_cast<double>(steps);
+  // Seconds per decode step (the mean over the block for step 2).
+  state.counters["s_per_step"] =
+      benchmark::Counter(static_cast<double>(state.iterations() * steps),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
   state.counters["bytes_per_step"] = static_cast<double>(bytes);
   state.counters["state_bytes_per_seq"] = static_cast<double>(StateBytes(shape, 1, legacy));
   state.counters["copies"] = static_cast<double>(copies);
@@ -180,9 +225,10 @@ void DecodeArgs(benchmark::internal::Benchmark* b) {
   }
   // Issue 19 item 3: local_exact without S_cur (kernel 0) against with it (kernel 1), ordinary
   // and folding steps, tiny and GPT-2-small shapes, batch 1 and 32, state from DRAM.
+  // step 2: a whole block, the lazy fold's cost spread over it.
   for (int64_t shape : {1, 2}) {
     for (int64_t B : {1, 32}) {
-      for (int64_t step : {0, 1}) {
+      for (int64_t step : {0, 1, 2}) {
         for (int64_t kernel : {0, 1}) b->Args({shape, B, 256, step, kernel});
       }
     }
@@ -206,7 +252,7 @@ void ReferenceArgs(benchmark::internal::Benchmark* b) {
 // = the same bytes), over the same working set, on the same pool threads. Args: shape, B, ws_mib.
 void BM_Memcpy(benchmark::State& state) {
   const SketchAttentionShape shape = Shape(state.range(0));
-  const int64_t bytes = DecodeTrafficBytes(shape, state.range(1), false, false) / 2;
+  const int64_t bytes = DecodeTrafficBytes(shape, state.range(1), 0, false) / 2;
   const int64_t copies = Copies(2 * bytes, state.range(2));
   std::vector<char> src(copies * bytes, 1), dst(copies * bytes, 0);
   int64_t layer = 0;

@@ -120,6 +120,11 @@ struct SketchSlotState {
   float* local_sketch = nullptr;  // [H, b, r]: psi(k) of the current block; local_exact only
   float* local_keys = nullptr;    // [H, b, h]: k~ of the current block; local_exact only
   float* local_values = nullptr;  // [H, b, h]: v of the current block; local_exact only
+  // local_exact only: rows of the previous block not yet folded into S_prev, 0..b. They are the
+  // last `*local_pending` rows of the buffer, [b - pending, b), which the current block has not
+  // reached yet; a query reads them exactly ((psi_q . psi_k)^2 [v; 1]) until they are folded
+  // (algorithm.md section 4: the fold is spread over the first steps of a block).
+  int64_t* local_pending = nullptr;
 };
 
 // The weighting of a KV-cache layer (algorithm.md section 2).
@@ -259,12 +264,14 @@ class Backend {
 
   // --- polysketch attention -----------------------------------------------------------------
   // One decode step for `positions.size()` sequences (algorithm.md section 4): sequence i feeds
-  // the token at positions[i] into slots[i] (update first, then read out; with local_exact,
-  // first fold the completed block's b buffered (psi(k), v) rows into S with one GEMM,
-  // S += phi(psi(K_blk))^T [V_blk | 1], and restart the buffer when positions[i] % b == 0 and > 0;
-  // the buffer holds positions[i] % b entries before this token's, and the step writes
-  // (psi(k), k~, v) to row positions[i] % b). psi_q, psi_k [B, H, r]; v, out
-  // [B, H, h]; q_local, k_local [B, H, h] (local_exact only, else null): q~ and k~.
+  // the token at positions[i] into slots[i] (update first, then read out). With local_exact the
+  // completed block's b buffered (psi(k), v) rows go into S when positions[i] % b == 0 and > 0,
+  // S += phi(psi(K_blk))^T [V_blk | 1]: a backend may fold them all in that step, or fold some
+  // and leave the rest in *local_pending (the buffer's last rows, read out exactly until folded)
+  // for the following steps to fold, as long as every pending row is folded before the step that
+  // writes over it. The buffer holds positions[i] % b entries of the current block before this
+  // token's, and the step writes (psi(k), k~, v) to row positions[i] % b. psi_q, psi_k [B, H, r];
+  // v, out [B, H, h]; q_local, k_local [B, H, h] (local_exact only, else null): q~ and k~.
   virtual void SketchDecode(const SketchAttentionShape& shape, absl::Span<const int64_t> positions,
                             absl::Span<const SketchSlotState> slots, const float* psi_q,
                             const float* psi_k, const float* v, const float* q_local,
@@ -272,7 +279,8 @@ class Backend {
   // Prefill of n consecutive tokens of one sequence, positions start .. start+n-1, whose state
   // holds positions [0, start) (start need not be block-aligned): the block algorithm of
   // algorithm.md section 3. Outputs and the final state equal n SketchDecode steps up to
-  // rounding. Same buffers as SketchDecode with n rows.
+  // rounding, and up to which rows are still pending: a prefill folds any pending rows first and
+  // leaves none. Same buffers as SketchDecode with n rows.
   virtual void SketchPrefill(const SketchAttentionShape& shape, int64_t start, int64_t n,
                              const SketchSlotState& slot, const float* psi_q, const float* psi_k,
                              const float* v, const float* q_local, const float* k_local,

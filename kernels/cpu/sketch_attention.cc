@@ -4,22 +4,27 @@
 //
 // Decode (memory-bound): one pass over the rows [p0, p1) of a head's packed state fuses the update
 // and the readout, so S is read once and written once (plain), or only read (local_exact: the
-// current block is not in S but in the local buffer, psi(k) [b, r] beside k~ and v [b, h]). At a
-// local_exact block start the same pass first folds the completed block into S, 32 rows at a time
-// so that the rows are still in L1 when the readout reads them: S += phi(psi(K_blk))^T [V_blk | 1],
-// a [P, b] x [b, h+1] GEMM (FoldBlock, the prefill's fold). A row is h+1 = 65 contiguous floats for
-// h = 64; for h = 32, 64, 128 the column loop is compiled for that width with 16-float vectors so
-// the readout sums and [v; 1] stay in registers. Bytes per (sequence, head) and step: 2 P (h+1) 4
-// (plain); P (h+1) 4 + (m+1) 2 h 4 + r 4 (local_exact, m buffer rows before the token); at a block
-// start 2 P (h+1) 4 + b (r + h) 4 more, and 2 P (h+1) b flops.
+// current block is not in S but in the local buffer, psi(k) [b, r] beside k~ and v [b, h]).
+// local_exact folds the completed block into S lazily, kDecodeFoldKeys of its rows per step over
+// the first steps of the next block, so that no step carries the whole [P, b] x [b, h+1] GEMM (at
+// b 256 that step cost 7-19 ordinary ones): the block's rows stay in the buffer's top rows, which
+// the new block reaches only after they are folded, and *local_pending counts them. A folding step
+// runs the same fused pass, folding its rows into S 32 state rows at a time so that they are still
+// in L1 when the readout reads them (FoldBlock, the prefill's fold); the query reads the rows still
+// pending exactly, (psi_q . psi_k)^2 [v; 1], so the result is the eager fold's up to rounding. A
+// row is h+1 = 65 contiguous floats for h = 64; for h = 32, 64, 128 the column loop is compiled for
+// that width with 16-float vectors so the readout sums and [v; 1] stay in registers. Bytes per
+// (sequence, head) and step: 2 P (h+1) 4 (plain); P (h+1) 4 + (m+1) 2 h 4 + r 4 (local_exact, m
+// buffer rows before the token), and in the first b / kDecodeFoldKeys steps of a block P (h+1) 4
+// more (S written) plus the pending rows, (r + h) 4 each, and 2 P (h+1) kDecodeFoldKeys flops.
 //
 // Prefill (compute-bound): per tile up to four parallel phases: the local_exact block-start fold
 // (the buffer into S, per (head, state rows)), prepare (transposes, the local buffer), readout +
 // intra-tile part per (head, query rows), and (plain) the fold of the tile per (head, state rows).
 // The readout is [tile, P] x [P, h+1] with the left operand formed on the fly from psi_q (4 query
 // rows share each state row load); the fold is [P, tile] x [tile, h+1] (4 state rows share each
-// [v; 1] load). local_exact folds each block once, from the buffer, with the same code and in the
-// same order as decode does, so the two leave bitwise the same S.
+// [v; 1] load). local_exact folds each block once, from the buffer, at the block start (and first
+// any rows a decode left pending), with the FoldBlock code decode uses.
 #include "kernels/cpu/sketch_attention.h"
 
 #include <algorithm>
@@ -38,7 +43,12 @@ constexpr int64_t kMinDecodeChunkRows = 64;  // smallest share of a head's rows 
 constexpr int64_t kPrefillQueryRows = 16;    // query rows per prefill work item
 constexpr int64_t kPrefillFoldRows = 32;     // state rows per prefill fold work item
 constexpr int64_t kDecodeFoldRows = 32;      // state rows folded then read out together in decode
-constexpr int kBlock = 4;                    // rows sharing one load in the prefill GEMMs
+// Keys of the previous block a local_exact decode step folds (the lazy fold): a block is folded
+// over its successor's first b / kDecodeFoldKeys steps. 8 keys make the fold 8 FMAs per state
+// element read and written, so a folding step costs about two ordinary ones (a state row is read
+// anyway), and the rows still pending stay few for most of the block.
+constexpr int64_t kDecodeFoldKeys = 8;
+constexpr int kBlock = 4;  // rows sharing one load in the prefill GEMMs
 
 // (a, c) of packed row p (PackedSymmetricIndex's inverse); O(r), called once per work item.
 void PairOf(int64_t p, int64_t r, int64_t& a, int64_t& c) {
@@ -333,16 +343,34 @@ void FoldRows(int64_t r, int64_t p0, int64_t p1, int64_t t, const FoldOperands& 
   for (; p < p1; ++p) FoldBlockForWidth<1>(r, p, t, op, cols, target);
 }
 
-// The local_exact fold of a completed block: the slot buffer of one head, b rows.
-FoldOperands BufferFold(const SketchSlotState& slot, int64_t head, int64_t b, int64_t h,
-                        int64_t r) {
+// The local_exact fold of buffer rows from `first_row` on (of one head's slot buffer of b rows).
+FoldOperands BufferFold(const SketchSlotState& slot, int64_t head, int64_t b, int64_t h, int64_t r,
+                        int64_t first_row) {
   FoldOperands op;
-  op.keys = slot.local_sketch + head * b * r;
+  op.keys = slot.local_sketch + (head * b + first_row) * r;
   op.key_row = r;
   op.key_col = 1;
-  op.values = slot.local_values + head * b * h;
+  op.values = slot.local_values + (head * b + first_row) * h;
   op.value_row = h;
   return op;
+}
+
+// The lazy fold of one local_exact decode step: rows of the previous block pending before and
+// after it. The step folds buffer rows [b - before, b - after) and reads [b - after, b) exactly.
+struct FoldPlan {
+  int64_t before = 0;
+  int64_t after = 0;
+};
+
+FoldPlan PlanFold(int64_t t, int64_t b, int64_t pending) {
+  const int64_t m = t % b;
+  FoldPlan plan;
+  // A block start makes the whole buffer pending; a valid slot has none left by then.
+  PS_DCHECK(m != 0 || pending == 0);
+  plan.before = m == 0 && t > 0 ? b : pending;
+  // kDecodeFoldKeys per step, and always enough that row m (this token's) is no longer pending.
+  plan.after = std::min(std::max<int64_t>(0, plan.before - kDecodeFoldKeys), b - m - 1);
+  return plan;
 }
 
 // u[k] += sum_{j < nk} w[k, j] [v_j; 1] for kR query rows: each [v_j; 1] is loaded once for kR
@@ -404,6 +432,12 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
   PS_DCHECK(slots.size() == positions.size());
   PS_DCHECK(!local || (b > 0 && q_local != nullptr && k_local != nullptr));
   if (num_pairs == 0) return;
+  // Each sequence's lazy fold, planned before any pair changes its slot.
+  std::vector<FoldPlan> plans(local ? B : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(plans.size()); ++i) {
+    PS_DCHECK(slots[i].local_pending != nullptr);
+    plans[i] = PlanFold(positions[i], b, *slots[i].local_pending);
+  }
 
   // Split a head's rows when there are too few (sequence, head) pairs to keep every thread busy
   // (batch 1: a few heads on more threads); a share stays large enough to stream efficiently.
@@ -446,6 +480,15 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
         for (int64_t d = 0; d < h; ++d) u[d] += w * vj[d];
         u[h] += w;
       }
+      // The previous block's rows not folded yet: phi(psi_q) . phi(psi_k) = (psi_q . psi_k)^2.
+      const float* pq = psi_q + pair * r;
+      for (int64_t j = b - plans[i].after; j < b; ++j) {
+        const float d = Dot(pq, sketched + j * r, r);
+        const float w = d * d;
+        const float* __restrict vj = values + j * h;
+        for (int64_t e = 0; e < h; ++e) u[e] += w * vj[e];
+        u[h] += w;
+      }
     }
     // The "1 +" is part of the trained function, not an epsilon (algorithm.md section 2).
     const float inv = 1.0f / (1.0f + u[h]);
@@ -458,7 +501,6 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
       const int64_t chunk = item % chunks;
       const int64_t i = pair / H;
       const int64_t head = pair % H;
-      const int64_t t = positions[i];
       DecodeHead hd;
       hd.r = r;
       hd.cols = cols;
@@ -470,18 +512,19 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
       const int64_t p0 = P * chunk / chunks, p1 = P * (chunk + 1) / chunks;
       if (!local) {
         DecodeRowsForWidth<DecodeMode::kPlain>(hd, p0, p1, u);
-      } else if (t % b != 0 || t == 0) {
+      } else if (plans[i].before == plans[i].after) {
         DecodeRowsForWidth<DecodeMode::kLocal>(hd, p0, p1, u);
       } else {
-        // First token of a block: fold the completed block (all b buffer rows, which this
-        // pair's finish() overwrites only after this) into S, a few rows at a time, each group
-        // read out while it is still in L1.
-        const FoldOperands op = BufferFold(slots[i], head, b, h, r);
+        // Fold this step's share of the previous block (buffer rows that this pair's finish()
+        // does not overwrite) into S, a few state rows at a time, each group read out while it
+        // is still in L1.
+        const FoldPlan& plan = plans[i];
+        const FoldOperands op = BufferFold(slots[i], head, b, h, r, b - plan.before);
         std::fill(u, u + cols, 0.0f);
         float* group_u = partial_fold + item * cols;
         for (int64_t g0 = p0; g0 < p1; g0 += kDecodeFoldRows) {
           const int64_t g1 = std::min(p1, g0 + kDecodeFoldRows);
-          FoldRows(r, g0, g1, b, op, cols, hd.s);
+          FoldRows(r, g0, g1, plan.before - plan.after, op, cols, hd.s);
           DecodeRowsForWidth<DecodeMode::kLocal>(hd, g0, g1, group_u);
           for (int64_t j = 0; j < cols; ++j) u[j] += group_u[j];
         }
@@ -489,17 +532,21 @@ void SketchDecode(ThreadPool& pool, const SketchAttentionShape& shape,
       if (chunks == 1) finish(pair, u);
     }
   });
-  if (chunks == 1) return;
-  pool.ParallelFor(num_pairs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) {
-      float* u = partial + pair * chunks * cols;
-      for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-        const float* __restrict part = u + chunk * cols;
-        for (int64_t j = 0; j < cols; ++j) u[j] += part[j];
+  if (chunks > 1) {
+    pool.ParallelFor(num_pairs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pair = begin; pair < end; ++pair) {
+        float* u = partial + pair * chunks * cols;
+        for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+          const float* __restrict part = u + chunk * cols;
+          for (int64_t j = 0; j < cols; ++j) u[j] += part[j];
+        }
+        finish(pair, u);
       }
-      finish(pair, u);
-    }
-  });
+    });
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(plans.size()); ++i) {
+    *slots[i].local_pending = plans[i].after;
+  }
 }
 
 void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t start, int64_t n,
@@ -525,6 +572,28 @@ void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t 
   sc.c.resize(H * tm * cols);
   if (local) sc.kt.resize(H * h * ts);
 
+  const int64_t fold_items = (P + kPrefillFoldRows - 1) / kPrefillFoldRows;
+  // Rows of `first_row` .. b of the buffer into S, per (head, state rows).
+  auto fold_buffer = [&](int64_t first_row) {
+    pool.ParallelFor(H * fold_items, 1, [&](int64_t begin, int64_t finish) {
+      for (int64_t item = begin; item < finish; ++item) {
+        const int64_t head = item / fold_items;
+        const int64_t p0 = (item % fold_items) * kPrefillFoldRows;
+        FoldRows(r, p0, std::min(P, p0 + kPrefillFoldRows), b - first_row,
+                 BufferFold(slot, head, b, h, r, first_row), cols, slot.sketch + head * head_state);
+      }
+    });
+  };
+  if (local) {
+    // Rows of the previous block a decode left pending: folded before anything else (the tiles
+    // below read S as S_prev whole, and the first one may write over those rows).
+    PS_DCHECK(slot.local_pending != nullptr);
+    const int64_t pending = *slot.local_pending;
+    PS_DCHECK(pending == 0 || start % b + pending <= b);
+    if (pending > 0) fold_buffer(b - pending);
+    *slot.local_pending = 0;
+  }
+
   const int64_t end = start + n;
   for (int64_t s = start; s < end;) {
     Tile tile;
@@ -536,19 +605,9 @@ void SketchPrefill(ThreadPool& pool, const SketchAttentionShape& shape, int64_t 
     tile.keys = tile.koff + tile.t;
     tile.fold = local && s % b == 0 && s > 0;
 
-    const int64_t fold_items = (P + kPrefillFoldRows - 1) / kPrefillFoldRows;
-    if (tile.fold) {
-      // local_exact block start, per (head, state rows): fold the completed block from the buffer
-      // into S before the tile overwrites the buffer (decode's fold: same operands, same order).
-      pool.ParallelFor(H * fold_items, 1, [&](int64_t begin, int64_t finish) {
-        for (int64_t item = begin; item < finish; ++item) {
-          const int64_t head = item / fold_items;
-          const int64_t p0 = (item % fold_items) * kPrefillFoldRows;
-          FoldRows(r, p0, std::min(P, p0 + kPrefillFoldRows), b, BufferFold(slot, head, b, h, r),
-                   cols, slot.sketch + head * head_state);
-        }
-      });
-    }
+    // local_exact block start: fold the completed block from the buffer into S before the tile
+    // overwrites the buffer (decode's fold code, all b rows at once).
+    if (tile.fold) fold_buffer(0);
 
     // Phase 0, per head: the local buffer, transposed and padded operands.
     pool.ParallelFor(H, 1, [&](int64_t h0, int64_t h1) {

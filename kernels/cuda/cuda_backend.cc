@@ -529,7 +529,8 @@ void CudaBackend::SketchDecode(const SketchAttentionShape& shape,
   const int64_t splits = std::max(min_splits, std::min(want, std::max<int64_t>(1, P / 32)));
   std::vector<SketchSlotPtrs> ptrs(static_cast<size_t>(B));
   for (int64_t i = 0; i < B; ++i) {
-    ptrs[i] = {slots[i].sketch, slots[i].local_sketch, slots[i].local_keys, slots[i].local_values};
+    ptrs[i] = {slots[i].sketch, slots[i].local_sketch, slots[i].local_keys, slots[i].local_values,
+               slots[i].local_pending};
   }
   ReserveUploads(B * static_cast<int64_t>(sizeof(SketchSlotPtrs) + sizeof(int64_t)));
   const auto* slots_dev = static_cast<const SketchSlotPtrs*>(
@@ -548,7 +549,8 @@ void CudaBackend::SketchPrefill(const SketchAttentionShape& shape, int64_t start
                                 const float* v, const float* q_local, const float* k_local,
                                 float* out) {
   if (n <= 0) return;
-  const SketchSlotPtrs ptrs{slot.sketch, slot.local_sketch, slot.local_keys, slot.local_values};
+  const SketchSlotPtrs ptrs{slot.sketch, slot.local_sketch, slot.local_keys, slot.local_values,
+                            slot.local_pending};
   LaunchSketchPrefill(DimsOf(shape), start, n, ptrs, psi_q, psi_k, v, q_local, k_local, out,
                       impl_->stream);
   CheckLaunch("SketchPrefill");

@@ -40,12 +40,13 @@ void LaunchSketchCombine(const float* f1, const float* f2, int64_t n, int64_t r,
 void LaunchAddBias(float* y, int64_t m, int64_t n, const float* bias, cudaStream_t stream);
 
 // --- polysketch attention (sketch_kernels.cu) ----------------------------------------------------
-// The same four pointers as kernels::SketchSlotState (kept free of backend.h's absl includes).
+// The same pointers as kernels::SketchSlotState (kept free of backend.h's absl includes).
 struct SketchSlotPtrs {
   float* sketch;
   float* local_sketch;
   float* local_keys;
   float* local_values;
+  int64_t* local_pending;  // local_exact: rows of the previous block not yet folded (device)
 };
 
 struct SketchDims {

@@ -7,17 +7,20 @@
 //      columns, fusing update and readout: plain S += wk [v; 1], u += wq S; local_exact u += wq S
 //      (the current block waits in the local buffer); at a local_exact block start the warp first
 //      folds the completed block into its row, S[p] += sum_{j < b} psi_j[a] psi_j[c] [v_j; 1]
-//      (one [P, b] x [b, h+1] GEMM over the rows, buffer read through L1/L2).
-//      Splitting P over `splits` blocks gives a batch of one enough blocks to fill the GPU.
+//      (one [P, b] x [b, h+1] GEMM over the rows, buffer read through L1/L2). The GPU folds
+//      eagerly: rows a CPU decode left pending (*local_pending, the buffer's last rows; a state
+//      restored from a CPU server) are folded the same way by the next step, which clears the
+//      count. Splitting P over `splits` blocks gives a batch of one enough blocks to fill the GPU.
 //      Bytes per (sequence, head): 2 P (h+1) 4 plain, P (h+1) 4 local_exact, 2 P (h+1) 4 plus the
 //      buffer's b (r + h) 4 at a block start.
 //   2. SketchDecodeFinishKernel, grid (H, B): sums the split partials, appends (psi(k), k~, v)
 //      to the local buffer and adds the exact (q~ . k~_j)^4 terms, then o = u[:h] / (1 + u[h]).
 // Prefill, per tile (the trained block with local_exact, else 256 tokens), as the CPU does:
-//   at a local_exact block start SketchPrefillFoldKernel folds the buffer's completed block into
-//   S; append the tile to the local buffer; SketchPrefillReadoutKernel, grid (query tiles of 16,
-//   H): phi(psi_q) S as a [16, P] x [P, h+1] product staged through shared memory, plus the causal
-//   intra-tile weights (A B^T)^2 or (Q~ K~^T)^4 times [V | 1]; then (plain)
+//   rows left pending by a decode are folded first (SketchPrefillFoldKernel, the count read on
+//   the device); at a local_exact block start SketchPrefillFoldKernel folds the buffer's completed
+//   block into S; append the tile to the local buffer; SketchPrefillReadoutKernel, grid (query
+//   tiles of 16, H): phi(psi_q) S as a [16, P] x [P, h+1] product staged through shared memory,
+//   plus the causal intra-tile weights (A B^T)^2 or (Q~ K~^T)^4 times [V | 1]; then (plain)
 //   SketchPrefillFoldKernel, grid (row tiles of 16, H): S += sum_j (B_j (x) B_j) [v_j; 1] over the
 //   tile.
 #include <cstdint>
@@ -93,7 +96,12 @@ __global__ void __launch_bounds__(32 * kDecodeWarps)
 
   const int64_t t = positions[seq];
   const bool local = dims.local_exact;
-  const int mode = !local ? kPlain : (t % dims.block_size == 0 && t > 0 ? kLocalFold : kLocal);
+  const SketchSlotPtrs slot = slots[seq];
+  const int64_t b = dims.block_size;
+  // local_exact: buffer rows [fold_from, b) go into S now: the completed block at a block start,
+  // else the rows a lazy (CPU) decode left pending, if any.
+  const int64_t fold_from = !local ? b : (t % b == 0 && t > 0 ? 0 : b - *slot.local_pending);
+  const int mode = !local ? kPlain : (fold_from < b ? kLocalFold : kLocal);
   const float* pq = psi_q + pair * r;
   const float* pk = psi_k + pair * r;
   for (int64_t p = p0 + tid; p < p1; p += kThreads) {
@@ -107,9 +115,7 @@ __global__ void __launch_bounds__(32 * kDecodeWarps)
   for (int64_t j = tid; j < kDecodeWarps * cols; j += kThreads) acc[j] = 0.0f;
   __syncthreads();
 
-  const SketchSlotPtrs slot = slots[seq];
   float* s = slot.sketch + head * P * cols;
-  const int64_t b = dims.block_size;
   // The completed block (local_exact fold): psi(k) [b, r] and v [b, h] of this head.
   const float* lsk = local ? slot.local_sketch + head * b * r : nullptr;
   const float* lv = local ? slot.local_values + head * b * h : nullptr;
@@ -127,7 +133,7 @@ __global__ void __launch_bounds__(32 * kDecodeWarps)
         srow[j] = x;
       } else if (mode == kLocalFold) {
         float fold = 0.0f;
-        for (int64_t jj = 0; jj < b; ++jj) {
+        for (int64_t jj = fold_from; jj < b; ++jj) {
           const float w = lsk[jj * r + a] * lsk[jj * r + c];
           fold += w * (j < h ? lv[jj * h + j] : 1.0f);
         }
@@ -170,7 +176,9 @@ __global__ void __launch_bounds__(kFinishThreads)
     const int64_t m = positions[seq] % b;  // rows of this block before this token
     const SketchSlotPtrs slot = slots[seq];
     // Plain (not __restrict__/read-only) pointers: this block writes row m and reads it back.
-    // The rows kernel, earlier on the stream, has already folded the previous block's rows.
+    // The rows kernel, earlier on the stream, has already folded the previous block's rows, and
+    // every pending one: none is left.
+    if (head == 0 && tid == 0) *slot.local_pending = 0;
     float* keys = slot.local_keys + head * b * h;
     float* values = slot.local_values + head * b * h;
     for (int64_t d = tid; d < h; d += kFinishThreads) {
@@ -213,14 +221,19 @@ struct TileArgs {
 // The t keys a fold adds, per head: psi(k_j)[a] = keys[head * key_head + j * key_row + a] and
 // value column d < h of token j = values[head * value_head + j * value_row + d] (the normaliser
 // column is 1). Plain tiles fold the call's rows ([n, H, r] and [n, H, h] from the tile's first
-// row); a local_exact block start folds the slot's buffer ([H, b, r] and [H, b, h]).
+// row); a local_exact block start folds the slot's buffer ([H, b, r] and [H, b, h]). With
+// `pending` set, the source is the buffer's last *pending of its t rows (read on the device).
 struct FoldSource {
   const float* keys;
   int64_t key_head, key_row;
   const float* values;
   int64_t value_head, value_row;
   int64_t t;
+  const int64_t* pending = nullptr;
 };
+
+// Clears a slot's pending count once the rows are folded.
+__global__ void ClearPendingKernel(int64_t* pending) { *pending = 0; }
 
 // Appends the tile's psi(k), k~ and v to the local buffer rows koff .. koff+t-1 of every head.
 __global__ void AppendLocalKernel(SketchDims dims, TileArgs tile, const float* __restrict__ psi_k,
@@ -388,6 +401,9 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int64_t p0 = blockIdx.x * kFoldRows;
   const int64_t fr = P - p0 < kFoldRows ? P - p0 : kFoldRows;
   const int tid = threadIdx.x;
+  const int64_t t = src.pending != nullptr ? *src.pending : src.t;
+  if (t == 0) return;  // nothing pending (uniform across the block: no barrier is skipped half)
+  const int64_t first = src.t - t;  // 0 unless only the last rows are folded
   int* pairs = reinterpret_cast<int*>(smem);
   float* kst = smem + P;                     // [kKeyChunk, r+1]
   float* vst = kst + kKeyChunk * (r + 1);    // [kKeyChunk, cols]
@@ -396,10 +412,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
   FillPairTable(r, pairs);
   for (int64_t x = tid; x < kFoldRows * cols; x += kPrefillThreads) acc[x] = 0.0f;
   __syncthreads();
-  const float* keys = src.keys + head * src.key_head;
-  const float* values = src.values + head * src.value_head;
-  for (int64_t j0 = 0; j0 < src.t; j0 += kKeyChunk) {
-    const int64_t kc = src.t - j0 < kKeyChunk ? src.t - j0 : kKeyChunk;
+  const float* keys = src.keys + head * src.key_head + first * src.key_row;
+  const float* values = src.values + head * src.value_head + first * src.value_row;
+  for (int64_t j0 = 0; j0 < t; j0 += kKeyChunk) {
+    const int64_t kc = t - j0 < kKeyChunk ? t - j0 : kKeyChunk;
     for (int64_t x = tid; x < kc * r; x += kPrefillThreads) {
       const int64_t jj = x / r, a = x % r;
       kst[jj * (r + 1) + a] = keys[(j0 + jj) * src.key_row + a];
@@ -481,13 +497,21 @@ void LaunchSketchPrefill(const SketchDims& dims, int64_t start, int64_t n,
   const size_t fold_shared = static_cast<size_t>(FoldSharedFloats(dims)) * sizeof(float);
   AllowSharedBytes(SketchPrefillReadoutKernel, static_cast<int64_t>(readout_shared));
   AllowSharedBytes(SketchPrefillFoldKernel, static_cast<int64_t>(fold_shared));
+  const dim3 fold_grid(static_cast<unsigned>((P + kFoldRows - 1) / kFoldRows),
+                       static_cast<unsigned>(H));
+  if (local) {
+    // Rows a decode left pending, before any tile reads S or writes the buffer.
+    FoldSource pending{slot.local_sketch, b * r, r, slot.local_values, b * h, h, b};
+    pending.pending = slot.local_pending;
+    SketchPrefillFoldKernel<<<fold_grid, kPrefillThreads, fold_shared, stream>>>(dims, pending,
+                                                                                 slot.sketch);
+    ClearPendingKernel<<<1, 1, 0, stream>>>(slot.local_pending);
+  }
   const int64_t end = start + n;
   for (int64_t s = start; s < end;) {
     const int64_t e = local ? (end < (s / b + 1) * b ? end : (s / b + 1) * b)
                             : (end < s + tile_max ? end : s + tile_max);
     TileArgs tile{s - start, e - s, local ? s % b : 0};
-    const dim3 fold_grid(static_cast<unsigned>((P + kFoldRows - 1) / kFoldRows),
-                         static_cast<unsigned>(H));
     if (local && s % b == 0 && s > 0) {
       // The completed block, from the buffer, before the tile overwrites it.
       const FoldSource block{slot.local_sketch, b * r, r, slot.local_values, b * h, h, b};

@@ -566,6 +566,7 @@ void Model::Attention(int64_t layer, int64_t rows, absl::Span<const int64_t> pos
           .local_sketch = pool_.Floats(slot, layer, StateComponent::kLocalSketch).data(),
           .local_keys = pool_.Floats(slot, layer, StateComponent::kLocalKeys).data(),
           .local_values = pool_.Floats(slot, layer, StateComponent::kLocalValues).data(),
+          .local_pending = pool_.Counter(slot, layer, StateComponent::kLocalPending),
       });
     }
     if (prefill) {

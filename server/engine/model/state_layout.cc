@@ -65,8 +65,8 @@ absl::string_view StateComponentName(StateComponent component) {
       return "local_keys";
     case StateComponent::kLocalValues:
       return "local_values";
-    case StateComponent::kLocalCount:
-      return "local_count";
+    case StateComponent::kLocalPending:
+      return "local_pending";
     case StateComponent::kRingKeys:
       return "ring_keys";
     case StateComponent::kRingValues:
@@ -91,7 +91,7 @@ bool IsKvCacheRows(StateComponent component) {
 }
 
 bool IsInt64(StateComponent component) {
-  return component == StateComponent::kLocalCount || component == StateComponent::kRingCount ||
+  return component == StateComponent::kLocalPending || component == StateComponent::kRingCount ||
          component == StateComponent::kKvPositions || component == StateComponent::kKvCount;
 }
 
@@ -141,7 +141,7 @@ absl::StatusOr<StateLayout> StateLayout::Create(const ModelConfig& config, int64
                                       CheckedProduct({H, b, r, kFloatBytes})));
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalKeys, buffer_bytes));
           PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalValues, buffer_bytes));
-          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalCount, kCounterBytes));
+          PS_RETURN_IF_ERROR(slot.Add(i, layer, StateComponent::kLocalPending, kCounterBytes));
         }
         break;
       }

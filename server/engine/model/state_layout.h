@@ -40,15 +40,16 @@ enum class StateComponent {
   // j < h are the value sums, j == h the normaliser sum. Plain sketch: S over all tokens so far;
   // local_exact: S_prev over all completed blocks.
   kSketch,
-  kLocalSketch,  // polysketch + local_exact: [H, b, r] f32, psi(k) of the current block's keys
-                 // (folded into kSketch with [v; 1] at the next block's first token)
-  kLocalKeys,    // polysketch + local_exact: [H, b, h] f32, post-LayerNorm keys k~ of the block
-  kLocalValues,  // polysketch + local_exact: [H, b, h] f32, values of the current block
-  kLocalCount,   // polysketch + local_exact: int64_t, entries in the local buffer, 0..b
-  kRingKeys,     // sliding_window: [H, w, h] f32, keys as attention reads them (post-RoPE unless
-                 // "local_rope"); token t at ring row t % w
-  kRingValues,   // sliding_window: [H, w, h] f32, values, same rows as the keys
-  kRingCount,    // sliding_window: int64_t, tokens written so far (rows filled: min(count, w))
+  kLocalSketch,   // polysketch + local_exact: [H, b, r] f32, psi(k) of the current block's keys
+                  // (folded into kSketch with [v; 1] over the next block's first steps)
+  kLocalKeys,     // polysketch + local_exact: [H, b, h] f32, post-LayerNorm keys k~ of the block
+  kLocalValues,   // polysketch + local_exact: [H, b, h] f32, values of the current block
+  kLocalPending,  // polysketch + local_exact: int64_t, rows of the previous block not yet
+                  // folded into kSketch (the buffer's last rows), 0..b - position % b
+  kRingKeys,      // sliding_window: [H, w, h] f32, keys as attention reads them (post-RoPE unless
+                  // "local_rope"); token t at ring row t % w
+  kRingValues,    // sliding_window: [H, w, h] f32, values, same rows as the keys
+  kRingCount,     // sliding_window: int64_t, tokens written so far (rows filled: min(count, w))
   // softmax, polynomial, sparse_strided, sparse_fixed, only with max_context > 0: the KV cache as
   // kernels/backend.h KvSlotState describes it (a list of the kept tokens in position order).
   kKvKeys,       // [cap, H, h] f32: keys of the kept rows (post-RoPE unless "local_rope";
@@ -59,7 +60,7 @@ enum class StateComponent {
 };
 inline constexpr int kNumStateComponents = 12;
 absl::string_view StateComponentName(StateComponent component);  // "sketch", "ring_keys", ...
-// True for the int64_t components (the counters kLocalCount, kRingCount, kKvCount and the
+// True for the int64_t components (the counters kLocalPending, kRingCount, kKvCount and the
 // kKvPositions array), false for the f32 buffers.
 bool IsInt64(StateComponent component);
 // True for the KV-cache rows (kRingKeys, kRingValues, kKvKeys, kKvValues): the buffers that

@@ -85,7 +85,7 @@ class StatePool {
   // A binary16 component (layout().IsFp16: KV-cache rows of an fp16 layout) as its bits; empty
   // when the layer does not have it.
   absl::Span<uint16_t> Halves(SlotId id, int64_t layer, StateComponent component);
-  // A single counter (kLocalCount, kRingCount, kKvCount); nullptr when the layer does not have
+  // A single counter (kLocalPending, kRingCount, kKvCount); nullptr when the layer does not have
   // it.
   int64_t* Counter(SlotId id, int64_t layer, StateComponent component);
   // Any int64_t component as an array (kKvPositions: [cap]; a counter: one element); empty when

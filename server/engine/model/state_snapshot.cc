@@ -62,12 +62,20 @@ absl::Status ValidateStateBytes(const ModelConfig& config, const StateLayout& la
         continue;
       }
       switch (component) {
-        case StateComponent::kLocalCount:
-          // The kernels derive the local buffer's fill from the position; the engine keeps 0.
-          if (ReadInt64(bytes, region.offset_bytes) != 0) {
-            return Corrupt(l, component, "must be 0");
+        case StateComponent::kLocalPending: {
+          // Rows of the previous block not yet folded: only after a block's first token (the
+          // first block has no previous one), and never a row the current block has written.
+          const int64_t pending = ReadInt64(bytes, region.offset_bytes);
+          const int64_t b = layer.local_size;
+          const int64_t written = position % b;
+          const int64_t most = position > b && written > 0 ? b - written : 0;
+          if (pending < 0 || pending > most) {
+            return Corrupt(l, component,
+                           absl::StrCat("is ", pending, ", but a state at position ", position,
+                                        " (block of ", b, ") holds 0..", most, " pending rows"));
           }
           break;
+        }
         case StateComponent::kRingCount:
           if (ReadInt64(bytes, region.offset_bytes) != position) {
             return Corrupt(l, component,

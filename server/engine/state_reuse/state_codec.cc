@@ -97,19 +97,19 @@ absl::StatusOr<SequenceState> DecodeState(absl::string_view bytes, const ModelId
   if (bytes.size() < sizeof(kMagic) + 8 || std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) {
     return absl::DataLossError("state: not a polysketch state (bad magic)");
   }
-  // A state of an earlier format (below the current version) is refused by name first: a
+  // A state of a format this server no longer reads is refused by name first: a
   // version-1 checksum used another hash, so the check below could only call it corrupted, and a
   // version-2 slot of a local_exact model has another layout (S_cur where the sketched keys are).
   uint32_t version;
   std::memcpy(&version, bytes.data() + sizeof(kMagic), sizeof(version));
-  if (version >= 1 && version < kStateFormatVersion) {
+  if (version >= 1 && version < kOldestStateFormatVersion) {
     const absl::string_view why =
         version == 1 ? "whose checksum and model fingerprint used another hash"
                      : "whose local_exact layers kept S_cur instead of the block's sketched keys";
-    return absl::FailedPreconditionError(
-        absl::StrCat("state: format version ", version, " (an earlier polysketch server's, ", why,
-                     "); this server reads version ", kStateFormatVersion,
-                     " only: export the state again from a server of this version"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "state: format version ", version, " (an earlier polysketch server's, ", why,
+        "); this server reads versions ", kOldestStateFormatVersion, " to ", kStateFormatVersion,
+        " only: export the state again from a server of this version"));
   }
   // Integrity first, so that the field checks below report edits, not noise.
   uint64_t stored;
@@ -121,9 +121,10 @@ absl::StatusOr<SequenceState> DecodeState(absl::string_view bytes, const ModelId
   }
   Reader in(body.substr(sizeof(kMagic)));
   PS_ASSIGN_OR_RETURN(version, in.Get<uint32_t>("format version"));
-  if (version != kStateFormatVersion) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "state: format version ", version, "; this server reads version ", kStateFormatVersion));
+  if (version < kOldestStateFormatVersion || version > kStateFormatVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("state: format version ", version, "; this server reads versions ",
+                     kOldestStateFormatVersion, " to ", kStateFormatVersion));
   }
   PS_ASSIGN_OR_RETURN(const uint64_t fingerprint, in.Get<uint64_t>("model fingerprint"));
   if (fingerprint != model.fingerprint) {

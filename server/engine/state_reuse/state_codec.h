@@ -19,8 +19,12 @@
 // Version history: 1 (until issue 18): checksum and model fingerprint with a hash of this
 // project's own; 2: with xxHash's XXH3; 3 (issue 19): a local_exact layer keeps its current
 // block's sketched keys psi(k) [H, b, r] instead of the running sum S_cur [H, P, h+1], so its
-// slot bytes mean something else, and the dtype byte may be 1 (fp16 KV caches). A state of an
-// earlier version is refused by name, before its checksum is read (a version-1 checksum could
+// slot bytes mean something else, and the dtype byte may be 1 (fp16 KV caches); 4 (the lazy
+// fold): a local_exact layer's int64 counter, 0 until then ("local_count"), is "local_pending",
+// the previous block's rows not yet folded into S_prev, which may be above 0 after a block's
+// first tokens. A version-3 state is a version-4 state with nothing pending, so it is read as
+// one; a version-3 server refuses a version-4 state by its version, not as damaged. A state of
+// version 1 or 2 is refused by name, before its checksum is read (a version-1 checksum could
 // only fail), with both versions and what to do: export it again from a current server. A state
 // is imported only by a server of the same dtype (FailedPrecondition naming both otherwise):
 // converting would change the slot's size, and fp32 -> fp16 would change results silently, so a
@@ -41,7 +45,9 @@
 
 namespace ps::engine {
 
-inline constexpr uint32_t kStateFormatVersion = 3;
+inline constexpr uint32_t kStateFormatVersion = 4;
+// The oldest format this server reads (version 3: the same bytes with no rows pending).
+inline constexpr uint32_t kOldestStateFormatVersion = 3;
 // The Fingerprint64 seed of the checksum.
 inline constexpr uint64_t kStateChecksumSeed = 0x5053'4b53'5441'5445ULL;  // "PSKSTATE"
 // Most pending tokens a state may carry (a finished turn leaves one).

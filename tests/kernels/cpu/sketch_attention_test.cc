@@ -37,6 +37,7 @@ constexpr double kAtolOfMax = 1e-5;
 // Host copy of one sequence's state for one layer, in the SketchSlotState layout.
 struct State {
   std::vector<float> sketch, sketched, keys, values;
+  int64_t pending = 0;  // local_exact: rows of the previous block not yet folded into sketch
 
   explicit State(const SketchAttentionShape& shape) {
     const int64_t head_state = PackedSymmetricRows(shape.sketch_size) * (shape.head_dim + 1);
@@ -54,6 +55,7 @@ struct State {
       slot.local_sketch = sketched.data();
       slot.local_keys = keys.data();
       slot.local_values = values.data();
+      slot.local_pending = &pending;
     }
     return slot;
   }
@@ -177,12 +179,29 @@ void OracleStep(const SketchAttentionShape& shape, int64_t t, State& st, const R
   return ::testing::AssertionSuccess() << "worst err/tol " << worst;
 }
 
+// S with the rows a lazy decode left pending folded in: the S of an eager fold, which is what the
+// oracle and a prefill leave.
+std::vector<float> FoldedSketch(const SketchAttentionShape& shape, const State& st) {
+  std::vector<float> s = st.sketch;
+  if (!shape.local_exact || st.pending == 0) return s;
+  const int64_t H = shape.heads, h = shape.head_dim, r = shape.sketch_size, b = shape.block_size;
+  const int64_t head_state = PackedSymmetricRows(r) * (h + 1);
+  for (int64_t head = 0; head < H; ++head) {
+    for (int64_t j = b - st.pending; j < b; ++j) {
+      ref::SketchUpdate(absl::MakeConstSpan(st.sketched).subspan((head * b + j) * r, r),
+                        absl::MakeConstSpan(st.values).subspan((head * b + j) * h, h),
+                        absl::Span<float>(s).subspan(head * head_state, head_state));
+    }
+  }
+  return s;
+}
+
 // Compares every state array. Decode and prefill both write buffer row t % b for every token t
-// and fold at the same absolute block starts, so S and the whole buffers (stale rows of an earlier
-// block included) must agree individually.
+// and fold the same blocks, so S (with any pending rows folded in) and the whole buffers (stale
+// rows of an earlier block included) must agree individually.
 void ExpectStatesEqual(const SketchAttentionShape& shape, const State& got, const State& want,
                        const std::string& what) {
-  EXPECT_TRUE(Close(got.sketch, want.sketch)) << what << ": sketch";
+  EXPECT_TRUE(Close(FoldedSketch(shape, got), FoldedSketch(shape, want))) << what << ": sketch";
   if (shape.local_exact) {
     EXPECT_TRUE(Close(got.sketched, want.sketched)) << what << ": local sketched keys";
     EXPECT_TRUE(Close(got.keys, want.keys)) << what << ": local keys";
@@ -401,9 +420,10 @@ TEST(SketchPrefillTest, Gpt2HeadShapePieces) {
 }
 
 // Decode to `start`, prefill n tokens, then decode to a further block start, against decode only,
-// for every start and n up to two blocks past a boundary (aligned and not). local_exact folds a
-// block once, from the buffer, with the same code in decode and prefill, so S must be bitwise
-// equal, not only close; the outputs (readout in another order) within tolerance.
+// for every start and n up to two blocks past a boundary (aligned and not). With b 4 (at most
+// kDecodeFoldKeys) a decode step folds a whole block at its start, from the buffer, with the code
+// prefill uses, so S must be bitwise equal, not only close; the outputs (readout in another order)
+// within tolerance. LazyFold* below cover larger blocks.
 TEST(SketchPrefillTest, LocalExactPrefillFromAnyStartIsDecode) {
   constexpr int64_t b = 4;
   for (int64_t r : {3, 32}) {
@@ -433,6 +453,82 @@ TEST(SketchPrefillTest, LocalExactPrefillFromAnyStartIsDecode) {
         }
         ExpectStatesEqual(shape, mixed, decoded, "decode, prefill, decode vs decode");
       }
+    }
+  }
+}
+
+// --- The lazy fold: a local_exact block folded over its successor's first steps -----------------
+
+// Blocks larger than the 8 keys a decode step folds: the completed block is pending after its
+// successor's first step and folded 8 rows per step; every output matches the eager oracle.
+TEST(SketchDecodeTest, LazyFoldSpreadsABlockOverTheFirstStepsOfTheNext) {
+  constexpr int64_t b = 64;
+  for (int64_t h : {64, 8}) {  // the compiled 65-column path and the generic one
+    const SketchAttentionShape shape = Shape(true, 2, h, h == 64 ? 32 : 5, b);
+    for (int threads : {1, 3}) {
+      SCOPED_TRACE(Name(shape, threads));
+      ThreadPool pool(threads);
+      std::mt19937 rng(4321);
+      const int64_t steps = 3 * b + 5;
+      const Inputs in = RandomInputs(shape, steps, rng);
+      const int64_t hH = shape.heads * shape.head_dim;
+      State fast(shape), oracle(shape);
+      const SketchSlotState slot = fast.Slot();
+      std::vector<float> out(hH), want(hH);
+      for (int64_t t = 0; t < steps; ++t) {
+        const RowPtrs x = Row(shape, in, t);
+        SketchDecode(pool, shape, absl::MakeConstSpan(&t, 1), absl::MakeConstSpan(&slot, 1),
+                     x.psi_q, x.psi_k, x.v, x.q_local, x.k_local, out.data());
+        OracleStep(shape, t, oracle, x, want.data());
+        ASSERT_TRUE(Close(out, want)) << "position " << t;
+        const int64_t m = t % b;
+        const int64_t expect_pending = t < b ? 0 : std::max<int64_t>(0, b - 8 * (m + 1));
+        ASSERT_EQ(fast.pending, expect_pending) << "position " << t;
+        ASSERT_LT(m, b - fast.pending) << "the token's row must not be pending";
+        ExpectStatesEqual(shape, fast, oracle, absl::StrCat("position ", t));
+      }
+    }
+  }
+}
+
+// Sequences at different stages of their folds share one call: each keeps its own plan.
+TEST(SketchDecodeTest, LazyFoldBatchAtDifferentStages) {
+  CheckDecode(Shape(true, 2, 64, 32, 32), 3, 40, {0, 30, 33, 38, 64});
+  CheckDecode(Shape(true, 3, 8, 4, 24), 2, 30, {23, 24, 26, 47});
+}
+
+// A prefill that starts while rows are pending folds them first and leaves none; outputs and
+// the folded state equal decode only, and decoding on after the prefill folds the next blocks
+// lazily again.
+TEST(SketchPrefillTest, LazyFoldPendingRowsBeforeAPrefill) {
+  constexpr int64_t b = 32;
+  const SketchAttentionShape shape = Shape(true, 2, 64, 32, b);
+  ThreadPool pool(3);
+  const int64_t hH = shape.heads * shape.head_dim;
+  for (int64_t start : {b + 1, b + 2, 2 * b + 1, 2 * b + 3}) {
+    for (int64_t n : {int64_t{1}, int64_t{2}, b - 3, b, 2 * b + 7}) {
+      SCOPED_TRACE(absl::StrCat("start=", start, " n=", n));
+      std::mt19937 rng(static_cast<unsigned>(77 + 13 * start + n));
+      const int64_t after = (start + n) / b * b + b + 2;  // past the next block start
+      const Inputs in = RandomInputs(shape, after, rng);
+      State mixed(shape), decoded(shape);
+      std::vector<float> got(after * hH), want(after * hH);
+      DecodeRange(pool, shape, in, 0, start, mixed, got);
+      ASSERT_GT(mixed.pending, 0) << "the case this test is for";
+      PrefillRange(pool, shape, in, start, start + n, mixed, got);
+      EXPECT_EQ(mixed.pending, 0);
+      DecodeRange(pool, shape, in, 0, start + n, decoded, want);
+      ExpectStatesEqual(shape, mixed, decoded, "after the prefill");
+      DecodeRange(pool, shape, in, start + n, after, mixed, got);
+      DecodeRange(pool, shape, in, start + n, after, decoded, want);
+      EXPECT_EQ(mixed.pending, decoded.pending);
+      EXPECT_GT(decoded.pending, 0) << "decoding on folds lazily again";
+      for (int64_t t = start; t < after; ++t) {
+        ASSERT_TRUE(Close(absl::MakeConstSpan(got).subspan(t * hH, hH),
+                          absl::MakeConstSpan(want).subspan(t * hH, hH)))
+            << "position " << t;
+      }
+      ExpectStatesEqual(shape, mixed, decoded, "decode, prefill, decode vs decode");
     }
   }
 }

@@ -360,11 +360,12 @@ std::vector<SketchCase> SketchCases() {
 // One sequence's polysketch state on both backends.
 // A host state (the CPU backend's) and its mirror on the GPU.
 struct SketchState : HostSketchState {
-  DeviceBuffer ds, dsketched, dkeys, dvalues;
+  DeviceBuffer ds, dsketched, dkeys, dvalues, dpending;
   SketchSlotState CpuSlot() { return Slot(); }
   SketchSlotState GpuSlot() {
     return {ds.f32(), sketched.empty() ? nullptr : dsketched.f32(),
-            keys.empty() ? nullptr : dkeys.f32(), values.empty() ? nullptr : dvalues.f32()};
+            keys.empty() ? nullptr : dkeys.f32(), values.empty() ? nullptr : dvalues.f32(),
+            sketched.empty() ? nullptr : static_cast<int64_t*>(dpending.data())};
   }
 };
 
@@ -374,16 +375,28 @@ class CudaSketchTest : public CudaBackendTest {
   SketchState MakeState(const SketchAttentionShape& sh, int64_t start, uint32_t seed) {
     SketchState st;
     static_cast<HostSketchState&>(st) = MakeHostSketchState(cpu_, sh, start, seed);
+    Mirror(sh, st);
+    return st;
+  }
+  // The GPU copy of st's host arrays.
+  void Mirror(const SketchAttentionShape& sh, SketchState& st) {
     st.ds = Up(st.s);
     if (sh.local_exact) {
       st.dsketched = Up(st.sketched);
       st.dkeys = Up(st.keys);
       st.dvalues = Up(st.values);
+      st.dpending = UpBytes(&st.pending, sizeof(st.pending));
     }
-    return st;
   }
-  void ExpectSameState(SketchState& st, const std::string& what) {
-    ExpectNear(Down(st.ds, st.s.size()), st.s, what + " S");
+  int64_t GpuPending(const SketchState& st) {
+    int64_t pending = -1;
+    DownBytes(st.dpending, &pending, sizeof(pending));
+    return pending;
+  }
+  // The GPU state against the host one; S with any rows the CPU left pending folded in (the GPU
+  // folds them all at once).
+  void ExpectSameState(const SketchAttentionShape& sh, SketchState& st, const std::string& what) {
+    ExpectNear(Down(st.ds, st.s.size()), test::FoldedS(sh, st), what + " S");
     if (!st.sketched.empty()) {
       ExpectNear(Down(st.dsketched, st.sketched.size()), st.sketched, what + " sketched keys");
       ExpectNear(Down(st.dkeys, st.keys.size()), st.keys, what + " local keys");
@@ -418,7 +431,9 @@ TEST_F(CudaSketchTest, DecodeMatchesCpuAcrossBlockBoundaries) {
       gpu_->SketchDecode(sh, positions, gpu_slots, pq.f32(), pk.f32(), v.f32(),
                          l ? ql.f32() : nullptr, l ? kl.f32() : nullptr, out.f32());
       ExpectNear(Down(out, want.size()), want, "decode output");
-      for (int64_t i = 0; i < B; ++i) ExpectSameState(states[i], absl::StrCat("sequence ", i));
+      for (int64_t i = 0; i < B; ++i) {
+        ExpectSameState(sh, states[i], absl::StrCat("sequence ", i));
+      }
     }
   }
 }
@@ -441,8 +456,51 @@ TEST_F(CudaSketchTest, PrefillMatchesCpuFromAnyStart) {
       gpu_->SketchPrefill(sh, start, n, st.GpuSlot(), pq.f32(), pk.f32(), v.f32(),
                           l ? ql.f32() : nullptr, l ? kl.f32() : nullptr, out.f32());
       ExpectNear(Down(out, want.size()), want, "prefill output");
-      ExpectSameState(st, "prefill");
+      ExpectSameState(sh, st, "prefill");
     }
+  }
+}
+
+// A state the CPU left with rows pending (its lazy fold; a session moved from a CPU server): the
+// GPU folds them all in its next decode step or at the start of a prefill, and matches the CPU,
+// which folds them over its next steps. GPT-2 head shape, blocks of 64: 56 rows pending.
+TEST_F(CudaSketchTest, RowsTheCpuLeftPendingAreFoldedByDecodeAndPrefill) {
+  const SketchAttentionShape sh{
+      .heads = 2, .head_dim = 64, .sketch_size = 32, .local_exact = true, .block_size = 64};
+  const int64_t hH = sh.heads * sh.head_dim, rH = sh.heads * sh.sketch_size;
+  for (bool prefill : {false, true}) {
+    SCOPED_TRACE(prefill ? "prefill" : "decode");
+    SketchState st;
+    static_cast<HostSketchState&>(st) = test::MakeLazyHostSketchState(cpu_, sh, 65, 2, 90);
+    ASSERT_EQ(st.pending, 56);
+    Mirror(sh, st);
+    const int64_t n = 9;  // the CPU's pending rows run out at position 71
+    SketchInputs in(sh, n, 91);
+    std::vector<float> want(n * hH);
+    DeviceBuffer pq = Up(in.psi_q), pk = Up(in.psi_k), v = Up(in.v), ql = Up(in.ql), kl = Up(in.kl),
+                 out = Up(std::vector<float>(want.size()));
+    if (prefill) {
+      cpu_.SketchPrefill(sh, 65, n, st.CpuSlot(), in.psi_q.data(), in.psi_k.data(), in.v.data(),
+                         in.ql.data(), in.kl.data(), want.data());
+      gpu_->SketchPrefill(sh, 65, n, st.GpuSlot(), pq.f32(), pk.f32(), v.f32(), ql.f32(), kl.f32(),
+                          out.f32());
+    } else {
+      const SketchSlotState cpu_slot = st.CpuSlot(), gpu_slot = st.GpuSlot();
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t position = 65 + i;
+        cpu_.SketchDecode(sh, {&position, 1}, {&cpu_slot, 1}, in.psi_q.data() + i * rH,
+                          in.psi_k.data() + i * rH, in.v.data() + i * hH, in.ql.data() + i * hH,
+                          in.kl.data() + i * hH, want.data() + i * hH);
+        gpu_->SketchDecode(sh, {&position, 1}, {&gpu_slot, 1}, pq.f32() + i * rH, pk.f32() + i * rH,
+                           v.f32() + i * hH, ql.f32() + i * hH, kl.f32() + i * hH,
+                           out.f32() + i * hH);
+        EXPECT_EQ(GpuPending(st), 0) << "position " << position;
+      }
+    }
+    EXPECT_EQ(st.pending, 0);
+    EXPECT_EQ(GpuPending(st), 0);
+    ExpectNear(Down(out, want.size()), want, "outputs");
+    ExpectSameState(sh, st, "after the pending rows");
   }
 }
 

@@ -40,9 +40,11 @@ struct HostSketchState {
   // s [H, P, h+1]; sketched [H, b, r] (psi(k) of the block), keys, values [H, b, h]:
   // local_exact only.
   std::vector<float> s, sketched, keys, values;
+  int64_t pending = 0;  // local_exact: rows of the previous block not yet folded into s
   SketchSlotState Slot() {
     return {s.data(), sketched.empty() ? nullptr : sketched.data(),
-            keys.empty() ? nullptr : keys.data(), values.empty() ? nullptr : values.data()};
+            keys.empty() ? nullptr : keys.data(), values.empty() ? nullptr : values.data(),
+            sketched.empty() ? nullptr : &pending};
   }
 };
 
@@ -63,6 +65,50 @@ inline HostSketchState MakeHostSketchState(cpu::CpuBackend& cpu, const SketchAtt
     cpu.SketchPrefill(sh, 0, start, st.Slot(), in.psi_q.data(), in.psi_k.data(), in.v.data(),
                       sh.local_exact ? in.ql.data() : nullptr,
                       sh.local_exact ? in.kl.data() : nullptr, out.data());
+  }
+  return st;
+}
+
+// st.s with the rows a lazy CPU decode left pending folded in: the S of an eager fold (what the
+// GPU, which folds every pending row at once, holds), to compare the two. Packed rows in order.
+inline std::vector<float> FoldedS(const SketchAttentionShape& sh, const HostSketchState& st) {
+  std::vector<float> s = st.s;
+  const int64_t h = sh.head_dim, r = sh.sketch_size, b = sh.block_size, cols = h + 1;
+  const int64_t P = PackedSymmetricRows(r);
+  for (int64_t head = 0; head < sh.heads && st.pending > 0; ++head) {
+    for (int64_t j = b - st.pending; j < b; ++j) {
+      const float* psi = st.sketched.data() + (head * b + j) * r;
+      const float* v = st.values.data() + (head * b + j) * h;
+      int64_t p = 0;
+      for (int64_t a = 0; a < r; ++a) {
+        for (int64_t c = a; c < r; ++c, ++p) {
+          const float w = psi[a] * psi[c];
+          float* row = s.data() + (head * P + p) * cols;
+          for (int64_t d = 0; d < h; ++d) row[d] += w * v[d];
+          row[h] += w;
+        }
+      }
+    }
+  }
+  return s;
+}
+
+// A local_exact state at position `start` (> b) whose last `decoded` tokens the CPU backend fed
+// one decode step at a time, so that the rows of the previous block it folds lazily are still
+// pending when that crosses a block start (st.pending > 0 for b above 8 and a start just past
+// the block start).
+inline HostSketchState MakeLazyHostSketchState(cpu::CpuBackend& cpu, const SketchAttentionShape& sh,
+                                               int64_t start, int64_t decoded, uint32_t seed) {
+  HostSketchState st = MakeHostSketchState(cpu, sh, start - decoded, seed);
+  SketchInputs in(sh, decoded, seed + 100);
+  const int64_t rH = sh.heads * sh.sketch_size, hH = sh.heads * sh.head_dim;
+  std::vector<float> out(hH);
+  const SketchSlotState slot = st.Slot();
+  for (int64_t i = 0; i < decoded; ++i) {
+    const int64_t position = start - decoded + i;
+    cpu.SketchDecode(sh, {&position, 1}, {&slot, 1}, in.psi_q.data() + i * rH,
+                     in.psi_k.data() + i * rH, in.v.data() + i * hH, in.ql.data() + i * hH,
+                     in.kl.data() + i * hH, out.data());
   }
   return st;
 }

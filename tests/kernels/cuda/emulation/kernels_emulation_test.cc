@@ -121,7 +121,7 @@ TEST_F(KernelsEmulationTest, DenseKernels) {
 struct SketchState : HostSketchState {
   SketchSlotPtrs Ptrs() {
     const SketchSlotState x = Slot();
-    return {x.sketch, x.local_sketch, x.local_keys, x.local_values};
+    return {x.sketch, x.local_sketch, x.local_keys, x.local_values, x.local_pending};
   }
 };
 
@@ -177,7 +177,7 @@ TEST_F(SketchEmulationTest, DecodeMatchesCpu) {
                          l ? in.kl.data() : nullptr, got.data(), splits, partial.data(), nullptr);
       ExpectNear(got, want, "decode output");
       for (int64_t i = 0; i < B; ++i) {
-        ExpectNear(emu_states[i].s, cpu_states[i].s, "S");
+        ExpectNear(emu_states[i].s, test::FoldedS(sh, cpu_states[i]), "S");
         ExpectNear(emu_states[i].sketched, cpu_states[i].sketched, "sketched keys");
         ExpectNear(emu_states[i].keys, cpu_states[i].keys, "keys");
         ExpectNear(emu_states[i].values, cpu_states[i].values, "values");
@@ -209,6 +209,52 @@ TEST_F(SketchEmulationTest, PrefillMatchesCpu) {
       ExpectNear(emu_state.keys, cpu_state.keys, "keys");
       ExpectNear(emu_state.values, cpu_state.values, "values");
     }
+  }
+}
+
+// A state the CPU left with rows pending (its lazy fold; a session restored on a GPU server):
+// the GPU's next decode step or prefill folds them all, and outputs and S match the CPU's, whose
+// own steps fold them over the next steps. Blocks of 20: 12 rows pending after position 20.
+TEST_F(SketchEmulationTest, RowsTheCpuLeftPendingAreFoldedByDecodeAndPrefill) {
+  const SketchAttentionShape sh{
+      .heads = 2, .head_dim = 10, .sketch_size = 5, .local_exact = true, .block_size = 20};
+  const int64_t hH = sh.heads * sh.head_dim;
+  for (bool prefill : {false, true}) {
+    SCOPED_TRACE(prefill ? "prefill" : "decode");
+    SketchState cpu_state;
+    static_cast<HostSketchState&>(cpu_state) =
+        test::MakeLazyHostSketchState(cpu_, sh, /*start=*/21, /*decoded=*/3, 70);
+    ASSERT_EQ(cpu_state.pending, 12);
+    SketchState emu_state = cpu_state;
+    // Positions 21 and 22: the CPU folds 8 and then 4 rows, the GPU all 12 at once.
+    SketchInputs in(sh, 2, 80);
+    std::vector<float> want(2 * hH), got(2 * hH);
+    if (prefill) {
+      cpu_.SketchPrefill(sh, 21, 2, cpu_state.Slot(), in.psi_q.data(), in.psi_k.data(), in.v.data(),
+                         in.ql.data(), in.kl.data(), want.data());
+      LaunchSketchPrefill(DimsOf(sh), 21, 2, emu_state.Ptrs(), in.psi_q.data(), in.psi_k.data(),
+                          in.v.data(), in.ql.data(), in.kl.data(), got.data(), nullptr);
+    } else {
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t position = 21 + i;
+        const SketchSlotState slot = cpu_state.Slot();
+        const SketchSlotPtrs ptrs = emu_state.Ptrs();
+        const int64_t rH = sh.heads * sh.sketch_size;
+        cpu_.SketchDecode(sh, {&position, 1}, {&slot, 1}, in.psi_q.data() + i * rH,
+                          in.psi_k.data() + i * rH, in.v.data() + i * hH, in.ql.data() + i * hH,
+                          in.kl.data() + i * hH, want.data() + i * hH);
+        std::vector<float> partial(sh.heads * (sh.head_dim + 1));
+        LaunchSketchDecode(DimsOf(sh), 1, &position, &ptrs, in.psi_q.data() + i * rH,
+                           in.psi_k.data() + i * rH, in.v.data() + i * hH, in.ql.data() + i * hH,
+                           in.kl.data() + i * hH, got.data() + i * hH, 1, partial.data(), nullptr);
+        EXPECT_EQ(emu_state.pending, 0) << "the GPU folds every pending row in one step";
+      }
+    }
+    EXPECT_EQ(cpu_state.pending, 0);
+    EXPECT_EQ(emu_state.pending, 0);
+    ExpectNear(got, want, "outputs");
+    ExpectNear(emu_state.s, cpu_state.s, "S");
+    ExpectNear(emu_state.sketched, cpu_state.sketched, "sketched keys");
   }
 }
 

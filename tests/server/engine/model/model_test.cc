@@ -18,6 +18,7 @@
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/packed_index.h"
 #include "server/engine/model/reference_model.h"
+#include "server/engine/model/state_snapshot.h"
 #include "server/engine/model_io/weights.h"
 #include "tests/testing/faulty_backend.h"
 #include "tests/testing/files.h"
@@ -340,6 +341,58 @@ TEST_F(ModelTest, LocalExactStateMatchesTheReferenceUnderEveryPositionEncoding) 
       EXPECT_LE(MaxStateError(got, want.local_keys), kStateTol);
     }
   }
+}
+
+// The lazy fold at model level, on the shipped tiny-polysketch (blocks of 128, so a block is
+// folded over the next one's first 16 steps): a state saved while rows are pending restores into
+// another slot and decodes on bitwise as the original, and both stay within kRelTol of a sequence
+// that prefilled the same tokens (which folds eagerly).
+TEST_F(ModelTest, LazyFoldPendingRowsSurviveSaveAndRestoreAndMatchPrefill) {
+  PS_ASSERT_OK_AND_ASSIGN(ModelWeights weights,
+                          LoadWeights(test::SourcePath("models/tiny-polysketch")));
+  PS_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Model> model,
+                          Model::Create(weights, backend_, TestOptions(512)));
+  const int64_t V = model->config().vocab_size;
+  const int64_t b = model->config().layers[0].block_size;
+  ASSERT_EQ(b, 128);
+  std::vector<int32_t> tokens;
+  for (int64_t i = 0; i < b + 40; ++i) tokens.push_back(static_cast<int32_t>((i * 41 + 7) % 256));
+  const int64_t saved_at = b + 5;  // 5 tokens into the second block: 128 - 5 * 8 = 88 pending
+  std::vector<float> logits(static_cast<size_t>(V));
+
+  PS_ASSERT_OK_AND_ASSIGN(SlotId lazy, model->AcquireSlot());
+  ASSERT_THAT(model->Prefill(lazy, 0, absl::MakeConstSpan(tokens).first(b - 1), {}), IsOk());
+  for (int64_t t = b - 1; t < saved_at; ++t) {
+    const DecodeItem item{lazy, t, tokens[t]};
+    ASSERT_THAT(model->Decode({&item, 1}, absl::MakeSpan(logits)), IsOk());
+  }
+  for (int64_t l = 0; l < model->config().n_layers; ++l) {
+    EXPECT_EQ(*model->pool().Int64s(lazy, l, StateComponent::kLocalPending).data(), 88)
+        << "layer " << l;
+  }
+  StateSnapshot snapshot;
+  ASSERT_THAT(model->SaveSlot(lazy, &snapshot), IsOk());
+  ASSERT_THAT(ValidateStateBytes(model->config(), model->layout(), snapshot.position,
+                                 model->max_context(), snapshot.bytes),
+              IsOk());
+  PS_ASSERT_OK_AND_ASSIGN(SlotId restored, model->AcquireSlot());
+  ASSERT_THAT(model->RestoreSlot(restored, snapshot), IsOk());
+  PS_ASSERT_OK_AND_ASSIGN(SlotId prefilled, model->AcquireSlot());
+  ASSERT_THAT(model->Prefill(prefilled, 0, absl::MakeConstSpan(tokens).first(saved_at), {}),
+              IsOk());
+  EXPECT_EQ(*model->pool().Int64s(prefilled, 0, StateComponent::kLocalPending).data(), 0);
+
+  std::vector<float> all(static_cast<size_t>(3 * V));
+  for (int64_t t = saved_at; t < static_cast<int64_t>(tokens.size()); ++t) {
+    const std::vector<DecodeItem> items = {
+        {lazy, t, tokens[t]}, {restored, t, tokens[t]}, {prefilled, t, tokens[t]}};
+    ASSERT_THAT(model->Decode(items, absl::MakeSpan(all)), IsOk());
+    const absl::Span<const float> row0 = absl::MakeConstSpan(all).subspan(0, V);
+    ASSERT_EQ(row0, absl::MakeConstSpan(all).subspan(V, V)) << "restored, position " << t;
+    EXPECT_LE(MaxRelError(all.data() + 2 * V, all.data(), static_cast<size_t>(V)), kRelTol)
+        << "prefilled, position " << t;
+  }
+  EXPECT_EQ(*model->pool().Int64s(lazy, 0, StateComponent::kLocalPending).data(), 0);
 }
 
 TEST_F(ModelTest, RefusesBadInputWithoutChangingState) {

@@ -118,7 +118,7 @@ TEST(StateLayoutTest, PolysketchLocalExact) {
   EXPECT_EQ(layer.region(StateComponent::kLocalSketch), (StateRegion{448, sketched}));
   EXPECT_EQ(layer.region(StateComponent::kLocalKeys), (StateRegion{576, buffer}));
   EXPECT_EQ(layer.region(StateComponent::kLocalValues), (StateRegion{896, buffer}));
-  EXPECT_EQ(layer.region(StateComponent::kLocalCount), (StateRegion{1216, 8}));
+  EXPECT_EQ(layer.region(StateComponent::kLocalPending), (StateRegion{1216, 8}));
   EXPECT_EQ(layout.bytes_per_slot(), 1280);
 }
 
@@ -383,7 +383,7 @@ TEST(StateComponentTest, NamesAndCounters) {
   EXPECT_EQ(StateComponentName(StateComponent::kKvPositions), "kv_positions");
   EXPECT_EQ(StateComponentName(StateComponent::kKvCount), "kv_count");
   EXPECT_EQ(kNumStateComponents, 12);
-  EXPECT_TRUE(IsInt64(StateComponent::kLocalCount));
+  EXPECT_TRUE(IsInt64(StateComponent::kLocalPending));
   EXPECT_TRUE(IsInt64(StateComponent::kRingCount));
   EXPECT_TRUE(IsInt64(StateComponent::kKvPositions));
   EXPECT_TRUE(IsInt64(StateComponent::kKvCount));

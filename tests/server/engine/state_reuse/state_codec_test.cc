@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include <absl/strings/str_cat.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -108,23 +109,24 @@ TEST_F(StateCodecTest, AnotherModelOrVersionIsRefused) {
   EXPECT_THAT(DecodeState(EncodeState(state_, other), identity_),
               StatusIs(absl::StatusCode::kFailedPrecondition, "another model"));
   std::string bytes = EncodeState(state_, identity_);
-  bytes[8] = 4;  // format version 4: a later one
+  bytes[8] = 5;  // format version 5: a later one
   EXPECT_THAT(DecodeState(Reseal(bytes), identity_),
-              StatusIs(absl::StatusCode::kFailedPrecondition, "format version 4"));
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       "format version 5; this server reads versions 3 to 4"));
 }
 
 // A state of format version 1 (before the switch to xxHash: its checksum and model fingerprint
 // used another hash) is refused by its version, with what to do, not as "corrupted".
 TEST_F(StateCodecTest, StatesOfTheFormerFormatAreRefusedByVersion) {
   Load("polysketch-random", 5);
-  EXPECT_EQ(kStateFormatVersion, 3u);
+  EXPECT_EQ(kStateFormatVersion, 4u);
   std::string bytes = EncodeState(state_, identity_);
   bytes[8] = 1;  // as a version-1 server wrote it; its checksum does not match ours
   EXPECT_THAT(DecodeState(bytes, identity_),
               StatusIs(absl::StatusCode::kFailedPrecondition,
                        "state: format version 1 (an earlier polysketch server's"));
   EXPECT_THAT(DecodeState(bytes, identity_),
-              StatusIs(absl::StatusCode::kFailedPrecondition, "reads version 3 only"));
+              StatusIs(absl::StatusCode::kFailedPrecondition, "reads versions 3 to 4 only"));
 }
 
 // Version 2 (issue 18 until issue 19) had the same header and checksum, but a local_exact layer's
@@ -142,7 +144,46 @@ TEST_F(StateCodecTest, VersionTwoLocalExactStatesAreRefusedByVersion) {
                 StatusIs(absl::StatusCode::kFailedPrecondition,
                          "state: format version 2 (an earlier polysketch server's, whose "
                          "local_exact layers kept S_cur instead of the block's sketched keys); "
-                         "this server reads version 3 only: export the state again"));
+                         "this server reads versions 3 to 4 only: export the state again"));
+  }
+}
+
+// Version 3 had the same bytes, with a local_exact layer's counter ("local_count") always 0: a
+// version-3 state is read as a version-4 state with no rows pending.
+TEST_F(StateCodecTest, VersionThreeStatesAreReadAsStatesWithNothingPending) {
+  Load("polysketch-learned-local", 21);
+  std::string bytes = EncodeState(state_, identity_);
+  ASSERT_EQ(bytes[8], 4);
+  bytes[8] = 3;
+  PS_ASSERT_OK_AND_ASSIGN(const SequenceState back, DecodeState(Reseal(bytes), identity_));
+  EXPECT_EQ(back.snapshot.position, 21);
+  EXPECT_EQ(back.snapshot.bytes, state_.snapshot.bytes);
+}
+
+// local_pending (rows of the previous block not yet folded) must fit the position: 0 in the
+// first block and at a block start, at most b - position % b otherwise; anything else would make
+// the kernels fold rows the current block has written, or none that exist.
+TEST_F(StateCodecTest, PendingRowsOutsideWhatThePositionAllowsAreRefused) {
+  struct Case {
+    int64_t position;
+    int64_t pending;
+    bool valid;
+  };
+  // polysketch-learned-local: blocks of 8.
+  for (const Case& c :
+       {Case{12, 4, true}, Case{12, 1, true}, Case{12, 5, false}, Case{12, -1, false},
+        Case{16, 1, false}, Case{5, 1, false}, Case{9, 7, true}, Case{9, 8, false}}) {
+    SCOPED_TRACE(absl::StrCat("position ", c.position, " pending ", c.pending));
+    Load("polysketch-learned-local", c.position);
+    ASSERT_EQ(model_->layout().layer(0).local_size, 8);
+    std::string bytes = EncodeState(state_, identity_);
+    std::memcpy(bytes.data() + PayloadOffset(bytes, StateComponent::kLocalPending), &c.pending, 8);
+    if (c.valid) {
+      EXPECT_THAT(DecodeState(Reseal(bytes), identity_).status(), IsOk());
+    } else {
+      EXPECT_THAT(DecodeState(Reseal(bytes), identity_),
+                  StatusIs(absl::StatusCode::kDataLoss, "local_pending"));
+    }
   }
 }
 

@@ -180,12 +180,20 @@ def main(argv: Sequence[str]) -> int:
                         help="markdown table (default: --out with .md)")
     parser.add_argument("--label", default="", help="recorded with every row (machine, load)")
     parser.add_argument("--skip", default="", help="comma list of sides to leave out: engine, llama")
+    parser.add_argument("--models", default=",".join(ENGINE_MODELS),
+                        help="comma list of the engine models to run (a long softmax prefill "
+                             "takes tens of minutes: leave it out of a sweep that does not need "
+                             "it)")
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     for f in formats:
         if f not in FORMATS:
             parser.error(f"--formats: '{f}' is not one of {', '.join(FORMATS)}")
     skip = set(s for s in args.skip.split(",") if s)
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        if m not in ENGINE_MODELS:
+            parser.error(f"--models: '{m}' is not one of {', '.join(ENGINE_MODELS)}")
     if "engine" not in skip and not args.bench.exists():
         parser.error(f"{args.bench} is missing: scripts/build polysketch-bench")
     if "llama" not in skip and not (LLAMA_DIR / "node_modules" / "node-llama-cpp").exists():
@@ -223,7 +231,7 @@ def main(argv: Sequence[str]) -> int:
                         emit(run_llama(gguf, fmt, args.contexts, threads, args.steps,
                                        args.llama_kv))
                     if "engine" not in skip:
-                        for model in ENGINE_MODELS:
+                        for model in models:
                             emit(run_engine(args.bench, model, fmt, args.contexts, threads,
                                             args.steps, flags))
                 if gguf is not None:

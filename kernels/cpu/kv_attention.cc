@@ -33,6 +33,13 @@
 #include "base/check.h"
 #include "kernels/cpu/half_convert.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define PS_KV_X86 1
+#else
+#define PS_KV_X86 0
+#endif
+
 namespace ps::kernels::cpu {
 namespace {
 
@@ -466,6 +473,260 @@ Partial AttendRange(const KvAttentionShape& shape, const float* q, const void* k
   return part;
 }
 
+#if PS_KV_X86
+// --- decode, fused AVX-512 path (KvDecodePath::kAvx512) ---------------------------------------
+// The same pass as AttendRange, with the rows read straight into registers: an fp16 row is
+// widened by vcvtph2ps as it is loaded (no scratch tile, no second pass), q stays in NC registers,
+// the scores of 16 keys come out of one transpose-and-add tree instead of 16 horizontal sums,
+// and the value rows feed two sets of NC accumulators that live in registers for the whole range.
+// h = 16 NC, NC <= kMaxFusedChunks. Compiled for AVX-512F by target attribute and chosen at run
+// time, so a portable build carries it too.
+constexpr __mmask16 kAllLanes = 0xFFFF;
+
+template <bool kHalf>
+__attribute__((target("avx512f"))) inline __m512 Load16(const void* base, int64_t index) {
+  if constexpr (kHalf) {
+    const __m256i bits = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + index));
+    return _mm512_maskz_cvtph_ps(kAllLanes, bits);  // zero-masked form: see half_convert.cc
+  } else {
+    return _mm512_loadu_ps(static_cast<const float*>(base) + index);
+  }
+}
+
+// The masked forms with every lane set throughout: GCC 12's unmasked intrinsics pass an
+// "undefined" source that it then reports as maybe-uninitialized.
+__attribute__((target("avx512f"))) inline __m512 Lanes0x88(__m512 a, __m512 b) {
+  return _mm512_maskz_shuffle_f32x4(kAllLanes, a, b, 0x88);  // 128-bit lanes a0 a2 b0 b2
+}
+__attribute__((target("avx512f"))) inline __m512 Lanes0xDD(__m512 a, __m512 b) {
+  return _mm512_maskz_shuffle_f32x4(kAllLanes, a, b, 0xDD);  // 128-bit lanes a1 a3 b1 b3
+}
+
+// Sum and max of the 16 lanes (once per tile of 64 keys: a plain loop is cheap enough).
+__attribute__((target("avx512f"))) inline float LaneSum(__m512 x) {
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, x);
+  float sum = 0.0f;
+  for (float v : lanes) sum += v;
+  return sum;
+}
+__attribute__((target("avx512f"))) inline float LaneMax(__m512 x) {
+  alignas(64) float lanes[kLanes];
+  _mm512_store_ps(lanes, x);
+  float m = lanes[0];
+  for (float v : lanes) m = std::max(m, v);
+  return m;
+}
+
+// Lane j of the result = the sum of the 16 lanes of d[j].
+__attribute__((target("avx512f"))) inline __m512 SumEachOf16(const __m512* d) {
+  __m512 b[8];  // per 128-bit lane L: [d2i(0)+d2i(2), d2i+1(0)+(2), d2i(1)+(3), d2i+1(1)+(3)]
+  for (int i = 0; i < 8; ++i) {
+    b[i] = _mm512_add_ps(_mm512_maskz_unpacklo_ps(kAllLanes, d[2 * i], d[2 * i + 1]),
+                         _mm512_maskz_unpackhi_ps(kAllLanes, d[2 * i], d[2 * i + 1]));
+  }
+  __m512 c[4];  // per 128-bit lane L: the lane-L sums of d[4i], d[4i+1], d[4i+2], d[4i+3]
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]);
+    const __m512d y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, x, y)),
+                         _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, x, y)));
+  }
+  // Fold the four 128-bit lanes: 0x88 picks lanes (0, 2) of each operand, 0xDD lanes (1, 3).
+  const __m512 e0 = _mm512_add_ps(Lanes0x88(c[0], c[1]), Lanes0xDD(c[0], c[1]));
+  const __m512 e1 = _mm512_add_ps(Lanes0x88(c[2], c[3]), Lanes0xDD(c[2], c[3]));
+  return _mm512_add_ps(Lanes0x88(e0, e1), Lanes0xDD(e0, e1));
+}
+
+// One head over one tile of nt <= 64 cache rows (element offsets `offset`, of the head's first
+// element): scores, the online-softmax update of `part` (polynomial: the weight sum), and the
+// weighted value rows added to the two accumulator sets a0 (even rows) and a1 (odd rows).
+template <int NC, bool kHalf>
+__attribute__((target("avx512f"), always_inline)) inline void FusedTile(
+    bool polynomial, const __m512* qv, const void* keys, const void* values, const int64_t* offset,
+    int64_t nt, __m512* a0, __m512* a1, Partial& part) {
+  static_assert(kDecodeTile == 4 * kLanes);
+  const __m512 scale =
+      _mm512_set1_ps(polynomial ? 1.0f : 1.0f / std::sqrt(static_cast<float>(NC * kLanes)));
+  const __m512 fill = _mm512_set1_ps(polynomial ? 0.0f : kNegInf);  // lanes past the tile
+  alignas(64) float scores[kDecodeTile];
+  __m512 tile_max = _mm512_set1_ps(kNegInf);
+  __m512 weight_sum = _mm512_setzero_ps();
+  for (int64_t g = 0; g < kDecodeTile; g += kLanes) {
+    const int64_t live = std::min<int64_t>(kLanes, nt - g);
+    if (live <= 0) {
+      _mm512_store_ps(scores + g, fill);
+      continue;
+    }
+    __m512 d[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) {
+      if (j >= live) {
+        d[j] = _mm512_setzero_ps();
+        continue;
+      }
+      const int64_t o = offset[g + j];
+      __m512 dot = _mm512_mul_ps(qv[0], Load16<kHalf>(keys, o));
+      for (int c = 1; c < NC; ++c) {
+        dot = _mm512_fmadd_ps(qv[c], Load16<kHalf>(keys, o + c * kLanes), dot);
+      }
+      d[j] = dot;
+    }
+    const __mmask16 valid = static_cast<__mmask16>(live == kLanes ? 0xFFFF : (1u << live) - 1);
+    __m512 x = _mm512_mul_ps(SumEachOf16(d), scale);
+    if (polynomial) {
+      const __m512 x2 = _mm512_mul_ps(x, x);
+      x = _mm512_mask_mov_ps(fill, valid, _mm512_mul_ps(x2, x2));
+      weight_sum = _mm512_add_ps(weight_sum, x);
+    } else {
+      x = _mm512_mask_mov_ps(fill, valid, x);
+      tile_max = _mm512_maskz_max_ps(kAllLanes, tile_max, x);
+    }
+    _mm512_store_ps(scores + g, x);
+  }
+  if (polynomial) {
+    part.l += LaneSum(weight_sum);
+  } else {
+    const float m = LaneMax(tile_max);
+    if (m > part.m) {
+      const float rescale = std::exp(part.m - m);  // 0 for the first tile (m = -inf)
+      const __m512 c = _mm512_set1_ps(rescale);
+      part.l *= rescale;
+      for (int k = 0; k < NC; ++k) {
+        a0[k] = _mm512_mul_ps(a0[k], c);
+        a1[k] = _mm512_mul_ps(a1[k], c);
+      }
+      part.m = m;
+    }
+    ExpShifted(scores, nt, part.m);
+    part.l += Sum(scores, nt);
+  }
+  int64_t j = 0;
+  for (; j + 2 <= nt; j += 2) {
+    const __m512 p0 = _mm512_set1_ps(scores[j]);
+    const __m512 p1 = _mm512_set1_ps(scores[j + 1]);
+    for (int c = 0; c < NC; ++c) {
+      a0[c] = _mm512_fmadd_ps(p0, Load16<kHalf>(values, offset[j] + c * kLanes), a0[c]);
+      a1[c] = _mm512_fmadd_ps(p1, Load16<kHalf>(values, offset[j + 1] + c * kLanes), a1[c]);
+    }
+  }
+  if (j < nt) {
+    const __m512 p0 = _mm512_set1_ps(scores[j]);
+    for (int c = 0; c < NC; ++c) {
+      a0[c] = _mm512_fmadd_ps(p0, Load16<kHalf>(values, offset[j] + c * kLanes), a0[c]);
+    }
+  }
+}
+
+// Every head of one sequence over the cache rows rows.Key(v), v in [r0, r1) (keys / values: the
+// slot's rows of `stride` elements, float or binary16 bits). Row-major: each tile of 64 rows is
+// visited head after head while it sits in L2, so the cache streams from memory in address order
+// (a head-by-head walk would read 2 to 4 lines out of every row, a row apart, which the hardware
+// prefetchers follow poorly). q [H, h]; parts [H]; acc [H, h]: the unnormalised outputs. Between
+// tiles each head's two accumulator sets wait in `spill` [H, 2, h].
+template <int NC, bool kHalf>
+__attribute__((target("avx512f"))) void AttendRowsFused(const KvAttentionShape& shape,
+                                                        const float* q, const void* keys,
+                                                        const void* values, int64_t stride,
+                                                        const VisibleRuns& rows, int64_t r0,
+                                                        int64_t r1, Partial* parts, float* acc,
+                                                        float* spill) {
+  constexpr int64_t h = NC * kLanes;
+  const int64_t H = shape.heads;
+  const bool polynomial = shape.weighting == KvWeighting::kPolynomial;
+  const size_t element = kHalf ? sizeof(uint16_t) : sizeof(float);
+  for (int64_t head = 0; head < H; ++head) parts[head] = Partial{};
+  std::fill(spill, spill + H * 2 * h, 0.0f);
+  int64_t offset[kDecodeTile];
+  for (int64_t t0 = r0; t0 < r1; t0 += kDecodeTile) {
+    const int64_t nt = std::min(kDecodeTile, r1 - t0);
+    for (int64_t j = 0; j < nt; ++j) offset[j] = rows.Key(t0 + j) * stride;
+    // The next tile, when its rows are contiguous (every mask but the strided one's far runs):
+    // its bytes are requested in address order, a share during each head's pass.
+    const int64_t next = std::min(kDecodeTile, r1 - t0 - nt);
+    const bool prefetch = next > 0 && rows.Key(t0 + nt + next - 1) - rows.Key(t0 + nt) == next - 1;
+    const size_t next_bytes = prefetch ? static_cast<size_t>(next * stride) * element : 0;
+    const char* next_keys = static_cast<const char*>(keys) + rows.Key(t0 + nt) * stride * element;
+    const char* next_values =
+        static_cast<const char*>(values) + rows.Key(t0 + nt) * stride * element;
+    for (int64_t head = 0; head < H; ++head) {
+      const size_t lo = next_bytes * head / H / 64 * 64;
+      const size_t hi = next_bytes * (head + 1) / H;
+      for (size_t byte = lo; byte < hi; byte += 64) {
+        _mm_prefetch(next_keys + byte, _MM_HINT_T0);
+        _mm_prefetch(next_values + byte, _MM_HINT_T0);
+      }
+      __m512 qv[NC], a0[NC], a1[NC];
+      float* saved = spill + head * 2 * h;
+      for (int c = 0; c < NC; ++c) {
+        qv[c] = _mm512_loadu_ps(q + head * h + c * kLanes);
+        a0[c] = _mm512_loadu_ps(saved + c * kLanes);
+        a1[c] = _mm512_loadu_ps(saved + h + c * kLanes);
+      }
+      const void* head_keys = static_cast<const char*>(keys) + head * h * element;
+      const void* head_values = static_cast<const char*>(values) + head * h * element;
+      FusedTile<NC, kHalf>(polynomial, qv, head_keys, head_values, offset, nt, a0, a1, parts[head]);
+      for (int c = 0; c < NC; ++c) {
+        _mm512_storeu_ps(saved + c * kLanes, a0[c]);
+        _mm512_storeu_ps(saved + h + c * kLanes, a1[c]);
+      }
+    }
+  }
+  for (int64_t head = 0; head < H; ++head) {
+    const float* saved = spill + head * 2 * h;
+    for (int64_t i = 0; i < h; ++i) acc[head * h + i] = saved[i] + saved[h + i];
+  }
+}
+
+constexpr int64_t kMaxFusedChunks = 8;  // h <= 128: q and two accumulator sets stay in registers
+
+// The fused loops for the cache's dtype and h (only called where FusedCovers says they apply).
+template <bool kHalf>
+void AttendRowsFusedDispatch(const KvAttentionShape& shape, const float* q, const void* keys,
+                             const void* values, int64_t stride, const VisibleRuns& rows,
+                             int64_t r0, int64_t r1, Partial* parts, float* acc, float* spill) {
+#define PS_KV_FUSED_CASE(nc)                                                                    \
+  case nc:                                                                                      \
+    return AttendRowsFused<nc, kHalf>(shape, q, keys, values, stride, rows, r0, r1, parts, acc, \
+                                      spill)
+  switch (shape.head_dim / kLanes) {
+    PS_KV_FUSED_CASE(1);
+    PS_KV_FUSED_CASE(2);
+    PS_KV_FUSED_CASE(3);
+    PS_KV_FUSED_CASE(4);
+    PS_KV_FUSED_CASE(5);
+    PS_KV_FUSED_CASE(6);
+    PS_KV_FUSED_CASE(7);
+    default:
+      return AttendRowsFused<8, kHalf>(shape, q, keys, values, stride, rows, r0, r1, parts, acc,
+                                       spill);
+  }
+#undef PS_KV_FUSED_CASE
+}
+
+void AttendFused(const KvAttentionShape& shape, const float* q, const void* keys,
+                 const void* values, int64_t stride, const VisibleRuns& rows, int64_t r0,
+                 int64_t r1, Partial* parts, float* acc, float* spill) {
+  if (IsHalf(shape)) {
+    AttendRowsFusedDispatch<true>(shape, q, keys, values, stride, rows, r0, r1, parts, acc, spill);
+  } else {
+    AttendRowsFusedDispatch<false>(shape, q, keys, values, stride, rows, r0, r1, parts, acc, spill);
+  }
+}
+#endif  // PS_KV_X86
+
+// Whether `path` has its own loops for this shape (else the portable ones run).
+bool FusedCovers(KvDecodePath path, const KvAttentionShape& shape) {
+#if PS_KV_X86
+  return path == KvDecodePath::kAvx512 && shape.head_dim % kLanes == 0 &&
+         shape.head_dim / kLanes <= kMaxFusedChunks;
+#else
+  (void)path;
+  (void)shape;
+  return false;
+#endif
+}
+
 void Finish(const KvAttentionShape& shape, const Partial& part, const float* acc, float* out) {
   const int64_t h = shape.head_dim;
   const float inv =
@@ -488,10 +749,11 @@ VisibleRuns RowsOf(const KvAttentionShape& shape, int64_t t, const KvSlotState& 
 
 struct DecodeItem {
   int64_t seq = 0;
-  int64_t head = 0;
+  int64_t head = 0;   // first head
+  int64_t heads = 1;  // heads head .. head + heads - 1 (all H on the fused path)
   int64_t r0 = 0;
   int64_t r1 = 0;
-  int64_t partial = -1;  // index of its partial record, -1: writes out directly
+  int64_t partial = -1;  // index of the first head's partial record, -1: writes out directly
 };
 
 // --- prefill ---------------------------------------------------------------------------------
@@ -699,10 +961,29 @@ void UpdateAfterPrefill(const KvAttentionShape& shape, int64_t start, int64_t n,
 
 }  // namespace
 
+absl::string_view KvDecodePathName(KvDecodePath path) {
+  return path == KvDecodePath::kAvx512 ? "avx512" : "portable";
+}
+
+std::vector<KvDecodePath> SupportedKvDecodePaths() {
+  std::vector<KvDecodePath> paths = {KvDecodePath::kPortable};
+#if PS_KV_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) paths.push_back(KvDecodePath::kAvx512);
+#endif
+  return paths;
+}
+
+KvDecodePath BestKvDecodePath() {
+  static const KvDecodePath best = SupportedKvDecodePaths().back();
+  return best;
+}
+
 void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const int64_t> positions,
               absl::Span<const KvSlotState> slots, const float* q, const float* k, const float* v,
-              float* out) {
+              float* out, KvDecodePath path) {
   PS_DCHECK(positions.size() == slots.size());
+  const bool fused = FusedCovers(path, shape);
   const int64_t B = static_cast<int64_t>(positions.size());
   if (B == 0) return;
   const int64_t H = shape.heads;
@@ -716,12 +997,16 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
     }
   });
 
-  // Work items: each (sequence, head) split into key ranges when B * H alone would leave
-  // threads idle and the cache is long enough to be worth it.
+  // Work items. Portable loops: each (sequence, head), split into key ranges when B * H alone
+  // would leave threads idle and the cache is long enough to be worth it. Fused loops: each
+  // sequence with all its heads (they walk the cache row-major), split into key ranges when B
+  // alone would leave threads idle.
   const int64_t threads = pool.num_threads();
-  const int64_t wanted = threads == 1 ? 1 : (4 * threads + B * H - 1) / (B * H);
+  const int64_t units = fused ? B : B * H;
+  const int64_t wanted = threads == 1 ? 1 : (4 * threads + units - 1) / units;
+  const int64_t item_heads = fused ? H : 1;
   thread_local std::vector<DecodeItem> items;
-  thread_local std::vector<float> partials;  // per split record: [m, l, acc h]
+  thread_local std::vector<float> partials;  // per split and head: [m, l, acc h]
   items.clear();
   int64_t num_partials = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -729,14 +1014,18 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
     const int64_t splits =
         std::max<int64_t>(1, std::min(wanted, (rows + kMinSplitKeys - 1) / kMinSplitKeys));
     const int64_t per_split = (rows + splits - 1) / splits;
-    for (int64_t head = 0; head < H; ++head) {
+    for (int64_t head = 0; head < H; head += item_heads) {
       for (int64_t s = 0; s < splits; ++s) {
         DecodeItem item;
         item.seq = b;
         item.head = head;
+        item.heads = item_heads;
         item.r0 = s * per_split;
         item.r1 = std::min(rows, (s + 1) * per_split);
-        item.partial = splits == 1 ? -1 : num_partials++;
+        if (splits > 1) {
+          item.partial = num_partials;
+          num_partials += item_heads;
+        }
         items.push_back(item);
       }
     }
@@ -747,10 +1036,14 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
   float* partial_data = partials.data();
 
   pool.ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> acc;
-    thread_local std::vector<float> tile;  // fp16 caches: [2, kDecodeTile, h] widened rows
-    acc.resize(static_cast<size_t>(h));
-    if (half) tile.resize(static_cast<size_t>(2 * kDecodeTile * h));
+    thread_local std::vector<float> acc;    // [heads of an item, h]
+    thread_local std::vector<float> tile;   // portable path, fp16 caches: [2, kDecodeTile, h]
+    thread_local std::vector<float> spill;  // fused path: [H, 2, h]
+    thread_local std::vector<Partial> parts;
+    acc.resize(static_cast<size_t>(item_heads * h));
+    parts.resize(static_cast<size_t>(item_heads));
+    if (half && !fused) tile.resize(static_cast<size_t>(2 * kDecodeTile * h));
+    if (fused) spill.resize(static_cast<size_t>(2 * H * h));
     for (int64_t i = i0; i < i1; ++i) {
       const DecodeItem& item = item_data[i];
       const KvSlotState& slot = slots[item.seq];
@@ -759,22 +1052,36 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
                               : static_cast<const void*>(slot.keys + item.head * h);
       const void* values = half ? static_cast<const void*>(slot.values_f16 + item.head * h)
                                 : static_cast<const void*>(slot.values + item.head * h);
-      const Partial part = AttendRange(shape, q + offset, keys, values, stride,
-                                       RowsOf(shape, positions[item.seq], slot), item.r0, item.r1,
-                                       acc.data(), tile.data());
-      if (item.partial < 0) {
-        Finish(shape, part, acc.data(), out + offset);
-        continue;
+      const VisibleRuns rows = RowsOf(shape, positions[item.seq], slot);
+#if PS_KV_X86
+      if (fused) {
+        AttendFused(shape, q + offset, keys, values, stride, rows, item.r0, item.r1, parts.data(),
+                    acc.data(), spill.data());
+      } else {
+        parts[0] = AttendRange(shape, q + offset, keys, values, stride, rows, item.r0, item.r1,
+                               acc.data(), tile.data());
       }
-      float* rec = partial_data + item.partial * record;
-      rec[0] = part.m;
-      rec[1] = part.l;
-      std::copy(acc.begin(), acc.end(), rec + 2);
+#else
+      parts[0] = AttendRange(shape, q + offset, keys, values, stride, rows, item.r0, item.r1,
+                             acc.data(), tile.data());
+#endif
+      for (int64_t hd = 0; hd < item.heads; ++hd) {
+        const float* head_acc = acc.data() + hd * h;
+        if (item.partial < 0) {
+          Finish(shape, parts[hd], head_acc, out + offset + hd * h);
+          continue;
+        }
+        float* rec = partial_data + (item.partial + hd) * record;
+        rec[0] = parts[hd].m;
+        rec[1] = parts[hd].l;
+        std::copy(head_acc, head_acc + h, rec + 2);
+      }
     }
   });
   if (num_partials == 0) return;
 
-  // Merge the splits of each (sequence, head) in double: items of one pair are consecutive.
+  // Merge the splits of each (sequence, head) in double: the splits of one (sequence, first
+  // head) are consecutive items, and head hd of item s has record s.partial + hd.
   const bool polynomial = shape.weighting == KvWeighting::kPolynomial;
   std::vector<double> sum(static_cast<size_t>(h));
   for (size_t i = 0; i < items.size();) {
@@ -787,18 +1094,22 @@ void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const 
       i = end;
       continue;
     }
-    float max = kNegInf;
-    for (size_t s = i; s < end; ++s) max = std::max(max, partials[items[s].partial * record]);
-    std::fill(sum.begin(), sum.end(), 0.0);
-    double denominator = polynomial ? 1.0 : 0.0;
-    for (size_t s = i; s < end; ++s) {
-      const float* rec = partials.data() + items[s].partial * record;
-      const double c = polynomial || rec[1] == 0.0f ? 1.0 : std::exp(double{rec[0]} - max);
-      denominator += c * rec[1];
-      for (int64_t d = 0; d < h; ++d) sum[d] += c * rec[2 + d];
+    for (int64_t hd = 0; hd < items[i].heads; ++hd) {
+      float max = kNegInf;
+      for (size_t s = i; s < end; ++s) {
+        max = std::max(max, partials[(items[s].partial + hd) * record]);
+      }
+      std::fill(sum.begin(), sum.end(), 0.0);
+      double denominator = polynomial ? 1.0 : 0.0;
+      for (size_t s = i; s < end; ++s) {
+        const float* rec = partials.data() + (items[s].partial + hd) * record;
+        const double c = polynomial || rec[1] == 0.0f ? 1.0 : std::exp(double{rec[0]} - max);
+        denominator += c * rec[1];
+        for (int64_t d = 0; d < h; ++d) sum[d] += c * rec[2 + d];
+      }
+      float* o = out + items[i].seq * stride + (items[i].head + hd) * h;
+      for (int64_t d = 0; d < h; ++d) o[d] = static_cast<float>(sum[d] / denominator);
     }
-    float* o = out + items[i].seq * stride + items[i].head * h;
-    for (int64_t d = 0; d < h; ++d) o[d] = static_cast<float>(sum[d] / denominator);
     i = end;
   }
 }

@@ -10,13 +10,28 @@
 #define POLYSKETCH_KERNELS_CPU_KV_ATTENTION_H_
 
 #include <cstdint>
+#include <vector>
 
+#include <absl/strings/string_view.h>
 #include <absl/types/span.h>
 
 #include "kernels/backend.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace ps::kernels::cpu {
+
+// The inner loops of KvDecode's attention pass.
+//   kPortable: GCC vector types under the file's flags, any h. An fp16 cache is widened a tile of
+//     64 rows at a time into an L1 block (half_convert.h) before the fp32 loops read it.
+//   kAvx512: AVX-512F intrinsics chosen at run time, for h a multiple of 16 up to 128 (others run
+//     the portable loops): rows are loaded (fp16: widened by vcvtph2ps) straight into registers,
+//     the scores of 16 keys reduced together, q and the output accumulators kept in registers.
+enum class KvDecodePath { kPortable, kAvx512 };
+absl::string_view KvDecodePathName(KvDecodePath path);  // "portable", "avx512"
+// The paths this CPU runs: kPortable always, kAvx512 where cpuid reports AVX-512F.
+std::vector<KvDecodePath> SupportedKvDecodePaths();
+// The fastest supported path (the last of SupportedKvDecodePaths): what the backend runs.
+KvDecodePath BestKvDecodePath();
 
 // One decode step for B = positions.size() == slots.size() sequences. Sequence b appends its key
 // and value (rows b of k, v) at position positions[b] to slots[b], drops the cached rows that
@@ -37,9 +52,11 @@ namespace ps::kernels::cpu {
 // shape.cache_dtype kFp16: the cache rows are slot.keys_f16 / values_f16 (binary16 bits, same
 // [row, H, h] layout); k and v are rounded to nearest even when stored, and attention reads the
 // rounded values (widened to fp32 exactly), the current token's included.
+// `path` picks the inner loops of the attention pass (KvDecodePath below); every path gives the
+// same results up to fp32 rounding (the order of the sums differs).
 void KvDecode(ThreadPool& pool, const KvAttentionShape& shape, absl::Span<const int64_t> positions,
               absl::Span<const KvSlotState> slots, const float* q, const float* k, const float* v,
-              float* out);
+              float* out, KvDecodePath path = BestKvDecodePath());
 
 // Prefill of n >= 0 tokens of one sequence at positions start .. start+n-1; the cache holds what
 // it holds after position start-1 (ring: *count == start). Query i attends to the cached rows it

@@ -5,8 +5,8 @@
 //   node bench/llamacpp/bench.mjs --model m.gguf --contexts 1024,4096 --threads 2 [--steps 8]
 // Prefill: one sequence evaluates `context` random token ids (batch 512), timed. Decode: then
 // steps + 2 greedy tokens one at a time (logits and sampling included), the first two warm-up;
-// the median step is reported, like polysketch-bench. Memory per sequence: the KV cache rows of
-// `context` tokens (layers x 2 x width x the cache type's bytes), llama.cpp's own state size of
+// the mean step is reported (and the median), like polysketch-bench. Memory per sequence: the KV
+// cache rows of `context` tokens (layers x 2 x width x the cache type's bytes), llama.cpp's own state size of
 // the sequence after prefill, and the process's resident set.
 import {readFileSync} from "node:fs";
 import {getLlama, LlamaLogLevel} from "node-llama-cpp";
@@ -85,13 +85,15 @@ async function main() {
       last = now;
       if (times.length === args.steps + 2) break;
     }
-    const decode = times.slice(2).sort((a, b) => a - b);
-    const stepS = decode[Math.floor(decode.length / 2)];
+    const decode = times.slice(2);
+    const stepS = decode.reduce((a, b) => a + b, 0) / decode.length;  // mean: tokens/s of a stream
+    decode.sort((a, b) => a - b);
+    const medianS = decode[Math.floor(decode.length / 2)];
     console.log(JSON.stringify({
       side: "llama.cpp", model: args.model.split("/").pop(), file_bytes: model.size,
       threads: args.threads, cpu_backend: cpuBackend,
       context, prefill_s: prefillS, prefill_tokens_per_s: context / prefillS,
-      step_ms: stepS * 1e3, decode_tokens_per_s: 1 / stepS,
+      step_ms: stepS * 1e3, median_step_ms: medianS * 1e3, decode_tokens_per_s: 1 / stepS,
       kv_type: args.kv, flash_attention: flashAttention,
       kv_bytes_per_seq: Math.round(context * nLayers * 2 * width * kvTypeBytes[args.kv]),
       llama_state_bytes: stateBytes, rss_bytes: rssBytes(), rss_before_prefill_bytes: rssBefore,

@@ -620,10 +620,11 @@ __attribute__((target("avx512f"), always_inline)) inline void FusedTile(
 
 // Every head of one sequence over the cache rows rows.Key(v), v in [r0, r1) (keys / values: the
 // slot's rows of `stride` elements, float or binary16 bits). Row-major: each tile of 64 rows is
-// visited head after head while it sits in L2, so the cache streams from memory in address order
-// (a head-by-head walk would read 2 to 4 lines out of every row, a row apart, which the hardware
-// prefetchers follow poorly). q [H, h]; parts [H]; acc [H, h]: the unnormalised outputs. Between
-// tiles each head's two accumulator sets wait in `spill` [H, 2, h].
+// visited head after head while it sits in L2, so the cache streams from memory about in address
+// order (a head-by-head walk over the whole range reads 2 to 4 lines out of every row, a row
+// apart). Software prefetch of the next tiles, 1 to 4 tiles ahead, measured slower than none.
+// q [H, h]; parts [H]; acc [H, h]: the unnormalised outputs. Between tiles each head's two
+// accumulator sets wait in `spill` [H, 2, h].
 template <int NC, bool kHalf>
 __attribute__((target("avx512f"))) void AttendRowsFused(const KvAttentionShape& shape,
                                                         const float* q, const void* keys,
@@ -641,21 +642,7 @@ __attribute__((target("avx512f"))) void AttendRowsFused(const KvAttentionShape& 
   for (int64_t t0 = r0; t0 < r1; t0 += kDecodeTile) {
     const int64_t nt = std::min(kDecodeTile, r1 - t0);
     for (int64_t j = 0; j < nt; ++j) offset[j] = rows.Key(t0 + j) * stride;
-    // The next tile, when its rows are contiguous (every mask but the strided one's far runs):
-    // its bytes are requested in address order, a share during each head's pass.
-    const int64_t next = std::min(kDecodeTile, r1 - t0 - nt);
-    const bool prefetch = next > 0 && rows.Key(t0 + nt + next - 1) - rows.Key(t0 + nt) == next - 1;
-    const size_t next_bytes = prefetch ? static_cast<size_t>(next * stride) * element : 0;
-    const char* next_keys = static_cast<const char*>(keys) + rows.Key(t0 + nt) * stride * element;
-    const char* next_values =
-        static_cast<const char*>(values) + rows.Key(t0 + nt) * stride * element;
     for (int64_t head = 0; head < H; ++head) {
-      const size_t lo = next_bytes * head / H / 64 * 64;
-      const size_t hi = next_bytes * (head + 1) / H;
-      for (size_t byte = lo; byte < hi; byte += 64) {
-        _mm_prefetch(next_keys + byte, _MM_HINT_T0);
-        _mm_prefetch(next_values + byte, _MM_HINT_T0);
-      }
       __m512 qv[NC], a0[NC], a1[NC];
       float* saved = spill + head * 2 * h;
       for (int c = 0; c < NC; ++c) {
